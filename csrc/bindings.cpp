@@ -3,6 +3,14 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "beam_step.h"
+#include "trie.h"
+
 namespace py = pybind11;
 
 // ---- trie + beam search bindings (owner: C++ beam search) ----
@@ -24,7 +32,176 @@ PYBIND11_MODULE(_core, m) {
 }
 
 // ======================= trie + beam search (C++ beam search owner edits below) ==================
-void bind_beam_search(py::module_& /*m*/) {}
+void bind_beam_search(py::module_& m) {
+  using genrec::BeamSearch;
+  using genrec::Trie;
+  using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+  using BoolArray = py::array_t<bool, py::array::c_style | py::array::forcecast>;
+  using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+  static_assert(sizeof(bool) == 1, "allow masks are passed to the core as bytes");
+  const auto to_numpy = [](const auto& v) {  // std::vector -> 1-D numpy copy
+    using T = typename std::decay_t<decltype(v)>::value_type;
+    return py::array_t<T>(static_cast<py::ssize_t>(v.size()), v.data());
+  };
+  const auto check_1d = [](const py::array& a, const std::string& name) {
+    if (a.ndim() != 1) throw py::value_error(name + " must be 1-D, got ndim=" + std::to_string(a.ndim()));
+  };
+
+  const auto make_trie = [check_1d](const Int64Array& tokens, const Int64Array& offsets, int64_t eos_id) {
+    check_1d(tokens, "tokens");
+    check_1d(offsets, "offsets");
+    const int64_t n = offsets.size() - 1;
+    if (n > 0 && offsets.at(n) > tokens.size()) throw py::value_error("offsets run past the end of tokens");
+    return std::make_shared<Trie>(Trie::build(tokens.data(), offsets.data(), n, eos_id));
+  };
+  const auto trie_array = [to_numpy](std::vector<int32_t> Trie::*field) {
+    return [to_numpy, field](const Trie& t) { return to_numpy(t.*field); };
+  };
+  py::class_<Trie, std::shared_ptr<Trie>>(m, "Trie", "CSR token trie over item sequences.")
+      .def(py::init(make_trie), py::arg("tokens"), py::arg("offsets"), py::arg("eos_id"),
+           "Item i is tokens[offsets[i]:offsets[i+1]] (without EOS).")
+      .def_property_readonly("child_ptr", [to_numpy](const Trie& t) { return to_numpy(t.child_ptr); })
+      .def_property_readonly("child_token", trie_array(&Trie::child_token))
+      .def_property_readonly("child_node", trie_array(&Trie::child_node))
+      .def_property_readonly("leaf_item", trie_array(&Trie::leaf_item))
+      .def_property_readonly("leaf_lo", trie_array(&Trie::leaf_lo))
+      .def_property_readonly("leaf_hi", trie_array(&Trie::leaf_hi))
+      .def_property_readonly("leaf_order", trie_array(&Trie::leaf_order))
+      .def_property_readonly("num_nodes", &Trie::num_nodes)
+      .def_property_readonly("num_items", &Trie::num_items)
+      .def_readonly("max_depth", &Trie::max_depth)
+      .def_readonly("eos_id", &Trie::eos_id);
+
+  // exclude_ptr (num_users + 1,) indexes exclude_items; allow is (n_items,) or (num_users, n_items).
+  const auto make_search = [check_1d](std::shared_ptr<Trie> trie, int64_t num_users, int32_t num_beams,
+                                      int32_t k, float length_penalty, std::optional<Int64Array> exclude_ptr,
+                                      std::optional<Int64Array> exclude_items, std::optional<BoolArray> allow) {
+    if (!trie) throw py::value_error("trie must not be None");
+    if (exclude_ptr.has_value() != exclude_items.has_value()) {
+      throw py::value_error("exclude_ptr and exclude_items go together");
+    }
+    genrec::ItemFilter filter;
+    if (exclude_ptr) {
+      check_1d(*exclude_ptr, "exclude_ptr");
+      check_1d(*exclude_items, "exclude_items");
+      if (exclude_ptr->size() != num_users + 1) {
+        throw py::value_error("exclude_ptr must have num_users + 1 entries");
+      }
+      if (exclude_ptr->at(num_users) > exclude_items->size()) {
+        throw py::value_error("exclude_ptr runs past the end of exclude_items");
+      }
+      filter.exclude_ptr = exclude_ptr->data();
+      filter.exclude_items = exclude_items->data();
+    }
+    if (allow) {
+      const int64_t n = trie->num_items();
+      const bool shared = allow->ndim() == 1 && allow->shape(0) == n;
+      if (!shared && !(allow->ndim() == 2 && allow->shape(0) == num_users && allow->shape(1) == n)) {
+        throw py::value_error("allow must have shape (n_items,) or (num_users, n_items)");
+      }
+      filter.allow = reinterpret_cast<const uint8_t*>(allow->data());
+      filter.allow_rows = shared ? 1 : num_users;
+    }
+    return std::make_unique<BeamSearch>(trie, num_users, num_beams, k, length_penalty, filter);
+  };
+  const auto step = [to_numpy](BeamSearch& s, const py::object& logprobs) {
+    if (!py::isinstance<py::array_t<float>>(logprobs)) {
+      throw py::value_error("logprobs must be a float32 numpy array");
+    }
+    const auto rows = FloatArray::ensure(logprobs);  // C-contiguous (copies a strided view)
+    if (rows.ndim() != 2) {
+      throw py::value_error("logprobs must be 2-D (rows, vocab), got ndim=" + std::to_string(rows.ndim()));
+    }
+    genrec::StepOutput out;
+    {
+      py::gil_scoped_release release;
+      out = s.step(rows.data(), rows.shape(0), rows.shape(1));
+    }
+    return py::make_tuple(to_numpy(out.parent_rows), to_numpy(out.tokens));
+  };
+  const auto results = [](const BeamSearch& s) {
+    const std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(s.num_users()), s.k()};
+    py::array_t<int64_t> items(shape);
+    py::array_t<float> scores(shape);
+    s.results(items.mutable_data(), scores.mutable_data());
+    return py::make_tuple(items, scores);
+  };
+  py::class_<BeamSearch>(m, "BeamSearch", "Trie-constrained beam search state for one batch of users.")
+      .def(py::init(make_search), py::arg("trie"), py::arg("num_users"), py::arg("num_beams"), py::arg("k"),
+           py::arg("length_penalty") = 0.0f, py::arg("exclude_ptr") = py::none(),
+           py::arg("exclude_items") = py::none(), py::arg("allow") = py::none())
+      .def("active_users", [to_numpy](const BeamSearch& s) { return to_numpy(s.active_users()); })
+      .def_property_readonly("width", &BeamSearch::width)
+      .def("done", &BeamSearch::done)
+      .def("step", step, py::arg("logprobs"), "(parent_rows, tokens) of the next rows.")
+      .def("results", results, "(items int64, scores float32), both (num_users, k), padded with -1 / -inf.");
+}
 
 // ======================= CUDA attention (CUDA owner edits below) ================================
-void bind_attention(py::module_& /*m*/) {}
+#ifdef GENREC_WITH_CUDA
+#include <array>
+#include <cstdint>
+#include <string>
+
+#include "attention.h"
+#endif
+
+void bind_attention(py::module_& m) {
+#ifdef GENREC_WITH_CUDA
+  using Strides = std::array<int64_t, 4>;
+  m.def(
+      "attention_forward",
+      [](std::uintptr_t q_ptr, std::uintptr_t k_ptr, std::uintptr_t v_ptr, std::uintptr_t out_ptr,
+         std::uintptr_t key_lengths_ptr, int dtype_code, int64_t batch_kv, int64_t heads,
+         int64_t len_q, int64_t len_k, int64_t head_dim, const Strides& q_strides,
+         const Strides& k_strides, const Strides& v_strides, const Strides& out_strides,
+         int64_t kv_group, double scale, std::uintptr_t stream_ptr, int kernel) {
+        if (dtype_code < 0 || dtype_code > 2) {
+          throw py::value_error("dtype_code: expected 0 (fp32), 1 (fp16) or 2 (bf16), got " +
+                                std::to_string(dtype_code));
+        }
+        if (kernel < 0 || kernel > 2) {
+          throw py::value_error("kernel: expected 0 (auto), 1 (decode) or 2 (tiled), got " +
+                                std::to_string(kernel));
+        }
+        genrec::AttentionParams p;
+        p.q = reinterpret_cast<const void*>(q_ptr);
+        p.k = reinterpret_cast<const void*>(k_ptr);
+        p.v = reinterpret_cast<const void*>(v_ptr);
+        p.out = reinterpret_cast<void*>(out_ptr);
+        p.key_lengths = reinterpret_cast<const int32_t*>(key_lengths_ptr);
+        p.dtype = static_cast<genrec::AttnDType>(dtype_code);
+        p.batch_kv = batch_kv;
+        p.kv_group = kv_group;
+        p.heads = heads;
+        p.len_q = len_q;
+        p.len_k = len_k;
+        p.head_dim = head_dim;
+        for (int i = 0; i < 4; ++i) {
+          p.q_stride[i] = q_strides[i];
+          p.k_stride[i] = k_strides[i];
+          p.v_stride[i] = v_strides[i];
+          p.out_stride[i] = out_strides[i];
+        }
+        p.scale = static_cast<float>(scale);
+        p.kernel = static_cast<genrec::AttnKernel>(kernel);
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = genrec::attention_forward(p, reinterpret_cast<void*>(stream_ptr));
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+      },
+      py::arg("q_ptr"), py::arg("k_ptr"), py::arg("v_ptr"), py::arg("out_ptr"),
+      py::arg("key_lengths_ptr"), py::arg("dtype_code"), py::arg("batch_kv"), py::arg("heads"),
+      py::arg("len_q"), py::arg("len_k"), py::arg("head_dim"), py::arg("q_strides"),
+      py::arg("k_strides"), py::arg("v_strides"), py::arg("out_strides"), py::arg("kv_group"),
+      py::arg("scale"), py::arg("stream_ptr"), py::arg("kernel") = 0,
+      "Fused attention forward on raw device pointers (see cuda/attention.h); launches on the "
+      "given stream without synchronising. key_lengths_ptr = 0: no padding. dtype_code: 0 fp32, "
+      "1 fp16, 2 bf16. Strides in elements, ordered (batch, head, seq, dim). kernel: 0 auto, "
+      "1 decode, 2 tiled.");
+#else
+  (void)m;
+#endif
+}

@@ -1,0 +1,107 @@
+// Trie-constrained beam search state machine (docs/beam_search_spec.md, "Search state").
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "trie.h"
+
+namespace genrec {
+
+// Which items each user may receive. Views, read only by the BeamSearch constructor.
+struct ItemFilter {
+  // User u never gets exclude_items[exclude_ptr[u]:exclude_ptr[u+1]]; nullptr: nothing excluded.
+  const int64_t* exclude_ptr = nullptr;  // (num_users + 1,)
+  const int64_t* exclude_items = nullptr;
+  // (allow_rows, num_items), nonzero = allowed; nullptr: everything allowed. allow_rows is 1
+  // (one row shared by all users) or num_users (one row per user).
+  const uint8_t* allow = nullptr;
+  int64_t allow_rows = 0;
+};
+
+// For each new row: the previous row it extends and the token it just appended.
+struct StepOutput {
+  std::vector<int64_t> parent_rows;
+  std::vector<int64_t> tokens;
+};
+
+// Not thread-safe: one caller at a time (step itself runs users in parallel).
+class BeamSearch {
+ public:
+  // Throws std::invalid_argument on bad sizes or out-of-range item ids.
+  BeamSearch(std::shared_ptr<const Trie> trie, int64_t num_users, int32_t num_beams, int32_t k,
+             float length_penalty, const ItemFilter& filter);
+
+  int64_t num_users() const { return num_users_; }
+  int32_t num_beams() const { return num_beams_; }
+  int32_t k() const { return k_; }
+  const std::vector<int64_t>& active_users() const { return active_; }
+  int64_t width() const { return width_; }
+  int64_t num_rows() const { return static_cast<int64_t>(active_.size()) * width_; }
+  bool done() const { return active_.empty(); }
+
+  // logprobs: (rows, vocab) row-major for the current rows. Throws std::invalid_argument when
+  // done() or when the shape does not match the row layout and the trie's token ids.
+  StepOutput step(const float* logprobs, int64_t rows, int64_t vocab);
+
+  // items, scores: (num_users, k) row-major; padded with -1 / -inf.
+  void results(int64_t* items, float* scores) const;
+
+ private:
+  struct Beam {
+    int32_t node;
+    float score;
+  };
+  struct Finished {
+    int32_t item;
+    float score;
+  };
+  struct Candidate {
+    float score;
+    int32_t slot;
+    int32_t token;
+    int32_t node;
+  };
+  // Allowed items of one user in a leaf range: base count + sign * (#exceptions in the range).
+  struct UserFilter {
+    enum class Base : uint8_t { kNone, kAll, kShared };
+    Base base = Base::kAll;
+    int32_t sign = -1;
+    std::vector<int32_t> exceptions;  // sorted unique leaf positions
+  };
+
+  void build_filters(const ItemFilter& filter);
+  void build_shared_filters(const ItemFilter& filter);
+  void build_per_user_filters(const ItemFilter& filter);
+  int64_t allowed_count(int64_t user, int32_t lo, int32_t hi) const;
+  bool usable(int64_t user, int32_t node) const;
+
+  void step_users(const float* logprobs, int64_t vocab, float divisor, int64_t begin, int64_t end);
+  bool step_user(int64_t local, const float* logprobs, int64_t vocab, float divisor,
+                 std::vector<Candidate>& candidates);
+  void offer(int64_t user, int32_t item, float score);
+  StepOutput collect_rows();
+
+  std::shared_ptr<const Trie> trie_;
+  int64_t num_users_;
+  int32_t num_beams_;
+  int32_t k_;
+  float length_penalty_;
+
+  std::vector<UserFilter> filters_;     // (num_users,)
+  std::vector<int64_t> shared_prefix_;  // (num_items + 1,) prefix sums of the shared allow mask
+
+  std::vector<Beam> beams_;             // (num_users, num_beams): live beams first
+  std::vector<int32_t> num_live_;       // (num_users,)
+  std::vector<int64_t> beam_parent_;    // (num_users, num_beams): previous row of each new beam
+  std::vector<int32_t> beam_token_;     // (num_users, num_beams): token each new beam appended
+  std::vector<Finished> pool_;          // (num_users, k): best finished, best first
+  std::vector<int32_t> pool_size_;      // (num_users,)
+  std::vector<int64_t> active_;         // users of the current rows, increasing
+  std::vector<uint8_t> stays_active_;   // (active_.size(),) scratch of step
+  int64_t width_ = 1;
+  int32_t num_steps_ = 0;
+};
+
+}  // namespace genrec

@@ -1,0 +1,77 @@
+"""Checkpoints: a directory with config.json, catalog.json, tokenizer.model, weights.pt (+ train_state.pt).
+
+Written to a temporary sibling directory and renamed into place, so a crash never leaves a half
+checkpoint; tensors are read back with `torch.load(weights_only=True)`, so loading runs no code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, TrainConfig, model_config_from_dict
+from .data import Catalog
+from .model import GenRec
+from .tokenizer import GenRecTokenizer
+
+FILES = ("config.json", "catalog.json", "tokenizer.model", "weights.pt")
+
+
+def save(path: str | Path, model: GenRec, tokenizer: GenRecTokenizer, catalog: Catalog,
+         train_cfg: TrainConfig | None = None, train_state: dict | None = None, info: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        cfg = {"model": dataclasses.asdict(model.cfg),
+               "train": dataclasses.asdict(train_cfg) if train_cfg else None, "info": info or {}}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "catalog.json").write_text(json.dumps(catalog.to_dict()))
+        tokenizer.save(tmp)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_parts(path: str | Path, device: str | torch.device = "cpu"):
+    """-> (model in eval mode, tokenizer, catalog, train config or None, config dict)."""
+    path = Path(path)
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path}: missing {', '.join(missing)}")
+    cfg = json.loads((path / "config.json").read_text())
+    catalog = Catalog(**json.loads((path / "catalog.json").read_text()))
+    tokenizer = GenRecTokenizer.load(path, catalog.item_codes)
+    model = GenRec(model_config_from_dict(cfg["model"]))
+    model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
+    train_cfg = TrainConfig(**cfg["train"]) if cfg.get("train") else None
+    return model.to(device).eval(), tokenizer, catalog, train_cfg, cfg
+
+
+def load_train_state(path: str | Path) -> dict | None:
+    f = Path(path) / "train_state.pt"
+    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+
+
+__all__ = ["save", "load_parts", "load_train_state", "ModelConfig"]

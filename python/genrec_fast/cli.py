@@ -1,0 +1,152 @@
+"""`genrec-fast`: train (and evaluate), evaluate a checkpoint, recommend from histories."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import data as data_mod
+from .config import preset
+from .data import FORMATS, ID_ORDERS, leave_one_out
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--data", required=required, help="data file or directory (default: the synthetic dataset)")
+    p.add_argument("--format", default="p5", choices=FORMATS, help="data format (default p5)")
+    p.add_argument("--id-order", default="random", choices=ID_ORDERS, help="item id order (default random)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random id order")
+
+
+def load_data(args) -> data_mod.SequenceData:
+    if args.data is None:
+        return data_mod.synthetic(id_order=args.id_order, seed=args.seed)
+    return data_mod.load(args.data, args.format, id_order=args.id_order, seed=args.seed)
+
+
+def cmd_train(args) -> int:
+    from .evaluate import format_table, report
+    from .train import train
+    p = preset(args.config)
+    overrides = {k: v for k, v in (("pretrain_epochs", args.pretrain_epochs), ("finetune_epochs", args.finetune_epochs),
+                                   ("batch_size", args.batch_size), ("lr", args.lr), ("eval_users", args.eval_users),
+                                   ("threads", args.threads)) if v is not None}
+    p.train = dataclasses.replace(p.train, **overrides)
+    data = load_data(args)
+    print(data.summary(), flush=True)
+    out = Path(args.out or f"runs/{'synthetic' if args.data is None else Path(args.data).name}-{args.config}")
+    t0 = time.perf_counter()
+    rec = train(data, out, p, device=args.device, resume=args.resume, progress=not args.quiet)
+    train_s = time.perf_counter() - t0
+    rep = report(rec, leave_one_out(data), data.item_codes, p.train.num_beams, progress=not args.quiet)
+    rep["train_seconds"] = round(train_s, 1)
+    (out / "metrics.json").write_text(json.dumps(rep, indent=2))
+    print(format_table({k: v for k, v in rep.items() if k in ("valid", "test")}))
+    print(f"trained in {train_s:.0f} s; checkpoint {out / 'best'}; metrics {out / 'metrics.json'}; "
+          f"curves {out / 'curves.png'}")
+    _print_samples(rec, data)
+    return 0
+
+
+def _print_samples(rec, data, n: int = 3) -> None:
+    split = leave_one_out(data)
+    for u in range(min(n, data.n_users)):
+        hist = [data.item_ids[i] for i in split.test_history(u)]
+        r = rec.recommend([hist], k=5, users=[data.user_ids[u]])[0]
+        print(f"user {data.user_ids[u]}: history ...{hist[-5:]} -> {r.items} "
+              f"(held-out next item: {data.item_ids[split.test_target[u]]})")
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, model_ranker
+    from .recommend import load
+    rec = load(args.checkpoint, args.device)
+    data = load_data(args)
+    if data.item_ids != rec.catalog.item_ids or data.user_ids != rec.catalog.user_ids:
+        print(f"error: --data does not match the checkpoint's catalog (train and evaluate on the same file "
+              f"with the same --id-order/--seed)", file=sys.stderr)
+        return 2
+    split = leave_one_out(data)
+    users = None if not args.users else list(range(min(args.users, data.n_users)))
+    m = evaluate(model_ranker(rec, args.num_beams, use_user=not args.no_user), split, args.part, users,
+                 exclude_seen=args.exclude_seen, progress=not args.quiet)
+    print(json.dumps(m, indent=2))
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    from .recommend import load
+    rec = load(args.checkpoint, args.device)
+    stream = sys.stdin if args.input in (None, "-") else open(args.input)
+    users, hists = [], []
+    for n, line in enumerate(stream, 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        parse = [_id(t) for t in tokens]
+        users.append(parse[0] if args.with_user else None)
+        hists.append(parse[1:] if args.with_user else parse)
+    recs = rec.recommend(hists, k=args.k, users=users, exclude_seen=args.exclude_seen,
+                         unknown_items="skip" if args.skip_unknown else "error")
+    for u, r in zip(users, recs):
+        print(json.dumps({"user": u, "items": r.items, "scores": [round(s, 5) for s in r.scores]}))
+    return 0
+
+
+def _id(token: str):
+    return int(token) if token.lstrip("-").isdigit() else token
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="genrec-fast", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model, then evaluate it against baselines")
+    _add_data_args(t)
+    t.add_argument("--config", default="small", choices=("tiny", "small", "base"))
+    t.add_argument("--out", help="run directory (default runs/<data>-<config>)")
+    for name, typ in (("pretrain-epochs", int), ("finetune-epochs", int), ("batch-size", int), ("lr", float),
+                      ("eval-users", int), ("threads", int)):
+        t.add_argument(f"--{name}", type=typ)
+    t.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    for p in (t,):
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("evaluate", help="metrics of a checkpoint on its data")
+    e.add_argument("checkpoint")
+    _add_data_args(e)
+    e.add_argument("--part", default="test", choices=("valid", "test"))
+    e.add_argument("--users", type=int, default=0, help="evaluate the first N users only (0 = all)")
+    e.add_argument("--num-beams", type=int, default=20)
+    e.add_argument("--exclude-seen", action="store_true")
+    e.add_argument("--no-user", action="store_true", help="omit the user token (as for a new user)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+    r = sub.add_parser("recommend", help="top-k items for histories read from a file or stdin")
+    r.add_argument("checkpoint")
+    r.add_argument("--input", help="one history per line: item ids oldest first (default stdin)")
+    r.add_argument("--with-user", action="store_true", help="the first id on each line is the user id")
+    r.add_argument("-k", "--k", type=int, default=10)
+    r.add_argument("--exclude-seen", action="store_true")
+    r.add_argument("--skip-unknown", action="store_true", help="skip unknown item ids instead of failing")
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(func=cmd_recommend)
+    return ap
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Model and training configuration: dataclasses and the named presets (tiny, small, base)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ModelConfig:
+    """A BART-style encoder-decoder with GenRec's ID embeddings."""
+
+    vocab_size: int = 1000  # sentencepiece vocabulary (set from the trained tokenizer)
+    d_model: int = 128
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    n_heads: int = 4
+    ffn_dim: int = 512
+    max_positions: int = 256  # encoder/decoder window in pieces
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    scale_embedding: bool = False  # BART-base does not scale token embeddings
+    n_users: int = 0  # rows of the user ID table (0 = padding/unknown user)
+    n_items: int = 0  # rows of the item ID table (0 = padding/unknown item)
+    pad_id: int = 0
+    bos_id: int = 2
+    eos_id: int = 3
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class TrainConfig:
+    """Masked item prediction: pretraining epochs, then next-item finetuning epochs."""
+
+    pretrain_epochs: int = 2
+    finetune_epochs: int = 8
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    pretrain_last_prob: float = 0.3  # pretraining masks the last item this often (as in the paper's code)
+    drop_user_prob: float = 0.2  # train without the user token this often, so unknown users work
+    max_items: int = 20  # history window in items
+    label_smoothing: float = 0.0
+    eval_every: int = 1  # epochs between validations
+    eval_users: int = 2000  # validation users sampled for periodic validation (0 = all)
+    patience: int = 3  # epochs without validation NDCG@10 gain before stopping
+    num_beams: int = 20
+    seed: int = 0
+    threads: int = 0  # torch threads (0 = library default)
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 1000  # sentencepiece BPE vocabulary size
+
+
+@dataclass
+class Preset:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+def preset(name: str) -> Preset:
+    """Named configurations: `tiny` (tests), `small` (CPU), `base` (BART-base dimensions)."""
+    if name == "tiny":
+        return Preset(
+            ModelConfig(d_model=32, encoder_layers=1, decoder_layers=1, n_heads=2, ffn_dim=64, max_positions=128),
+            TrainConfig(pretrain_epochs=1, finetune_epochs=2, batch_size=32, warmup_steps=10, eval_users=200),
+            TokenizerConfig(vocab_size=300),
+        )
+    if name == "small":
+        return Preset(
+            ModelConfig(d_model=128, encoder_layers=2, decoder_layers=2, n_heads=4, ffn_dim=512),
+            TrainConfig(),
+            TokenizerConfig(vocab_size=1000),
+        )
+    if name == "base":
+        return Preset(
+            ModelConfig(d_model=768, encoder_layers=6, decoder_layers=6, n_heads=12, ffn_dim=3072, max_positions=1024),
+            TrainConfig(lr=1e-4, batch_size=64, warmup_steps=1000, finetune_epochs=20),
+            TokenizerConfig(vocab_size=8000),
+        )
+    raise ValueError(f"config: unknown preset {name!r}; expected one of 'tiny', 'small', 'base'")
+
+
+def to_json(obj) -> str:
+    return json.dumps(dataclasses.asdict(obj), indent=2, sort_keys=True)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"model config: unknown keys {sorted(unknown)}")
+    return ModelConfig(**d)
+
+
+def save_json(path: Path, obj) -> None:
+    Path(path).write_text(to_json(obj))

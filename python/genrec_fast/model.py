@@ -1,0 +1,206 @@
+"""GenRec: a BART-style encoder-decoder with token + position + ID embeddings.
+
+Layer layout, normalisation and parameter names follow Hugging Face's BART (post-LN, GELU,
+`layernorm_embedding`, tied LM head with `final_logits_bias`), so a `BartForConditionalGeneration`
+state dict converts by renaming (see `from_hf_bart`). GenRec adds two ID tables: one vector per
+user and per item, added to every piece of that id at the encoder input (index 0 = none/unknown).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    B, T, C = x.shape
+    return x.view(B, T, n_heads, C // n_heads).transpose(1, 2)  # (B, H, T, hd)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    B, H, T, hd = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, C)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads, self.dropout = cfg.n_heads, cfg.attention_dropout
+        self.q_proj, self.k_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.v_proj, self.out_proj = nn.Linear(d, d), nn.Linear(d, d)
+
+    def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _heads(self.k_proj(x), self.n_heads), _heads(self.v_proj(x), self.n_heads)  # 2 x (B, H, S, hd)
+
+    def forward(self, x, k, v, mask=None, is_causal=False):
+        q = _heads(self.q_proj(x), self.n_heads)  # (B, H, T, hd)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        return self.out_proj(_merge(y))  # (B, T, C)
+
+    def grouped(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One query per beam, `W = R / U` beams per user sharing that user's K/V (never copied per beam)."""
+        R, U = x.shape[0], k.shape[0]
+        q = _heads(self.q_proj(x), self.n_heads)  # (R, H, 1, hd)
+        H, hd = q.shape[1], q.shape[3]
+        q = q.view(U, R // U, H, hd).transpose(1, 2)  # (U, H, W, hd): the beams become query rows
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (U, H, W, hd)
+        return self.out_proj(y.transpose(1, 2).reshape(R, 1, H * hd))  # (R, 1, C)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cfg.d_model, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, cfg.d_model)
+        self.act_dropout, self.dropout = cfg.activation_dropout, cfg.dropout
+
+    def forward(self, x):
+        h = F.dropout(F.gelu(self.fc1(x)), self.act_dropout, self.training)
+        return F.dropout(self.fc2(h), self.dropout, self.training)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn, self.self_attn_layer_norm = Attention(cfg), nn.LayerNorm(cfg.d_model)
+        self.ffn, self.final_layer_norm = FeedForward(cfg), nn.LayerNorm(cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, mask):
+        k, v = self.self_attn.kv(x)
+        x = self.self_attn_layer_norm(x + F.dropout(self.self_attn(x, k, v, mask), self.dropout, self.training))
+        return self.final_layer_norm(x + self.ffn(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn, self.self_attn_layer_norm = Attention(cfg), nn.LayerNorm(cfg.d_model)
+        self.encoder_attn, self.encoder_attn_layer_norm = Attention(cfg), nn.LayerNorm(cfg.d_model)
+        self.ffn, self.final_layer_norm = FeedForward(cfg), nn.LayerNorm(cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def _res(self, x, y, norm):
+        return norm(x + F.dropout(y, self.dropout, self.training))
+
+    def forward(self, x, memory, memory_mask):
+        k, v = self.self_attn.kv(x)
+        x = self._res(x, self.self_attn(x, k, v, is_causal=True), self.self_attn_layer_norm)
+        ck, cv = self.encoder_attn.kv(memory)
+        x = self._res(x, self.encoder_attn(x, ck, cv, memory_mask), self.encoder_attn_layer_norm)
+        return self.final_layer_norm(x + self.ffn(x))
+
+    def step(self, x, cache: "DecoderCache", i: int):
+        """One new token per beam; appends its K/V to the self-attention cache of layer i."""
+        k, v = self.self_attn.kv(x)  # (R, H, 1, hd)
+        cache.self_k[i] = k if cache.self_k[i] is None else torch.cat([cache.self_k[i], k], 2)
+        cache.self_v[i] = v if cache.self_v[i] is None else torch.cat([cache.self_v[i], v], 2)
+        x = self.self_attn_layer_norm(x + self.self_attn(x, cache.self_k[i], cache.self_v[i]))
+        y = self.encoder_attn.grouped(x, cache.cross_k[i], cache.cross_v[i], cache.memory_mask)
+        x = self.encoder_attn_layer_norm(x + y)
+        return self.final_layer_norm(x + self.ffn(x))
+
+
+@dataclass
+class DecoderCache:
+    """Per decoder layer: cross-attention K/V once per user, self-attention K/V per beam."""
+
+    cross_k: list  # per layer (U, H, S, hd)
+    cross_v: list
+    memory_mask: torch.Tensor  # (U, 1, 1, S) bool, True = attend
+    self_k: list  # per layer (R, H, t, hd) or None before the first step
+    self_v: list
+    step: int = 0
+
+    def reorder(self, parent_rows: torch.Tensor | None, users: torch.Tensor | None = None) -> None:
+        """Keep the beams `parent_rows` (new row -> old row) and, if given, only the users `users`."""
+        if parent_rows is not None and self.self_k[0] is not None:
+            self.self_k = [k.index_select(0, parent_rows) for k in self.self_k]
+            self.self_v = [v.index_select(0, parent_rows) for v in self.self_v]
+        if users is not None:
+            self.cross_k = [k.index_select(0, users) for k in self.cross_k]
+            self.cross_v = [v.index_select(0, users) for v in self.cross_v]
+            self.memory_mask = self.memory_mask.index_select(0, users)
+
+
+class Stack(nn.Module):
+    """Positions + embedding LayerNorm + layers (BART's `encoder` / `decoder`)."""
+
+    def __init__(self, cfg: ModelConfig, layer: type, n_layers: int):
+        super().__init__()
+        self.embed_positions = nn.Embedding(cfg.max_positions, cfg.d_model)
+        self.layernorm_embedding = nn.LayerNorm(cfg.d_model)
+        self.layers = nn.ModuleList(layer(cfg) for _ in range(n_layers))
+
+
+class GenRec(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.user_embed = nn.Embedding(cfg.n_users + 1, cfg.d_model, padding_idx=0)
+        self.item_embed = nn.Embedding(cfg.n_items + 1, cfg.d_model, padding_idx=0)
+        self.encoder = Stack(cfg, EncoderLayer, cfg.encoder_layers)
+        self.decoder = Stack(cfg, DecoderLayer, cfg.decoder_layers)
+        self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size))
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)  # BART's init_std
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            with torch.no_grad():
+                m.weight[m.padding_idx].zero_()
+
+    def _embed(self, stack: Stack, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        pos = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
+        if offset + tokens.shape[1] > self.cfg.max_positions:
+            raise ValueError(f"input of {offset + tokens.shape[1]} pieces exceeds max_positions={self.cfg.max_positions}")
+        return self.shared(tokens) * self.embed_scale + stack.embed_positions(pos)  # (B, T, C)
+
+    def encode(self, tokens, user_ids, item_ids, mask):
+        """tokens/user_ids/item_ids (B, S) int64, mask (B, S) bool -> memory (B, S, C)."""
+        x = self._embed(self.encoder, tokens) + self.user_embed(user_ids) + self.item_embed(item_ids)
+        x = F.dropout(self.encoder.layernorm_embedding(x), self.cfg.dropout, self.training)
+        attn_mask = mask[:, None, None, :]  # (B, 1, 1, S)
+        for layer in self.encoder.layers:
+            x = layer(x, attn_mask)
+        return x
+
+    def decode(self, decoder_tokens, memory, mask):
+        """Teacher-forced decoder: decoder_tokens (B, T) -> logits (B, T, V)."""
+        x = F.dropout(self.decoder.layernorm_embedding(self._embed(self.decoder, decoder_tokens)),
+                      self.cfg.dropout, self.training)
+        for layer in self.decoder.layers:
+            x = layer(x, memory, mask[:, None, None, :])
+        return self.lm_head(x)
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.shared.weight) + self.final_logits_bias  # (..., V)
+
+    def forward(self, tokens, user_ids, item_ids, mask, decoder_tokens):
+        return self.decode(decoder_tokens, self.encode(tokens, user_ids, item_ids, mask), mask)
+
+    def start_decoding(self, memory: torch.Tensor, mask: torch.Tensor) -> DecoderCache:
+        """Cross-attention K/V once per user: memory (U, S, C), mask (U, S)."""
+        kv = [layer.encoder_attn.kv(memory) for layer in self.decoder.layers]
+        n = len(kv)
+        return DecoderCache([k for k, _ in kv], [v for _, v in kv], mask[:, None, None, :], [None] * n, [None] * n)
+
+    def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """tokens (R,) = one new token per beam (R = users x beams, user-major) -> logits (R, V)."""
+        x = self.decoder.layernorm_embedding(self._embed(self.decoder, tokens[:, None], cache.step))  # (R, 1, C)
+        for i, layer in enumerate(self.decoder.layers):
+            x = layer.step(x, cache, i)
+        cache.step += 1
+        return self.lm_head(x[:, 0])  # (R, V)

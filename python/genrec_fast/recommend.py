@@ -1,0 +1,136 @@
+"""Batched top-k recommendation from item histories, with original ids in and out."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Hashable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .batching import pad_encoder
+from .beam_search import Trie
+from .data import Catalog
+from .decoding import beam_decode
+from .model import GenRec
+from .tokenizer import EOS_ID, Encoded, GenRecTokenizer
+
+UNKNOWN_ITEMS = ("error", "skip")
+
+
+class Recommendations(NamedTuple):
+    items: list  # original item ids, best first
+    scores: list  # log-probability of each item under the model
+
+
+class Recommender:
+    """A trained model with its tokenizer, catalog and trie: what `load()` returns."""
+
+    def __init__(self, model: GenRec, tokenizer: GenRecTokenizer, catalog: Catalog, max_items: int = 20):
+        self.model, self.tokenizer, self.catalog, self.max_items = model, tokenizer, catalog, max_items
+        self.trie = Trie.build([p.tolist() for p in tokenizer.item_pieces], EOS_ID)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, items: Sequence[int], user: int | None) -> Encoded:
+        """Item indices (+ user index or None) -> encoder input, keeping the most recent items."""
+        return self.tokenizer.encode(items[-self.max_items:], user=user, max_len=self.model.cfg.max_positions)
+
+    def decode_batch(self, encoded: Sequence[Encoded], k: int, num_beams: int, exclude=None, allow=None,
+                     backend: str = "auto", length_penalty: float = 0.0):
+        """-> item indices (B, k) (-1 = none) and scores (B, k)."""
+        self.model.eval()
+        enc = pad_encoder(encoded, self.device)
+        return beam_decode(self.model, self.trie, enc, k, num_beams, exclude=exclude, allow=allow,
+                           length_penalty=length_penalty, backend=backend)
+
+    def recommend(self, histories: Sequence[Sequence[Hashable]], k: int = 10, users: Sequence | None = None,
+                  num_beams: int | None = None, exclude_seen: bool = False, allowed_items=None,
+                  unknown_items: str = "error", batch_size: int = 256, backend: str = "auto",
+                  ) -> list[Recommendations]:
+        """Top-k distinct items per history (original ids), best first, with their scores.
+
+        histories: one list of original item ids per request, oldest first; longer than the
+          model's window keeps the most recent items.
+        users: optional original user ids (None entries allowed); an unknown user is served from
+          the history alone.
+        num_beams: beam width (default max(k, 20)); k <= num_beams.
+        exclude_seen: never recommend an item of the request's own history.
+        allowed_items: optional collection of original item ids that may be recommended.
+        unknown_items: 'error' (ValueError) or 'skip' (dropped with a warning) for ids not in the catalog.
+        """
+        num_beams = max(k, 20) if num_beams is None else num_beams
+        _check_args(histories, k, num_beams, users, unknown_items, batch_size)
+        idx = [self._history_indices(h, n, unknown_items) for n, h in enumerate(histories)]
+        uidx = [None] * len(idx) if users is None else [self.catalog.user_index.get(u) for u in users]
+        allow = self._allow_mask(allowed_items)
+        out: list[Recommendations] = []
+        for s in range(0, len(idx), batch_size):
+            part = range(s, min(s + batch_size, len(idx)))
+            exclude = [np.asarray(idx[i], dtype=np.int64) for i in part] if exclude_seen else None
+            items, scores = self.decode_batch([self.encode(idx[i], uidx[i]) for i in part], k, num_beams,
+                                              exclude=exclude, allow=allow, backend=backend)
+            out.extend(self._to_ids(items[b], scores[b]) for b in range(len(part)))
+        return out
+
+    def _history_indices(self, history, n: int, unknown_items: str) -> list[int]:
+        if isinstance(history, (str, bytes)) or not hasattr(history, "__iter__"):
+            raise TypeError(f"histories[{n}]: expected a sequence of item ids, got {type(history).__name__}")
+        history = list(history)
+        if not history:
+            raise ValueError(f"histories[{n}]: empty history; at least one item is needed")
+        known = [self.catalog.item_index.get(x) for x in history]
+        bad = [x for x, i in zip(history, known) if i is None]
+        if bad and unknown_items == "error":
+            raise ValueError(f"histories[{n}]: unknown item ids {bad[:5]} (pass unknown_items='skip' to drop them)")
+        if bad:
+            warnings.warn(f"histories[{n}]: skipped {len(bad)} unknown item ids {bad[:5]}", stacklevel=3)
+        kept = [i for i in known if i is not None]
+        if not kept:
+            raise ValueError(f"histories[{n}]: no known item left after skipping unknown ids")
+        return kept
+
+    def _allow_mask(self, allowed_items) -> np.ndarray | None:
+        if allowed_items is None:
+            return None
+        mask = np.zeros(len(self.catalog.item_ids), dtype=bool)
+        unknown = [x for x in allowed_items if x not in self.catalog.item_index]
+        if unknown:
+            raise ValueError(f"allowed_items: unknown item ids {unknown[:5]}")
+        mask[[self.catalog.item_index[x] for x in allowed_items]] = True
+        return mask
+
+    def _to_ids(self, items: np.ndarray, scores: np.ndarray) -> Recommendations:
+        keep = items >= 0
+        return Recommendations([self.catalog.item_ids[i] for i in items[keep]], [float(s) for s in scores[keep]])
+
+
+def _check_args(histories, k, num_beams, users, unknown_items, batch_size) -> None:
+    if isinstance(histories, (str, bytes)) or not hasattr(histories, "__len__"):
+        raise TypeError("histories: expected a list of item-id lists")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k: expected a positive integer, got {k!r}")
+    if num_beams < k:
+        raise ValueError(f"num_beams: must be >= k ({k}), got {num_beams}")
+    if users is not None and len(users) != len(histories):
+        raise ValueError(f"users: expected {len(histories)} entries (one per history), got {len(users)}")
+    if unknown_items not in UNKNOWN_ITEMS:
+        raise ValueError(f"unknown_items: expected one of {UNKNOWN_ITEMS}, got {unknown_items!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Recommender:
+    """Load a checkpoint directory written by `genrec-fast train` / `genrec_fast.train`."""
+    model, tokenizer, catalog, train_cfg, _ = checkpoint.load_parts(path, device)
+    return Recommender(model, tokenizer, catalog, max_items=train_cfg.max_items if train_cfg else 20)
+
+
+def recommend(model: Recommender, histories, k: int = 10, users=None, **kwargs) -> list[Recommendations]:
+    """`model.recommend(...)`: see `Recommender.recommend`."""
+    if not isinstance(model, Recommender):
+        raise TypeError(f"model: expected a Recommender from genrec_fast.load(), got {type(model).__name__}")
+    return model.recommend(histories, k=k, users=users, **kwargs)

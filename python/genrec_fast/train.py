@@ -1,0 +1,235 @@
+"""Masked item prediction training: pretraining masks a random item, finetuning masks the next item.
+
+Only the training part of each sequence (all but the last two items) is ever used as context or
+target. Periodic validation on a fixed sample of users selects the best checkpoint (NDCG@10) and
+stops early; the loss and metrics of every epoch go to `log.jsonl` and `curves.png`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .batching import pad_encoder, pad_targets
+from .config import ModelConfig, Preset, TrainConfig
+from .data import Catalog, SequenceData, Split, leave_one_out
+from .evaluate import evaluate, model_ranker
+from .model import GenRec
+from .recommend import Recommender
+from .tokenizer import BOS_ID, GenRecTokenizer
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    user: int | None  # user index, None = trained without the user token
+    items: np.ndarray  # context item indices
+    mask_at: int | None  # position of <mask> in items (pretraining) or None (mask after the history)
+    target: int  # the masked item
+
+
+def make_examples(split: Split, rng: np.random.Generator, pretrain: bool, cfg: TrainConfig) -> list[Example]:
+    """One example per user with enough training items, shuffled."""
+    out = []
+    for u, seq in enumerate(split.train):
+        seq = seq[-(cfg.max_items + 1):]  # +1: finetuning's target is not part of the window
+        ex = _pretrain_example(seq, rng, cfg) if pretrain else _finetune_example(seq, rng, cfg)
+        if ex is not None:
+            items, mask_at, target = ex
+            user = None if rng.random() < cfg.drop_user_prob else u
+            out.append(Example(user, items, mask_at, target))
+    rng.shuffle(out)
+    return out
+
+
+def _pick(n: int, lo: int, rng: np.random.Generator, last_prob: float) -> int:
+    """A position in [lo, n): the last one with probability last_prob, else uniform."""
+    return n - 1 if rng.random() < last_prob else int(rng.integers(lo, n))
+
+
+def _pretrain_example(seq, rng, cfg):
+    seq = seq[-cfg.max_items:]
+    t = _pick(len(seq), 0, rng, cfg.pretrain_last_prob)
+    return seq, t, int(seq[t])
+
+
+def _finetune_example(seq, rng, cfg):
+    if len(seq) < 2:
+        return None
+    t = _pick(len(seq), 1, rng, cfg.pretrain_last_prob)  # every prefix is a next-item example
+    return seq[max(0, t - cfg.max_items):t], None, int(seq[t])
+
+
+def batches(examples: list[Example], tokenizer: GenRecTokenizer, cfg: TrainConfig, max_len: int, device):
+    for s in range(0, len(examples), cfg.batch_size):
+        part = examples[s:s + cfg.batch_size]
+        enc = pad_encoder([tokenizer.encode(e.items, e.user, e.mask_at, max_len) for e in part], device)
+        dec_in, labels = pad_targets([tokenizer.target(e.target) for e in part], BOS_ID, IGNORE, device)
+        yield enc, dec_in, labels
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, data: SequenceData, out_dir: str | Path, preset: Preset, device: str = "cpu",
+                 progress: bool = True):
+        self.data, self.out = data, Path(out_dir)
+        self.split = leave_one_out(data)
+        self.tcfg, self.device, self.progress = preset.train, torch.device(device), progress
+        self.catalog = Catalog.from_data(data)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = GenRecTokenizer.train(self.split.train, data.item_codes, preset.tokenizer.vocab_size)
+        mcfg = dataclasses.replace(preset.model, vocab_size=self.tokenizer.vocab_size, n_users=data.n_users,
+                                   n_items=data.n_items)
+        torch.manual_seed(self.tcfg.seed)
+        self.model = GenRec(mcfg).to(self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
+        self.epoch, self.step, self.best, self.bad_epochs = 0, 0, -1.0, 0
+        self.rng = np.random.default_rng(self.tcfg.seed)
+        n_eval = self.tcfg.eval_users or data.n_users
+        self.eval_users = np.sort(np.random.default_rng(self.tcfg.seed + 1).permutation(data.n_users)[:n_eval])
+
+    @property
+    def total_epochs(self) -> int:
+        return self.tcfg.pretrain_epochs + self.tcfg.finetune_epochs
+
+    def recommender(self) -> Recommender:
+        return Recommender(self.model, self.tokenizer, self.catalog, self.tcfg.max_items)
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        while self.epoch < self.total_epochs and self.bad_epochs < self.tcfg.patience:
+            pretrain = self.epoch < self.tcfg.pretrain_epochs
+            loss = self.train_epoch(pretrain)
+            row = {"epoch": self.epoch + 1, "phase": "pretrain" if pretrain else "finetune", "loss": loss,
+                   "lr": self.opt.param_groups[0]["lr"], "elapsed_s": round(time.perf_counter() - t0, 1)}
+            if (self.epoch + 1) % self.tcfg.eval_every == 0 or self.epoch + 1 == self.total_epochs:
+                row["valid"] = self.validate()
+            self.epoch += 1
+            self._log(row)
+            self._save("last", with_state=True)
+        return {"epochs": self.epoch, "train_seconds": round(time.perf_counter() - t0, 1), "best_valid_ndcg10": self.best}
+
+    def train_epoch(self, pretrain: bool) -> float:
+        self.model.train()
+        examples = make_examples(self.split, self.rng, pretrain, self.tcfg)
+        total_steps = self.total_epochs * math.ceil(len(examples) / self.tcfg.batch_size)
+        losses = []
+        it = batches(examples, self.tokenizer, self.tcfg, self.model.cfg.max_positions, self.device)
+        n = math.ceil(len(examples) / self.tcfg.batch_size)
+        bar = tqdm(it, total=n, desc=f"epoch {self.epoch + 1}/{self.total_epochs}", disable=not self.progress,
+                   leave=False)
+        for enc, dec_in, labels in bar:
+            for g in self.opt.param_groups:
+                g["lr"] = self.tcfg.lr * lr_factor(self.step, self.tcfg.warmup_steps, total_steps)
+            logits = self.model(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"], dec_in)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                   label_smoothing=self.tcfg.label_smoothing)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
+            self.opt.step()
+            self.step += 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def validate(self) -> dict:
+        ranker = model_ranker(self.recommender(), self.tcfg.num_beams)
+        m = evaluate(ranker, self.split, "valid", self.eval_users, progress=self.progress, desc="validate")
+        if m["NDCG@10"] > self.best:
+            self.best, self.bad_epochs = m["NDCG@10"], 0
+            self._save("best")
+        else:
+            self.bad_epochs += 1
+        return m
+
+    def _save(self, name: str, with_state: bool = False) -> None:
+        state = None
+        if with_state:
+            state = {"optimizer": self.opt.state_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
+                     "bad_epochs": self.bad_epochs, "rng": json.dumps(self.rng.bit_generator.state)}
+        checkpoint.save(self.out / name, self.model, self.tokenizer, self.catalog, self.tcfg, state,
+                        info={"data": self.data.name, "n_users": self.data.n_users, "n_items": self.data.n_items})
+
+    def _log(self, row: dict) -> None:
+        with (self.out / "log.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        v = row.get("valid", {})
+        log.info("epoch %d %s loss %.4f%s", row["epoch"], row["phase"], row["loss"],
+                 f" valid NDCG@10 {v['NDCG@10']:.4f} HR@10 {v['HR@10']:.4f}" if v else "")
+
+    def resume(self) -> None:
+        """Continue from `out_dir/last` (weights, optimizer, epoch, best score, RNG)."""
+        last = self.out / "last"
+        model, tokenizer, catalog, _, _ = checkpoint.load_parts(last, self.device)
+        if catalog.item_ids != self.catalog.item_ids or catalog.user_ids != self.catalog.user_ids:
+            raise ValueError(f"resume: {last} was trained on other data (item or user ids differ)")
+        state = checkpoint.load_train_state(last)
+        if state is None:
+            raise FileNotFoundError(f"resume: {last} has no train_state.pt")
+        self.model.load_state_dict(model.state_dict())
+        self.tokenizer = tokenizer
+        self.opt.load_state_dict(state["optimizer"])
+        self.epoch, self.step, self.best, self.bad_epochs = (state["epoch"], state["step"], state["best"],
+                                                             state["bad_epochs"])
+        self.rng.bit_generator.state = json.loads(state["rng"])
+
+
+def plot_curves(out_dir: str | Path) -> Path:
+    """curves.png: training loss and validation NDCG@10/HR@10 per epoch, from log.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(x) for x in (Path(out_dir) / "log.jsonl").read_text().splitlines() if x.strip()]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker="o")
+    a.set(xlabel="epoch", ylabel="training loss", title="masked item prediction loss")
+    ev = [r for r in rows if "valid" in r]
+    for key in ("NDCG@10", "HR@10"):
+        b.plot([r["epoch"] for r in ev], [r["valid"][key] for r in ev], marker="o", label=key)
+    b.set(xlabel="epoch", title="validation (sampled users)")
+    b.legend()
+    fig.tight_layout()
+    path = Path(out_dir) / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def train(data: SequenceData, out_dir: str | Path, preset: Preset, device: str = "cpu", resume: bool = False,
+          progress: bool = True) -> Recommender:
+    """Train, keep the best checkpoint in `out_dir/best`, and return it loaded."""
+    if preset.train.threads:
+        torch.set_num_threads(preset.train.threads)
+    trainer = Trainer(data, out_dir, preset, device, progress)
+    if resume:
+        trainer.resume()
+    elif (Path(out_dir) / "log.jsonl").exists():
+        (Path(out_dir) / "log.jsonl").unlink()
+    summary = trainer.run()
+    (Path(out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    plot_curves(out_dir)
+    from .recommend import load
+    return load(Path(out_dir) / "best", device)
+
+
+__all__ = ["Trainer", "train", "plot_curves", "make_examples", "ModelConfig"]

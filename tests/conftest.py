@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+
+DATA_DIR = Path(os.environ.get("GENREC_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+BEAUTY = DATA_DIR / "beauty" / "sequential_data.txt"
+
+
+@pytest.fixture(scope="session")
+def beauty_path() -> Path:
+    if not BEAUTY.is_file():
+        pytest.skip(f"real data not found at {BEAUTY} (set GENREC_DATA_DIR)")
+    return BEAUTY
+
+
+@pytest.fixture(scope="session")
+def small_synthetic():
+    from genrec_fast.data import synthetic
+    return synthetic(n_users=300, n_items=60, seed=3)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, small_synthetic):
+    """A tiny model trained for a few epochs on small synthetic data (seconds)."""
+    import dataclasses
+    from genrec_fast import preset, train
+    p = preset("tiny")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=4, eval_users=100, lr=3e-3)
+    out = tmp_path_factory.mktemp("run")
+    rec = train(small_synthetic, out, p, progress=False)
+    return rec, out

@@ -1,0 +1,215 @@
+"""Attention backends against the fp32 reference: the PyTorch path on CPU, the CUDA kernel on a GPU."""
+import pytest
+import torch
+
+from genrec_fast import _core
+from genrec_fast.kernels import attention, attention_reference
+from genrec_fast.kernels.attention import _attention_cuda
+
+LENGTHS = (1, 7, 97)
+CUDA_OK = torch.cuda.is_available() and _core.has_cuda()
+needs_cuda = pytest.mark.skipif(
+    not CUDA_OK, reason="needs an NVIDIA GPU and genrec_fast built with the CUDA kernels (nvcc found at build time)")
+
+
+def make_inputs(Bkv, kv_group, H, Lq, Lk, D, dtype=torch.float32, device="cpu", padded=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(Bkv * kv_group, H, Lq, D, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(Bkv, H, Lk, D, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(Bkv, H, Lk, D, generator=g).to(device=device, dtype=dtype)
+    lengths = None
+    if padded:  # the first batch keeps every key, the others lose up to half of them
+        lengths = torch.randint(max(1, Lk // 2), Lk + 1, (Bkv,), generator=g)
+        lengths[0] = Lk
+        lengths = lengths.to(device=device, dtype=torch.int32)
+    return q, k, v, lengths
+
+
+# ---------------------------------------------------------------- CPU: the PyTorch backend
+
+
+def test_has_cuda_is_bool():
+    assert isinstance(_core.has_cuda(), bool)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("kv_group", [1, 20])
+@pytest.mark.parametrize("Lk", LENGTHS)
+@pytest.mark.parametrize("Lq", LENGTHS)
+def test_torch_backend_matches_reference(Lq, Lk, kv_group, padded):
+    q, k, v, lengths = make_inputs(2, kv_group, 3, Lq, Lk, 32, padded=padded)
+    out = attention(q, k, v, lengths, kv_group=kv_group, backend="torch")
+    ref = attention_reference(q, k, v, lengths, kv_group=kv_group)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("Lq", [1, 7])
+def test_shared_kv_equals_kv_copied_per_beam(Lq):
+    G = 20
+    q, k, v, lengths = make_inputs(3, G, 2, Lq, 9, 32, padded=True)
+    shared = attention(q, k, v, lengths, kv_group=G, backend="torch")
+    copied = attention(q, k.repeat_interleave(G, 0), v.repeat_interleave(G, 0),
+                       lengths.repeat_interleave(G, 0), kv_group=1, backend="torch")
+    torch.testing.assert_close(shared, copied, atol=1e-6, rtol=1e-6)
+
+
+def test_padding_keys_are_ignored():
+    q, k, v, _ = make_inputs(2, 1, 2, 5, 8, 32)
+    lengths = torch.tensor([8, 3])
+    out = attention(q, k, v, lengths, backend="torch")
+    k2, v2 = k.clone(), v.clone()
+    k2[1, :, 3:] = 1e4  # garbage in the padding must not leak into the output
+    v2[1, :, 3:] = -1e4  # (finite: SDPA multiplies masked values by 0, and 0 * nan is nan)
+    out2 = attention(q, k2, v2, lengths, backend="torch")
+    torch.testing.assert_close(out, out2)
+    torch.testing.assert_close(out[1], attention_reference(q[1:], k[1:, :, :3], v[1:, :, :3])[0])
+
+
+def test_blhd_views_and_scale():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, 2, 32, generator=g)  # (B, L, H, D)
+    y = torch.randn(2, 5, 2, 32, generator=g)
+    q, k, v = x.transpose(1, 2), y.transpose(1, 2), (2 * y).transpose(1, 2)  # (B, H, L, D) views
+    out = attention(q, k, v, kv_group=2, scale=0.3, backend="torch")
+    ref = attention_reference(q.contiguous(), k.contiguous(), v.contiguous(), kv_group=2, scale=0.3)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_auto_backend_on_cpu_uses_torch():
+    q, k, v, lengths = make_inputs(2, 4, 2, 1, 7, 64, padded=True)
+    out = attention(q, k, v, lengths, kv_group=4)
+    torch.testing.assert_close(out, attention(q, k, v, lengths, kv_group=4, backend="torch"))
+
+
+def test_cuda_backend_on_cpu_tensors_raises():
+    q, k, v, _ = make_inputs(1, 1, 1, 2, 3, 32)
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        attention(q, k, v, backend="cuda")
+
+
+# ---------------------------------------------------------------- argument validation
+
+
+def _bad(**changes):
+    q, k, v, lengths = make_inputs(2, 3, 2, 4, 5, 32, padded=True)
+    args = dict(q=q, k=k, v=v, key_lengths=lengths, kv_group=3)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(q=torch.zeros(6, 2, 32)), "q: expected a 4-d tensor"),
+    (dict(k=torch.zeros(3, 2, 5, 32)), r"k: expected shape \(Bkv, H, Lk, D\) with Bkv\*kv_group == q.shape\[0\]"),
+    (dict(k=torch.zeros(2, 2, 5, 16)), "k: expected shape"),
+    (dict(k=torch.zeros(2, 4, 5, 32)), "k: expected shape"),
+    (dict(k=torch.zeros(2, 2, 0, 32), v=torch.zeros(2, 2, 0, 32)), "k: expected shape"),
+    (dict(v=torch.zeros(2, 2, 6, 32)), "v: expected the shape of k"),
+    (dict(v=torch.zeros(2, 2, 5, 32, dtype=torch.float64)), "v: expected dtype"),
+    (dict(q=torch.zeros(6, 2, 4, 32, dtype=torch.int64)), "q: expected a floating-point dtype"),
+    (dict(k=torch.zeros(2, 2, 32, 5).transpose(-1, -2)), "k: the last .* must be contiguous"),
+    (dict(kv_group=0), "kv_group: expected a positive int"),
+    (dict(kv_group=1.5), "kv_group: expected a positive int"),
+    (dict(key_lengths=torch.tensor([5, 5, 5])), r"key_lengths: expected a tensor of shape \(Bkv,\)"),
+    (dict(key_lengths=torch.tensor([5.0, 5.0])), "key_lengths: expected dtype int32 or int64"),
+    (dict(key_lengths=torch.tensor([5, 6])), r"key_lengths: expected values in \[1, Lk=5\]"),
+    (dict(key_lengths=torch.tensor([0, 5])), "key_lengths: expected values"),
+    (dict(key_lengths=[5, 5]), "key_lengths: expected a tensor"),
+])
+def test_bad_arguments_raise_value_error_naming_them(changes, match):
+    with pytest.raises(ValueError, match=match):
+        attention(**_bad(**changes), backend="torch")
+
+
+def test_bad_backend_name():
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        attention(**_bad(), backend="triton")
+
+
+def test_reference_validates_too():
+    with pytest.raises(ValueError, match="k: expected shape"):
+        attention_reference(**_bad(k=torch.zeros(3, 2, 5, 32)))
+
+
+# ---------------------------------------------------------------- CUDA: the fused kernel
+
+
+def _max_err(x, ref):
+    return (x.float() - ref).abs().max().item()
+
+
+def _check_against_sdpa(q, k, v, lengths, kv_group, kernel="auto"):
+    """Kernel error vs the fp32 reference is at most 2x PyTorch's own error in the same dtype."""
+    ref = attention_reference(q, k, v, lengths, kv_group=kv_group)
+    out = _attention_cuda(q, k, v, lengths, kv_group, q.shape[-1] ** -0.5, kernel=kernel)
+    base = attention(q, k, v, lengths, kv_group=kv_group, backend="torch")
+    torch.cuda.synchronize()
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    err, base_err = _max_err(out, ref), _max_err(base, ref)
+    assert err <= 2 * base_err + 1e-6, f"kernel error {err:.3g} > 2 x SDPA error {base_err:.3g}"
+
+
+# (kv_group, Lq, Lk, padded): encoder self-attention, beam cross-attention, cached decoding.
+CUDA_CASES = [
+    (1, 1, 1, False), (1, 7, 7, True), (1, 97, 97, True), (1, 1025, 1025, True),
+    (1, 1, 97, False), (1, 7, 1025, True), (1, 97, 1, False), (1, 1025, 7, False),
+    (20, 1, 7, False), (20, 1, 97, True), (20, 1, 1025, True), (20, 7, 97, True),
+]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("kv_group, Lq, Lk, padded", CUDA_CASES)
+def test_cuda_kernel_matches_reference(kv_group, Lq, Lk, padded, dtype, D):
+    q, k, v, lengths = make_inputs(2, kv_group, 3, Lq, Lk, D, dtype, "cuda", padded)
+    _check_against_sdpa(q, k, v, lengths, kv_group)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("kernel", ["decode", "tiled"])
+@pytest.mark.parametrize("kv_group, Lq, Lk", [(1, 1, 97), (20, 1, 130), (3, 5, 65), (1, 70, 200)])
+def test_cuda_both_kernels_on_every_shape(kernel, kv_group, Lq, Lk):
+    q, k, v, lengths = make_inputs(3, kv_group, 2, Lq, Lk, 64, torch.bfloat16, "cuda", padded=True)
+    _check_against_sdpa(q, k, v, lengths, kv_group, kernel=kernel)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("Lq", [1, 97])
+def test_cuda_strided_blhd_views(Lq):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, Lq, 4, 64, generator=g).to("cuda", torch.float16)  # (B, L, H, D)
+    kv = torch.randn(2, 33, 2, 4, 64, generator=g).to("cuda", torch.float16)  # (B, L, 2, H, D) fused K/V
+    q, k, v = x.transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    lengths = torch.tensor([33, 20], device="cuda")  # int64 is accepted
+    _check_against_sdpa(q, k, v, lengths, 4)
+    out = attention(q, k, v, lengths, kv_group=4, backend="cuda")
+    torch.testing.assert_close(out, _attention_cuda(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                    lengths, 4, 64 ** -0.5))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_padding_keys_are_ignored_and_auto_picks_kernel():
+    q, k, v, _ = make_inputs(2, 5, 2, 1, 40, 64, torch.float16, "cuda")
+    lengths = torch.tensor([40, 3], dtype=torch.int32, device="cuda")
+    out = attention(q, k, v, lengths, kv_group=5)
+    k[1, :, 3:] = 1e4
+    v[1, :, 3:] = float("nan")
+    torch.testing.assert_close(attention(q, k, v, lengths, kv_group=5, backend="cuda"), out)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_runs_on_the_current_stream():
+    q, k, v, lengths = make_inputs(4, 20, 2, 1, 64, 64, torch.bfloat16, "cuda", padded=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = attention(q, k, v, lengths, kv_group=20, backend="cuda")
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(out.float(), attention_reference(q, k, v, lengths, kv_group=20), atol=2e-2, rtol=2e-2)
