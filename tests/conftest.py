@@ -17,7 +17,7 @@ def beauty_path() -> Path:
 @pytest.fixture(scope="session")
 def small_synthetic():
     from genrec_fast.data import synthetic
-    return synthetic(n_users=300, n_items=60, seed=3)
+    return synthetic(n_users=300, n_items=60, seed=3, follow_prob=0.9)
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def trained(tmp_path_factory, small_synthetic):
     import dataclasses
     from genrec_fast import preset, train
     p = preset("tiny")
-    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=4, eval_users=100, lr=3e-3)
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=6, eval_users=100, lr=5e-3)
     out = tmp_path_factory.mktemp("run")
     rec = train(small_synthetic, out, p, progress=False)
     return rec, out

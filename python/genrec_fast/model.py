@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .kernels import attention
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -38,20 +39,27 @@ class Attention(nn.Module):
     def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _heads(self.k_proj(x), self.n_heads), _heads(self.v_proj(x), self.n_heads)  # 2 x (B, H, S, hd)
 
-    def forward(self, x, k, v, mask=None, is_causal=False):
+    def forward(self, x, k, v, lengths=None, is_causal=False):
+        """lengths (B,): valid keys per row (right padding), None = all. Inference goes through
+        `kernels.attention` (the fused CUDA kernel on GPUs); training and causal use SDPA."""
         q = _heads(self.q_proj(x), self.n_heads)  # (B, H, T, hd)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        if self.training or is_causal:
+            mask = None if lengths is None else _key_mask(lengths, k.shape[2])
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        else:
+            y = attention(q, k, v, key_lengths=lengths)
         return self.out_proj(_merge(y))  # (B, T, C)
 
-    def grouped(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One query per beam, `W = R / U` beams per user sharing that user's K/V (never copied per beam)."""
-        R, U = x.shape[0], k.shape[0]
+    def grouped(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """One query per beam, W = R / U beams per user sharing that user's K/V (never copied per beam)."""
         q = _heads(self.q_proj(x), self.n_heads)  # (R, H, 1, hd)
-        H, hd = q.shape[1], q.shape[3]
-        q = q.view(U, R // U, H, hd).transpose(1, 2)  # (U, H, W, hd): the beams become query rows
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (U, H, W, hd)
-        return self.out_proj(y.transpose(1, 2).reshape(R, 1, H * hd))  # (R, 1, C)
+        y = attention(q, k, v, key_lengths=lengths, kv_group=x.shape[0] // k.shape[0])  # (R, H, 1, hd)
+        return self.out_proj(_merge(y))  # (R, 1, C)
+
+
+def _key_mask(lengths: torch.Tensor, S: int) -> torch.Tensor:
+    return (torch.arange(S, device=lengths.device) < lengths[:, None])[:, None, None, :]  # (B, 1, 1, S)
 
 
 class FeedForward(nn.Module):
@@ -72,9 +80,9 @@ class EncoderLayer(nn.Module):
         self.ffn, self.final_layer_norm = FeedForward(cfg), nn.LayerNorm(cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, x, mask):
+    def forward(self, x, lengths):
         k, v = self.self_attn.kv(x)
-        x = self.self_attn_layer_norm(x + F.dropout(self.self_attn(x, k, v, mask), self.dropout, self.training))
+        x = self.self_attn_layer_norm(x + F.dropout(self.self_attn(x, k, v, lengths), self.dropout, self.training))
         return self.final_layer_norm(x + self.ffn(x))
 
 
@@ -89,11 +97,11 @@ class DecoderLayer(nn.Module):
     def _res(self, x, y, norm):
         return norm(x + F.dropout(y, self.dropout, self.training))
 
-    def forward(self, x, memory, memory_mask):
+    def forward(self, x, memory, lengths):
         k, v = self.self_attn.kv(x)
         x = self._res(x, self.self_attn(x, k, v, is_causal=True), self.self_attn_layer_norm)
         ck, cv = self.encoder_attn.kv(memory)
-        x = self._res(x, self.encoder_attn(x, ck, cv, memory_mask), self.encoder_attn_layer_norm)
+        x = self._res(x, self.encoder_attn(x, ck, cv, lengths), self.encoder_attn_layer_norm)
         return self.final_layer_norm(x + self.ffn(x))
 
     def step(self, x, cache: "DecoderCache", i: int):
@@ -102,7 +110,7 @@ class DecoderLayer(nn.Module):
         cache.self_k[i] = k if cache.self_k[i] is None else torch.cat([cache.self_k[i], k], 2)
         cache.self_v[i] = v if cache.self_v[i] is None else torch.cat([cache.self_v[i], v], 2)
         x = self.self_attn_layer_norm(x + self.self_attn(x, cache.self_k[i], cache.self_v[i]))
-        y = self.encoder_attn.grouped(x, cache.cross_k[i], cache.cross_v[i], cache.memory_mask)
+        y = self.encoder_attn.grouped(x, cache.cross_k[i], cache.cross_v[i], cache.lengths)
         x = self.encoder_attn_layer_norm(x + y)
         return self.final_layer_norm(x + self.ffn(x))
 
@@ -113,7 +121,7 @@ class DecoderCache:
 
     cross_k: list  # per layer (U, H, S, hd)
     cross_v: list
-    memory_mask: torch.Tensor  # (U, 1, 1, S) bool, True = attend
+    lengths: torch.Tensor  # (U,) encoder pieces per user (right padding)
     self_k: list  # per layer (R, H, t, hd) or None before the first step
     self_v: list
     step: int = 0
@@ -126,7 +134,7 @@ class DecoderCache:
         if users is not None:
             self.cross_k = [k.index_select(0, users) for k in self.cross_k]
             self.cross_v = [v.index_select(0, users) for v in self.cross_v]
-            self.memory_mask = self.memory_mask.index_select(0, users)
+            self.lengths = self.lengths.index_select(0, users)
 
 
 class Stack(nn.Module):
@@ -169,12 +177,12 @@ class GenRec(nn.Module):
         return self.shared(tokens) * self.embed_scale + stack.embed_positions(pos)  # (B, T, C)
 
     def encode(self, tokens, user_ids, item_ids, mask):
-        """tokens/user_ids/item_ids (B, S) int64, mask (B, S) bool -> memory (B, S, C)."""
+        """tokens/user_ids/item_ids (B, S) int64, mask (B, S) bool right-padded -> memory (B, S, C)."""
         x = self._embed(self.encoder, tokens) + self.user_embed(user_ids) + self.item_embed(item_ids)
         x = F.dropout(self.encoder.layernorm_embedding(x), self.cfg.dropout, self.training)
-        attn_mask = mask[:, None, None, :]  # (B, 1, 1, S)
+        lengths = mask.sum(1)  # (B,)
         for layer in self.encoder.layers:
-            x = layer(x, attn_mask)
+            x = layer(x, lengths)
         return x
 
     def decode(self, decoder_tokens, memory, mask):
@@ -182,7 +190,7 @@ class GenRec(nn.Module):
         x = F.dropout(self.decoder.layernorm_embedding(self._embed(self.decoder, decoder_tokens)),
                       self.cfg.dropout, self.training)
         for layer in self.decoder.layers:
-            x = layer(x, memory, mask[:, None, None, :])
+            x = layer(x, memory, mask.sum(1))
         return self.lm_head(x)
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +203,7 @@ class GenRec(nn.Module):
         """Cross-attention K/V once per user: memory (U, S, C), mask (U, S)."""
         kv = [layer.encoder_attn.kv(memory) for layer in self.decoder.layers]
         n = len(kv)
-        return DecoderCache([k for k, _ in kv], [v for _, v in kv], mask[:, None, None, :], [None] * n, [None] * n)
+        return DecoderCache([k for k, _ in kv], [v for _, v in kv], mask.sum(1), [None] * n, [None] * n)
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """tokens (R,) = one new token per beam (R = users x beams, user-major) -> logits (R, V)."""

@@ -1,0 +1,52 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import genrec_fast
+from genrec_fast import checkpoint
+
+
+class NotATensor:  # a pickled object: weights_only loading must refuse it
+    def __reduce__(self):
+        return (print, ("pickle code ran",))
+
+
+def test_round_trip_gives_the_same_recommendations(trained, small_synthetic, tmp_path):
+    rec, out = trained
+    d = small_synthetic
+    hists = [[d.item_ids[i] for i in s] for s in d.sequences[:8]]
+    want = rec.recommend(hists, k=10, users=d.user_ids[:8])
+    checkpoint.save(tmp_path / "ckpt", rec.model, rec.tokenizer, rec.catalog)
+    again = genrec_fast.load(tmp_path / "ckpt")
+    got = again.recommend(hists, k=10, users=d.user_ids[:8])
+    assert [r.items for r in got] == [r.items for r in want]
+    for a, b in zip(rec.model.state_dict().values(), again.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary directory left behind
+
+
+def test_overwrite_is_atomic_and_train_dir_layout(trained, tmp_path):
+    rec, out = trained
+    for name in ("config.json", "catalog.json", "tokenizer.model", "weights.pt"):
+        assert (out / "best" / name).is_file()
+    assert (out / "last" / "train_state.pt").is_file()
+    checkpoint.save(tmp_path / "c", rec.model, rec.tokenizer, rec.catalog)
+    checkpoint.save(tmp_path / "c", rec.model, rec.tokenizer, rec.catalog)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_loading_refuses_pickled_code(trained, tmp_path):
+    rec, _ = trained
+    checkpoint.save(tmp_path / "c", rec.model, rec.tokenizer, rec.catalog)
+    with open(tmp_path / "c" / "weights.pt", "wb") as f:
+        pickle.dump({"x": NotATensor()}, f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError):
+        genrec_fast.load(tmp_path / "c")
+
+
+def test_missing_files_are_named(tmp_path):
+    (tmp_path / "c").mkdir()
+    with pytest.raises(FileNotFoundError, match="missing config.json, catalog.json, tokenizer.model, weights.pt"):
+        genrec_fast.load(tmp_path / "c")

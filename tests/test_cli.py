@@ -1,0 +1,43 @@
+import io
+import json
+import sys
+
+import pytest
+
+from genrec_fast.cli import main
+
+
+@pytest.fixture(scope="module")
+def p5_file(tmp_path_factory):
+    from genrec_fast.data import synthetic
+    d = synthetic(n_users=150, n_items=40, seed=8)
+    p = tmp_path_factory.mktemp("data") / "sequential_data.txt"
+    p.write_text("".join(f"{u} " + " ".join(str(d.item_ids[i]) for i in s) + "\n"
+                         for u, s in zip(d.user_ids, d.sequences)))
+    return p
+
+
+def test_train_evaluate_recommend(p5_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(p5_file), "--config", "tiny", "--pretrain-epochs", "1",
+                 "--finetune-epochs", "1", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "popularity" in printed and "genrec" in printed and "held-out next item" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"genrec", "popularity", "id_leak"} <= set(metrics["test"])
+    assert main(["evaluate", str(out / "best"), "--data", str(p5_file), "--users", "30", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["users"] == 30 and 0 <= m["NDCG@10"] <= 1
+    monkeypatch.setattr(sys, "stdin", io.StringIO("1 3 5 7\n\n2 4\n"))
+    assert main(["recommend", str(out / "best"), "--with-user", "-k", "4"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["user"] for x in lines] == [1, 2] and all(len(x["items"]) == 4 for x in lines)
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 2 3\n2 x 4\n")
+    assert main(["train", "--data", str(bad), "--config", "tiny", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "bad.txt:2: item id 'x' is not an integer" in capsys.readouterr().err
+    assert main(["recommend", str(tmp_path / "missing")]) == 2
+    assert "missing config.json" in capsys.readouterr().err

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from genrec_fast.data import from_user_sequences, leave_one_out
+from genrec_fast.evaluate import (evaluate, id_leak_ranker, metrics_from_ranks, model_ranker, popularity_ranker,
+                                  target_ranks)
+
+
+def test_metrics_by_hand():
+    m = metrics_from_ranks(np.array([0, 4, 9, -1]))
+    assert m["HR@5"] == 0.5 and m["HR@10"] == 0.75 and m["HR@20"] == 0.75
+    assert m["NDCG@5"] == pytest.approx((1 + 1 / np.log2(6)) / 4)
+    assert m["NDCG@10"] == pytest.approx((1 + 1 / np.log2(6) + 1 / np.log2(11)) / 4)
+    np.testing.assert_array_equal(target_ranks(np.array([[3, 1, 2], [5, 6, 7]]), np.array([2, 9])), [2, -1])
+
+
+def test_popularity_uses_training_items_only():
+    d = from_user_sequences([(1, [1, 1, 2, 9]), (2, [1, 3, 2, 9]), (3, [3, 4, 5, 9])], id_order="original")
+    s = leave_one_out(d)
+    top = popularity_ranker(s, d.n_items)([s.train[0]], [0], False)[0]
+    assert d.item_ids[top[0]] == 1  # 9 is every test target but never in training
+    assert 9 not in [d.item_ids[i] for i in top[:4]]
+
+
+def test_id_leak_rule_exploits_first_appearance_ids():
+    # ids numbered by first appearance: the next new item is often max id + 1
+    rng = np.random.default_rng(0)
+    hist, next_id = [], 1
+    for u in range(300):
+        seq = []
+        for _ in range(6):
+            if rng.random() < 0.6:
+                seq.append(next_id)
+                next_id += 1
+            else:
+                seq.append(int(rng.integers(1, next_id + 1)))
+                next_id = max(next_id, seq[-1] + 1)
+        hist.append((u, seq))
+    orig = leave_one_out(d := from_user_sequences(hist, id_order="original"))
+    leak = evaluate(id_leak_ranker(d.item_codes), orig, "test", progress=False)
+    rand = from_user_sequences(hist, id_order="random")
+    no_leak = evaluate(id_leak_ranker(rand.item_codes), leave_one_out(rand), "test", progress=False)
+    assert leak["HR@20"] > 5 * max(no_leak["HR@20"], 0.01)
+
+
+def test_trained_model_clearly_beats_popularity(trained, small_synthetic):
+    rec, _ = trained
+    s = leave_one_out(small_synthetic)
+    pop = evaluate(popularity_ranker(s, small_synthetic.n_items), s, "valid", progress=False)
+    model = evaluate(model_ranker(rec), s, "valid", progress=False)
+    assert model["NDCG@10"] > 2 * pop["NDCG@10"]
+
+
+def test_bad_part():
+    d = from_user_sequences([(1, [1, 2, 3])])
+    with pytest.raises(ValueError, match="part: expected one of"):
+        evaluate(popularity_ranker(leave_one_out(d), 3), leave_one_out(d), "train")

@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import genrec_fast
+from genrec_fast.data import leave_one_out
+from genrec_fast.tokenizer import EOS_ID
+
+
+def exhaustive_scores(rec, items, user):
+    """log P(item | history) for every catalog item by teacher forcing: the brute-force reference."""
+    from genrec_fast.batching import pad_encoder, pad_targets
+    m = rec.model
+    enc = pad_encoder([rec.encode(items, user)])
+    targets = [rec.tokenizer.target(i) for i in range(len(rec.catalog.item_ids))]
+    dec_in, labels = pad_targets(targets, m.cfg.bos_id)
+    n = len(targets)
+    with torch.no_grad():
+        memory = m.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"]).expand(n, -1, -1)
+        logp = F.log_softmax(m.decode(dec_in, memory, enc["mask"].expand(n, -1)), -1)
+    tok = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0] * (labels >= 0)
+    return tok.sum(1).numpy()
+
+
+def test_beam_search_equals_exhaustive_ranking(trained, small_synthetic):
+    rec, _ = trained
+    split = leave_one_out(small_synthetic)
+    n_items = len(rec.catalog.item_ids)
+    for u in (0, 7, 42):
+        hist = split.test_history(u)
+        brute = exhaustive_scores(rec, hist, u)
+        items, scores = rec.decode_batch([rec.encode(hist, u)], k=10, num_beams=n_items)
+        want = np.argsort(-brute, kind="stable")[:10]
+        np.testing.assert_array_equal(items[0], want)
+        np.testing.assert_allclose(scores[0], brute[want], atol=1e-4)
+
+
+def test_recommend_returns_valid_distinct_sorted_items(trained, small_synthetic):
+    rec, _ = trained
+    d = small_synthetic
+    hists = [[d.item_ids[i] for i in s[:-1]] for s in d.sequences[:20]]
+    out = genrec_fast.recommend(rec, hists, k=10, users=d.user_ids[:20])
+    assert len(out) == 20
+    for r in out:
+        assert len(r.items) == 10 == len(set(r.items))
+        assert set(r.items) <= set(d.item_ids)
+        assert r.scores == sorted(r.scores, reverse=True)
+    # batching does not change results
+    again = rec.recommend(hists, k=10, users=d.user_ids[:20], batch_size=3)
+    assert [r.items for r in again] == [r.items for r in out]
+    np.testing.assert_allclose([r.scores for r in again], [r.scores for r in out], atol=1e-5)
+
+
+def test_backends_agree_on_a_trained_model(trained, small_synthetic):
+    rec, _ = trained
+    d = small_synthetic
+    hists = [[d.item_ids[i] for i in s[:-1]] for s in d.sequences[:16]]
+    a = rec.recommend(hists, k=20, backend="cpp", exclude_seen=True)
+    b = rec.recommend(hists, k=20, backend="reference", exclude_seen=True)
+    assert [r.items for r in a] == [r.items for r in b]
+    np.testing.assert_allclose([r.scores for r in a], [r.scores for r in b], atol=1e-5)
+
+
+def test_filters(trained, small_synthetic):
+    rec, _ = trained
+    d = small_synthetic
+    hist = [d.item_ids[i] for i in d.sequences[0]]
+    r = rec.recommend([hist], k=10, exclude_seen=True)[0]
+    assert not set(r.items) & set(hist) and len(r.items) == 10
+    allowed = d.item_ids[::7]
+    r = rec.recommend([hist], k=5, allowed_items=allowed)[0]
+    assert set(r.items) <= set(allowed) and len(r.items) == 5
+
+
+def test_new_users_and_long_histories(trained, small_synthetic):
+    rec, _ = trained
+    d = small_synthetic
+    long = [d.item_ids[i % d.n_items] for i in range(500)]
+    out = rec.recommend([long, long[-3:]], k=5, users=["someone new", None])
+    assert all(len(r.items) == 5 for r in out)
+    # only the most recent items matter once the window is full
+    tail = rec.recommend([long[-rec.max_items:]], k=5)[0]
+    assert out[0].items == tail.items
+
+
+def test_bad_requests(trained, small_synthetic):
+    rec, _ = trained
+    good = [small_synthetic.item_ids[0]]
+    with pytest.raises(ValueError, match=r"histories\[1\]: empty history"):
+        rec.recommend([good, []])
+    with pytest.raises(ValueError, match=r"histories\[0\]: unknown item ids \[-5\]"):
+        rec.recommend([good + [-5]])
+    with pytest.warns(UserWarning, match="skipped 1 unknown item ids"):
+        assert len(rec.recommend([good + [-5]], k=3, unknown_items="skip")[0].items) == 3
+    with pytest.raises(ValueError, match="no known item left"):
+        with pytest.warns(UserWarning):
+            rec.recommend([[-5]], unknown_items="skip")
+    with pytest.raises(ValueError, match="k: expected a positive integer"):
+        rec.recommend([good], k=0)
+    with pytest.raises(ValueError, match="num_beams: must be >= k"):
+        rec.recommend([good], k=10, num_beams=5)
+    with pytest.raises(ValueError, match="users: expected 1 entries"):
+        rec.recommend([good], users=[1, 2])
+    with pytest.raises(ValueError, match="unknown_items: expected one of"):
+        rec.recommend([good], unknown_items="ignore")
+    with pytest.raises(ValueError, match="allowed_items: unknown item ids"):
+        rec.recommend([good], allowed_items=["nope"])
+    with pytest.raises(TypeError, match="histories: expected a list"):
+        rec.recommend("1 2 3")
+    with pytest.raises(TypeError, match="model: expected a Recommender"):
+        genrec_fast.recommend("path/to/model", [good])
+    with pytest.raises(ValueError, match="backend"):
+        rec.recommend([good], backend="gpu")
+
+
+def test_trie_holds_exactly_the_catalog(trained):
+    rec, _ = trained
+    seqs = set()
+    def walk(node, prefix):
+        for e in range(rec.trie.child_ptr[node], rec.trie.child_ptr[node + 1]):
+            tok, child = int(rec.trie.child_token[e]), int(rec.trie.child_node[e])
+            if tok == EOS_ID:
+                seqs.add(tuple(prefix))
+                assert rec.tokenizer.decode_item(prefix) == rec.trie.leaf_item[child]
+            else:
+                walk(child, prefix + [tok])
+    walk(0, [])
+    assert seqs == {tuple(p.tolist()) for p in rec.tokenizer.item_pieces}

@@ -1,0 +1,63 @@
+import dataclasses
+import json
+
+import numpy as np
+
+from genrec_fast import preset, train
+from genrec_fast.config import TrainConfig
+from genrec_fast.data import leave_one_out, synthetic
+from genrec_fast.train import lr_factor, make_examples
+
+
+def test_examples_use_training_items_only():
+    d = synthetic(n_users=100, n_items=40, seed=4)
+    s = leave_one_out(d)
+    cfg = TrainConfig(max_items=5)
+    rng = np.random.default_rng(0)
+    for pretrain in (True, False):
+        for ex in make_examples(s, rng, pretrain, cfg):
+            u = ex.user
+            if u is None:
+                continue
+            train_u = s.train[u].tolist()
+            assert ex.target in train_u
+            assert set(ex.items.tolist()) <= set(train_u) and len(ex.items) <= 5
+            if pretrain:
+                assert ex.items[ex.mask_at] == ex.target
+            else:
+                n = len(ex.items)  # the context is the items right before the target
+                pos = [i for i in range(n, len(train_u)) if train_u[i - n:i] == ex.items.tolist()]
+                assert any(train_u[p] == ex.target for p in pos)
+
+
+def test_pretraining_masks_the_last_item_about_30_percent():
+    d = synthetic(n_users=400, n_items=40, seed=4)
+    exs = make_examples(leave_one_out(d), np.random.default_rng(0), True, TrainConfig())
+    last = np.mean([e.mask_at == len(e.items) - 1 for e in exs])
+    assert 0.3 < last < 0.55  # 0.3 forced + uniform picks that land on the last item
+
+
+def test_user_token_dropped_sometimes():
+    d = synthetic(n_users=200, n_items=40, seed=4)
+    exs = make_examples(leave_one_out(d), np.random.default_rng(0), False, TrainConfig(drop_user_prob=0.2))
+    assert 0.15 < np.mean([e.user is None for e in exs]) < 0.25
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 10, 100) == 0.1 and lr_factor(9, 10, 100) == 1.0
+    assert abs(lr_factor(100, 10, 100) - 0.1) < 1e-9
+
+
+def test_logs_plot_and_resume(tmp_path):
+    d = synthetic(n_users=120, n_items=30, seed=6)
+    p = preset("tiny")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=1, eval_users=50)
+    train(d, tmp_path, p, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["phase"] for r in rows] == ["pretrain", "finetune"]
+    assert all("valid" in r and "NDCG@10" in r["valid"] for r in rows)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    p.train = dataclasses.replace(p.train, finetune_epochs=2)
+    train(d, tmp_path, p, progress=False, resume=True)
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # resumed after epoch 2, not from scratch
