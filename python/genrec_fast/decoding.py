@@ -1,21 +1,34 @@
-"""Trie-constrained beam decoding of a GenRec model: encoder once per user, then one step per piece."""
+"""Trie-constrained beam decoding of a GenRec model: encoder once per user, then one step per piece.
+
+The search's rows are active users x `search.width` slots, and each user's live beams fill its first
+slots (docs/beam_search_spec.md). The decoder only runs the first `width` slots of every user, `width`
+= the most live beams any user has: e.g. while all items share their first piece, one row per user
+instead of `num_beams`. The log-probabilities of the other (dead) slots are never read.
+"""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .beam_search import Trie, make_beam_search
-from .model import GenRec
+from .model import DecoderCache, GenRec
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_decode(model: GenRec, trie: Trie, enc: dict, k: int, num_beams: int = 20, exclude=None, allow=None,
-                length_penalty: float = 0.0, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """enc: padded encoder batch of U users -> items (U, k) int64 item indices (-1 = none), scores (U, k)."""
+                length_penalty: float = 0.0, backend: str = "auto", timings: dict | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """enc: padded encoder batch of U users -> items (U, k) int64 item indices (-1 = none), scores (U, k).
+
+    timings: optional dict; seconds spent in the trie search's `step` accumulate in timings["search_step"].
+    """
     U = enc["tokens"].shape[0]
     memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])  # (U, S, C)
     cache = model.start_decoding(memory, enc["mask"])
+    cache.capacity = trie.max_depth  # the longest decode: the K/V buffers never regrow
     search = make_beam_search(trie, U, num_beams, k, length_penalty=length_penalty, exclude=exclude,
                               allow=allow, backend=backend)
     device = memory.device
@@ -23,14 +36,55 @@ def beam_decode(model: GenRec, trie: Trie, enc: dict, k: int, num_beams: int = 2
     if len(active) < U:  # users with no allowed item are done before the first step
         cache.reorder(None, torch.as_tensor(active, device=device))
     tokens = torch.full((len(active),), model.cfg.bos_id, dtype=torch.long, device=device)
+    width = 1  # decoder rows per active user
     while not search.done():
-        logprobs = F.log_softmax(model.decode_step(tokens, cache).float(), dim=-1)  # (R, V)
-        parent, next_tokens = search.step(logprobs.cpu().numpy())
+        slots = search.width  # the search's rows per active user
+        logprobs = F.log_softmax(model.decode_step(tokens, cache).float(), dim=-1)  # (len(active) * width, V)
+        logprobs = _all_slots(logprobs, len(active), width, slots)  # (len(active) * slots, V)
+        parent, next_tokens = _timed_step(search, logprobs.cpu().numpy(), timings)
         if search.done():
             break
         now = np.asarray(search.active_users())
-        users = None if len(now) == len(active) else torch.as_tensor(np.searchsorted(active, now), device=device)
-        cache.reorder(torch.as_tensor(parent, device=device), users)
-        tokens, active = torch.as_tensor(next_tokens, device=device), now
+        new_width = _live_width(next_tokens, len(now), num_beams, trie.eos_id)
+        keep = _first_slots(len(now), num_beams, new_width)  # the search rows the decoder will run
+        rows = parent[keep] // slots * width + parent[keep] % slots  # their parents among the decoder rows
+        _reorder(cache, rows, np.searchsorted(active, now), len(active) * width, device)
+        tokens, active, width = torch.as_tensor(next_tokens[keep], device=device), now, new_width
     items, scores = search.results()
     return np.asarray(items), np.asarray(scores)
+
+
+def _all_slots(logprobs: torch.Tensor, users: int, width: int, slots: int) -> torch.Tensor:
+    """(users * width, V) rows of the first `width` slots -> (users * slots, V); other slots are dead (zeros)."""
+    if width == slots:
+        return logprobs
+    out = logprobs.new_zeros((users, slots, logprobs.shape[1]))
+    out[:, :width] = logprobs.view(users, width, -1)
+    return out.view(users * slots, -1)
+
+
+def _timed_step(search, logprobs: np.ndarray, timings: dict | None):
+    if timings is None:
+        return search.step(logprobs)
+    t0 = time.perf_counter()
+    out = search.step(logprobs)
+    timings["search_step"] = timings.get("search_step", 0.0) + time.perf_counter() - t0
+    return out
+
+
+def _live_width(tokens: np.ndarray, users: int, num_beams: int, eos_id: int) -> int:
+    """The most live beams of any user: live beams come first and never end in EOS, dead slots do."""
+    return max(1, int((tokens.reshape(users, num_beams) != eos_id).sum(1).max()))
+
+
+def _first_slots(users: int, num_beams: int, width: int) -> np.ndarray:
+    """Row indices of slots 0..width-1 of every user, user-major: (users * width,)."""
+    return (np.arange(users)[:, None] * num_beams + np.arange(width)).reshape(-1)
+
+
+def _reorder(cache: DecoderCache, rows: np.ndarray, users: np.ndarray, old_rows: int, device) -> None:
+    """New decoder row -> old decoder row `rows`; keeps only the users `users` (old positions); skips no-ops."""
+    same_rows = len(rows) == old_rows and np.array_equal(rows, np.arange(old_rows))
+    same_users = len(users) == len(cache.lengths)
+    cache.reorder(None if same_rows else torch.as_tensor(rows, device=device),
+                  None if same_users else torch.as_tensor(users, device=device))

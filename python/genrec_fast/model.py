@@ -105,11 +105,9 @@ class DecoderLayer(nn.Module):
         return self.final_layer_norm(x + self.ffn(x))
 
     def step(self, x, cache: "DecoderCache", i: int):
-        """One new token per beam; appends its K/V to the self-attention cache of layer i."""
-        k, v = self.self_attn.kv(x)  # (R, H, 1, hd)
-        cache.self_k[i] = k if cache.self_k[i] is None else torch.cat([cache.self_k[i], k], 2)
-        cache.self_v[i] = v if cache.self_v[i] is None else torch.cat([cache.self_v[i], v], 2)
-        x = self.self_attn_layer_norm(x + self.self_attn(x, cache.self_k[i], cache.self_v[i]))
+        """One new token per beam; writes its K/V into the self-attention cache of layer i."""
+        k, v = cache.append(i, *self.self_attn.kv(x))  # 2 x (R, H, t + 1, hd)
+        x = self.self_attn_layer_norm(x + self.self_attn(x, k, v))
         y = self.encoder_attn.grouped(x, cache.cross_k[i], cache.cross_v[i], cache.lengths)
         x = self.encoder_attn_layer_norm(x + y)
         return self.final_layer_norm(x + self.ffn(x))
@@ -117,24 +115,52 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class DecoderCache:
-    """Per decoder layer: cross-attention K/V once per user, self-attention K/V per beam."""
+    """Per decoder layer: cross-attention K/V once per user, self-attention K/V per beam.
+
+    The self-attention K/V of step t are written in place at position t of buffers (R, H, capacity, hd):
+    no concatenation per step. Set `capacity` to the longest decode to avoid regrowth (it doubles).
+    """
 
     cross_k: list  # per layer (U, H, S, hd)
     cross_v: list
     lengths: torch.Tensor  # (U,) encoder pieces per user (right padding)
-    self_k: list  # per layer (R, H, t, hd) or None before the first step
+    self_k: list  # per layer (R, H, capacity, hd), positions < step filled; None before the first step
     self_v: list
     step: int = 0
+    capacity: int = 8
+
+    def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores layer i's new K/V (R, H, 1, hd) at position `step`; -> K/V so far, 2 x (R, H, step + 1, hd)."""
+        t = self.step
+        if self.self_k[i] is None or self.self_k[i].shape[2] <= t:
+            self.self_k[i], self.self_v[i] = self._grown(self.self_k[i], k), self._grown(self.self_v[i], v)
+        self.self_k[i][:, :, t:t + 1] = k
+        self.self_v[i][:, :, t:t + 1] = v
+        return self.self_k[i][:, :, :t + 1], self.self_v[i][:, :, :t + 1]
+
+    def _grown(self, buf: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+        R, H, _, hd = new.shape
+        cap = max(self.capacity, self.step + 1, 2 * (0 if buf is None else buf.shape[2]))
+        out = new.new_empty((R, H, cap, hd))
+        if buf is not None:
+            out[:, :, :self.step] = buf[:, :, :self.step]
+        return out
 
     def reorder(self, parent_rows: torch.Tensor | None, users: torch.Tensor | None = None) -> None:
         """Keep the beams `parent_rows` (new row -> old row) and, if given, only the users `users`."""
         if parent_rows is not None and self.self_k[0] is not None:
-            self.self_k = [k.index_select(0, parent_rows) for k in self.self_k]
-            self.self_v = [v.index_select(0, parent_rows) for v in self.self_v]
+            self.self_k = [self._gather(k, parent_rows) for k in self.self_k]
+            self.self_v = [self._gather(v, parent_rows) for v in self.self_v]
         if users is not None:
             self.cross_k = [k.index_select(0, users) for k in self.cross_k]
             self.cross_v = [v.index_select(0, users) for v in self.cross_v]
             self.lengths = self.lengths.index_select(0, users)
+
+    def _gather(self, buf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` of buf, copying only the filled positions."""
+        out = buf.new_empty((len(rows),) + buf.shape[1:])  # (R', H, capacity, hd)
+        torch.index_select(buf[:, :, :self.step], 0, rows, out=out[:, :, :self.step])
+        return out
 
 
 class Stack(nn.Module):
