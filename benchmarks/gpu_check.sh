@@ -34,7 +34,7 @@ python -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider 2>&1 | tee "$O
 echo "== attention benchmark"
 python benchmarks/bench_attention.py --out "$OUT/bench_attention.md" 2>&1 | tee "$OUT/bench_attention.log" || status=1
 
-# TODO(lead): end-to-end recommend() on GPU; this line runs it once benchmarks/bench_recommend_gpu.py exists.
+# End-to-end recommend() on the GPU vs the CPU path.
 if [[ -f benchmarks/bench_recommend_gpu.py ]]; then
   echo "== recommend() benchmark"
   python benchmarks/bench_recommend_gpu.py 2>&1 | tee "$OUT/bench_recommend_gpu.log" || status=1

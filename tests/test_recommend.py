@@ -127,3 +127,12 @@ def test_trie_holds_exactly_the_catalog(trained):
                 walk(child, prefix + [tok])
     walk(0, [])
     assert seqs == {tuple(p.tolist()) for p in rec.tokenizer.item_pieces}
+
+
+def test_random_model_from_a_catalog():
+    from genrec_fast import Recommender
+    items = [f"sku{i}" for i in range(300)]
+    rec = Recommender.random(items, "tiny", vocab_size=200)
+    out = rec.recommend([items[:5], items[10:12]], k=20, exclude_seen=True)
+    for r, h in zip(out, (items[:5], items[10:12])):
+        assert len(set(r.items)) == 20 and set(r.items) <= set(items) and not set(r.items) & set(h)

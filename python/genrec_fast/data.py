@@ -105,7 +105,7 @@ def from_user_sequences(histories: Iterable[tuple[Hashable, Sequence[Hashable]]]
     item_ids = _first_appearance(raw)
     index = {iid: i for i, iid in enumerate(item_ids)}
     sequences = [np.array([index[x] for x in items], dtype=np.int64) for items in raw]
-    codes = _item_codes(item_ids, id_order, seed)
+    codes = item_codes(item_ids, id_order, seed)
     if dropped:
         log.warning("%s: dropped %d users with fewer than %d items", name, dropped, min_items)
     return SequenceData(user_ids, item_ids, sequences, codes, name=name, dropped_users=dropped)
@@ -120,7 +120,10 @@ def _first_appearance(raw: list) -> list:
     return list(seen)
 
 
-def _item_codes(item_ids: list, id_order: str, seed: int) -> list:
+def item_codes(item_ids: list, id_order: str = "random", seed: int = 0) -> list:
+    """The text code of each item: a seeded random permutation of 1..N, or the original id."""
+    if id_order not in ID_ORDERS:
+        raise ValueError(f"id_order: expected one of {ID_ORDERS}, got {id_order!r}")
     if id_order == "original":
         return [str(x) for x in item_ids]
     perm = np.random.default_rng(seed).permutation(len(item_ids)) + 1  # codes 1..N in random order

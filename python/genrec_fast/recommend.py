@@ -1,6 +1,7 @@
 """Batched top-k recommendation from item histories, with original ids in and out."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Hashable, NamedTuple, Sequence
@@ -11,7 +12,8 @@ import torch
 from . import checkpoint
 from .batching import pad_encoder
 from .beam_search import Trie
-from .data import Catalog
+from .config import ModelConfig, preset
+from .data import Catalog, item_codes
 from .decoding import beam_decode
 from .model import GenRec
 from .tokenizer import EOS_ID, Encoded, GenRecTokenizer
@@ -30,6 +32,18 @@ class Recommender:
     def __init__(self, model: GenRec, tokenizer: GenRecTokenizer, catalog: Catalog, max_items: int = 20):
         self.model, self.tokenizer, self.catalog, self.max_items = model, tokenizer, catalog, max_items
         self.trie = Trie.build([p.tolist() for p in tokenizer.item_pieces], EOS_ID)
+
+    @classmethod
+    def random(cls, item_ids: Sequence[Hashable], config: ModelConfig | str = "small", vocab_size: int = 1000,
+               n_users: int = 0, seed: int = 0, max_items: int = 20) -> "Recommender":
+        """A model with random weights over a catalog of item ids (for benchmarks and smoke tests)."""
+        cfg = preset(config).model if isinstance(config, str) else config
+        codes = item_codes(list(item_ids), "random", seed)
+        tokenizer = GenRecTokenizer.train([], codes, vocab_size)
+        cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, n_users=n_users, n_items=len(codes))
+        torch.manual_seed(seed)
+        catalog = Catalog(list(item_ids), codes, list(range(n_users)))
+        return cls(GenRec(cfg).eval(), tokenizer, catalog, max_items)
 
     @property
     def device(self) -> torch.device:
