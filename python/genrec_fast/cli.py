@@ -35,6 +35,10 @@ def cmd_train(args) -> int:
                                    ("batch_size", args.batch_size), ("lr", args.lr), ("eval_users", args.eval_users),
                                    ("threads", args.threads)) if v is not None}
     p.train = dataclasses.replace(p.train, **overrides)
+    if args.drop_user_prob is not None:
+        p.train = dataclasses.replace(p.train, drop_user_prob=args.drop_user_prob)
+    if args.dropout is not None:
+        p.model = dataclasses.replace(p.model, dropout=args.dropout)
     data = load_data(args)
     print(data.summary(), flush=True)
     out = Path(args.out or f"runs/{'synthetic' if args.data is None else Path(args.data).name}-{args.config}")
@@ -110,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ in (("pretrain-epochs", int), ("finetune-epochs", int), ("batch-size", int), ("lr", float),
                       ("eval-users", int), ("threads", int)):
         t.add_argument(f"--{name}", type=typ)
+    t.add_argument("--dropout", type=float, help="model dropout (default: the config's)")
+    t.add_argument("--drop-user-prob", type=float, help="share of training examples without the user token")
     t.add_argument("--resume", action="store_true", help="continue from <out>/last")
     for p in (t,):
         p.add_argument("--device", default="cpu")
