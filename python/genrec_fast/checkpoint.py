@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, TrainConfig, model_config_from_dict
+from .config import TrainConfig, model_config_from_dict
 from .data import Catalog
 from .model import GenRec
 from .tokenizer import GenRecTokenizer
@@ -73,5 +73,3 @@ def load_train_state(path: str | Path) -> dict | None:
     f = Path(path) / "train_state.pt"
     return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
-
-__all__ = ["save", "load_parts", "load_train_state", "ModelConfig"]

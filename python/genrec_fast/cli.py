@@ -70,8 +70,8 @@ def cmd_evaluate(args) -> int:
     rec = load(args.checkpoint, args.device)
     data = load_data(args)
     if data.item_ids != rec.catalog.item_ids or data.user_ids != rec.catalog.user_ids:
-        print(f"error: --data does not match the checkpoint's catalog (train and evaluate on the same file "
-              f"with the same --id-order/--seed)", file=sys.stderr)
+        print("error: --data does not match the checkpoint's catalog (train and evaluate on the same file "
+              "with the same --id-order/--seed)", file=sys.stderr)
         return 2
     split = leave_one_out(data)
     users = None if not args.users else list(range(min(args.users, data.n_users)))

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 @dataclass
@@ -95,17 +93,9 @@ def preset(name: str) -> Preset:
     raise ValueError(f"config: unknown preset {name!r}; expected one of 'tiny', 'small', 'base'")
 
 
-def to_json(obj) -> str:
-    return json.dumps(dataclasses.asdict(obj), indent=2, sort_keys=True)
-
-
 def model_config_from_dict(d: dict) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = set(d) - names
     if unknown:
         raise ValueError(f"model config: unknown keys {sorted(unknown)}")
     return ModelConfig(**d)
-
-
-def save_json(path: Path, obj) -> None:
-    Path(path).write_text(to_json(obj))

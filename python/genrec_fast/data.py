@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Iterable, Sequence
 
@@ -41,12 +41,6 @@ class SequenceData:
     item_codes: list  # per item index: the string after `item_` in the text form
     name: str = "data"
     dropped_users: int = 0
-    item_index: dict = field(init=False, repr=False)
-    user_index: dict = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.item_index = {iid: i for i, iid in enumerate(self.item_ids)}
-        self.user_index = {uid: u for u, uid in enumerate(self.user_ids)}
 
     @property
     def n_users(self) -> int:

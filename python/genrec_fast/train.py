@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .batching import pad_encoder, pad_targets
-from .config import ModelConfig, Preset, TrainConfig
+from .config import Preset, TrainConfig
 from .data import Catalog, SequenceData, Split, leave_one_out
 from .evaluate import evaluate, model_ranker
 from .model import GenRec
@@ -241,5 +241,3 @@ def train(data: SequenceData, out_dir: str | Path, preset: Preset, device: str =
     from .recommend import load
     return load(Path(out_dir) / "best", device)
 
-
-__all__ = ["Trainer", "train", "plot_curves", "make_examples", "ModelConfig"]
