@@ -18,9 +18,11 @@ def p5_file(tmp_path_factory):
 
 
 def test_train_evaluate_recommend(p5_file, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
-    assert main(["train", "--data", str(p5_file), "--config", "tiny", "--pretrain-epochs", "1",
-                 "--finetune-epochs", "1", "--out", str(out), "--quiet"]) == 0
+    out, cfg = tmp_path / "run", tmp_path / "whole.json"  # a JSON config file, with one token per item
+    cfg.write_text(json.dumps({"preset": "tiny", "tokenizer": {"item_tokens": "whole"}}))
+    assert main(["train", "--data", str(p5_file), "--config", str(cfg), "--pretrain-epochs", "1",
+                 "--set", "train.finetune_epochs=1", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "best" / "tokenizer.json").read_text()) == {"item_tokens": "whole"}
     printed = capsys.readouterr().out
     assert "popularity" in printed and "genrec" in printed and "held-out next item" in printed
     metrics = json.loads((out / "metrics.json").read_text())
@@ -41,3 +43,5 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "bad.txt:2: item id 'x' is not an integer" in capsys.readouterr().err
     assert main(["recommend", str(tmp_path / "missing")]) == 2
     assert "missing config.json" in capsys.readouterr().err
+    assert main(["train", "--data", str(bad), "--set", "train.epochs=3", "--quiet"]) == 2
+    assert "train has no field 'epochs'" in capsys.readouterr().err

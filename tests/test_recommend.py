@@ -136,3 +136,16 @@ def test_random_model_from_a_catalog():
     out = rec.recommend([items[:5], items[10:12]], k=20, exclude_seen=True)
     for r, h in zip(out, (items[:5], items[10:12])):
         assert len(set(r.items)) == 20 and set(r.items) <= set(items) and not set(r.items) & set(h)
+
+
+def test_whole_item_tokens_beam_search_equals_exhaustive_ranking():
+    from genrec_fast import Recommender
+    items = [f"sku{i}" for i in range(150)]
+    rec = Recommender.random(items, "tiny", vocab_size=200, item_tokens="whole", seed=3)
+    assert rec.tokenizer.vocab_size == rec.model.cfg.vocab_size == rec.tokenizer.sp.get_piece_size() + 150
+    hist = [4, 9, 33, 120]
+    brute = exhaustive_scores(rec, hist, None)
+    got, scores = rec.decode_batch([rec.encode(hist, None)], k=10, num_beams=150)
+    want = np.argsort(-brute, kind="stable")[:10]
+    np.testing.assert_array_equal(got[0], want)
+    np.testing.assert_allclose(scores[0], brute[want], atol=1e-4)

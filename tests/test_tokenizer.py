@@ -56,3 +56,24 @@ def test_save_load(tmp_path, tok_data):
     tok.save(tmp_path)
     tok2 = GenRecTokenizer.load(tmp_path, d.item_codes)
     assert all(np.array_equal(a, b) for a, b in zip(tok.item_pieces, tok2.item_pieces))
+
+
+def test_whole_item_tokens(tmp_path, tok_data):
+    _, d, s = tok_data
+    tok = GenRecTokenizer.train(s.train, d.item_codes, vocab_size=200, item_tokens="whole")
+    n_sp = tok.sp.get_piece_size()
+    assert tok.vocab_size == n_sp + d.n_items
+    assert [p.tolist() for p in tok.item_pieces] == [[n_sp + i] for i in range(d.n_items)]
+    e = tok.encode(s.train[0], user=0)
+    body = e.tokens[e.item_ids > 0]
+    assert body.tolist() == [n_sp + i for i in s.train[0]]  # one token per history item, in order
+    assert tok.target(7).tolist() == [n_sp + 7, EOS_ID]
+    tok.save(tmp_path)
+    again = GenRecTokenizer.load(tmp_path, d.item_codes)
+    assert again.item_tokens == "whole" and again.vocab_size == tok.vocab_size
+
+
+def test_bad_item_tokens_named(tok_data):
+    tok, d, _ = tok_data
+    with pytest.raises(ValueError, match="item_tokens"):
+        GenRecTokenizer(tok.model_proto, d.item_codes, item_tokens="words")

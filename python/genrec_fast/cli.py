@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from . import data as data_mod
-from .config import preset
+from .config import load_config, parse_override, with_overrides
 from .data import FORMATS, ID_ORDERS, leave_one_out
 
 
@@ -30,7 +30,8 @@ def load_data(args) -> data_mod.SequenceData:
 def cmd_train(args) -> int:
     from .evaluate import format_table, report
     from .train import train
-    p = preset(args.config)
+    p = load_config(args.config)
+    p = with_overrides(p, dict(parse_override(x) for x in args.set))
     overrides = {k: v for k, v in (("pretrain_epochs", args.pretrain_epochs), ("finetune_epochs", args.finetune_epochs),
                                    ("batch_size", args.batch_size), ("lr", args.lr), ("eval_users", args.eval_users),
                                    ("threads", args.threads)) if v is not None}
@@ -41,7 +42,7 @@ def cmd_train(args) -> int:
         p.model = dataclasses.replace(p.model, dropout=args.dropout)
     data = load_data(args)
     print(data.summary(), flush=True)
-    out = Path(args.out or f"runs/{'synthetic' if args.data is None else Path(args.data).name}-{args.config}")
+    out = Path(args.out or f"runs/{'synthetic' if args.data is None else Path(args.data).name}-{Path(args.config).stem}")
     t0 = time.perf_counter()
     rec = train(data, out, p, device=args.device, resume=args.resume, progress=not args.quiet)
     train_s = time.perf_counter() - t0
@@ -109,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model, then evaluate it against baselines")
     _add_data_args(t)
-    t.add_argument("--config", default="small", choices=("tiny", "small", "base"))
+    t.add_argument("--config", default="small",
+                   help="preset (tiny, small, base) or a JSON file such as configs/beauty-whole.json (default small)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one config field, e.g. --set tokenizer.item_tokens=whole (repeatable)")
     t.add_argument("--out", help="run directory (default runs/<data>-<config>)")
     for name, typ in (("pretrain-epochs", int), ("finetune-epochs", int), ("batch-size", int), ("lr", float),
                       ("eval-users", int), ("threads", int)):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -61,6 +63,7 @@ class TrainConfig:
 @dataclass
 class TokenizerConfig:
     vocab_size: int = 1000  # sentencepiece BPE vocabulary size
+    item_tokens: str = "pieces"  # items as sub-word pieces (the paper) or "whole" (one token per item)
 
 
 @dataclass
@@ -91,6 +94,52 @@ def preset(name: str) -> Preset:
             TokenizerConfig(vocab_size=8000),
         )
     raise ValueError(f"config: unknown preset {name!r}; expected one of 'tiny', 'small', 'base'")
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "tokenizer": TokenizerConfig}
+
+
+def load_config(name_or_path: str) -> Preset:
+    """A preset name, or a JSON file {"preset": name, "model": {...}, "train": {...}, "tokenizer": {...}}
+    whose sections override the preset's fields (other top-level keys, such as notes, are ignored)."""
+    if name_or_path in ("tiny", "small", "base"):
+        return preset(name_or_path)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"config: {name_or_path!r} is neither a preset (tiny, small, base) nor a JSON file")
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config: {path} is not valid JSON ({e})") from None
+    out = preset(spec.get("preset", "small"))
+    for section in SECTIONS:
+        out = with_overrides(out, {f"{section}.{k}": v for k, v in spec.get(section, {}).items()})
+    return out
+
+
+def with_overrides(p: Preset, overrides: dict) -> Preset:
+    """Overrides {"train.lr": 1e-3, ...}: unknown sections or fields raise ValueError."""
+    parts = {name: getattr(p, name) for name in SECTIONS}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS:
+            raise ValueError(f"config: unknown section in {key!r}; expected one of {sorted(SECTIONS)}")
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+        if name not in fields:
+            raise ValueError(f"config: {section} has no field {name!r}; expected one of {sorted(fields)}")
+        parts[section] = dataclasses.replace(parts[section], **{name: value})
+    return Preset(**parts)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`section.field=value` (value parsed as JSON where it can be, else kept as a string)."""
+    key, sep, raw = text.partition("=")
+    if not sep or "." not in key:
+        raise ValueError(f"--set: expected section.field=value, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:

@@ -35,11 +35,11 @@ class Recommender:
 
     @classmethod
     def random(cls, item_ids: Sequence[Hashable], config: ModelConfig | str = "small", vocab_size: int = 1000,
-               n_users: int = 0, seed: int = 0, max_items: int = 20) -> "Recommender":
+               n_users: int = 0, seed: int = 0, max_items: int = 20, item_tokens: str = "pieces") -> "Recommender":
         """A model with random weights over a catalog of item ids (for benchmarks and smoke tests)."""
         cfg = preset(config).model if isinstance(config, str) else config
         codes = item_codes(list(item_ids), "random", seed)
-        tokenizer = GenRecTokenizer.train([], codes, vocab_size)
+        tokenizer = GenRecTokenizer.train([], codes, vocab_size, item_tokens)
         cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, n_users=n_users, n_items=len(codes))
         torch.manual_seed(seed)
         catalog = Catalog(list(item_ids), codes, list(range(n_users)))

@@ -3,10 +3,15 @@
 A history is written `user_<u> item_<c1> item_<c2> ... <mask>` and split into sub-word pieces.
 Every piece also carries the index of the user or item it belongs to, so the model can add one
 ID embedding per user/item to all of that id's pieces.
+
+Items are written as sub-word pieces (`item_tokens="pieces"`, the paper's choice) or, with
+`item_tokens="whole"`, as one token each: item i is token `sentencepiece vocabulary + i`, so the decoder
+ranks all items with one softmax (users and `<mask>` stay sentencepiece pieces).
 """
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +21,7 @@ import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MASK = "<mask>"
+ITEM_TOKENS = ("pieces", "whole")
 
 
 def item_text(code: str) -> str:
@@ -38,15 +44,22 @@ class Encoded:
 class GenRecTokenizer:
     """A sentencepiece BPE model plus each item's piece sequence (unique per item)."""
 
-    def __init__(self, model_proto: bytes, item_codes: Sequence[str]):
+    def __init__(self, model_proto: bytes, item_codes: Sequence[str], item_tokens: str = "pieces"):
+        if item_tokens not in ITEM_TOKENS:
+            raise ValueError(f"item_tokens: expected one of {ITEM_TOKENS}, got {item_tokens!r}")
+        self.item_tokens = item_tokens
         self.model_proto = bytes(model_proto)
         self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
         self.mask_id = self.sp.piece_to_id(MASK)
         if self.sp.pad_id() != PAD_ID or self.sp.eos_id() != EOS_ID or self.mask_id == UNK_ID:
             raise ValueError("tokenizer: sentencepiece model lacks the pad/eos/<mask> ids genrec_fast expects")
         self.item_codes = list(item_codes)
-        self.item_pieces = [np.array(p, dtype=np.int64) for p in
-                            self.sp.encode([item_text(c) for c in self.item_codes])]
+        if item_tokens == "whole":
+            n = self.sp.get_piece_size()
+            self.item_pieces = [np.array([n + i], dtype=np.int64) for i in range(len(self.item_codes))]
+        else:
+            self.item_pieces = [np.array(p, dtype=np.int64) for p in
+                                self.sp.encode([item_text(c) for c in self.item_codes])]
         self._check_items()
 
     def _check_items(self) -> None:
@@ -61,11 +74,13 @@ class GenRecTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
+        """Sentencepiece pieces, plus one token per item with `item_tokens="whole"`."""
+        extra = len(self.item_codes) if self.item_tokens == "whole" else 0
+        return self.sp.get_piece_size() + extra
 
     @classmethod
     def train(cls, histories: Sequence[np.ndarray], item_codes: Sequence[str],
-              vocab_size: int = 1000) -> "GenRecTokenizer":
+              vocab_size: int = 1000, item_tokens: str = "pieces") -> "GenRecTokenizer":
         """Train BPE (deterministic) on the training histories' text plus one line listing every item."""
         lines = [" ".join([user_text(u)] + [item_text(item_codes[i]) for i in h[-64:]])
                  for u, h in enumerate(histories)]
@@ -77,14 +92,17 @@ class GenRecTokenizer:
             character_coverage=1.0, hard_vocab_limit=False, max_sentence_length=1 << 22,
             split_by_number=True, num_threads=2, minloglevel=2,
         )
-        return cls(model.getvalue(), item_codes)
+        return cls(model.getvalue(), item_codes, item_tokens)
 
     def save(self, directory: Path) -> None:
         (Path(directory) / "tokenizer.model").write_bytes(self.model_proto)
+        (Path(directory) / "tokenizer.json").write_text(json.dumps({"item_tokens": self.item_tokens}))
 
     @classmethod
     def load(cls, directory: Path, item_codes: Sequence[str]) -> "GenRecTokenizer":
-        return cls((Path(directory) / "tokenizer.model").read_bytes(), item_codes)
+        meta = Path(directory) / "tokenizer.json"
+        opts = json.loads(meta.read_text()) if meta.is_file() else {}
+        return cls((Path(directory) / "tokenizer.model").read_bytes(), item_codes, **opts)
 
     def user_pieces(self, u: int) -> np.ndarray:
         return np.array(self.sp.encode(user_text(u)), dtype=np.int64)

@@ -105,7 +105,8 @@ class Trainer:
         self.tcfg, self.device, self.progress = preset.train, torch.device(device), progress
         self.catalog = Catalog.from_data(data)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.tokenizer = GenRecTokenizer.train(self.split.train, data.item_codes, preset.tokenizer.vocab_size)
+        self.tokenizer = GenRecTokenizer.train(self.split.train, data.item_codes, preset.tokenizer.vocab_size,
+                                               preset.tokenizer.item_tokens)
         mcfg = dataclasses.replace(preset.model, vocab_size=self.tokenizer.vocab_size, n_users=data.n_users,
                                    n_items=data.n_items)
         torch.manual_seed(self.tcfg.seed)

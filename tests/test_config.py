@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from genrec_fast.config import load_config, parse_override, preset, with_overrides
+
+
+def test_json_config_overrides_its_preset(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"preset": "tiny", "note": "ignored", "model": {"dropout": 0.3},
+                             "train": {"lr": 0.002}, "tokenizer": {"item_tokens": "whole"}}))
+    p = load_config(str(f))
+    base = preset("tiny")
+    assert (p.model.dropout, p.train.lr, p.tokenizer.item_tokens) == (0.3, 0.002, "whole")
+    assert p.model.d_model == base.model.d_model and p.train.batch_size == base.train.batch_size
+
+
+def test_overrides_and_errors(tmp_path):
+    p = with_overrides(preset("small"), dict([parse_override("train.label_smoothing=0.1"),
+                                              parse_override("tokenizer.item_tokens=whole")]))
+    assert p.train.label_smoothing == 0.1 and p.tokenizer.item_tokens == "whole"
+    with pytest.raises(ValueError, match="no field 'lrr'"):
+        with_overrides(p, {"train.lrr": 1})
+    with pytest.raises(ValueError, match="unknown section"):
+        with_overrides(p, {"optim.lr": 1})
+    with pytest.raises(ValueError, match="section.field=value"):
+        parse_override("lr=1")
+    with pytest.raises(ValueError, match="neither a preset"):
+        load_config(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_config(str(tmp_path / "bad.json"))
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.json"))
+    assert files, "configs/ holds the reported configurations"
+    for f in files:
+        spec = json.loads(f.read_text())
+        load_config(str(f))
+        for key in ("reproduces", "command", "date"):
+            assert key in spec, f"{f.name} lacks {key!r}"
