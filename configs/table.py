@@ -1,0 +1,35 @@
+"""Print the README's Beauty results table from the `measured` block of every config in this folder.
+
+    python configs/table.py
+"""
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+COLS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
+
+
+def rows():
+    for f in sorted(HERE.glob("*.json")):
+        spec = json.loads(f.read_text())
+        m = spec.get("measured")
+        if not m:
+            continue
+        t = m.get("train_seconds")
+        yield f.stem, spec.get("id_order", "?"), m, f"{t / 60:.0f} min" if t else "?"
+
+
+def fmt(m: dict) -> str:
+    return " | ".join(f"{m[c]:.4f}".lstrip("0") for c in COLS)
+
+
+def main() -> None:
+    print("| configuration | item ids | ranking | " + " | ".join(COLS) + " | training (2-core CPU) |")
+    print("|---|---|---|" + "---|" * (len(COLS) + 1))
+    for name, order, m, t in rows():
+        print(f"| `{name}` | {order} | all items | {fmt(m['test'])} | {t} |")
+        print(f"| `{name}` | {order} | seen items excluded | {fmt(m['test_exclude_seen'])} | |")
+
+
+if __name__ == "__main__":
+    main()

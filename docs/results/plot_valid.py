@@ -1,0 +1,37 @@
+"""Plot validation NDCG@10 over training for the Beauty runs in this folder.
+
+    python docs/results/plot_valid.py     # -> docs/results/beauty-valid-ndcg10.png
+
+Reads each `<run>-log.jsonl` (copied from a run directory's `log.jsonl`); validation there is on a
+fixed sample of 2,000 users (`eval_users`), so the curves are noisier than the full-user table.
+"""
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(out: Path = HERE / "beauty-valid-ndcg10.png") -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for log in sorted(HERE.glob("*-log.jsonl")):
+        rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        ev = [r for r in rows if "valid" in r]
+        ax.plot([r["epoch"] for r in ev], [r["valid"]["NDCG@10"] for r in ev], marker="o",
+                label=log.name.removesuffix("-log.jsonl"))
+    ax.set(xlabel="epoch (pretraining epochs first, then finetuning)", ylabel="validation NDCG@10 (2,000 users)",
+           title="GenRec on Amazon Beauty, random item ids")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+if __name__ == "__main__":
+    print(main(*(Path(a) for a in sys.argv[1:])))
