@@ -50,3 +50,17 @@ def test_missing_files_are_named(tmp_path):
     (tmp_path / "c").mkdir()
     with pytest.raises(FileNotFoundError, match="missing config.json, catalog.json, tokenizer.model, weights.pt"):
         genrec_fast.load(tmp_path / "c")
+
+
+def test_model_trained_without_user_tokens_ignores_users(trained, small_synthetic, tmp_path):
+    from genrec_fast.config import TrainConfig
+    rec, _ = trained
+    checkpoint.save(tmp_path / "c", rec.model, rec.tokenizer, rec.catalog, TrainConfig(drop_user_prob=1.0))
+    again = genrec_fast.load(tmp_path / "c")
+    assert not again.use_users and rec.use_users
+    d = small_synthetic
+    hists = [[d.item_ids[i] for i in s] for s in d.sequences[:6]]
+    with_users = again.recommend(hists, k=5, users=d.user_ids[:6])
+    without = again.recommend(hists, k=5)
+    assert [r.items for r in with_users] == [r.items for r in without]
+    assert again.encode([1, 2], 3).user_ids.sum() == 0 and rec.encode([1, 2], 3).user_ids.sum() > 0

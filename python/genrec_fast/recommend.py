@@ -29,8 +29,11 @@ class Recommendations(NamedTuple):
 class Recommender:
     """A trained model with its tokenizer, catalog and trie: what `load()` returns."""
 
-    def __init__(self, model: GenRec, tokenizer: GenRecTokenizer, catalog: Catalog, max_items: int = 20):
+    def __init__(self, model: GenRec, tokenizer: GenRecTokenizer, catalog: Catalog, max_items: int = 20,
+                 use_users: bool = True):
+        """use_users=False: the model was trained on histories only, so user ids are ignored."""
         self.model, self.tokenizer, self.catalog, self.max_items = model, tokenizer, catalog, max_items
+        self.use_users = use_users
         self.trie = Trie.build([p.tolist() for p in tokenizer.item_pieces], EOS_ID)
 
     @classmethod
@@ -51,6 +54,7 @@ class Recommender:
 
     def encode(self, items: Sequence[int], user: int | None) -> Encoded:
         """Item indices (+ user index or None) -> encoder input, keeping the most recent items."""
+        user = user if self.use_users else None
         return self.tokenizer.encode(items[-self.max_items:], user=user, max_len=self.model.cfg.max_positions)
 
     def decode_batch(self, encoded: Sequence[Encoded], k: int, num_beams: int, exclude=None, allow=None,
@@ -70,7 +74,7 @@ class Recommender:
         histories: one list of original item ids per request, oldest first; longer than the
           model's window keeps the most recent items.
         users: optional original user ids (None entries allowed); an unknown user is served from
-          the history alone.
+          the history alone (as is every user when the model was trained without user tokens).
         num_beams: beam width (default max(k, 20)); k <= num_beams.
         exclude_seen: never recommend an item of the request's own history.
         allowed_items: optional collection of original item ids that may be recommended.
@@ -140,7 +144,9 @@ def _check_args(histories, k, num_beams, users, unknown_items, batch_size) -> No
 def load(path: str | Path, device: str | torch.device = "cpu") -> Recommender:
     """Load a checkpoint directory written by `genrec-fast train` / `genrec_fast.train`."""
     model, tokenizer, catalog, train_cfg, _ = checkpoint.load_parts(path, device)
-    return Recommender(model, tokenizer, catalog, max_items=train_cfg.max_items if train_cfg else 20)
+    if train_cfg is None:
+        return Recommender(model, tokenizer, catalog)
+    return Recommender(model, tokenizer, catalog, train_cfg.max_items, use_users=train_cfg.drop_user_prob < 1.0)
 
 
 def recommend(model: Recommender, histories, k: int = 10, users=None, **kwargs) -> list[Recommendations]:

@@ -122,7 +122,8 @@ class Trainer:
         return self.tcfg.pretrain_epochs + self.tcfg.finetune_epochs
 
     def recommender(self) -> Recommender:
-        return Recommender(self.model, self.tokenizer, self.catalog, self.tcfg.max_items)
+        return Recommender(self.model, self.tokenizer, self.catalog, self.tcfg.max_items,
+                           use_users=self.tcfg.drop_user_prob < 1.0)
 
     def run(self) -> dict:
         t0 = time.perf_counter()
