@@ -16,7 +16,8 @@ def rows():
         if not m:
             continue
         t = m.get("train_seconds")
-        yield f.stem, spec.get("id_order", "?"), m, f"{t / 60:.0f} min" if t else "?"
+        shared = " (shared CPU)" if spec.get("timing_note") else ""
+        yield f.stem, spec.get("id_order", "?"), m, f"{t / 60:.0f} min{shared}" if t else "?"
 
 
 def fmt(m: dict) -> str:

@@ -25,7 +25,7 @@ def main(out: Path = HERE / "beauty-valid-ndcg10.png") -> Path:
         ax.plot([r["epoch"] for r in ev], [r["valid"]["NDCG@10"] for r in ev], marker="o",
                 label=log.name.removesuffix("-log.jsonl"))
     ax.set(xlabel="epoch (pretraining epochs first, then finetuning)", ylabel="validation NDCG@10 (2,000 users)",
-           title="GenRec on Amazon Beauty, random item ids")
+           title="GenRec on Amazon Beauty (item ids random unless named original)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
