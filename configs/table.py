@@ -5,8 +5,9 @@
 import json
 from pathlib import Path
 
+from record import KEYS as COLS
+
 HERE = Path(__file__).resolve().parent
-COLS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20")
 
 
 def rows():

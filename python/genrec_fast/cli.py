@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -30,16 +29,12 @@ def load_data(args) -> data_mod.SequenceData:
 def cmd_train(args) -> int:
     from .evaluate import format_table, report
     from .train import train
-    p = load_config(args.config)
-    p = with_overrides(p, dict(parse_override(x) for x in args.set))
-    overrides = {k: v for k, v in (("pretrain_epochs", args.pretrain_epochs), ("finetune_epochs", args.finetune_epochs),
-                                   ("batch_size", args.batch_size), ("lr", args.lr), ("eval_users", args.eval_users),
-                                   ("threads", args.threads)) if v is not None}
-    p.train = dataclasses.replace(p.train, **overrides)
-    if args.drop_user_prob is not None:
-        p.train = dataclasses.replace(p.train, drop_user_prob=args.drop_user_prob)
-    if args.dropout is not None:
-        p.model = dataclasses.replace(p.model, dropout=args.dropout)
+    flags = {f"train.{name}": getattr(args, name) for name in ("pretrain_epochs", "finetune_epochs", "batch_size",
+                                                                "lr", "eval_users", "threads", "drop_user_prob")}
+    flags["model.dropout"] = args.dropout
+    overrides = dict(parse_override(x) for x in args.set)
+    overrides.update({k: v for k, v in flags.items() if v is not None})  # explicit flags win over --set
+    p = with_overrides(load_config(args.config), overrides)
     data = load_data(args)
     print(data.summary(), flush=True)
     out = Path(args.out or f"runs/{'synthetic' if args.data is None else Path(args.data).name}-{Path(args.config).stem}")
@@ -111,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model, then evaluate it against baselines")
     _add_data_args(t)
     t.add_argument("--config", default="small",
-                   help="preset (tiny, small, base) or a JSON file such as configs/beauty-whole.json (default small)")
+                   help="preset (tiny, small, base) or a JSON file such as configs/beauty-whole-small-nouser.json (default small)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one config field, e.g. --set tokenizer.item_tokens=whole (repeatable)")
     t.add_argument("--out", help="run directory (default runs/<data>-<config>)")

@@ -49,7 +49,7 @@ class TrainConfig:
     warmup_steps: int = 200
     grad_clip: float = 1.0
     pretrain_last_prob: float = 0.3  # pretraining masks the last item this often (as in the paper's code)
-    drop_user_prob: float = 0.2  # train without the user token this often, so unknown users work
+    drop_user_prob: float = 0.2  # train without the user token this often, so unknown users work (1 = never)
     max_items: int = 20  # history window in items
     label_smoothing: float = 0.0
     eval_every: int = 1  # epochs between validations
@@ -58,6 +58,12 @@ class TrainConfig:
     num_beams: int = 20
     seed: int = 0
     threads: int = 0  # torch threads (0 = library default)
+
+
+    @property
+    def uses_user_token(self) -> bool:
+        """False when training never writes the user token: such a model must ignore user ids."""
+        return self.drop_user_prob < 1.0
 
 
 @dataclass
@@ -71,6 +77,9 @@ class Preset:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+PRESETS = ("tiny", "small", "base")
 
 
 def preset(name: str) -> Preset:
@@ -93,7 +102,7 @@ def preset(name: str) -> Preset:
             TrainConfig(lr=1e-4, batch_size=64, warmup_steps=1000, finetune_epochs=20),
             TokenizerConfig(vocab_size=8000),
         )
-    raise ValueError(f"config: unknown preset {name!r}; expected one of 'tiny', 'small', 'base'")
+    raise ValueError(f"config: unknown preset {name!r}; expected one of {PRESETS}")
 
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "tokenizer": TokenizerConfig}
@@ -102,11 +111,11 @@ SECTIONS = {"model": ModelConfig, "train": TrainConfig, "tokenizer": TokenizerCo
 def load_config(name_or_path: str) -> Preset:
     """A preset name, or a JSON file {"preset": name, "model": {...}, "train": {...}, "tokenizer": {...}}
     whose sections override the preset's fields (other top-level keys, such as notes, are ignored)."""
-    if name_or_path in ("tiny", "small", "base"):
+    if name_or_path in PRESETS:
         return preset(name_or_path)
     path = Path(name_or_path)
     if not path.is_file():
-        raise ValueError(f"config: {name_or_path!r} is neither a preset (tiny, small, base) nor a JSON file")
+        raise ValueError(f"config: {name_or_path!r} is neither a preset {PRESETS} nor a JSON file")
     try:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as e:

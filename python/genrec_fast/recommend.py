@@ -146,7 +146,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Recommender:
     model, tokenizer, catalog, train_cfg, _ = checkpoint.load_parts(path, device)
     if train_cfg is None:
         return Recommender(model, tokenizer, catalog)
-    return Recommender(model, tokenizer, catalog, train_cfg.max_items, use_users=train_cfg.drop_user_prob < 1.0)
+    return Recommender(model, tokenizer, catalog, train_cfg.max_items, use_users=train_cfg.uses_user_token)
 
 
 def recommend(model: Recommender, histories, k: int = 10, users=None, **kwargs) -> list[Recommendations]:

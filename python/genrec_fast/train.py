@@ -123,7 +123,7 @@ class Trainer:
 
     def recommender(self) -> Recommender:
         return Recommender(self.model, self.tokenizer, self.catalog, self.tcfg.max_items,
-                           use_users=self.tcfg.drop_user_prob < 1.0)
+                           use_users=self.tcfg.uses_user_token)
 
     def run(self) -> dict:
         t0 = time.perf_counter()
