@@ -2,11 +2,12 @@ import dataclasses
 import json
 
 import numpy as np
+import torch
 
 from genrec_fast import preset, train
 from genrec_fast.config import TrainConfig
 from genrec_fast.data import leave_one_out, synthetic
-from genrec_fast.train import lr_factor, make_examples
+from genrec_fast.train import Trainer, lr_factor, make_examples
 
 
 def test_examples_use_training_items_only():
@@ -61,3 +62,14 @@ def test_logs_plot_and_resume(tmp_path):
     train(d, tmp_path, p, progress=False, resume=True)
     rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # resumed after epoch 2, not from scratch
+
+
+def test_user_table_left_untouched_without_user_tokens(tmp_path):
+    d = synthetic(n_users=60, n_items=20, seed=7)
+    p = preset("tiny")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=0, finetune_epochs=1, eval_users=20, drop_user_prob=1.0)
+    trainer = Trainer(d, tmp_path, p, progress=False)
+    users0, items0 = trainer.model.user_embed.weight.clone(), trainer.model.item_embed.weight.clone()
+    trainer.run()
+    assert torch.equal(trainer.model.user_embed.weight, users0)  # never read, so never trained
+    assert not torch.equal(trainer.model.item_embed.weight, items0)
