@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from genrec_fast.config import ModelConfig, preset
-from genrec_fast.model import GenRec
+from genrec_fast.model import GenRec, _from_end
 
 
 def tiny_model(seed=0, **kw):
@@ -52,8 +52,9 @@ def test_outputs_do_not_depend_on_later_tokens():
     assert not torch.allclose(a[:, 4:], b[:, 4:])
 
 
-def test_padding_does_not_change_real_rows():
-    m = tiny_model()
+@pytest.mark.parametrize("positions", ["start", "end"])
+def test_padding_does_not_change_real_rows(positions):
+    m = tiny_model(encoder_positions=positions)
     tokens, users, items, mask = batch()
     dec = torch.randint(5, 50, (3, 4))
     with torch.no_grad():
@@ -86,6 +87,16 @@ def test_reorder_selects_beams_and_users():
         ref.reorder(torch.tensor([0, 0, 1, 1]))
         want = m.decode_step(torch.tensor([7, 8, 7, 8]), ref)
     torch.testing.assert_close(out, want)
+
+
+def test_positions_from_the_end():
+    assert _from_end(torch.tensor([3, 5]), 5).tolist() == [[2, 1, 0, 0, 0], [4, 3, 2, 1, 0]]
+    tokens, users, items, mask = batch()
+    with torch.no_grad():  # same weights, only the position scheme differs
+        start, end = (tiny_model(encoder_positions=p).encode(tokens, users, items, mask) for p in ("start", "end"))
+    assert not torch.allclose(start, end)
+    with pytest.raises(ValueError, match="encoder_positions must be 'start' or 'end'"):
+        ModelConfig(encoder_positions="middle")
 
 
 def test_too_long_input_is_an_error():

@@ -22,6 +22,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
     scale_embedding: bool = False  # BART-base does not scale token embeddings
+    encoder_positions: str = "start"  # count encoder positions from the first piece (BART) or from the "end"
     n_users: int = 0  # rows of the user ID table (0 = padding/unknown user)
     n_items: int = 0  # rows of the item ID table (0 = padding/unknown item)
     pad_id: int = 0
@@ -31,6 +32,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.encoder_positions not in ("start", "end"):
+            raise ValueError(f"encoder_positions must be 'start' or 'end', got {self.encoder_positions!r}")
 
     @property
     def head_dim(self) -> int:

@@ -163,6 +163,12 @@ class DecoderCache:
         return out
 
 
+def _from_end(lengths: torch.Tensor, S: int) -> torch.Tensor:
+    """Positions counted back from each row's last valid piece (0 = last, usually EOS): the most recent
+    item sits at the same position whatever the history length. Padding gets position 0."""
+    return (lengths[:, None] - 1 - torch.arange(S, device=lengths.device)).clamp(min=0)  # (B, S)
+
+
 class Stack(nn.Module):
     """Positions + embedding LayerNorm + layers (BART's `encoder` / `decoder`)."""
 
@@ -196,17 +202,19 @@ class GenRec(nn.Module):
             with torch.no_grad():
                 m.weight[m.padding_idx].zero_()
 
-    def _embed(self, stack: Stack, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        pos = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
+    def _embed(self, stack: Stack, tokens: torch.Tensor, offset: int = 0, positions=None) -> torch.Tensor:
+        """Token + position embeddings; positions (B, T) default to offset, offset + 1, ..."""
         if offset + tokens.shape[1] > self.cfg.max_positions:
             raise ValueError(f"input of {offset + tokens.shape[1]} pieces exceeds max_positions={self.cfg.max_positions}")
+        pos = torch.arange(offset, offset + tokens.shape[1], device=tokens.device) if positions is None else positions
         return self.shared(tokens) * self.embed_scale + stack.embed_positions(pos)  # (B, T, C)
 
     def encode(self, tokens, user_ids, item_ids, mask):
         """tokens/user_ids/item_ids (B, S) int64, mask (B, S) bool right-padded -> memory (B, S, C)."""
-        x = self._embed(self.encoder, tokens) + self.user_embed(user_ids) + self.item_embed(item_ids)
-        x = F.dropout(self.encoder.layernorm_embedding(x), self.cfg.dropout, self.training)
         lengths = mask.sum(1)  # (B,)
+        pos = _from_end(lengths, tokens.shape[1]) if self.cfg.encoder_positions == "end" else None
+        x = self._embed(self.encoder, tokens, positions=pos) + self.user_embed(user_ids) + self.item_embed(item_ids)
+        x = F.dropout(self.encoder.layernorm_embedding(x), self.cfg.dropout, self.training)
         for layer in self.encoder.layers:
             x = layer(x, lengths)
         return x
