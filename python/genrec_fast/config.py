@@ -62,7 +62,6 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # torch threads (0 = library default)
 
-
     @property
     def uses_user_token(self) -> bool:
         """False when training never writes the user token: such a model must ignore user ids."""

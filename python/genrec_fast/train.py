@@ -113,8 +113,8 @@ class Trainer:
         self.model = GenRec(mcfg).to(self.device)
         # A model trained without user tokens never reads the user table: leave it out of the optimizer.
         self.model.user_embed.weight.requires_grad_(self.tcfg.uses_user_token)
-        params = [q for q in self.model.parameters() if q.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
+        self.params = [q for q in self.model.parameters() if q.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
         self.epoch, self.step, self.best, self.bad_epochs = 0, 0, -1.0, 0
         self.rng = np.random.default_rng(self.tcfg.seed)
         n_eval = self.tcfg.eval_users or data.n_users
@@ -160,7 +160,7 @@ class Trainer:
                                    label_smoothing=self.tcfg.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], self.tcfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.grad_clip)
             self.opt.step()
             self.step += 1
             losses.append(loss.item())
