@@ -73,3 +73,21 @@ def test_user_table_left_untouched_without_user_tokens(tmp_path):
     trainer.run()
     assert torch.equal(trainer.model.user_embed.weight, users0)  # never read, so never trained
     assert not torch.equal(trainer.model.item_embed.weight, items0)
+
+
+def test_cloze_mix_adds_masked_item_examples_to_finetuning():
+    d = synthetic(n_users=300, n_items=40, seed=4)
+    s = leave_one_out(d)
+    plain = make_examples(s, np.random.default_rng(0), False, TrainConfig())
+    mixed = make_examples(s, np.random.default_rng(0), False, TrainConfig(cloze_mix=0.5))
+    cloze = [e for e in mixed if e.mask_at is not None]
+    assert all(e.mask_at is None for e in plain) and len(mixed) - len(cloze) == len(plain)
+    n_train = sum(len(x) for x in s.train)
+    assert 0.4 * n_train < len(cloze) < 0.6 * n_train
+    assert all(e.items[e.mask_at] == e.target for e in cloze)
+
+
+def test_train_config_rejects_probabilities_outside_0_1():
+    import pytest
+    with pytest.raises(ValueError, match="train.cloze_mix"):
+        TrainConfig(cloze_mix=1.5)

@@ -53,6 +53,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     pretrain_last_prob: float = 0.3  # pretraining masks the last item this often (as in the paper's code)
     drop_user_prob: float = 0.2  # train without the user token this often, so unknown users work (1 = never)
+    cloze_mix: float = 0.0  # finetuning also masks a random item (pretraining's task) this often per training item
     max_items: int = 20  # history window in items
     label_smoothing: float = 0.0
     eval_every: int = 1  # epochs between validations
@@ -61,6 +62,11 @@ class TrainConfig:
     num_beams: int = 20
     seed: int = 0
     threads: int = 0  # torch threads (0 = library default)
+
+    def __post_init__(self) -> None:
+        for name in ("drop_user_prob", "pretrain_last_prob", "cloze_mix"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)!r}")
 
     @property
     def uses_user_token(self) -> bool:

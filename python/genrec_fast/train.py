@@ -43,13 +43,14 @@ class Example:
 def make_examples(split: Split, rng: np.random.Generator, pretrain: bool, cfg: TrainConfig) -> list[Example]:
     """A shuffled epoch of examples from the training sequences only.
 
-    Finetuning: every prefix of every sequence predicts its next item. Pretraining: as many examples
-    per user as it has training items, each masking one random item (the last with
-    probability `pretrain_last_prob`). The user token is dropped with probability `drop_user_prob`.
+    Finetuning: every prefix of every sequence predicts its next item, plus, with `cloze_mix` > 0, about
+    `cloze_mix` pretraining examples per training item. Pretraining: as many examples per user as it has
+    training items, each masking one random item (the last with probability `pretrain_last_prob`).
+    The user token is dropped with probability `drop_user_prob`.
     """
     out = []
     for u, seq in enumerate(split.train):
-        for items, mask_at, target in (_pretrain_examples(seq, rng, cfg) if pretrain else _finetune_examples(seq, cfg)):
+        for items, mask_at, target in (_pretrain_examples(seq, rng, cfg) if pretrain else _finetune_examples(seq, cfg, rng)):
             user = None if rng.random() < cfg.drop_user_prob else u
             out.append(Example(user, items, mask_at, target))
     rng.shuffle(out)
@@ -65,9 +66,11 @@ def _pretrain_examples(seq, rng, cfg):
         yield window, t, int(window[t])
 
 
-def _finetune_examples(seq, cfg):
+def _finetune_examples(seq, cfg, rng):
     for t in range(1, len(seq)):
         yield seq[max(0, t - cfg.max_items):t], None, int(seq[t])
+    if cfg.cloze_mix > 0:
+        yield from (e for e in _pretrain_examples(seq, rng, cfg) if rng.random() < cfg.cloze_mix)
 
 
 def batches(examples: list[Example], tokenizer: GenRecTokenizer, cfg: TrainConfig, max_len: int, device,
