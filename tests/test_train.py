@@ -4,7 +4,7 @@ import json
 import numpy as np
 import torch
 
-from genrec_fast import preset, train
+from genrec_fast import load, preset, train
 from genrec_fast.config import TrainConfig
 from genrec_fast.data import leave_one_out, synthetic
 from genrec_fast.train import Trainer, lr_factor, make_examples
@@ -91,3 +91,23 @@ def test_train_config_rejects_probabilities_outside_0_1():
     import pytest
     with pytest.raises(ValueError, match="train.cloze_mix"):
         TrainConfig(cloze_mix=1.5)
+
+
+def test_causal_encoder_trains_all_prefixes_per_window_and_reloads(tmp_path):
+    d = synthetic(n_users=80, n_items=25, seed=8)
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, encoder_causal=True, encoder_positions="end")
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=2, eval_users=30, cloze_mix=0.3)
+    trainer = Trainer(d, tmp_path, p, progress=False)
+    parts = trainer.epoch_batches(pretrain=False)
+    windows = [w for part in parts for w in part if not hasattr(w, "target")]
+    assert len(windows) == sum(len(s) >= 2 for s in trainer.split.train)  # one window per user
+    assert any(hasattr(e, "target") for part in parts for e in part)  # the cloze mix is there too
+    trainer.run()
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[1]["loss"]
+    rec = load(tmp_path / "best")
+    assert rec.model.cfg.encoder_causal
+    out = rec.recommend([[d.item_ids[0], d.item_ids[1]]], k=5)
+    assert len(out[0].items) == 5

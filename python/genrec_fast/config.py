@@ -23,6 +23,8 @@ class ModelConfig:
     activation_dropout: float = 0.0
     scale_embedding: bool = False  # BART-base does not scale token embeddings
     encoder_positions: str = "start"  # count encoder positions from the first piece (BART) or from the "end"
+    encoder_causal: bool = False  # each encoder piece sees only the pieces before it: finetuning then
+    # trains every next-item target of a sequence in one pass (see prefix_batch.py)
     n_users: int = 0  # rows of the user ID table (0 = padding/unknown user)
     n_items: int = 0  # rows of the item ID table (0 = padding/unknown item)
     pad_id: int = 0

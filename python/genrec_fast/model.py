@@ -39,12 +39,14 @@ class Attention(nn.Module):
     def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _heads(self.k_proj(x), self.n_heads), _heads(self.v_proj(x), self.n_heads)  # 2 x (B, H, S, hd)
 
-    def forward(self, x, k, v, lengths=None, is_causal=False):
-        """lengths (B,): valid keys per row (right padding), None = all. Inference goes through
-        `kernels.attention` (the fused CUDA kernel on GPUs); training and causal use SDPA."""
+    def forward(self, x, k, v, lengths=None, is_causal=False, mask=None):
+        """lengths (B,): valid keys per row (right padding), None = all; or mask (B, 1, T, S) bool
+        (True = may attend). Inference goes through `kernels.attention` (the fused CUDA kernel on GPUs);
+        training, causal and explicit masks use SDPA."""
         q = _heads(self.q_proj(x), self.n_heads)  # (B, H, T, hd)
-        if self.training or is_causal:
-            mask = None if lengths is None else _key_mask(lengths, k.shape[2])
+        if self.training or is_causal or mask is not None:
+            if mask is None and lengths is not None:
+                mask = _key_mask(lengths, k.shape[2])
             p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
         else:
@@ -80,9 +82,10 @@ class EncoderLayer(nn.Module):
         self.ffn, self.final_layer_norm = FeedForward(cfg), nn.LayerNorm(cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, x, lengths):
+    def forward(self, x, lengths, causal=False, mask=None):
         k, v = self.self_attn.kv(x)
-        x = self.self_attn_layer_norm(x + F.dropout(self.self_attn(x, k, v, lengths), self.dropout, self.training))
+        y = self.self_attn(x, k, v, None if causal or mask is not None else lengths, is_causal=causal, mask=mask)
+        x = self.self_attn_layer_norm(x + F.dropout(y, self.dropout, self.training))
         return self.final_layer_norm(x + self.ffn(x))
 
 
@@ -97,11 +100,12 @@ class DecoderLayer(nn.Module):
     def _res(self, x, y, norm):
         return norm(x + F.dropout(y, self.dropout, self.training))
 
-    def forward(self, x, memory, lengths):
+    def forward(self, x, memory, lengths, self_mask=None, cross_mask=None):
+        """Causal self-attention and cross-attention to `lengths` memory pieces, unless masks are given."""
         k, v = self.self_attn.kv(x)
-        x = self._res(x, self.self_attn(x, k, v, is_causal=True), self.self_attn_layer_norm)
+        x = self._res(x, self.self_attn(x, k, v, is_causal=self_mask is None, mask=self_mask), self.self_attn_layer_norm)
         ck, cv = self.encoder_attn.kv(memory)
-        x = self._res(x, self.encoder_attn(x, ck, cv, lengths), self.encoder_attn_layer_norm)
+        x = self._res(x, self.encoder_attn(x, ck, cv, lengths, mask=cross_mask), self.encoder_attn_layer_norm)
         return self.final_layer_norm(x + self.ffn(x))
 
     def step(self, x, cache: "DecoderCache", i: int):
@@ -204,34 +208,44 @@ class GenRec(nn.Module):
 
     def _embed(self, stack: Stack, tokens: torch.Tensor, offset: int = 0, positions=None) -> torch.Tensor:
         """Token + position embeddings; positions (B, T) default to offset, offset + 1, ..."""
-        if offset + tokens.shape[1] > self.cfg.max_positions:
-            raise ValueError(f"input of {offset + tokens.shape[1]} pieces exceeds max_positions={self.cfg.max_positions}")
+        last = offset + tokens.shape[1] if positions is None else int(positions.max()) + 1
+        if last > self.cfg.max_positions:
+            raise ValueError(f"input of {last} positions exceeds max_positions={self.cfg.max_positions}")
         pos = torch.arange(offset, offset + tokens.shape[1], device=tokens.device) if positions is None else positions
         return self.shared(tokens) * self.embed_scale + stack.embed_positions(pos)  # (B, T, C)
 
-    def encode(self, tokens, user_ids, item_ids, mask):
-        """tokens/user_ids/item_ids (B, S) int64, mask (B, S) bool right-padded -> memory (B, S, C)."""
+    def encode(self, tokens, user_ids, item_ids, mask, attn_mask=None, positions=None):
+        """tokens/user_ids/item_ids (B, S) int64, mask (B, S) bool right-padded -> memory (B, S, C).
+
+        attn_mask (B, 1, S, S) bool and positions (B, S) replace the padding/causal mask and the
+        configured positions (prefix_batch.py packs every prefix of a sequence this way)."""
         lengths = mask.sum(1)  # (B,)
-        pos = _from_end(lengths, tokens.shape[1]) if self.cfg.encoder_positions == "end" else None
-        x = self._embed(self.encoder, tokens, positions=pos) + self.user_embed(user_ids) + self.item_embed(item_ids)
+        if positions is None and self.cfg.encoder_positions == "end":
+            positions = _from_end(lengths, tokens.shape[1])
+        x = self._embed(self.encoder, tokens, positions=positions) + self.user_embed(user_ids) + self.item_embed(item_ids)
         x = F.dropout(self.encoder.layernorm_embedding(x), self.cfg.dropout, self.training)
+        causal = self.cfg.encoder_causal and attn_mask is None  # right padding: causal also hides the padding
         for layer in self.encoder.layers:
-            x = layer(x, lengths)
+            x = layer(x, lengths, causal, attn_mask)
         return x
 
-    def decode(self, decoder_tokens, memory, mask):
-        """Teacher-forced decoder: decoder_tokens (B, T) -> logits (B, T, V)."""
-        x = F.dropout(self.decoder.layernorm_embedding(self._embed(self.decoder, decoder_tokens)),
+    def decode(self, decoder_tokens, memory, mask, self_mask=None, cross_mask=None, positions=None):
+        """Teacher-forced decoder: decoder_tokens (B, T) -> logits (B, T, V). Optional masks (B, 1, T, T),
+        (B, 1, T, S) and positions (B, T) let one row hold several independent targets."""
+        x = F.dropout(self.decoder.layernorm_embedding(self._embed(self.decoder, decoder_tokens, positions=positions)),
                       self.cfg.dropout, self.training)
         for layer in self.decoder.layers:
-            x = layer(x, memory, mask.sum(1))
+            x = layer(x, memory, mask.sum(1), self_mask, cross_mask)
         return self.lm_head(x)
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.shared.weight) + self.final_logits_bias  # (..., V)
 
-    def forward(self, tokens, user_ids, item_ids, mask, decoder_tokens):
-        return self.decode(decoder_tokens, self.encode(tokens, user_ids, item_ids, mask), mask)
+    def forward(self, tokens, user_ids, item_ids, mask, decoder_tokens, attn_mask=None, positions=None,
+                decoder_self_mask=None, cross_mask=None, decoder_positions=None):
+        """-> logits (B, T, V). The optional masks and positions come from `prefix_batch.pad_packed`."""
+        memory = self.encode(tokens, user_ids, item_ids, mask, attn_mask, positions)
+        return self.decode(decoder_tokens, memory, mask, decoder_self_mask, cross_mask, decoder_positions)
 
     def start_decoding(self, memory: torch.Tensor, mask: torch.Tensor) -> DecoderCache:
         """Cross-attention K/V once per user: memory (U, S, C), mask (U, S)."""

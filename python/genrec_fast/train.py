@@ -25,6 +25,7 @@ from .config import Preset, TrainConfig
 from .data import Catalog, SequenceData, Split, leave_one_out
 from .evaluate import evaluate, model_ranker
 from .model import GenRec
+from .prefix_batch import pack, pad_packed
 from .recommend import Recommender
 from .tokenizer import BOS_ID, GenRecTokenizer
 
@@ -40,17 +41,36 @@ class Example:
     target: int  # the masked item
 
 
-def make_examples(split: Split, rng: np.random.Generator, pretrain: bool, cfg: TrainConfig) -> list[Example]:
+@dataclass
+class Window:
+    """The most recent `max_items + 1` training items of a user: every item after the first is a target."""
+
+    user: int | None
+    items: np.ndarray
+
+
+def make_windows(split: Split, rng: np.random.Generator, cfg: TrainConfig) -> list[Window]:
+    """A shuffled epoch of windows for a causal encoder (all next-item targets of a window in one pass)."""
+    out = [Window(None if rng.random() < cfg.drop_user_prob else u, seq[-(cfg.max_items + 1):])
+           for u, seq in enumerate(split.train) if len(seq) >= 2]
+    rng.shuffle(out)
+    return out
+
+
+def make_examples(split: Split, rng: np.random.Generator, pretrain: bool, cfg: TrainConfig,
+                  next_items: bool = True) -> list[Example]:
     """A shuffled epoch of examples from the training sequences only.
 
     Finetuning: every prefix of every sequence predicts its next item, plus, with `cloze_mix` > 0, about
     `cloze_mix` pretraining examples per training item. Pretraining: as many examples per user as it has
     training items, each masking one random item (the last with probability `pretrain_last_prob`).
-    The user token is dropped with probability `drop_user_prob`.
+    The user token is dropped with probability `drop_user_prob`. next_items=False leaves out the
+    finetuning prefixes (a causal encoder trains them from `make_windows`) and keeps the cloze mix.
     """
     out = []
     for u, seq in enumerate(split.train):
-        for items, mask_at, target in (_pretrain_examples(seq, rng, cfg) if pretrain else _finetune_examples(seq, cfg, rng)):
+        for items, mask_at, target in (_pretrain_examples(seq, rng, cfg) if pretrain
+                                       else _finetune_examples(seq, cfg, rng, next_items)):
             user = None if rng.random() < cfg.drop_user_prob else u
             out.append(Example(user, items, mask_at, target))
     rng.shuffle(out)
@@ -66,23 +86,23 @@ def _pretrain_examples(seq, rng, cfg):
         yield window, t, int(window[t])
 
 
-def _finetune_examples(seq, cfg, rng):
-    for t in range(1, len(seq)):
+def _finetune_examples(seq, cfg, rng, next_items=True):
+    for t in range(1, len(seq) if next_items else 0):
         yield seq[max(0, t - cfg.max_items):t], None, int(seq[t])
     if cfg.cloze_mix > 0:
         yield from (e for e in _pretrain_examples(seq, rng, cfg) if rng.random() < cfg.cloze_mix)
 
 
-def batches(examples: list[Example], tokenizer: GenRecTokenizer, cfg: TrainConfig, max_len: int, device,
-            rng: np.random.Generator | None = None):
-    """Padded batches of similar lengths (less padding: several times faster on CPU), in random order."""
-    for part in _length_buckets(examples, cfg.batch_size, rng or np.random.default_rng(0)):
-        enc = pad_encoder([tokenizer.encode(e.items, e.user, e.mask_at, max_len) for e in part], device)
-        dec_in, labels = pad_targets([tokenizer.target(e.target) for e in part], BOS_ID, IGNORE, device)
-        yield enc, dec_in, labels
+def to_batch(part: list, tokenizer: GenRecTokenizer, max_len: int, device, positions: str = "start"):
+    """Examples -> one padded single-target batch; windows -> one packed all-prefix batch."""
+    if isinstance(part[0], Window):
+        return pad_packed([pack(tokenizer, w.items, w.user, positions) for w in part], IGNORE, device)
+    enc = pad_encoder([tokenizer.encode(e.items, e.user, e.mask_at, max_len) for e in part], device)
+    dec_in, labels = pad_targets([tokenizer.target(e.target) for e in part], BOS_ID, IGNORE, device)
+    return dict(enc, decoder_tokens=dec_in), labels
 
 
-def _length_buckets(examples: list[Example], batch_size: int, rng: np.random.Generator, chunk: int = 64):
+def _length_buckets(examples: list, batch_size: int, rng: np.random.Generator, chunk: int = 64):
     """Sort each run of `chunk` batches by history length, cut it into batches, shuffle all batches."""
     out = []
     for s in range(0, len(examples), batch_size * chunk):
@@ -145,20 +165,41 @@ class Trainer:
             self._save("last", with_state=True)
         return {"epochs": self.epoch, "train_seconds": round(time.perf_counter() - t0, 1), "best_valid_ndcg10": self.best}
 
+    def steps_per_epoch(self, pretrain: bool) -> int:
+        """Optimizer steps of one epoch (the cloze mix counted at its expected size)."""
+        bs, n_items = self.tcfg.batch_size, sum(len(s) for s in self.split.train)
+        if pretrain:
+            return math.ceil(n_items / bs)
+        cloze = math.ceil(self.tcfg.cloze_mix * n_items / bs)
+        if self.model.cfg.encoder_causal:
+            return math.ceil(sum(len(s) >= 2 for s in self.split.train) / bs) + cloze
+        return math.ceil(sum(max(0, len(s) - 1) for s in self.split.train) / bs) + cloze
+
+    def epoch_batches(self, pretrain: bool) -> list:
+        """The epoch's batches as lists of examples or windows, in random order (turned into tensors lazily)."""
+        causal = self.model.cfg.encoder_causal and not pretrain
+        examples = make_examples(self.split, self.rng, pretrain, self.tcfg, next_items=not causal)
+        parts = _length_buckets(examples, self.tcfg.batch_size, self.rng)
+        if causal:
+            parts += _length_buckets(make_windows(self.split, self.rng, self.tcfg), self.tcfg.batch_size, self.rng)
+            parts = [parts[i] for i in self.rng.permutation(len(parts))]
+        return parts
+
     def train_epoch(self, pretrain: bool) -> float:
         self.model.train()
-        examples = make_examples(self.split, self.rng, pretrain, self.tcfg)
-        total_steps = self.total_epochs * math.ceil(len(examples) / self.tcfg.batch_size)
+        total_steps = (self.tcfg.pretrain_epochs * self.steps_per_epoch(True)
+                       + self.tcfg.finetune_epochs * self.steps_per_epoch(False))
         warmup = min(self.tcfg.warmup_steps, total_steps // 10 + 1)  # short runs still leave warm-up
         losses = []
-        it = batches(examples, self.tokenizer, self.tcfg, self.model.cfg.max_positions, self.device, self.rng)
-        n = math.ceil(len(examples) / self.tcfg.batch_size)
-        bar = tqdm(it, total=n, desc=f"epoch {self.epoch + 1}/{self.total_epochs}", disable=not self.progress,
-                   leave=False)
-        for enc, dec_in, labels in bar:
+        parts = self.epoch_batches(pretrain)
+        mcfg = self.model.cfg
+        it = (to_batch(p, self.tokenizer, mcfg.max_positions, self.device, mcfg.encoder_positions) for p in parts)
+        bar = tqdm(it, total=len(parts), desc=f"epoch {self.epoch + 1}/{self.total_epochs}",
+                   disable=not self.progress, leave=False)
+        for kwargs, labels in bar:
             for g in self.opt.param_groups:
                 g["lr"] = self.tcfg.lr * lr_factor(self.step, warmup, total_steps)
-            logits = self.model(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"], dec_in)  # (B, T, V)
+            logits = self.model(**kwargs)  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                                    label_smoothing=self.tcfg.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
