@@ -3,7 +3,8 @@
     python docs/results/plot_valid.py     # -> docs/results/beauty-valid-ndcg10.png
 
 Reads each `<run>-log.jsonl` (copied from a run directory's `log.jsonl`); validation there is on a
-fixed sample of 2,000 users (`eval_users`), so the curves are noisier than the full-user table.
+fixed sample of users (`eval_users`: 2,000, or 6,000 for the runs whose config says so; the 2,000
+are the first of the 6,000), so the curves are noisier than the full-user table.
 """
 import json
 import sys
@@ -24,7 +25,7 @@ def main(out: Path = HERE / "beauty-valid-ndcg10.png") -> Path:
         ev = [r for r in rows if "valid" in r]
         ax.plot([r["epoch"] for r in ev], [r["valid"]["NDCG@10"] for r in ev], marker="o",
                 label=log.name.removesuffix("-log.jsonl"))
-    ax.set(xlabel="epoch (pretraining epochs first, then finetuning)", ylabel="validation NDCG@10 (2,000 users)",
+    ax.set(xlabel="epoch (pretraining epochs first, then finetuning)", ylabel="validation NDCG@10 (2,000 or 6,000 sampled users)",
            title="GenRec on Amazon Beauty (item ids random unless named original)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
