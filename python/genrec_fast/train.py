@@ -87,8 +87,9 @@ def _pretrain_examples(seq, rng, cfg):
 
 
 def _finetune_examples(seq, cfg, rng, next_items=True):
-    for t in range(1, len(seq) if next_items else 0):
-        yield seq[max(0, t - cfg.max_items):t], None, int(seq[t])
+    if next_items:
+        for t in range(1, len(seq)):
+            yield seq[max(0, t - cfg.max_items):t], None, int(seq[t])
     if cfg.cloze_mix > 0:
         yield from (e for e in _pretrain_examples(seq, rng, cfg) if rng.random() < cfg.cloze_mix)
 
@@ -140,6 +141,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
         self.epoch, self.step, self.best, self.bad_epochs = 0, 0, -1.0, 0
         self.rng = np.random.default_rng(self.tcfg.seed)
+        self.total_steps = (self.tcfg.pretrain_epochs * self.steps_per_epoch(True)
+                            + self.tcfg.finetune_epochs * self.steps_per_epoch(False))  # of the lr schedule
         n_eval = self.tcfg.eval_users or data.n_users
         self.eval_users = np.sort(np.random.default_rng(self.tcfg.seed + 1).permutation(data.n_users)[:n_eval])
 
@@ -187,8 +190,7 @@ class Trainer:
 
     def train_epoch(self, pretrain: bool) -> float:
         self.model.train()
-        total_steps = (self.tcfg.pretrain_epochs * self.steps_per_epoch(True)
-                       + self.tcfg.finetune_epochs * self.steps_per_epoch(False))
+        total_steps = self.total_steps
         warmup = min(self.tcfg.warmup_steps, total_steps // 10 + 1)  # short runs still leave warm-up
         losses = []
         parts = self.epoch_batches(pretrain)
