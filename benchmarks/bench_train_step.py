@@ -1,4 +1,5 @@
-"""Training step cost per target: one example per prefix vs packed prefixes (causal encoder).
+"""Training step cost per target: one example per prefix (with and without the EOS step) vs packed
+prefixes (causal encoder).
 
     python benchmarks/bench_train_step.py [--config configs/beauty-whole-narrow-endpos-ls.json] [--steps 30]
 
@@ -28,9 +29,11 @@ def main() -> None:
     torch.set_num_threads(1)
     data = load(os.path.join(os.environ.get("GENREC_DATA_DIR", "../shared/data"), "beauty/sequential_data.txt"), "p5")
     print("| finetuning batches | steps/epoch | ms/step | targets/step | ms/target |\n|---|---|---|---|---|")
-    for causal in (False, True):
+    modes = {"one per prefix": (False, True), "one per prefix, no EOS step (item_eos=False)": (False, False),
+             "packed prefixes (causal)": (True, True)}
+    for name, (causal, item_eos) in modes.items():
         p = load_config(args.config)
-        p.model = dataclasses.replace(p.model, encoder_causal=causal)
+        p.model = dataclasses.replace(p.model, encoder_causal=causal, item_eos=item_eos)
         if causal:
             p.train = dataclasses.replace(p.train, max_items=args.causal_max_items)
         with tempfile.TemporaryDirectory() as out:
@@ -39,7 +42,8 @@ def main() -> None:
             tr.model.train()
             targets, t0 = 0, time.perf_counter()
             for part in parts[:args.steps]:
-                kwargs, labels = to_batch(part, tr.tokenizer, p.model.max_positions, "cpu", p.model.encoder_positions)
+                kwargs, labels = to_batch(part, tr.tokenizer, p.model.max_positions, "cpu", p.model.encoder_positions,
+                                          item_eos)
                 loss = F.cross_entropy(tr.model(**kwargs).flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
                 tr.opt.zero_grad()
                 loss.backward()
@@ -47,7 +51,7 @@ def main() -> None:
                 targets += len(part) if not causal else sum(len(w.items) - 1 for w in part)
             ms = (time.perf_counter() - t0) / args.steps * 1000
             per = targets / args.steps
-            print(f"| {'packed prefixes (causal)' if causal else 'one per prefix'} | {len(parts)} | {ms:.0f} | {per:.0f} | {ms / per:.2f} |")
+            print(f"| {name} | {len(parts)} | {ms:.0f} | {per:.0f} | {ms / per:.2f} |")
 
 
 if __name__ == "__main__":

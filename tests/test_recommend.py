@@ -13,7 +13,7 @@ def exhaustive_scores(rec, items, user):
     from genrec_fast.batching import pad_encoder, pad_targets
     m = rec.model
     enc = pad_encoder([rec.encode(items, user)])
-    targets = [rec.tokenizer.target(i) for i in range(len(rec.catalog.item_ids))]
+    targets = [rec.tokenizer.target(i, m.cfg.item_eos) for i in range(len(rec.catalog.item_ids))]
     dec_in, labels = pad_targets(targets, m.cfg.bos_id)
     n = len(targets)
     with torch.no_grad():

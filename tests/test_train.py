@@ -7,7 +7,7 @@ import torch
 from genrec_fast import load, preset, train
 from genrec_fast.config import TrainConfig
 from genrec_fast.data import leave_one_out, synthetic
-from genrec_fast.train import Trainer, lr_factor, make_examples
+from genrec_fast.train import Trainer, lr_factor, make_examples, to_batch
 
 
 def test_examples_use_training_items_only():
@@ -111,3 +111,43 @@ def test_causal_encoder_trains_all_prefixes_per_window_and_reloads(tmp_path):
     assert rec.model.cfg.encoder_causal
     out = rec.recommend([[d.item_ids[0], d.item_ids[1]]], k=5)
     assert len(out[0].items) == 5
+
+
+def test_item_eos_false_trains_one_decoder_step_and_ranks_by_the_item_token(tmp_path):
+    import pytest
+    from test_recommend import exhaustive_scores
+    d = synthetic(n_users=120, n_items=30, seed=5, follow_prob=0.9)
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False)
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=3, eval_users=40, lr=5e-3)
+    with pytest.raises(ValueError, match="item_eos"):  # sub-word pieces need EOS to end an item
+        Trainer(d, tmp_path / "pieces", p, progress=False)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    trainer = Trainer(d, tmp_path, p, progress=False)
+    part = trainer.epoch_batches(pretrain=False)[0]
+    kwargs, labels = to_batch(part, trainer.tokenizer, 128, "cpu", item_eos=False)
+    assert kwargs["decoder_tokens"].shape == (len(part), 1) and (kwargs["decoder_tokens"] == 2).all()  # BOS
+    assert labels[:, 0].tolist() == [int(trainer.tokenizer.item_pieces[e.target][0]) for e in part]
+    trainer.run()
+    rec = load(tmp_path / "best")
+    assert not rec.model.cfg.item_eos
+    split = leave_one_out(d)
+    for u in (0, 9):  # beam search = ranking by the first decoder step alone
+        hist = split.test_history(u)
+        brute = exhaustive_scores(rec, hist, None)
+        items, scores = rec.decode_batch([rec.encode(hist, None)], k=8, num_beams=8)
+        want = np.argsort(-brute, kind="stable")[:8]
+        np.testing.assert_array_equal(items[0], want)
+        np.testing.assert_allclose(scores[0], brute[want], atol=1e-4)
+
+
+def test_beam_decode_rejects_multi_token_items_for_a_model_without_eos():
+    import pytest
+    from genrec_fast.beam_search import Trie
+    from genrec_fast.decoding import beam_decode
+    from genrec_fast.model import GenRec
+    cfg = dataclasses.replace(preset("tiny").model, vocab_size=20, item_eos=False)
+    enc = {"tokens": torch.tensor([[5, 6]]), "user_ids": torch.zeros(1, 2, dtype=torch.long),
+           "item_ids": torch.zeros(1, 2, dtype=torch.long), "mask": torch.ones(1, 2, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="one token per item"):
+        beam_decode(GenRec(cfg).eval(), Trie.build([[7, 8], [9]], 3), enc, k=2, num_beams=2)

@@ -25,6 +25,8 @@ class ModelConfig:
     encoder_positions: str = "start"  # count encoder positions from the first piece (BART) or from the "end"
     encoder_causal: bool = False  # each encoder piece sees only the pieces before it: finetuning then
     # trains every next-item target of a sequence in one pass (see prefix_batch.py)
+    item_eos: bool = True  # the decoder learns EOS after an item; False (item tokens only) trains one
+    # decoder step per target and scores an item by its token alone (EOS counts as certain)
     n_users: int = 0  # rows of the user ID table (0 = padding/unknown user)
     n_items: int = 0  # rows of the item ID table (0 = padding/unknown item)
     pad_id: int = 0

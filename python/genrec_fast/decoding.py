@@ -24,7 +24,12 @@ def beam_decode(model: GenRec, trie: Trie, enc: dict, k: int, num_beams: int = 2
     """enc: padded encoder batch of U users -> items (U, k) int64 item indices (-1 = none), scores (U, k).
 
     timings: optional dict; seconds spent in the trie search's `step` accumulate in timings["search_step"].
+    A model trained without EOS (`model.cfg.item_eos` False) needs one token per item: the decoder runs
+    once, and EOS, the only token the trie allows after an item, adds log 1 = 0 to the item's score.
     """
+    if not model.cfg.item_eos and trie.max_depth > 2:  # depth counts EOS
+        raise ValueError(f"beam_decode: a model trained without EOS (item_eos=False) needs one token per item, "
+                         f"got items of up to {trie.max_depth - 1} tokens")
     U = enc["tokens"].shape[0]
     memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])  # (U, S, C)
     cache = model.start_decoding(memory, enc["mask"])
@@ -37,9 +42,14 @@ def beam_decode(model: GenRec, trie: Trie, enc: dict, k: int, num_beams: int = 2
         cache.reorder(None, torch.as_tensor(active, device=device))
     tokens = torch.full((len(active),), model.cfg.bos_id, dtype=torch.long, device=device)
     width = 1  # decoder rows per active user
+    first = True
     while not search.done():
         slots = search.width  # the search's rows per active user
-        logprobs = F.log_softmax(model.decode_step(tokens, cache).float(), dim=-1)  # (len(active) * width, V)
+        if first or model.cfg.item_eos:
+            logprobs = F.log_softmax(model.decode_step(tokens, cache).float(), dim=-1)  # (len(active) * width, V)
+        else:  # after an item only EOS is allowed, and the model counts it as certain
+            logprobs = torch.zeros(len(active) * width, model.cfg.vocab_size, device=device)
+        first = False
         logprobs = _all_slots(logprobs, len(active), width, slots)  # (len(active) * slots, V)
         parent, next_tokens = _timed_step(search, logprobs.cpu().numpy(), timings)
         if search.done():

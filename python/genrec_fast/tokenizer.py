@@ -140,9 +140,9 @@ class GenRecTokenizer:
         return Encoded(np.concatenate(parts).astype(np.int64), np.concatenate(uids).astype(np.int64),
                        np.concatenate(iids).astype(np.int64))
 
-    def target(self, item: int) -> np.ndarray:
-        """Decoder target of an item: its pieces then EOS."""
-        return np.append(self.item_pieces[item], EOS_ID)
+    def target(self, item: int, eos: bool = True) -> np.ndarray:
+        """Decoder target of an item: its pieces then EOS (eos=False: the pieces alone)."""
+        return np.append(self.item_pieces[item], EOS_ID) if eos else self.item_pieces[item]
 
 
 def _keep_recent(body: list, budget: int, mask_at: int | None) -> list:

@@ -94,12 +94,15 @@ def _finetune_examples(seq, cfg, rng, next_items=True):
         yield from (e for e in _pretrain_examples(seq, rng, cfg) if rng.random() < cfg.cloze_mix)
 
 
-def to_batch(part: list, tokenizer: GenRecTokenizer, max_len: int, device, positions: str = "start"):
-    """Examples -> one padded single-target batch; windows -> one packed all-prefix batch."""
+def to_batch(part: list, tokenizer: GenRecTokenizer, max_len: int, device, positions: str = "start",
+             item_eos: bool = True):
+    """Examples -> one padded single-target batch; windows -> one packed all-prefix batch.
+
+    item_eos=False: targets are the item pieces without EOS (one decoder step with item tokens)."""
     if isinstance(part[0], Window):
         return pad_packed([pack(tokenizer, w.items, w.user, positions) for w in part], IGNORE, device)
     enc = pad_encoder([tokenizer.encode(e.items, e.user, e.mask_at, max_len) for e in part], device)
-    dec_in, labels = pad_targets([tokenizer.target(e.target) for e in part], BOS_ID, IGNORE, device)
+    dec_in, labels = pad_targets([tokenizer.target(e.target, item_eos) for e in part], BOS_ID, IGNORE, device)
     return dict(enc, decoder_tokens=dec_in), labels
 
 
@@ -133,6 +136,9 @@ class Trainer:
                                                preset.tokenizer.item_tokens)
         mcfg = dataclasses.replace(preset.model, vocab_size=self.tokenizer.vocab_size, n_users=data.n_users,
                                    n_items=data.n_items)
+        if not mcfg.item_eos and (preset.tokenizer.item_tokens != "whole" or mcfg.encoder_causal):
+            raise ValueError("model.item_eos=False needs tokenizer.item_tokens='whole' and "
+                             "model.encoder_causal=False")
         torch.manual_seed(self.tcfg.seed)
         self.model = GenRec(mcfg).to(self.device)
         # A model trained without user tokens never reads the user table: leave it out of the optimizer.
@@ -195,7 +201,8 @@ class Trainer:
         losses = []
         parts = self.epoch_batches(pretrain)
         mcfg = self.model.cfg
-        it = (to_batch(p, self.tokenizer, mcfg.max_positions, self.device, mcfg.encoder_positions) for p in parts)
+        it = (to_batch(p, self.tokenizer, mcfg.max_positions, self.device, mcfg.encoder_positions, mcfg.item_eos)
+              for p in parts)
         bar = tqdm(it, total=len(parts), desc=f"epoch {self.epoch + 1}/{self.total_epochs}",
                    disable=not self.progress, leave=False)
         for kwargs, labels in bar:
