@@ -87,10 +87,34 @@ def test_cloze_mix_adds_masked_item_examples_to_finetuning():
     assert all(e.items[e.mask_at] == e.target for e in cloze)
 
 
+def test_history_drop_keeps_an_ordered_nonempty_part_of_each_prefix():
+    d = synthetic(n_users=300, n_items=40, seed=4)
+    s = leave_one_out(d)
+    plain = make_examples(s, np.random.default_rng(0), False, TrainConfig(drop_user_prob=0.0))
+    dropped = make_examples(s, np.random.default_rng(0), False, TrainConfig(drop_user_prob=0.0, history_drop=0.5))
+    full = {}
+    for e in plain:  # the full prefix of each (user, target) example; the longest if a target repeats
+        full.setdefault((e.user, e.target), []).append(e.items.tolist())
+    assert len(dropped) == len(plain)
+    for e in dropped:
+        assert len(e.items) >= 1
+        got = e.items.tolist()
+        assert any(_is_subsequence(got, f) for f in full[(e.user, e.target)]), (e.user, e.target)
+    ratio = sum(len(e.items) for e in dropped) / sum(len(e.items) for e in plain)
+    assert 0.5 < ratio < 0.65  # half dropped, plus the one kept where all would go
+
+
+def _is_subsequence(part: list, whole: list) -> bool:
+    it = iter(whole)
+    return all(x in it for x in part)
+
+
 def test_train_config_rejects_probabilities_outside_0_1():
     import pytest
     with pytest.raises(ValueError, match="train.cloze_mix"):
         TrainConfig(cloze_mix=1.5)
+    with pytest.raises(ValueError, match="train.history_drop"):
+        TrainConfig(history_drop=-0.1)
 
 
 def test_causal_encoder_trains_all_prefixes_per_window_and_reloads(tmp_path):

@@ -58,6 +58,7 @@ class TrainConfig:
     pretrain_last_prob: float = 0.3  # pretraining masks the last item this often (as in the paper's code)
     drop_user_prob: float = 0.2  # train without the user token this often, so unknown users work (1 = never)
     cloze_mix: float = 0.0  # finetuning also masks a random item (pretraining's task) this often per training item
+    history_drop: float = 0.0  # finetuning drops each history item this often (afresh every epoch; one stays)
     max_items: int = 20  # history window in items
     label_smoothing: float = 0.0
     eval_every: int = 1  # epochs between validations
@@ -68,7 +69,7 @@ class TrainConfig:
     threads: int = 0  # torch threads (0 = library default)
 
     def __post_init__(self) -> None:
-        for name in ("drop_user_prob", "pretrain_last_prob", "cloze_mix"):
+        for name in ("drop_user_prob", "pretrain_last_prob", "cloze_mix", "history_drop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)!r}")
 

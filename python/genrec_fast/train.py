@@ -61,7 +61,8 @@ def make_examples(split: Split, rng: np.random.Generator, pretrain: bool, cfg: T
                   next_items: bool = True) -> list[Example]:
     """A shuffled epoch of examples from the training sequences only.
 
-    Finetuning: every prefix of every sequence predicts its next item, plus, with `cloze_mix` > 0, about
+    Finetuning: every prefix of every sequence predicts its next item (each history item dropped with
+    probability `history_drop`, a data augmentation), plus, with `cloze_mix` > 0, about
     `cloze_mix` pretraining examples per training item. Pretraining: as many examples per user as it has
     training items, each masking one random item (the last with probability `pretrain_last_prob`).
     The user token is dropped with probability `drop_user_prob`. next_items=False leaves out the
@@ -89,9 +90,18 @@ def _pretrain_examples(seq, rng, cfg):
 def _finetune_examples(seq, cfg, rng, next_items=True):
     if next_items:
         for t in range(1, len(seq)):
-            yield seq[max(0, t - cfg.max_items):t], None, int(seq[t])
+            yield _drop_some(seq[max(0, t - cfg.max_items):t], cfg.history_drop, rng), None, int(seq[t])
     if cfg.cloze_mix > 0:
         yield from (e for e in _pretrain_examples(seq, rng, cfg) if rng.random() < cfg.cloze_mix)
+
+
+def _drop_some(items: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
+    """Each item dropped with probability p, order kept; the most recent one stays if all would go."""
+    if p <= 0:
+        return items
+    keep = rng.random(len(items)) >= p
+    keep[-1] |= not keep.any()
+    return items[keep]
 
 
 def to_batch(part: list, tokenizer: GenRecTokenizer, max_len: int, device, positions: str = "start",
@@ -136,6 +146,8 @@ class Trainer:
                                                preset.tokenizer.item_tokens)
         mcfg = dataclasses.replace(preset.model, vocab_size=self.tokenizer.vocab_size, n_users=data.n_users,
                                    n_items=data.n_items)
+        if mcfg.encoder_causal and self.tcfg.history_drop > 0:
+            raise ValueError("train.history_drop needs model.encoder_causal=False (packed windows keep every item)")
         if not mcfg.item_eos and (preset.tokenizer.item_tokens != "whole" or mcfg.encoder_causal):
             raise ValueError("model.item_eos=False needs tokenizer.item_tokens='whole' and "
                              "model.encoder_causal=False")
@@ -144,7 +156,8 @@ class Trainer:
         # A model trained without user tokens never reads the user table: leave it out of the optimizer.
         self.model.user_embed.weight.requires_grad_(self.tcfg.uses_user_token)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
+        self.opt = torch.optim.AdamW(self.params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay,
+                                     fused=self.device.type in ("cpu", "cuda"))  # one kernel: 3-5x faster step
         self.epoch, self.step, self.best, self.bad_epochs = 0, 0, -1.0, 0
         self.rng = np.random.default_rng(self.tcfg.seed)
         self.total_steps = (self.tcfg.pretrain_epochs * self.steps_per_epoch(True)
