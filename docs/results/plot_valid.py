@@ -19,16 +19,16 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(out: Path = HERE / "beauty-valid-ndcg10.png") -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for log in sorted(HERE.glob("*-log.jsonl")):
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    for i, log in enumerate(sorted(HERE.glob("*-log.jsonl"))):
         rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
         ev = [r for r in rows if "valid" in r]
-        ax.plot([r["epoch"] for r in ev], [r["valid"]["NDCG@10"] for r in ev], marker="o",
-                label=log.name.removesuffix("-log.jsonl"))
+        ax.plot([r["epoch"] for r in ev], [r["valid"]["NDCG@10"] for r in ev], marker="os^"[i % 3],
+                markersize=4, color=plt.cm.tab20(i % 20), label=log.name.removesuffix("-log.jsonl"))
     ax.set(xlabel="epoch (pretraining epochs first, then finetuning)", ylabel="validation NDCG@10 (2,000 or 6,000 sampled users)",
            title="GenRec on Amazon Beauty (item ids random unless named original)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6.5, ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return out
