@@ -3,7 +3,7 @@ prefixes (causal encoder).
 
     python benchmarks/bench_train_step.py [--config configs/beauty-whole-narrow-endpos-ls.json] [--steps 30]
 
-Reads `$GENREC_DATA_DIR/beauty/sequential_data.txt` (default ../shared/data), builds both trainers,
+Reads `$GENREC_DATA_DIR/beauty/sequential_data.txt` (default ../shared/data), builds one trainer per mode,
 times `--steps` optimizer steps of finetuning batches on one thread and prints ms per step and per target.
 """
 import argparse
@@ -42,8 +42,7 @@ def main() -> None:
             tr.model.train()
             targets, t0 = 0, time.perf_counter()
             for part in parts[:args.steps]:
-                kwargs, labels = to_batch(part, tr.tokenizer, p.model.max_positions, "cpu", p.model.encoder_positions,
-                                          item_eos)
+                kwargs, labels = to_batch(part, tr.tokenizer, tr.model.cfg, "cpu")
                 loss = F.cross_entropy(tr.model(**kwargs).flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
                 tr.opt.zero_grad()
                 loss.backward()

@@ -149,7 +149,7 @@ def test_item_eos_false_trains_one_decoder_step_and_ranks_by_the_item_token(tmp_
     p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
     trainer = Trainer(d, tmp_path, p, progress=False)
     part = trainer.epoch_batches(pretrain=False)[0]
-    kwargs, labels = to_batch(part, trainer.tokenizer, 128, "cpu", item_eos=False)
+    kwargs, labels = to_batch(part, trainer.tokenizer, trainer.model.cfg, "cpu")
     assert kwargs["decoder_tokens"].shape == (len(part), 1) and (kwargs["decoder_tokens"] == 2).all()  # BOS
     assert labels[:, 0].tolist() == [int(trainer.tokenizer.item_pieces[e.target][0]) for e in part]
     trainer.run()

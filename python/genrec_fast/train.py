@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .batching import pad_encoder, pad_targets
-from .config import Preset, TrainConfig
+from .config import ModelConfig, Preset, TrainConfig
 from .data import Catalog, SequenceData, Split, leave_one_out
 from .evaluate import evaluate, model_ranker
 from .model import GenRec
@@ -104,15 +104,14 @@ def _drop_some(items: np.ndarray, p: float, rng: np.random.Generator) -> np.ndar
     return items[keep]
 
 
-def to_batch(part: list, tokenizer: GenRecTokenizer, max_len: int, device, positions: str = "start",
-             item_eos: bool = True):
+def to_batch(part: list, tokenizer: GenRecTokenizer, cfg: ModelConfig, device):
     """Examples -> one padded single-target batch; windows -> one packed all-prefix batch.
 
-    item_eos=False: targets are the item pieces without EOS (one decoder step with item tokens)."""
+    The model config sets the encoder window, the position numbering and whether targets end in EOS."""
     if isinstance(part[0], Window):
-        return pad_packed([pack(tokenizer, w.items, w.user, positions) for w in part], IGNORE, device)
-    enc = pad_encoder([tokenizer.encode(e.items, e.user, e.mask_at, max_len) for e in part], device)
-    dec_in, labels = pad_targets([tokenizer.target(e.target, item_eos) for e in part], BOS_ID, IGNORE, device)
+        return pad_packed([pack(tokenizer, w.items, w.user, cfg.encoder_positions) for w in part], IGNORE, device)
+    enc = pad_encoder([tokenizer.encode(e.items, e.user, e.mask_at, cfg.max_positions) for e in part], device)
+    dec_in, labels = pad_targets([tokenizer.target(e.target, cfg.item_eos) for e in part], BOS_ID, IGNORE, device)
     return dict(enc, decoder_tokens=dec_in), labels
 
 
@@ -213,9 +212,7 @@ class Trainer:
         warmup = min(self.tcfg.warmup_steps, total_steps // 10 + 1)  # short runs still leave warm-up
         losses = []
         parts = self.epoch_batches(pretrain)
-        mcfg = self.model.cfg
-        it = (to_batch(p, self.tokenizer, mcfg.max_positions, self.device, mcfg.encoder_positions, mcfg.item_eos)
-              for p in parts)
+        it = (to_batch(p, self.tokenizer, self.model.cfg, self.device) for p in parts)
         bar = tqdm(it, total=len(parts), desc=f"epoch {self.epoch + 1}/{self.total_epochs}",
                    disable=not self.progress, leave=False)
         for kwargs, labels in bar:
