@@ -59,6 +59,7 @@ class TrainConfig:
     drop_user_prob: float = 0.2  # train without the user token this often, so unknown users work (1 = never)
     cloze_mix: float = 0.0  # finetuning also masks a random item (pretraining's task) this often per training item
     history_drop: float = 0.0  # finetuning drops each history item this often (afresh every epoch; one stays)
+    mask_seen: bool = False  # softmax without the input's own items (data without repeats; use exclude_seen)
     max_items: int = 20  # history window in items
     label_smoothing: float = 0.0
     eval_every: int = 1  # epochs between validations

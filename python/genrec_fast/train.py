@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint
@@ -24,10 +23,11 @@ from .batching import pad_encoder, pad_targets
 from .config import ModelConfig, Preset, TrainConfig
 from .data import Catalog, SequenceData, Split, leave_one_out
 from .evaluate import evaluate, model_ranker
+from .loss import item_cross_entropy
 from .model import GenRec
 from .prefix_batch import pack, pad_packed
 from .recommend import Recommender
-from .tokenizer import BOS_ID, GenRecTokenizer
+from .tokenizer import BOS_ID, PAD_ID, GenRecTokenizer
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -115,6 +115,15 @@ def to_batch(part: list, tokenizer: GenRecTokenizer, cfg: ModelConfig, device):
     return dict(enc, decoder_tokens=dec_in), labels
 
 
+def seen_tokens(part: list, tokenizer: GenRecTokenizer, device) -> torch.Tensor:
+    """(B, S) the item tokens of each example's context, padded with PAD (whole-item tokens only)."""
+    rows = [[int(tokenizer.item_pieces[i][0]) for i in e.items] for e in part]
+    out = np.full((len(rows), max(map(len, rows))), PAD_ID, dtype=np.int64)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = r
+    return torch.from_numpy(out).to(device)
+
+
 def _length_buckets(examples: list, batch_size: int, rng: np.random.Generator, chunk: int = 64):
     """Sort each run of `chunk` batches by history length, cut it into batches, shuffle all batches."""
     out = []
@@ -150,6 +159,8 @@ class Trainer:
         if not mcfg.item_eos and (preset.tokenizer.item_tokens != "whole" or mcfg.encoder_causal):
             raise ValueError("model.item_eos=False needs tokenizer.item_tokens='whole' and "
                              "model.encoder_causal=False")
+        if self.tcfg.mask_seen and (preset.tokenizer.item_tokens != "whole" or mcfg.encoder_causal):
+            raise ValueError("train.mask_seen needs tokenizer.item_tokens='whole' and model.encoder_causal=False")
         torch.manual_seed(self.tcfg.seed)
         self.model = GenRec(mcfg).to(self.device)
         # A model trained without user tokens never reads the user table: leave it out of the optimizer.
@@ -212,15 +223,14 @@ class Trainer:
         warmup = min(self.tcfg.warmup_steps, total_steps // 10 + 1)  # short runs still leave warm-up
         losses = []
         parts = self.epoch_batches(pretrain)
-        it = (to_batch(p, self.tokenizer, self.model.cfg, self.device) for p in parts)
-        bar = tqdm(it, total=len(parts), desc=f"epoch {self.epoch + 1}/{self.total_epochs}",
-                   disable=not self.progress, leave=False)
-        for kwargs, labels in bar:
+        bar = tqdm(parts, desc=f"epoch {self.epoch + 1}/{self.total_epochs}", disable=not self.progress, leave=False)
+        for part in bar:
+            kwargs, labels = to_batch(part, self.tokenizer, self.model.cfg, self.device)
+            seen = seen_tokens(part, self.tokenizer, self.device) if self.tcfg.mask_seen else None
             for g in self.opt.param_groups:
                 g["lr"] = self.tcfg.lr * lr_factor(self.step, warmup, total_steps)
             logits = self.model(**kwargs)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                   label_smoothing=self.tcfg.label_smoothing)
+            loss = item_cross_entropy(logits, labels, self.tcfg.label_smoothing, seen, IGNORE)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.grad_clip)
@@ -232,7 +242,8 @@ class Trainer:
 
     def validate(self) -> dict:
         ranker = model_ranker(self.recommender(), self.tcfg.num_beams)
-        m = evaluate(ranker, self.split, "valid", self.eval_users, progress=self.progress, desc="validate")
+        m = evaluate(ranker, self.split, "valid", self.eval_users, exclude_seen=self.tcfg.mask_seen,
+                     progress=self.progress, desc="validate")  # a mask_seen model is only used excluding seen
         if m["NDCG@10"] > self.best:
             self.best, self.bad_epochs = m["NDCG@10"], 0
             self._save("best")
