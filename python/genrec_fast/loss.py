@@ -28,11 +28,16 @@ def item_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: fl
     if seen is None:
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
                                label_smoothing=smoothing)
-    first = logits[:, 0].masked_fill(seen_mask(seen, labels, logits.shape[-1]), float("-inf"))  # (B, V)
-    logp = torch.cat([first[:, None], logits[:, 1:]], 1).log_softmax(-1)  # (B, T, V)
-    valid = labels != ignore_index  # (B, T)
-    nll = -logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0]  # (B, T)
-    finite = torch.isfinite(logp)
-    uniform = -logp.masked_fill(~finite, 0.0).sum(-1) / finite.sum(-1)  # (B, T) mean over kept classes
-    per_token = (1 - smoothing) * nll + smoothing * uniform
-    return per_token[valid].mean()
+    mask = seen_mask(seen, labels, logits.shape[-1])  # (B, V)
+    z, y = logits[:, 0], labels[:, 0]  # (B, V), (B,)
+    logp_y = z.masked_fill(mask, float("-inf")).log_softmax(-1).gather(1, y.clamp_min(0)[:, None])[:, 0]
+    nll = -logp_y  # (B,)
+    lse = z.gather(1, y.clamp_min(0)[:, None])[:, 0] - logp_y  # (B,) log-normaliser over the kept classes
+    kept_mean = z.masked_fill(mask, 0.0).sum(-1) / (~mask).sum(-1)  # (B,) mean logit of the kept classes
+    terms = [((1 - smoothing) * nll + smoothing * (lse - kept_mean))[y != ignore_index]]
+    if logits.shape[1] > 1:  # later steps (EOS after the item) keep every class
+        rest = labels[:, 1:].flatten()
+        ce = F.cross_entropy(logits[:, 1:].flatten(0, 1), rest, ignore_index=ignore_index,
+                             label_smoothing=smoothing, reduction="none")
+        terms.append(ce[rest != ignore_index])
+    return torch.cat(terms).mean()
