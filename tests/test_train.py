@@ -175,3 +175,19 @@ def test_beam_decode_rejects_multi_token_items_for_a_model_without_eos():
            "item_ids": torch.zeros(1, 2, dtype=torch.long), "mask": torch.ones(1, 2, dtype=torch.bool)}
     with pytest.raises(ValueError, match="one token per item"):
         beam_decode(GenRec(cfg).eval(), Trie.build([[7, 8], [9]], 3), enc, k=2, num_beams=2)
+
+
+def test_item_tokens_make_the_id_order_irrelevant(tmp_path):
+    """With one token per item and no user token the model never reads id text, so P5's original ids
+    (which leak the first-appearance order) and a random permutation train the same model; with
+    sub-word pieces they differ."""
+    def losses(id_order, item_tokens):
+        p = preset("tiny")
+        p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=1, eval_users=40,
+                                      drop_user_prob=1.0)
+        p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens=item_tokens)
+        out = tmp_path / f"{id_order}-{item_tokens}"
+        train(synthetic(n_users=60, n_items=30, seed=4, id_order=id_order), out, p, progress=False)
+        return [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert losses("original", "whole") == losses("random", "whole")
+    assert losses("original", "pieces") != losses("random", "pieces")
