@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from genrec_fast import preset
+from genrec_fast import load, preset
 from genrec_fast.data import synthetic
 from genrec_fast.loss import item_cross_entropy
 from genrec_fast.train import Trainer, seen_tokens, to_batch
@@ -71,3 +71,10 @@ def test_trainer_masks_each_examples_context_items(tmp_path):
         assert trainer.tokenizer.decode_item(row[:1]) == int(e.items[0])
         assert row == [int(trainer.tokenizer.item_pieces[i][0]) for i in e.items]
     assert np.isfinite(trainer.train_epoch(False))
+    trainer._save("best")
+    rec = load(tmp_path / "best")
+    assert rec.exclude_seen  # such a model never learned to rank its history low: excluded by default
+    hist = [d.item_ids[i] for i in trainer.split.test_history(0)]
+    n = len(d.item_ids)
+    assert sorted(rec.recommend([hist], k=n)[0].items) == sorted(set(d.item_ids) - set(hist))
+    assert len(rec.recommend([hist], k=n, exclude_seen=False)[0].items) == n  # explicit False still wins

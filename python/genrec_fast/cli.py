@@ -89,7 +89,7 @@ def cmd_recommend(args) -> int:
         parse = [_id(t) for t in tokens]
         users.append(parse[0] if args.with_user else None)
         hists.append(parse[1:] if args.with_user else parse)
-    recs = rec.recommend(hists, k=args.k, users=users, exclude_seen=args.exclude_seen,
+    recs = rec.recommend(hists, k=args.k, users=users, exclude_seen=True if args.exclude_seen else None,
                          unknown_items="skip" if args.skip_unknown else "error")
     for u, r in zip(users, recs):
         print(json.dumps({"user": u, "items": r.items, "scores": [round(s, 5) for s in r.scores]}))
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", help="one history per line: item ids oldest first (default stdin)")
     r.add_argument("--with-user", action="store_true", help="the first id on each line is the user id")
     r.add_argument("-k", "--k", type=int, default=10)
-    r.add_argument("--exclude-seen", action="store_true")
+    r.add_argument("--exclude-seen", action="store_true",
+                   help="never recommend a history's own items (always on for models trained with train.mask_seen)")
     r.add_argument("--skip-unknown", action="store_true", help="skip unknown item ids instead of failing")
     r.add_argument("--device", default="cpu")
     r.set_defaults(func=cmd_recommend)

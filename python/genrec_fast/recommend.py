@@ -30,10 +30,12 @@ class Recommender:
     """A trained model with its tokenizer, catalog and trie: what `load()` returns."""
 
     def __init__(self, model: GenRec, tokenizer: GenRecTokenizer, catalog: Catalog, max_items: int = 20,
-                 use_users: bool = True):
-        """use_users=False: the model was trained on histories only, so user ids are ignored."""
+                 use_users: bool = True, exclude_seen: bool = False):
+        """use_users=False: the model was trained on histories only, so user ids are ignored.
+        exclude_seen: the default of `recommend(exclude_seen=None)` (True for a model trained with
+        `train.mask_seen`, which never learned to rank a history's own items low)."""
         self.model, self.tokenizer, self.catalog, self.max_items = model, tokenizer, catalog, max_items
-        self.use_users = use_users
+        self.use_users, self.exclude_seen = use_users, exclude_seen
         self.trie = Trie.build([p.tolist() for p in tokenizer.item_pieces], EOS_ID)
 
     @classmethod
@@ -66,7 +68,7 @@ class Recommender:
                            length_penalty=length_penalty, backend=backend)
 
     def recommend(self, histories: Sequence[Sequence[Hashable]], k: int = 10, users: Sequence | None = None,
-                  num_beams: int | None = None, exclude_seen: bool = False, allowed_items=None,
+                  num_beams: int | None = None, exclude_seen: bool | None = None, allowed_items=None,
                   unknown_items: str = "error", batch_size: int = 256, backend: str = "auto",
                   ) -> list[Recommendations]:
         """Top-k distinct items per history (original ids), best first, with their scores.
@@ -76,11 +78,13 @@ class Recommender:
         users: optional original user ids (None entries allowed); an unknown user is served from
           the history alone (as is every user when the model was trained without user tokens).
         num_beams: beam width (default max(k, 20)); k <= num_beams.
-        exclude_seen: never recommend an item of the request's own history.
+        exclude_seen: never recommend an item of the request's own history (None: the model's default,
+          True only for models trained with `train.mask_seen`).
         allowed_items: optional collection of original item ids that may be recommended.
         unknown_items: 'error' (ValueError) or 'skip' (dropped with a warning) for ids not in the catalog.
         """
         num_beams = max(k, 20) if num_beams is None else num_beams
+        exclude_seen = self.exclude_seen if exclude_seen is None else exclude_seen
         _check_args(histories, k, num_beams, users, unknown_items, batch_size)
         idx = [self._history_indices(h, n, unknown_items) for n, h in enumerate(histories)]
         uidx = [None] * len(idx) if users is None else [self.catalog.user_index.get(u) for u in users]
@@ -146,7 +150,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Recommender:
     model, tokenizer, catalog, train_cfg, _ = checkpoint.load_parts(path, device)
     if train_cfg is None:
         return Recommender(model, tokenizer, catalog)
-    return Recommender(model, tokenizer, catalog, train_cfg.max_items, use_users=train_cfg.uses_user_token)
+    return Recommender(model, tokenizer, catalog, train_cfg.max_items, use_users=train_cfg.uses_user_token,
+                       exclude_seen=train_cfg.mask_seen)
 
 
 def recommend(model: Recommender, histories, k: int = 10, users=None, **kwargs) -> list[Recommendations]:

@@ -181,7 +181,7 @@ class Trainer:
 
     def recommender(self) -> Recommender:
         return Recommender(self.model, self.tokenizer, self.catalog, self.tcfg.max_items,
-                           use_users=self.tcfg.uses_user_token)
+                           use_users=self.tcfg.uses_user_token, exclude_seen=self.tcfg.mask_seen)
 
     def run(self) -> dict:
         t0 = time.perf_counter()
