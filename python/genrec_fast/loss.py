@@ -30,9 +30,10 @@ def item_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: fl
                                label_smoothing=smoothing)
     mask = seen_mask(seen, labels, logits.shape[-1])  # (B, V)
     z, y = logits[:, 0], labels[:, 0]  # (B, V), (B,)
-    logp_y = z.masked_fill(mask, float("-inf")).log_softmax(-1).gather(1, y.clamp_min(0)[:, None])[:, 0]
+    idx = y.clamp_min(0)[:, None]  # (B, 1)
+    logp_y = z.masked_fill(mask, float("-inf")).log_softmax(-1).gather(1, idx)[:, 0]
     nll = -logp_y  # (B,)
-    lse = z.gather(1, y.clamp_min(0)[:, None])[:, 0] - logp_y  # (B,) log-normaliser over the kept classes
+    lse = z.gather(1, idx)[:, 0] - logp_y  # (B,) log-normaliser over the kept classes
     kept_mean = z.masked_fill(mask, 0.0).sum(-1) / (~mask).sum(-1)  # (B,) mean logit of the kept classes
     terms = [((1 - smoothing) * nll + smoothing * (lse - kept_mean))[y != ignore_index]]
     if logits.shape[1] > 1:  # later steps (EOS after the item) keep every class

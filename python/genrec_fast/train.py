@@ -156,11 +156,11 @@ class Trainer:
                                    n_items=data.n_items)
         if mcfg.encoder_causal and self.tcfg.history_drop > 0:
             raise ValueError("train.history_drop needs model.encoder_causal=False (packed windows keep every item)")
-        if not mcfg.item_eos and (preset.tokenizer.item_tokens != "whole" or mcfg.encoder_causal):
-            raise ValueError("model.item_eos=False needs tokenizer.item_tokens='whole' and "
-                             "model.encoder_causal=False")
-        if self.tcfg.mask_seen and (preset.tokenizer.item_tokens != "whole" or mcfg.encoder_causal):
-            raise ValueError("train.mask_seen needs tokenizer.item_tokens='whole' and model.encoder_causal=False")
+        one_token_items = [name for name, on in (("model.item_eos=False", not mcfg.item_eos),
+                                                 ("train.mask_seen", self.tcfg.mask_seen)) if on]
+        if one_token_items and (preset.tokenizer.item_tokens != "whole" or mcfg.encoder_causal):
+            raise ValueError(f"{' and '.join(one_token_items)}: needs tokenizer.item_tokens='whole' and "
+                             "model.encoder_causal=False (one decoder step per item)")
         torch.manual_seed(self.tcfg.seed)
         self.model = GenRec(mcfg).to(self.device)
         # A model trained without user tokens never reads the user table: leave it out of the optimizer.
