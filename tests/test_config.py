@@ -19,6 +19,11 @@ def test_overrides_and_errors(tmp_path):
     p = with_overrides(preset("small"), dict([parse_override("train.label_smoothing=0.1"),
                                               parse_override("tokenizer.item_tokens=whole")]))
     assert p.train.label_smoothing == 0.1 and p.tokenizer.item_tokens == "whole"
+    # fields checked together apply together, whatever their order (d_model 32 with the preset's 4 heads fails)
+    q = with_overrides(preset("base"), {"model.d_model": 32, "model.n_heads": 2})
+    assert (q.model.d_model, q.model.n_heads) == (32, 2)
+    with pytest.raises(ValueError, match="divisible"):
+        with_overrides(preset("base"), {"model.d_model": 32})
     with pytest.raises(ValueError, match="no field 'lrr'"):
         with_overrides(p, {"train.lrr": 1})
     with pytest.raises(ValueError, match="unknown section"):

@@ -64,6 +64,19 @@ def test_logs_plot_and_resume(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # resumed after epoch 2, not from scratch
 
 
+def test_max_minutes_stops_before_an_epoch_that_would_pass_the_budget(tmp_path):
+    d = synthetic(n_users=60, n_items=20, seed=7)
+    p = preset("tiny")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=3, eval_users=20, max_minutes=1e-4)
+    train(d, tmp_path, p, progress=False)  # 6 ms: the first epoch runs (a checkpoint to load), no second
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+    assert json.loads((tmp_path / "train_summary.json").read_text())["stopped_by"] == "max_minutes"
+    p.train = dataclasses.replace(p.train, max_minutes=0.0)
+    summary = Trainer(d, tmp_path / "all", p, progress=False).run()
+    assert summary["epochs"] == 4 and summary["stopped_by"] == "schedule"
+
+
 def test_user_table_left_untouched_without_user_tokens(tmp_path):
     d = synthetic(n_users=60, n_items=20, seed=7)
     p = preset("tiny")
@@ -115,6 +128,8 @@ def test_train_config_rejects_probabilities_outside_0_1():
         TrainConfig(cloze_mix=1.5)
     with pytest.raises(ValueError, match="train.history_drop"):
         TrainConfig(history_drop=-0.1)
+    with pytest.raises(ValueError, match="train.max_minutes"):
+        TrainConfig(max_minutes=-1)
 
 
 def test_causal_encoder_trains_all_prefixes_per_window_and_reloads(tmp_path):

@@ -65,6 +65,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validations
     eval_users: int = 2000  # validation users sampled for periodic validation (0 = all)
     patience: int = 3  # epochs without validation NDCG@10 gain before stopping
+    max_minutes: float = 0.0  # time budget of a run (0 = none): after the first epoch, none starts that
+    # would end past it, judged by the last epoch's duration (validation and checkpoints included)
     num_beams: int = 20
     seed: int = 0
     threads: int = 0  # torch threads (0 = library default)
@@ -73,6 +75,8 @@ class TrainConfig:
         for name in ("drop_user_prob", "pretrain_last_prob", "cloze_mix", "history_drop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.max_minutes < 0:
+            raise ValueError(f"train.max_minutes must be >= 0 (0 = no budget), got {self.max_minutes!r}")
 
     @property
     def uses_user_token(self) -> bool:
@@ -142,16 +146,17 @@ def load_config(name_or_path: str) -> Preset:
 
 def with_overrides(p: Preset, overrides: dict) -> Preset:
     """Overrides {"train.lr": 1e-3, ...}: unknown sections or fields raise ValueError."""
-    parts = {name: getattr(p, name) for name in SECTIONS}
+    changes: dict = {name: {} for name in SECTIONS}
     for key, value in overrides.items():
         section, _, name = key.partition(".")
         if section not in SECTIONS:
             raise ValueError(f"config: unknown section in {key!r}; expected one of {sorted(SECTIONS)}")
-        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+        fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
         if name not in fields:
             raise ValueError(f"config: {section} has no field {name!r}; expected one of {sorted(fields)}")
-        parts[section] = dataclasses.replace(parts[section], **{name: value})
-    return Preset(**parts)
+        changes[section][name] = value
+    # one replace per section: fields checked together (d_model and n_heads) may change in any order
+    return Preset(**{name: dataclasses.replace(getattr(p, name), **changes[name]) for name in SECTIONS})
 
 
 def parse_override(text: str) -> tuple[str, object]:

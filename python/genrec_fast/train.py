@@ -184,8 +184,18 @@ class Trainer:
                            use_users=self.tcfg.uses_user_token, exclude_seen=self.tcfg.mask_seen)
 
     def run(self) -> dict:
-        t0 = time.perf_counter()
-        while self.epoch < self.total_epochs and self.bad_epochs < self.tcfg.patience:
+        t0, stop, epoch_s = time.perf_counter(), None, 0.0
+        budget_s = self.tcfg.max_minutes * 60
+        while stop is None:
+            if self.epoch >= self.total_epochs:
+                stop = "schedule"
+            elif self.bad_epochs >= self.tcfg.patience:
+                stop = "patience"
+            elif budget_s and epoch_s and time.perf_counter() - t0 + epoch_s > budget_s:  # one epoch always runs
+                stop = "max_minutes"
+            if stop:
+                break
+            start = time.perf_counter()
             pretrain = self.epoch < self.tcfg.pretrain_epochs
             loss = self.train_epoch(pretrain)
             row = {"epoch": self.epoch + 1, "phase": "pretrain" if pretrain else "finetune", "loss": loss,
@@ -195,7 +205,12 @@ class Trainer:
             self.epoch += 1
             self._log(row)
             self._save("last", with_state=True)
-        return {"epochs": self.epoch, "train_seconds": round(time.perf_counter() - t0, 1), "best_valid_ndcg10": self.best}
+            epoch_s = time.perf_counter() - start
+        if stop == "max_minutes":
+            log.info("stopped after epoch %d: another epoch (%.0f s) would pass train.max_minutes=%g",
+                     self.epoch, epoch_s, self.tcfg.max_minutes)
+        return {"epochs": self.epoch, "stopped_by": stop, "train_seconds": round(time.perf_counter() - t0, 1),
+                "best_valid_ndcg10": self.best}
 
     def steps_per_epoch(self, pretrain: bool) -> int:
         """Optimizer steps of one epoch (the cloze mix counted at its expected size)."""
