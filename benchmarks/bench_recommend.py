@@ -1,4 +1,4 @@
-"""Top-20 recommendation on CPU: genrec_fast (C++ and reference trie search) against Hugging Face generate.
+"""Top-20 recommendation on CPU or GPU: genrec_fast (C++ and reference trie search) against Hugging Face generate.
 
 Every path runs the SAME weights: a random `BartForConditionalGeneration` (d_model 256, 2+2 layers, 4 heads,
 FFN 1024) whose vocabulary is a sentencepiece tokenizer trained on a synthetic catalog of 12,000 items,
@@ -15,7 +15,10 @@ Also printed: the FLOP floor of the search (matmul FLOPs / the measured fp32 mat
 the share of recommend() time spent in the trie step. The last line is machine-readable:
   speedup_vs_hf batch1=<x> batch32=<y> floor_fraction=<z>
 
-Usage: python benchmarks/bench_recommend.py [--threads 2] [--repeats 20] [--items 12000] [--quick]
+With --device cuda both models run on the GPU in fp32 (the FLOP floor then uses the GPU's fp32 matmul
+rate; the trie step stays on the CPU, as in production).
+
+Usage: python benchmarks/bench_recommend.py [--threads 2] [--repeats 20] [--items 12000] [--device cpu] [--quick]
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ def bart_config(vocab_size: int, dims: dict):
         forced_bos_token_id=None, forced_eos_token_id=None, dropout=0.0)
 
 
-def build(n_items: int, vocab: int, n_users: int, dims: dict, seed: int = 0) -> Setup:
+def build(n_items: int, vocab: int, n_users: int, dims: dict, seed: int = 0, device: str = "cpu") -> Setup:
     """Synthetic catalog -> tokenizer -> random BART -> GenRec with the same weights; n_users histories."""
     from transformers import BartForConditionalGeneration
     data = synthetic(n_users=max(200, n_items * 5 // 2), n_items=n_items, seed=seed)  # 2.5 users/item: all items seen
@@ -67,6 +70,8 @@ def build(n_items: int, vocab: int, n_users: int, dims: dict, seed: int = 0) -> 
     torch.manual_seed(seed)
     hf = BartForConditionalGeneration(bart_config(tok.vocab_size, dims)).eval()
     model = from_hf_bart(hf, n_users=data.n_users, n_items=data.n_items).eval()  # ID tables are zero
+    hf.to(device)
+    model.to(device)
     rec = Recommender(model, tok, Catalog.from_data(data), max_items=HISTORY)
     rng = np.random.default_rng(seed)
     picks = (rng.choice(data.n_items, HISTORY, replace=False) for _ in range(n_users))
@@ -106,7 +111,7 @@ def ours(s: Setup, histories: list, backend: str) -> list:
 
 def encoder_batch(s: Setup, histories: list) -> dict:
     idx = [[s.rec.catalog.item_index[x] for x in h] for h in histories]
-    return pad_encoder([s.rec.encode(h, None) for h in idx])
+    return pad_encoder([s.rec.encode(h, None) for h in idx], s.rec.device)
 
 
 def hf_generate(s: Setup, histories: list) -> list:
@@ -135,20 +140,29 @@ def _hf_item(s: Setup, row: list):
 # ---------------------------------------------------------------------------------------------
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of fn() (the GPU, if any, synchronized before and after each call)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def matmul_flops_per_s(n: int = 1024, repeats: int = 10) -> float:
-    """fp32 torch.mm rate on this machine and thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops_per_s(device: str = "cpu", n: int = 1024, repeats: int = 10) -> float:
+    """fp32 torch.mm rate on this device (CPU: at this thread count; GPU: n = 4096, no TF32)."""
+    n = 4096 if device != "cpu" else n
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     return 2 * n ** 3 / median_seconds(lambda: torch.mm(a, b), repeats, warmup=3)
 
 
@@ -176,8 +190,7 @@ def trie_step_share(s: Setup, histories: list, repeats: int) -> float:
     """Fraction of beam_decode time spent in `search.step` (C++ backend), median over repeats."""
     shares = []
     for _ in range(repeats):
-        idx = [[s.rec.catalog.item_index[x] for x in h] for h in histories]
-        enc = pad_encoder([s.rec.encode(h, None) for h in idx])
+        enc = encoder_batch(s, histories)
         timings: dict = {}
         t0 = time.perf_counter()
         beam_decode(s.rec.model, s.rec.trie, enc, TOP_K, BEAMS, backend="cpp", timings=timings)
@@ -205,8 +218,9 @@ def measure(s: Setup, args) -> dict:
 
 def print_report(s: Setup, args, res: dict, floor_s: float, rate: float, share: float) -> None:
     B, cfg = args.batch, s.rec.model.cfg
-    print(f"# recommend top-{TOP_K}, {BEAMS} beams | {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__} | {datetime.date.today()}")
+    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    where = cpu if args.device == "cpu" else f"{torch.cuda.get_device_name()} fp32 (host {cpu})"
+    print(f"# recommend top-{TOP_K}, {BEAMS} beams | {where}, torch {torch.__version__} | {datetime.date.today()}")
     print(f"# model d_model={cfg.d_model} layers={cfg.encoder_layers}+{cfg.decoder_layers} heads={cfg.n_heads} "
           f"ffn={cfg.ffn_dim} vocab={cfg.vocab_size}; {s.rec.trie.num_items} items, max {s.rec.trie.max_depth - 1} "
           f"pieces; histories of {HISTORY} items")
@@ -216,7 +230,7 @@ def print_report(s: Setup, args, res: dict, floor_s: float, rate: float, share: 
     for name in ("genrec_fast cpp", "genrec_fast reference", "hf generate"):
         print(f"| {name:<22} | {res[name, 1] * 1e3:>14.2f} | {B / res[name, B]:>16.1f} |")
     ours_user = res["genrec_fast cpp", B] / B
-    print(f"FLOP floor: {floor_s * 1e3:.3f} ms/user at {rate / 1e9:.1f} GFLOP/s (fp32 mm); "
+    print(f"FLOP floor: {floor_s * 1e3:.3f} ms/user at {rate / 1e9:.1f} GFLOP/s (fp32 mm, {args.device}); "
           f"genrec_fast cpp batch {B}: {ours_user * 1e3:.3f} ms/user")
     print(f"  (dense floor: {BEAMS} beams at every step after the first; genrec_fast runs only the slots that hold "
           f"live beams and may stop early, so it can come close to or beat it)")
@@ -234,15 +248,18 @@ def main(argv=None) -> None:
     p.add_argument("--items", type=int, default=12000, help="catalog size (default 12000)")
     p.add_argument("--vocab", type=int, default=1000, help="sentencepiece vocabulary (default 1000)")
     p.add_argument("--batch", type=int, default=32, help="users per call for throughput (default 32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where both models run (default cpu)")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke test (seconds)")
     args = p.parse_args(argv)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no GPU")
     dims = DIMS
     if args.quick:
         args.items, args.vocab, args.repeats, args.batch, dims = min(args.items, 600), 300, 3, 4, QUICK_DIMS
     torch.set_num_threads(args.threads)
-    s = build(args.items, args.vocab, args.batch, dims)
+    s = build(args.items, args.vocab, args.batch, dims, device=args.device)
     res = measure(s, args)
-    rate = matmul_flops_per_s()
+    rate = matmul_flops_per_s(args.device)
     floor_s = search_flops(s, s.histories[:args.batch]) / rate
     share = trie_step_share(s, s.histories[:args.batch], max(3, args.repeats // 4))
     print_report(s, args, res, floor_s, rate, share)

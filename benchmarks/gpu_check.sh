@@ -1,44 +1,77 @@
 #!/usr/bin/env bash
-# All GPU checks in one run (about 3-5 minutes on an H100): build with CUDA, kernel tests, attention
-# benchmark. Logs and the markdown table go to OUTDIR.
-# Usage: benchmarks/gpu_check.sh OUTDIR   (GENREC_CUDA_ARCHS=90 to pick the arch; default: this GPU's)
-set -euo pipefail
+# All GPU checks in one run: build with CUDA, kernel tests (incl. recommend() on the GPU vs the CPU),
+# attention benchmark, recommend() GPU vs CPU, recommend() vs Hugging Face generate on the GPU, and,
+# when the Beauty data is found and GENREC_TRAIN_MINUTES is set, one time-capped training of
+# configs/beauty-base-gpu.json. Every stage has its own time limit; logs and tables go to OUTDIR/logs,
+# and OUTDIR/gpu_check.tgz holds them all (refreshed after each stage, so a cut-off run keeps what finished).
+# Usage: benchmarks/gpu_check.sh OUTDIR
+#   GENREC_CUDA_ARCHS=90       arch to build (default: this GPU's)
+#   GENREC_DATA_DIR=DIR        holds beauty/sequential_data.txt (default ../shared/data)
+#   GENREC_TRAIN_MINUTES=4     train.max_minutes of the base training (unset: no training)
+#   GENREC_CHECK_ARCHIVE=PATH  where the .tgz goes (default OUTDIR/gpu_check.tgz)
+set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
+LOGS=$OUT/logs
+ARCHIVE=${GENREC_CHECK_ARCHIVE:-$OUT/gpu_check.tgz}
+mkdir -p "$LOGS"
+status=0
+
+pack() { tar czf "$ARCHIVE" -C "$LOGS" . ; }
+stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, log to NAME.log, note failures
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "$name: rc $rc, $(( $(date +%s) - t0 )) s" | tee -a "$LOGS/summary.txt"
+  [[ $rc == 0 ]] || status=1
+  pack
+  return $rc
+}
 
 {
   date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   nvcc --version | tail -2
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+  python -c "import transformers, pybind11, scikit_build_core as s; print('transformers', transformers.__version__, 'pybind11', pybind11.__version__, 'scikit-build-core', s.__version__)"
+} > "$LOGS/env.txt" 2>&1
+cat "$LOGS/env.txt"
 
 # Build only for this GPU's arch (faster than the default "80;90"), in a build dir of its own.
 ARCHS=${GENREC_CUDA_ARCHS:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '. ')}
-echo "== build (CUDA archs $ARCHS)"
-start=$(date +%s)
-CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$ARCHS" python -m pip install --no-build-isolation -v \
-  --config-settings=build-dir=build/gpu_check . > "$OUT/build.log" 2>&1
-echo "build took $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"
-grep -E "genrec_fast:" "$OUT/build.log"
+export CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$ARCHS"
+stage build 300 python -m pip install --no-build-isolation -v --config-settings=build-dir=build/gpu_check . || {
+  tail -30 "$LOGS/build.log"; exit 1; }
+grep -E "genrec_fast:" "$LOGS/build.log"
 python -c "import torch, genrec_fast._core as c; assert torch.cuda.is_available(), 'torch sees no GPU'; \
-assert c.has_cuda(), 'genrec_fast was built without the CUDA kernels'"
+assert c.has_cuda(), 'genrec_fast was built without the CUDA kernels'" || exit 1
 
-status=0
-echo "== tests"
-python -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest_kernels.log" || status=1
+stage pytest_kernels 180 python -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider
+tail -5 "$LOGS/pytest_kernels.log"
+stage bench_attention 150 python benchmarks/bench_attention.py --out "$LOGS/bench_attention.md"
+stage bench_recommend_gpu 120 python benchmarks/bench_recommend_gpu.py
+stage bench_recommend_vs_hf_cuda 150 python benchmarks/bench_recommend.py --device cuda --threads 4 --repeats 20
 
-echo "== attention benchmark"
-python benchmarks/bench_attention.py --out "$OUT/bench_attention.md" 2>&1 | tee "$OUT/bench_attention.log" || status=1
-
-# End-to-end recommend() on the GPU vs the CPU path.
-if [[ -f benchmarks/bench_recommend_gpu.py ]]; then
-  echo "== recommend() benchmark"
-  python benchmarks/bench_recommend_gpu.py 2>&1 | tee "$OUT/bench_recommend_gpu.log" || status=1
+DATA=${GENREC_DATA_DIR:-../shared/data}/beauty/sequential_data.txt
+if [[ -n "${GENREC_TRAIN_MINUTES:-}" && -f "$DATA" ]]; then
+  RUN=$(mktemp -d)/beauty-base-gpu  # checkpoints are large: only the small files go to OUTDIR
+  limit=$(python -c "print(int(${GENREC_TRAIN_MINUTES} * 60 + 240))")
+  stage train_base "$limit" genrec-fast train --data "$DATA" --format p5 --id-order random \
+    --config configs/beauty-base-gpu.json --device cuda --quiet --set "train.max_minutes=$GENREC_TRAIN_MINUTES" \
+    --out "$RUN"
+  for f in log.jsonl metrics.json train_summary.json curves.png; do cp "$RUN/$f" "$LOGS/base_$f" 2>/dev/null; done
+  pack
+  grep -v "it/s" "$LOGS/train_base.log" | tail -25
 fi
 
+echo "== tables"
+cat "$LOGS/bench_attention.md" 2>/dev/null
+tail -8 "$LOGS/bench_recommend_gpu.log"
+tail -14 "$LOGS/bench_recommend_vs_hf_cuda.log"
+cat "$LOGS/summary.txt"
 echo "== done (status $status); results in $OUT"
 exit $status
