@@ -60,7 +60,7 @@ DATA=${GENREC_DATA_DIR:-../shared/data}/beauty/sequential_data.txt
 if [[ -n "${GENREC_TRAIN_MINUTES:-}" && -f "$DATA" ]]; then
   RUN=$(mktemp -d)/beauty-base-gpu  # checkpoints are large: only the small files go to OUTDIR
   limit=$(python -c "print(int(${GENREC_TRAIN_MINUTES} * 60 + 240))")
-  stage train_base "$limit" genrec-fast train --data "$DATA" --format p5 --id-order random \
+  stage train_base "$limit" python -m genrec_fast.cli train --data "$DATA" --format p5 --id-order random \
     --config configs/beauty-base-gpu.json --device cuda --quiet --set "train.max_minutes=$GENREC_TRAIN_MINUTES" \
     --out "$RUN"
   for f in log.jsonl metrics.json train_summary.json curves.png; do cp "$RUN/$f" "$LOGS/base_$f" 2>/dev/null; done
