@@ -17,8 +17,8 @@ def rows():
         if not m:
             continue
         t = m.get("train_seconds")
-        shared = " (shared CPU)" if spec.get("timing_note") else ""
-        yield f.stem, spec.get("id_order", "?"), m, f"{t / 60:.0f} min{shared}" if t else "?"
+        where = f" ({spec['machine']})" if spec.get("machine") else " (shared CPU)" if spec.get("timing_note") else ""
+        yield f.stem, spec.get("id_order", "?"), m, f"{t / 60:.0f} min{where}" if t else "?"
 
 
 def fmt(m: dict) -> str:
@@ -26,7 +26,7 @@ def fmt(m: dict) -> str:
 
 
 def main() -> None:
-    print("| configuration | item ids | ranking | " + " | ".join(COLS) + " | training (2-core CPU) |")
+    print("| configuration | item ids | ranking | " + " | ".join(COLS) + " | training (2-core CPU unless named) |")
     print("|---|---|---|" + "---|" * (len(COLS) + 1))
     for name, order, m, t in rows():
         print(f"| `{name}` | {order} | all items | {fmt(m['test'])} | {t} |")

@@ -205,6 +205,16 @@ def test_cuda_padding_keys_are_ignored_and_auto_picks_kernel():
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("Lq, Lk, kernel", [(1, 64, True), (1, 65, False), (7, 7, False), (97, 97, False)])
+def test_auto_takes_the_kernel_only_where_it_measured_faster(Lq, Lk, kernel):
+    q, k, v, lengths = make_inputs(2, 3, 2, Lq, Lk, 64, torch.bfloat16, "cuda", padded=True)
+    out = attention(q, k, v, lengths, kv_group=3)
+    expected = attention(q, k, v, lengths, kv_group=3, backend="cuda" if kernel else "torch")
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_runs_on_the_current_stream():
     q, k, v, lengths = make_inputs(4, 20, 2, 1, 64, 64, torch.bfloat16, "cuda", padded=True)
     stream = torch.cuda.Stream()

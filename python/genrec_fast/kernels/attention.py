@@ -6,7 +6,9 @@ beam. key_lengths (Bkv,) masks the padding keys of each K/V batch.
 
 backend="cuda" runs the fused kernel of cuda/attention.cu (fp16/bf16/fp32, head dims 32/64/128);
 backend="torch" runs F.scaled_dot_product_attention with the beams folded into the query length;
-backend="auto" takes the kernel when it can and PyTorch otherwise.
+backend="auto" takes the kernel where it measured faster than SDPA on an H100 (one query row per
+batch over at most `KERNEL_MAX_KEYS` keys: cached decoding and beam cross-attention over short
+histories) and PyTorch otherwise (encoder self-attention, long inputs, CPU tensors).
 """
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cuda/a
 _KERNEL_CODES = {"auto": 0, "decode": 1, "tiled": 2}  # cuda/attention.h AttnKernel
 _HEAD_DIMS = (32, 64, 128)  # head dims the kernel is compiled for
 _BACKENDS = ("auto", "cuda", "torch")
+# H100, bf16, 12 heads of 64 (benchmarks/README.md, 2026-11-27): with one query row the kernel beat
+# SDPA up to 64 keys (decode 1.3-3.9x, 20-beam cross-attention 1.2-1.4x), tied at 128 and lost at 256
+# (0.5x); the tiled kernel for many query rows lost to SDPA at every length measured (0.1-0.6x).
+KERNEL_MAX_KEYS = 64
 
 
 def _native():
@@ -112,7 +118,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: to
     if backend == "torch":
         return _attention_torch(q, k, v, key_lengths, kv_group, scale)
     reason = _cuda_unsupported(q)
-    if reason is None:
+    if reason is None and (backend == "cuda" or (q.shape[2] == 1 and k.shape[2] <= KERNEL_MAX_KEYS)):
         return _attention_cuda(q, k, v, key_lengths, kv_group, scale)
     if backend == "cuda":
         raise RuntimeError(f"attention(backend='cuda') is unavailable: {reason}")
