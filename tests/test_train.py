@@ -117,6 +117,26 @@ def test_history_drop_keeps_an_ordered_nonempty_part_of_each_prefix():
     assert 0.5 < ratio < 0.65  # half dropped, plus the one kept where all would go
 
 
+def test_history_reorder_shuffles_one_stretch_and_keeps_the_items():
+    d = synthetic(n_users=300, n_items=40, seed=4)
+    s = leave_one_out(d)
+    plain = make_examples(s, np.random.default_rng(0), False, TrainConfig(drop_user_prob=0.0))
+    mixed = make_examples(s, np.random.default_rng(0), False, TrainConfig(drop_user_prob=0.0, history_reorder=0.5))
+    prefixes = {}
+    for e in plain:
+        prefixes.setdefault((e.user, e.target), []).append(e.items.tolist())
+    changed = 0
+    for e in mixed:
+        got = e.items.tolist()
+        same_items = [f for f in prefixes[(e.user, e.target)] if sorted(f) == sorted(got)]
+        assert same_items, (e.user, e.target)  # a permutation of a true prefix
+        diff = [i for i, (a, b) in enumerate(zip(got, same_items[0])) if a != b]
+        if diff:  # the moved items lie in one stretch of at most half the history
+            changed += 1
+            assert diff[-1] - diff[0] + 1 <= len(got) // 2
+    assert changed > len(mixed) // 4
+
+
 def _is_subsequence(part: list, whole: list) -> bool:
     it = iter(whole)
     return all(x in it for x in part)

@@ -59,6 +59,7 @@ class TrainConfig:
     drop_user_prob: float = 0.2  # train without the user token this often, so unknown users work (1 = never)
     cloze_mix: float = 0.0  # finetuning also masks a random item (pretraining's task) this often per training item
     history_drop: float = 0.0  # finetuning drops each history item this often (afresh every epoch; one stays)
+    history_reorder: float = 0.0  # finetuning shuffles a random stretch of this share of each history (afresh every epoch)
     mask_seen: bool = False  # softmax without the input's own items (data without repeats; use exclude_seen)
     max_items: int = 20  # history window in items
     label_smoothing: float = 0.0
@@ -72,7 +73,7 @@ class TrainConfig:
     threads: int = 0  # torch threads (0 = library default)
 
     def __post_init__(self) -> None:
-        for name in ("drop_user_prob", "pretrain_last_prob", "cloze_mix", "history_drop"):
+        for name in ("drop_user_prob", "pretrain_last_prob", "cloze_mix", "history_drop", "history_reorder"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.max_minutes < 0:

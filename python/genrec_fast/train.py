@@ -62,7 +62,8 @@ def make_examples(split: Split, rng: np.random.Generator, pretrain: bool, cfg: T
     """A shuffled epoch of examples from the training sequences only.
 
     Finetuning: every prefix of every sequence predicts its next item (each history item dropped with
-    probability `history_drop`, a data augmentation), plus, with `cloze_mix` > 0, about
+    probability `history_drop`, then a random stretch of `history_reorder` of it shuffled: data
+    augmentations), plus, with `cloze_mix` > 0, about
     `cloze_mix` pretraining examples per training item. Pretraining: as many examples per user as it has
     training items, each masking one random item (the last with probability `pretrain_last_prob`).
     The user token is dropped with probability `drop_user_prob`. next_items=False leaves out the
@@ -90,7 +91,8 @@ def _pretrain_examples(seq, rng, cfg):
 def _finetune_examples(seq, cfg, rng, next_items=True):
     if next_items:
         for t in range(1, len(seq)):
-            yield _drop_some(seq[max(0, t - cfg.max_items):t], cfg.history_drop, rng), None, int(seq[t])
+            items = _drop_some(seq[max(0, t - cfg.max_items):t], cfg.history_drop, rng)
+            yield _reorder_some(items, cfg.history_reorder, rng), None, int(seq[t])
     if cfg.cloze_mix > 0:
         yield from (e for e in _pretrain_examples(seq, rng, cfg) if rng.random() < cfg.cloze_mix)
 
@@ -102,6 +104,17 @@ def _drop_some(items: np.ndarray, p: float, rng: np.random.Generator) -> np.ndar
     keep = rng.random(len(items)) >= p
     keep[-1] |= not keep.any()
     return items[keep]
+
+
+def _reorder_some(items: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """A random contiguous stretch of floor(share * n) items shuffled, the rest in place (CL4SRec's reorder)."""
+    n = int(share * len(items))
+    if n < 2:
+        return items
+    start = int(rng.integers(0, len(items) - n + 1))
+    out = items.copy()
+    out[start:start + n] = rng.permutation(out[start:start + n])
+    return out
 
 
 def to_batch(part: list, tokenizer: GenRecTokenizer, cfg: ModelConfig, device):
