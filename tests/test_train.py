@@ -75,6 +75,22 @@ def test_max_minutes_stops_before_an_epoch_that_would_pass_the_budget(tmp_path):
     p.train = dataclasses.replace(p.train, max_minutes=0.0)
     summary = Trainer(d, tmp_path / "all", p, progress=False).run()
     assert summary["epochs"] == 4 and summary["stopped_by"] == "schedule"
+    p.train = dataclasses.replace(p.train, max_minutes=2.0)
+    t = Trainer(d, tmp_path / "rule", p, progress=False)
+    assert t._stop_reason(elapsed_s=100, last_epoch_s=0) is None  # the first epoch always runs
+    assert t._stop_reason(elapsed_s=60, last_epoch_s=50) is None  # ends at 110 s <= 120 s
+    assert t._stop_reason(elapsed_s=71, last_epoch_s=50) == "max_minutes"
+
+
+def test_history_augmentations_need_one_input_per_prefix(tmp_path):
+    import pytest
+    d = synthetic(n_users=30, n_items=20, seed=7)
+    for name in ("history_drop", "history_reorder"):
+        p = preset("tiny")
+        p.model = dataclasses.replace(p.model, encoder_causal=True)
+        p.train = dataclasses.replace(p.train, **{name: 0.3})
+        with pytest.raises(ValueError, match=f"train.{name} needs model.encoder_causal=False"):
+            Trainer(d, tmp_path, p, progress=False)
 
 
 def test_user_table_left_untouched_without_user_tokens(tmp_path):

@@ -167,8 +167,9 @@ class Trainer:
                                                preset.tokenizer.item_tokens)
         mcfg = dataclasses.replace(preset.model, vocab_size=self.tokenizer.vocab_size, n_users=data.n_users,
                                    n_items=data.n_items)
-        if mcfg.encoder_causal and self.tcfg.history_drop > 0:
-            raise ValueError("train.history_drop needs model.encoder_causal=False (packed windows keep every item)")
+        for name in ("history_drop", "history_reorder"):
+            if mcfg.encoder_causal and getattr(self.tcfg, name) > 0:
+                raise ValueError(f"train.{name} needs model.encoder_causal=False (packed windows keep every item in order)")
         one_token_items = [name for name, on in (("model.item_eos=False", not mcfg.item_eos),
                                                  ("train.mask_seen", self.tcfg.mask_seen)) if on]
         if one_token_items and (preset.tokenizer.item_tokens != "whole" or mcfg.encoder_causal):
@@ -197,17 +198,8 @@ class Trainer:
                            use_users=self.tcfg.uses_user_token, exclude_seen=self.tcfg.mask_seen)
 
     def run(self) -> dict:
-        t0, stop, epoch_s = time.perf_counter(), None, 0.0
-        budget_s = self.tcfg.max_minutes * 60
-        while stop is None:
-            if self.epoch >= self.total_epochs:
-                stop = "schedule"
-            elif self.bad_epochs >= self.tcfg.patience:
-                stop = "patience"
-            elif budget_s and epoch_s and time.perf_counter() - t0 + epoch_s > budget_s:  # one epoch always runs
-                stop = "max_minutes"
-            if stop:
-                break
+        t0, epoch_s = time.perf_counter(), 0.0
+        while (stop := self._stop_reason(time.perf_counter() - t0, epoch_s)) is None:
             start = time.perf_counter()
             pretrain = self.epoch < self.tcfg.pretrain_epochs
             loss = self.train_epoch(pretrain)
@@ -224,6 +216,16 @@ class Trainer:
                      self.epoch, epoch_s, self.tcfg.max_minutes)
         return {"epochs": self.epoch, "stopped_by": stop, "train_seconds": round(time.perf_counter() - t0, 1),
                 "best_valid_ndcg10": self.best}
+
+    def _stop_reason(self, elapsed_s: float, last_epoch_s: float) -> str | None:
+        """Why no further epoch starts, or None. The time budget lets the first epoch of a run through."""
+        if self.epoch >= self.total_epochs:
+            return "schedule"
+        if self.bad_epochs >= self.tcfg.patience:
+            return "patience"
+        if self.tcfg.max_minutes and last_epoch_s and elapsed_s + last_epoch_s > self.tcfg.max_minutes * 60:
+            return "max_minutes"
+        return None
 
     def steps_per_epoch(self, pretrain: bool) -> int:
         """Optimizer steps of one epoch (the cloze mix counted at its expected size)."""
