@@ -116,14 +116,20 @@ def test_cloze_mix_adds_masked_item_examples_to_finetuning():
     assert all(e.items[e.mask_at] == e.target for e in cloze)
 
 
-def test_history_drop_keeps_an_ordered_nonempty_part_of_each_prefix():
-    d = synthetic(n_users=300, n_items=40, seed=4)
-    s = leave_one_out(d)
+def _augmented_examples(**augment):
+    """Finetuning examples without and with a history augmentation, and the true prefixes of each
+    (user, target) pair (several if a target repeats)."""
+    s = leave_one_out(synthetic(n_users=300, n_items=40, seed=4))
     plain = make_examples(s, np.random.default_rng(0), False, TrainConfig(drop_user_prob=0.0))
-    dropped = make_examples(s, np.random.default_rng(0), False, TrainConfig(drop_user_prob=0.0, history_drop=0.5))
+    changed = make_examples(s, np.random.default_rng(0), False, TrainConfig(drop_user_prob=0.0, **augment))
     full = {}
-    for e in plain:  # the full prefix of each (user, target) example; the longest if a target repeats
+    for e in plain:
         full.setdefault((e.user, e.target), []).append(e.items.tolist())
+    return plain, changed, full
+
+
+def test_history_drop_keeps_an_ordered_nonempty_part_of_each_prefix():
+    plain, dropped, full = _augmented_examples(history_drop=0.5)
     assert len(dropped) == len(plain)
     for e in dropped:
         assert len(e.items) >= 1
@@ -134,13 +140,7 @@ def test_history_drop_keeps_an_ordered_nonempty_part_of_each_prefix():
 
 
 def test_history_reorder_shuffles_one_stretch_and_keeps_the_items():
-    d = synthetic(n_users=300, n_items=40, seed=4)
-    s = leave_one_out(d)
-    plain = make_examples(s, np.random.default_rng(0), False, TrainConfig(drop_user_prob=0.0))
-    mixed = make_examples(s, np.random.default_rng(0), False, TrainConfig(drop_user_prob=0.0, history_reorder=0.5))
-    prefixes = {}
-    for e in plain:
-        prefixes.setdefault((e.user, e.target), []).append(e.items.tolist())
+    _, mixed, prefixes = _augmented_examples(history_reorder=0.5)
     changed = 0
     for e in mixed:
         got = e.items.tolist()
