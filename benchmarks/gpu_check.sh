@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # All GPU checks in one run: build with CUDA, kernel tests (incl. recommend() on the GPU vs the CPU),
-# attention benchmark, recommend() GPU vs CPU, recommend() vs Hugging Face generate on the GPU, and,
+# attention benchmark, recommend() GPU vs CPU, recommend() vs Hugging Face generate on the GPU, a profile
+# of recommend() (where batch 1 spends its time), and,
 # when the Beauty data is found and GENREC_TRAIN_MINUTES is set, one time-capped training of
 # configs/beauty-base-gpu.json. Every stage has its own time limit; logs and tables go to OUTDIR/logs,
 # and OUTDIR/gpu_check.tgz holds them all (refreshed after each stage, so a cut-off run keeps what finished).
@@ -55,6 +56,7 @@ tail -5 "$LOGS/pytest_kernels.log"
 stage bench_attention 150 python benchmarks/bench_attention.py --out "$LOGS/bench_attention.md"
 stage bench_recommend_gpu 120 python benchmarks/bench_recommend_gpu.py
 stage bench_recommend_vs_hf_cuda 150 python benchmarks/bench_recommend.py --device cuda --threads 4 --repeats 20
+stage profile_recommend_cuda 90 python benchmarks/profile_recommend.py --device cuda
 
 DATA=${GENREC_DATA_DIR:-../shared/data}/beauty/sequential_data.txt
 if [[ -n "${GENREC_TRAIN_MINUTES:-}" && -f "$DATA" ]]; then
