@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench_recommend_gpu import DIMS  # the same model (benchmarks/ is the script's folder, on sys.path)
 from genrec_fast import ModelConfig, Recommender
-
-DIMS = dict(d_model=256, encoder_layers=2, decoder_layers=2, n_heads=4, ffn_dim=1024)
 
 
 def main(argv=None) -> None:
