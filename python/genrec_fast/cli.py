@@ -60,15 +60,25 @@ def _print_samples(rec, data, n: int = 3) -> None:
               f"(held-out next item: {data.item_ids[split.test_target[u]]})")
 
 
-def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate, model_ranker
+def _load_checkpoints(args):
+    """One checkpoint, or an ensemble of several (genrec_fast.load with a list)."""
     from .recommend import load
-    rec = load(args.checkpoint, args.device)
+    paths = args.checkpoint
+    return load(paths[0] if len(paths) == 1 else paths, args.device)
+
+
+def _load_matching_data(args, rec):
     data = load_data(args)
     if data.item_ids != rec.catalog.item_ids or data.user_ids != rec.catalog.user_ids:
-        print("error: --data does not match the checkpoint's catalog (train and evaluate on the same file "
-              "with the same --id-order/--seed)", file=sys.stderr)
-        return 2
+        raise ValueError("--data does not match the checkpoint's catalog (train and evaluate on the same file "
+                         "with the same --id-order/--seed)")
+    return data
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, model_ranker
+    rec = _load_checkpoints(args)
+    data = _load_matching_data(args, rec)
     split = leave_one_out(data)
     users = None if not args.users else list(range(min(args.users, data.n_users)))
     m = evaluate(model_ranker(rec, args.num_beams, use_user=not args.no_user), split, args.part, users,
@@ -77,9 +87,31 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """The full report `train` writes (valid, test, excluding seen items, no user token, baselines)."""
+    from .evaluate import format_table, report
+    rec = _load_checkpoints(args)
+    data = _load_matching_data(args, rec)
+    rep = report(rec, leave_one_out(data), data.item_codes, args.num_beams, progress=not args.quiet)
+    rep["checkpoints"] = [str(p) for p in args.checkpoint]
+    seconds = [_train_seconds(Path(p)) for p in args.checkpoint]
+    if all(s is not None for s in seconds):  # members' own training times, summed (not wall-clock if parallel)
+        rep["train_seconds"], rep["member_train_seconds"] = round(sum(seconds), 1), seconds
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rep, indent=2))
+    print(format_table({k: v for k, v in rep.items() if k in ("valid", "test")}))
+    print(f"metrics {args.out}")
+    return 0
+
+
+def _train_seconds(checkpoint: Path) -> float | None:
+    """The training time of a `<run>/best` checkpoint, from `<run>/train_summary.json`."""
+    f = checkpoint.parent / "train_summary.json"
+    return json.loads(f.read_text()).get("train_seconds") if f.is_file() else None
+
+
 def cmd_recommend(args) -> int:
-    from .recommend import load
-    rec = load(args.checkpoint, args.device)
+    rec = _load_checkpoints(args)
     stream = sys.stdin if args.input in (None, "-") else open(args.input)
     users, hists = [], []
     for n, line in enumerate(stream, 1):
@@ -98,6 +130,9 @@ def cmd_recommend(args) -> int:
 
 def _id(token: str):
     return int(token) if token.lstrip("-").isdigit() else token
+
+
+ENSEMBLE_HELP = "checkpoint directory; several = an ensemble of models trained on the same data (e.g. other seeds)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("evaluate", help="metrics of a checkpoint on its data")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
     _add_data_args(e)
     e.add_argument("--part", default="test", choices=("valid", "test"))
     e.add_argument("--users", type=int, default=0, help="evaluate the first N users only (0 = all)")
@@ -131,8 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+    f = sub.add_parser("report", help="the full report of train (valid, test, excluding seen, baselines) "
+                                      "for a checkpoint or an ensemble")
+    f.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
+    _add_data_args(f)
+    f.add_argument("--out", required=True, help="metrics JSON file to write")
+    f.add_argument("--num-beams", type=int, default=20)
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=cmd_report)
     r = sub.add_parser("recommend", help="top-k items for histories read from a file or stdin")
-    r.add_argument("checkpoint")
+    r.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
     r.add_argument("--input", help="one history per line: item ids oldest first (default stdin)")
     r.add_argument("--with-user", action="store_true", help="the first id on each line is the user id")
     r.add_argument("-k", "--k", type=int, default=10)

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from .beam_search import Trie, make_beam_search
+from .ensemble import Ensemble
 from .model import DecoderCache, GenRec
 
 
 @torch.inference_mode()
-def beam_decode(model: GenRec, trie: Trie, enc: dict, k: int, num_beams: int = 20, exclude=None, allow=None,
+def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_beams: int = 20, exclude=None, allow=None,
                 length_penalty: float = 0.0, backend: str = "auto", timings: dict | None = None,
                 ) -> tuple[np.ndarray, np.ndarray]:
     """enc: padded encoder batch of U users -> items (U, k) int64 item indices (-1 = none), scores (U, k).
@@ -31,12 +32,12 @@ def beam_decode(model: GenRec, trie: Trie, enc: dict, k: int, num_beams: int = 2
         raise ValueError(f"beam_decode: a model trained without EOS (item_eos=False) needs one token per item, "
                          f"got items of up to {trie.max_depth - 1} tokens")
     U = enc["tokens"].shape[0]
-    memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])  # (U, S, C)
+    memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])  # (U, S, C); a list for an Ensemble
     cache = model.start_decoding(memory, enc["mask"])
     cache.capacity = trie.max_depth  # the longest decode: the K/V buffers never regrow
     search = make_beam_search(trie, U, num_beams, k, length_penalty=length_penalty, exclude=exclude,
                               allow=allow, backend=backend)
-    device = memory.device
+    device = enc["tokens"].device
     active = np.asarray(search.active_users())
     if len(active) < U:  # users with no allowed item are done before the first step
         cache.reorder(None, torch.as_tensor(active, device=device))

@@ -15,6 +15,7 @@ from .beam_search import Trie
 from .config import ModelConfig, preset
 from .data import Catalog, item_codes
 from .decoding import beam_decode
+from .ensemble import Ensemble, check_same_files
 from .model import GenRec
 from .tokenizer import EOS_ID, Encoded, GenRecTokenizer
 
@@ -29,7 +30,7 @@ class Recommendations(NamedTuple):
 class Recommender:
     """A trained model with its tokenizer, catalog and trie: what `load()` returns."""
 
-    def __init__(self, model: GenRec, tokenizer: GenRecTokenizer, catalog: Catalog, max_items: int = 20,
+    def __init__(self, model: GenRec | Ensemble, tokenizer: GenRecTokenizer, catalog: Catalog, max_items: int = 20,
                  use_users: bool = True, exclude_seen: bool = False):
         """use_users=False: the model was trained on histories only, so user ids are ignored.
         exclude_seen: the default of `recommend(exclude_seen=None)` (True for a model trained with
@@ -145,9 +146,30 @@ def _check_args(histories, k, num_beams, users, unknown_items, batch_size) -> No
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Recommender:
-    """Load a checkpoint directory written by `genrec-fast train` / `genrec_fast.train`."""
-    model, tokenizer, catalog, train_cfg, _ = checkpoint.load_parts(path, device)
+def load(path: str | Path | Sequence[str | Path], device: str | torch.device = "cpu") -> Recommender:
+    """Load a checkpoint directory written by `genrec-fast train` / `genrec_fast.train`.
+
+    A list of directories loads an ensemble: members trained on the same data with the same tokenizer
+    (e.g. different `train.seed`), ranked by their mean token log-probabilities (ensemble.py)."""
+    if isinstance(path, (str, Path)):
+        model, tokenizer, catalog, train_cfg, _ = checkpoint.load_parts(path, device)
+        return _recommender(model, tokenizer, catalog, train_cfg)
+    paths = list(path)
+    if not paths:
+        raise ValueError("path: expected a checkpoint directory or a non-empty list of them, got an empty list")
+    parts = [checkpoint.load_parts(p, device) for p in paths]
+    check_same_files(paths, ("catalog.json", "tokenizer.model"))
+    cfgs = [p[3] for p in parts]
+    for p, c in zip(paths[1:], cfgs[1:]):
+        if c is not None and cfgs[0] is not None and (c.max_items, c.uses_user_token) != (
+                cfgs[0].max_items, cfgs[0].uses_user_token):
+            raise ValueError(f"path: {p} encodes histories differently from {paths[0]} (train.max_items or user "
+                             f"tokens differ); ensemble members need the same encoder input")
+    model, tokenizer, catalog, train_cfg, _ = parts[0]
+    return _recommender(Ensemble([p[0] for p in parts]).eval(), tokenizer, catalog, train_cfg)
+
+
+def _recommender(model, tokenizer, catalog, train_cfg) -> Recommender:
     if train_cfg is None:
         return Recommender(model, tokenizer, catalog)
     return Recommender(model, tokenizer, catalog, train_cfg.max_items, use_users=train_cfg.uses_user_token,

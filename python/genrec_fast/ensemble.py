@@ -1,0 +1,89 @@
+"""An ensemble of GenRec models that share one tokenizer: the decoder step averages their log-probabilities.
+
+Members trained with different seeds on the same data and tokenizer make different mistakes; the
+beam search ranks items by the mean of the members' token log-probabilities (a product of experts,
+renormalised per step by `beam_decode`'s log_softmax). For items of one token without EOS the score
+of an item is the members' mean log-probability of it, up to a constant per user.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import DecoderCache, GenRec
+
+# fields every member must share: they fix the input pieces and how the output is read
+SHARED_FIELDS = ("vocab_size", "pad_id", "bos_id", "eos_id", "item_eos", "n_users", "n_items", "max_positions")
+
+
+@dataclass
+class EnsembleCache:
+    """One `DecoderCache` per member, reordered together."""
+
+    caches: list
+
+    @property
+    def capacity(self) -> int:
+        return self.caches[0].capacity
+
+    @capacity.setter
+    def capacity(self, n: int) -> None:
+        for c in self.caches:
+            c.capacity = n
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.caches[0].lengths
+
+    def reorder(self, parent_rows: torch.Tensor | None, users: torch.Tensor | None = None) -> None:
+        for c in self.caches:
+            c.reorder(parent_rows, users)
+
+
+class Ensemble(nn.Module):
+    """Members with the same vocabulary and ids; `decode_step` returns the mean of their log-softmax."""
+
+    def __init__(self, members: Sequence[GenRec]):
+        super().__init__()
+        if not members:
+            raise ValueError("members: expected at least one model, got none")
+        for i, m in enumerate(members[1:], 1):
+            for f in SHARED_FIELDS:
+                if getattr(m.cfg, f) != getattr(members[0].cfg, f):
+                    raise ValueError(f"members: model {i} has {f}={getattr(m.cfg, f)!r}, model 0 has "
+                                     f"{getattr(members[0].cfg, f)!r} (members must share tokenizer and data)")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def cfg(self):
+        return self.members[0].cfg
+
+    def encode(self, tokens, user_ids, item_ids, mask) -> list:
+        """(B, S) inputs -> one memory (B, S, C_m) per member."""
+        return [m.encode(tokens, user_ids, item_ids, mask) for m in self.members]
+
+    def start_decoding(self, memory: list, mask: torch.Tensor) -> EnsembleCache:
+        return EnsembleCache([m.start_decoding(x, mask) for m, x in zip(self.members, memory)])
+
+    def decode_step(self, tokens: torch.Tensor, cache: EnsembleCache) -> torch.Tensor:
+        """tokens (R,) -> mean member log-probabilities (R, V)."""
+        out = None
+        for m, c in zip(self.members, cache.caches):
+            lp = F.log_softmax(m.decode_step(tokens, c).float(), dim=-1)  # (R, V)
+            out = lp if out is None else out.add_(lp)
+        return out / len(self.members)
+
+
+def check_same_files(paths: Sequence[str | Path], names: Sequence[str]) -> None:
+    """Members must come from the same tokenizer and catalog: the files `names` are byte-identical."""
+    first = Path(paths[0])
+    for p in paths[1:]:
+        for name in names:
+            if (Path(p) / name).read_bytes() != (first / name).read_bytes():
+                raise ValueError(f"checkpoints: {p} has a different {name} than {first} "
+                                 f"(ensemble members must be trained on the same data with the same tokenizer)")
