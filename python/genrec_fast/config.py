@@ -66,6 +66,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validations
     eval_users: int = 2000  # validation users sampled for periodic validation (0 = all)
     patience: int = 3  # epochs without validation NDCG@10 gain before stopping
+    ema_decay: float = 0.0  # validate and keep an exponential moving average of the weights (0 = off;
+    # e.g. 0.999 averages over ~1,000 steps); training itself runs on the raw weights
     max_minutes: float = 0.0  # time budget of a run (0 = none): after the first epoch, none starts that
     # would end past it, judged by the last epoch's duration (validation and checkpoints included)
     num_beams: int = 20
@@ -76,6 +78,8 @@ class TrainConfig:
         for name in ("drop_user_prob", "pretrain_last_prob", "cloze_mix", "history_drop", "history_reorder"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay!r}")
         if self.max_minutes < 0:
             raise ValueError(f"train.max_minutes must be >= 0 (0 = no budget), got {self.max_minutes!r}")
 
