@@ -55,3 +55,18 @@ def test_bad_part():
     d = from_user_sequences([(1, [1, 2, 3])])
     with pytest.raises(ValueError, match="part: expected one of"):
         evaluate(popularity_ranker(leave_one_out(d), 3), leave_one_out(d), "train")
+
+
+def test_report_of_a_history_only_model_reuses_the_numbers_it_would_measure(trained, small_synthetic):
+    from genrec_fast.evaluate import report
+    from genrec_fast.recommend import Recommender
+    rec, _ = trained
+    history_only = Recommender(rec.model, rec.tokenizer, rec.catalog, rec.max_items, use_users=False)
+    s = leave_one_out(small_synthetic)
+    rep = report(history_only, s, small_synthetic.item_codes, progress=False)
+    measured = evaluate(model_ranker(history_only, use_user=False), s, "test", progress=False)
+    drop = ("seconds",)
+    want = {k: v for k, v in measured.items() if k not in drop}
+    assert {k: v for k, v in rep["test"]["genrec(no user token)"].items() if k not in drop} == want
+    with_user = evaluate(model_ranker(rec), s, "test", progress=False)["NDCG@10"]
+    assert with_user != want["NDCG@10"]  # the user token matters for this model, so the check can fail
