@@ -32,7 +32,8 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
         raise ValueError(f"beam_decode: a model trained without EOS (item_eos=False) needs one token per item, "
                          f"got items of up to {trie.max_depth - 1} tokens")
     U = enc["tokens"].shape[0]
-    memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])  # (U, S, C); a list for an Ensemble
+    # (U, S, C), or one such tensor per member for an Ensemble
+    memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
     cache = model.start_decoding(memory, enc["mask"])
     cache.capacity = trie.max_depth  # the longest decode: the K/V buffers never regrow
     search = make_beam_search(trie, U, num_beams, k, length_penalty=length_penalty, exclude=exclude,

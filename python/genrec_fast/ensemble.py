@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import DecoderCache, GenRec
+from .model import GenRec
 
 # fields every member must share: they fix the input pieces and how the output is read
 SHARED_FIELDS = ("vocab_size", "pad_id", "bos_id", "eos_id", "item_eos", "n_users", "n_items", "max_positions")
