@@ -1,4 +1,5 @@
 """Ensembles: beam search over the members' mean log-probabilities equals the brute-force reference."""
+import dataclasses
 import json
 
 import numpy as np
@@ -84,6 +85,10 @@ def test_ensemble_rejects_members_of_other_data(trained, tmp_path):
         genrec_fast.load([out / "best", tmp_path / "other"])
     with pytest.raises(ValueError, match="non-empty list"):
         genrec_fast.load([])
+    model, tokenizer, catalog, train_cfg, _ = checkpoint.load_parts(out / "best")
+    checkpoint.save(tmp_path / "window", model, tokenizer, catalog, dataclasses.replace(train_cfg, max_items=3))
+    with pytest.raises(ValueError, match="encodes histories differently"):
+        genrec_fast.load([out / "best", tmp_path / "window"])
 
 
 def test_cli_report_and_evaluate_an_ensemble(trained, second_member, small_synthetic, tmp_path, capsys):
