@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import genrec_fast
 from genrec_fast import checkpoint
-from genrec_fast.batching import pad_encoder, pad_targets
 from genrec_fast.cli import _train_seconds, main
 from genrec_fast.data import leave_one_out
+
+from brute_force import assert_beam_search_is_exhaustive
 
 
 @pytest.fixture(scope="module")
@@ -28,37 +28,13 @@ def second_member(trained, tmp_path_factory):
     return path
 
 
-def ensemble_scores(rec, items, user):
-    """Reference: log-softmax of the members' mean token log-probabilities, summed over each item's tokens."""
-    members = list(rec.model.members)
-    cfg = members[0].cfg
-    enc = pad_encoder([rec.encode(items, user)])
-    targets = [rec.tokenizer.target(i, cfg.item_eos) for i in range(len(rec.catalog.item_ids))]
-    dec_in, labels = pad_targets(targets, cfg.bos_id)
-    n = len(targets)
-    with torch.no_grad():
-        logps = []
-        for m in members:
-            memory = m.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"]).expand(n, -1, -1)
-            logps.append(F.log_softmax(m.decode(dec_in, memory, enc["mask"].expand(n, -1)), -1))  # (n, T, V)
-        logp = F.log_softmax(torch.stack(logps).mean(0), -1)
-    tok = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0] * (labels >= 0)
-    return tok.sum(1).numpy()
-
-
 def test_ensemble_beam_search_equals_reference(trained, second_member, small_synthetic):
     _, out = trained
     rec = genrec_fast.load([out / "best", second_member])
     assert len(rec.model.members) == 2
     split = leave_one_out(small_synthetic)
-    n_items = len(rec.catalog.item_ids)
     for u in (0, 11, 42):
-        hist = split.test_history(u)
-        brute = ensemble_scores(rec, hist, u)
-        items, scores = rec.decode_batch([rec.encode(hist, u)], k=10, num_beams=n_items)
-        want = np.argsort(-brute, kind="stable")[:10]
-        np.testing.assert_array_equal(items[0], want)
-        np.testing.assert_allclose(scores[0], brute[want], atol=1e-4)
+        assert_beam_search_is_exhaustive(rec, split.test_history(u), u)
 
 
 def test_ensemble_differs_from_its_members_and_of_copies_equals_one(trained, second_member, small_synthetic):

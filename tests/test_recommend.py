@@ -1,39 +1,18 @@
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 import genrec_fast
 from genrec_fast.data import leave_one_out
 from genrec_fast.tokenizer import EOS_ID
 
-
-def exhaustive_scores(rec, items, user):
-    """log P(item | history) for every catalog item by teacher forcing: the brute-force reference."""
-    from genrec_fast.batching import pad_encoder, pad_targets
-    m = rec.model
-    enc = pad_encoder([rec.encode(items, user)])
-    targets = [rec.tokenizer.target(i, m.cfg.item_eos) for i in range(len(rec.catalog.item_ids))]
-    dec_in, labels = pad_targets(targets, m.cfg.bos_id)
-    n = len(targets)
-    with torch.no_grad():
-        memory = m.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"]).expand(n, -1, -1)
-        logp = F.log_softmax(m.decode(dec_in, memory, enc["mask"].expand(n, -1)), -1)
-    tok = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0] * (labels >= 0)
-    return tok.sum(1).numpy()
+from brute_force import assert_beam_search_is_exhaustive
 
 
 def test_beam_search_equals_exhaustive_ranking(trained, small_synthetic):
     rec, _ = trained
     split = leave_one_out(small_synthetic)
-    n_items = len(rec.catalog.item_ids)
     for u in (0, 7, 42):
-        hist = split.test_history(u)
-        brute = exhaustive_scores(rec, hist, u)
-        items, scores = rec.decode_batch([rec.encode(hist, u)], k=10, num_beams=n_items)
-        want = np.argsort(-brute, kind="stable")[:10]
-        np.testing.assert_array_equal(items[0], want)
-        np.testing.assert_allclose(scores[0], brute[want], atol=1e-4)
+        assert_beam_search_is_exhaustive(rec, split.test_history(u), u)
 
 
 def test_recommend_returns_valid_distinct_sorted_items(trained, small_synthetic):
@@ -143,9 +122,4 @@ def test_whole_item_tokens_beam_search_equals_exhaustive_ranking():
     items = [f"sku{i}" for i in range(150)]
     rec = Recommender.random(items, "tiny", vocab_size=200, item_tokens="whole", seed=3)
     assert rec.tokenizer.vocab_size == rec.model.cfg.vocab_size == rec.tokenizer.sp.get_piece_size() + 150
-    hist = [4, 9, 33, 120]
-    brute = exhaustive_scores(rec, hist, None)
-    got, scores = rec.decode_batch([rec.encode(hist, None)], k=10, num_beams=150)
-    want = np.argsort(-brute, kind="stable")[:10]
-    np.testing.assert_array_equal(got[0], want)
-    np.testing.assert_allclose(scores[0], brute[want], atol=1e-4)
+    assert_beam_search_is_exhaustive(rec, [4, 9, 33, 120], None)
