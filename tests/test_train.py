@@ -190,7 +190,7 @@ def test_causal_encoder_trains_all_prefixes_per_window_and_reloads(tmp_path):
 
 def test_item_eos_false_trains_one_decoder_step_and_ranks_by_the_item_token(tmp_path):
     import pytest
-    from test_recommend import exhaustive_scores
+    from brute_force import exhaustive_scores
     d = synthetic(n_users=120, n_items=30, seed=5, follow_prob=0.9)
     p = preset("tiny")
     p.model = dataclasses.replace(p.model, item_eos=False)
