@@ -55,7 +55,6 @@ assert c.has_cuda(), 'genrec_fast was built without the CUDA kernels'" || exit 1
 
 stage pytest_kernels 180 python -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider
 tail -5 "$LOGS/pytest_kernels.log"
-stage bench_attention 150 python benchmarks/bench_attention.py --out "$LOGS/bench_attention.md"
 stage bench_recommend_gpu 120 python benchmarks/bench_recommend_gpu.py
 stage bench_recommend_vs_hf_cuda 150 python benchmarks/bench_recommend.py --device cuda --threads 4 --repeats 20
 stage profile_recommend_cuda 90 python benchmarks/profile_recommend.py --device cuda
@@ -71,6 +70,9 @@ if [[ -n "${GENREC_TRAIN_MINUTES:-}" && -f "$DATA" ]]; then
   pack
   grep -v "it/s" "$LOGS/train_base.log" | tail -25
 fi
+
+# Last: the kernel-vs-SDPA table (measured on 2026-11-27; the kernels have not changed since).
+stage bench_attention 150 python benchmarks/bench_attention.py --out "$LOGS/bench_attention.md"
 
 echo "== tables"
 cat "$LOGS/bench_attention.md" 2>/dev/null

@@ -82,6 +82,20 @@ def test_max_minutes_stops_before_an_epoch_that_would_pass_the_budget(tmp_path):
     assert t._stop_reason(elapsed_s=71, last_epoch_s=50) == "max_minutes"
 
 
+def test_cuda_matmul_tf32_sets_the_flag_inside_and_restores_it_after():
+    import pytest
+    import torch
+    from genrec_fast.train import cuda_matmul_tf32
+    before = torch.backends.cuda.matmul.allow_tf32
+    for enabled in (True, False):
+        with cuda_matmul_tf32(enabled):
+            assert torch.backends.cuda.matmul.allow_tf32 is enabled
+        assert torch.backends.cuda.matmul.allow_tf32 is before
+    with pytest.raises(RuntimeError), cuda_matmul_tf32(not before):
+        raise RuntimeError("a failed epoch")
+    assert torch.backends.cuda.matmul.allow_tf32 is before
+
+
 def test_history_augmentations_need_one_input_per_prefix(tmp_path):
     import pytest
     d = synthetic(n_users=30, n_items=20, seed=7)

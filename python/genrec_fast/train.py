@@ -350,6 +350,17 @@ def plot_curves(out_dir: str | Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def cuda_matmul_tf32(enabled: bool):
+    """CUDA float32 matmuls on TF32 tensor cores inside the block; the global flag is restored after."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def train(data: SequenceData, out_dir: str | Path, preset: Preset, device: str = "cpu", resume: bool = False,
           progress: bool = True) -> Recommender:
     """Train, keep the best checkpoint in `out_dir/best`, and return it loaded."""
@@ -360,7 +371,8 @@ def train(data: SequenceData, out_dir: str | Path, preset: Preset, device: str =
         trainer.resume()
     elif (Path(out_dir) / "log.jsonl").exists():
         (Path(out_dir) / "log.jsonl").unlink()
-    summary = trainer.run()
+    with cuda_matmul_tf32(preset.train.tf32 and trainer.device.type == "cuda"):
+        summary = trainer.run()
     (Path(out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(out_dir)
     from .recommend import load
