@@ -5,8 +5,8 @@
 # when the Beauty data is found and GENREC_TRAIN_MINUTES is set, one time-capped training of
 # configs/beauty-base-gpu.json. Every stage has its own time limit; logs and tables go to OUTDIR/logs,
 # and OUTDIR/gpu_check.tgz holds them all (refreshed after each stage, so a cut-off run keeps what finished).
-# On an H100 (2026-11-27) the stages before the training took ~2 min (build 24 s); the training stage
-# takes GENREC_TRAIN_MINUTES plus ~1.5 min (data, tokenizer, final evaluation).
+# On an H100 (2026-11-28) the other stages took ~1.5 min together (build 16 s); the training stage
+# takes GENREC_TRAIN_MINUTES plus ~1.3 min (data, tokenizer, final evaluation).
 # Usage: benchmarks/gpu_check.sh OUTDIR
 #   GENREC_CUDA_ARCHS=90       arch to build (default: this GPU's)
 #   GENREC_DATA_DIR=DIR        holds beauty/sequential_data.txt (default ../shared/data)

@@ -29,7 +29,8 @@ def main(out: Path = HERE / "beauty-valid-ndcg10.png") -> Path:
         ax.plot([r["epoch"] for r in ev], [r["valid"]["NDCG@10"] for r in ev], marker="os^"[i % 3],
                 markersize=4, color=plt.cm.tab20(i % 20), linestyle="--" if excluded else "-",
                 label=log.name.removesuffix("-log.jsonl") + (" (seen items excluded)" if excluded else "")
-                + (" (H100, time-capped)" if log.name.startswith("beauty-base-gpu") else ""))
+                + (" (H100, time-capped)" if log.name.startswith("beauty-base-gpu-lr3e-4")
+                   else " (H100)" if log.name.startswith("beauty-base-gpu") else ""))
     ax.set(xlabel="epoch (pretraining epochs first, then finetuning)", ylabel="validation NDCG@10 (2,000 or 6,000 sampled users)",
            title="GenRec on Amazon Beauty (item ids random unless named original)")
     ax.grid(alpha=0.3)
