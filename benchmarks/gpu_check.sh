@@ -71,7 +71,7 @@ if [[ -n "${GENREC_TRAIN_MINUTES:-}" && -f "$DATA" ]]; then
   grep -v "it/s" "$LOGS/train_base.log" | tail -25
 fi
 
-# Last: the kernel-vs-SDPA table (unchanged kernels: the same within 5% on 2026-11-27 and 2026-11-28).
+# Last: the kernel-vs-SDPA table (unchanged kernels; measured on 2026-11-27 and 2026-11-28, see benchmarks/README.md).
 stage bench_attention 150 python benchmarks/bench_attention.py --out "$LOGS/bench_attention.md"
 
 echo "== tables"
