@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 from genrec_fast import load, preset
 from genrec_fast.data import synthetic
-from genrec_fast.loss import item_cross_entropy
+from genrec_fast.loss import item_cross_entropy, linear_cross_entropy
+from genrec_fast.model import GenRec
 from genrec_fast.train import Trainer, seen_tokens, to_batch
 
 
@@ -78,3 +79,45 @@ def test_trainer_masks_each_examples_context_items(tmp_path):
     n = len(d.item_ids)
     assert sorted(rec.recommend([hist], k=n)[0].items) == sorted(set(d.item_ids) - set(hist))
     assert len(rec.recommend([hist], k=n, exclude_seen=False)[0].items) == n  # explicit False still wins
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.integers(1, 50), st.sampled_from([0.0, 0.1, 0.3]),
+       st.booleans(), st.integers(1, 16))
+def test_linear_cross_entropy_matches_cross_entropy_of_the_logits(seed, N, V, smoothing, bias, chunk):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[torch.rand(N, generator=g) < 0.3] = -100  # padding rows
+    got = linear_cross_entropy(x, w, b, labels, smoothing, chunk=chunk)
+    want = F.cross_entropy(F.linear(x, w, b), labels, ignore_index=-100, label_smoothing=smoothing)
+    if (labels == -100).all():
+        assert got.isnan() and want.isnan()
+        return
+    torch.testing.assert_close(got, want)
+    inputs = [x, w] + ([b] if bias else [])
+    for a, e in zip(torch.autograd.grad(2.5 * got, inputs), torch.autograd.grad(2.5 * want, inputs)):
+        torch.testing.assert_close(a, e)
+
+
+def test_linear_cross_entropy_names_bad_shapes():
+    with pytest.raises(ValueError, match="labels"):
+        linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), None, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk"):
+        linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), None, torch.zeros(4, dtype=torch.long), chunk=0)
+
+
+def test_model_head_loss_is_the_loss_of_its_logits():
+    torch.manual_seed(0)
+    m = GenRec(dataclasses.replace(preset("tiny").model, vocab_size=40, n_users=5, n_items=7))
+    m.final_logits_bias.normal_()
+    h = torch.randn(3, 2, m.cfg.d_model, requires_grad=True)
+    labels = torch.tensor([[4, 3], [5, -100], [6, 39]])
+    got = m.head_loss(h, labels, 0.2, -100)
+    want = item_cross_entropy(m.lm_head(h), labels, 0.2)
+    torch.testing.assert_close(got, want)
+    (gh,) = torch.autograd.grad(got, h)
+    (wh,) = torch.autograd.grad(want, h)
+    torch.testing.assert_close(gh, wh)

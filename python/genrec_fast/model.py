@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .kernels import attention
+from .loss import linear_cross_entropy
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -232,20 +233,35 @@ class GenRec(nn.Module):
     def decode(self, decoder_tokens, memory, mask, self_mask=None, cross_mask=None, positions=None):
         """Teacher-forced decoder: decoder_tokens (B, T) -> logits (B, T, V). Optional masks (B, 1, T, T),
         (B, 1, T, S) and positions (B, T) let one row hold several independent targets."""
+        return self.lm_head(self.decode_hidden(decoder_tokens, memory, mask, self_mask, cross_mask, positions))
+
+    def decode_hidden(self, decoder_tokens, memory, mask, self_mask=None, cross_mask=None, positions=None):
+        """`decode` before the LM head: -> (B, T, C)."""
         x = F.dropout(self.decoder.layernorm_embedding(self._embed(self.decoder, decoder_tokens, positions=positions)),
                       self.cfg.dropout, self.training)
         for layer in self.decoder.layers:
             x = layer(x, memory, mask.sum(1), self_mask, cross_mask)
-        return self.lm_head(x)
+        return x
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.shared.weight) + self.final_logits_bias  # (..., V)
 
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, smoothing: float, ignore_index: int):
+        """Cross-entropy of `lm_head(hidden)` (B, T, V) against labels (B, T), without the (B, T, V) logits."""
+        return linear_cross_entropy(hidden.flatten(0, 1), self.shared.weight, self.final_logits_bias[0],
+                                    labels.flatten(), smoothing, ignore_index)
+
     def forward(self, tokens, user_ids, item_ids, mask, decoder_tokens, attn_mask=None, positions=None,
                 decoder_self_mask=None, cross_mask=None, decoder_positions=None):
         """-> logits (B, T, V). The optional masks and positions come from `prefix_batch.pad_packed`."""
+        return self.lm_head(self.hidden(tokens, user_ids, item_ids, mask, decoder_tokens, attn_mask, positions,
+                                        decoder_self_mask, cross_mask, decoder_positions))
+
+    def hidden(self, tokens, user_ids, item_ids, mask, decoder_tokens, attn_mask=None, positions=None,
+               decoder_self_mask=None, cross_mask=None, decoder_positions=None):
+        """`forward` before the LM head: -> decoder states (B, T, C), for `loss.linear_cross_entropy`."""
         memory = self.encode(tokens, user_ids, item_ids, mask, attn_mask, positions)
-        return self.decode(decoder_tokens, memory, mask, decoder_self_mask, cross_mask, decoder_positions)
+        return self.decode_hidden(decoder_tokens, memory, mask, decoder_self_mask, cross_mask, decoder_positions)
 
     def start_decoding(self, memory: torch.Tensor, mask: torch.Tensor) -> DecoderCache:
         """Cross-attention K/V once per user: memory (U, S, C), mask (U, S)."""
