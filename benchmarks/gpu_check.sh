@@ -12,6 +12,8 @@
 #   GENREC_DATA_DIR=DIR        holds beauty/sequential_data.txt (default ../shared/data)
 #   GENREC_TRAIN_MINUTES=4     train.max_minutes of the base training (unset: no training)
 #   GENREC_CHECK_ARCHIVE=PATH  where the .tgz goes (default OUTDIR/gpu_check.tgz)
+#   GENREC_BASE_CONFIG=FILE    the config of that training (default configs/beauty-base-gpu.json)
+#   GENREC_STAGES="a b"        run only these stages (default all; the build always runs)
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -25,6 +27,7 @@ status=0
 pack() { tar czf "$ARCHIVE" -C "$LOGS" . ; }
 stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, log to NAME.log, note failures
   local name=$1 limit=$2; shift 2
+  if [[ -n "${GENREC_STAGES:-}" && $name != build && " $GENREC_STAGES " != *" $name "* ]]; then return 0; fi
   echo "== $name (limit ${limit}s)"
   local t0=$(date +%s)
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
@@ -54,21 +57,25 @@ python -c "import torch, genrec_fast._core as c; assert torch.cuda.is_available(
 assert c.has_cuda(), 'genrec_fast was built without the CUDA kernels'" || exit 1
 
 stage pytest_kernels 180 python -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider
-tail -5 "$LOGS/pytest_kernels.log"
+tail -5 "$LOGS/pytest_kernels.log" 2>/dev/null
+stage pytest_loss 120 python -m pytest tests/test_loss.py -q -rs -p no:cacheprovider
+tail -3 "$LOGS/pytest_loss.log" 2>/dev/null
 stage bench_recommend_gpu 120 python benchmarks/bench_recommend_gpu.py
 stage bench_recommend_vs_hf_cuda 150 python benchmarks/bench_recommend.py --device cuda --threads 4 --repeats 20
 stage profile_recommend_cuda 90 python benchmarks/profile_recommend.py --device cuda
 
 DATA=${GENREC_DATA_DIR:-../shared/data}/beauty/sequential_data.txt
+[[ -f "$DATA" ]] && stage bench_head_loss 150 python benchmarks/bench_head_loss.py --config configs/beauty-base-gpu.json \
+  --device cuda --steps 60 && tail -6 "$LOGS/bench_head_loss.log"
 if [[ -n "${GENREC_TRAIN_MINUTES:-}" && -f "$DATA" ]]; then
   RUN=$(mktemp -d)/beauty-base-gpu  # checkpoints are large: only the small files go to OUTDIR
   limit=$(python -c "print(int(${GENREC_TRAIN_MINUTES} * 60 + 240))")
   stage train_base "$limit" python -m genrec_fast.cli train --data "$DATA" --format p5 --id-order random \
-    --config configs/beauty-base-gpu.json --device cuda --quiet --set "train.max_minutes=$GENREC_TRAIN_MINUTES" \
-    --out "$RUN"
+    --config "${GENREC_BASE_CONFIG:-configs/beauty-base-gpu.json}" --device cuda --quiet \
+    --set "train.max_minutes=$GENREC_TRAIN_MINUTES" --out "$RUN"
   for f in log.jsonl metrics.json train_summary.json curves.png; do cp "$RUN/$f" "$LOGS/base_$f" 2>/dev/null; done
   pack
-  grep -v "it/s" "$LOGS/train_base.log" | tail -25
+  grep -v "it/s" "$LOGS/train_base.log" 2>/dev/null | tail -25
 fi
 
 # Last: the kernel-vs-SDPA table (unchanged kernels; measured on 2026-11-27 and 2026-11-28, see benchmarks/README.md).
@@ -76,8 +83,8 @@ stage bench_attention 150 python benchmarks/bench_attention.py --out "$LOGS/benc
 
 echo "== tables"
 cat "$LOGS/bench_attention.md" 2>/dev/null
-tail -8 "$LOGS/bench_recommend_gpu.log"
-tail -14 "$LOGS/bench_recommend_vs_hf_cuda.log"
+tail -8 "$LOGS/bench_recommend_gpu.log" 2>/dev/null
+tail -14 "$LOGS/bench_recommend_vs_hf_cuda.log" 2>/dev/null
 cat "$LOGS/summary.txt"
 echo "== done (status $status); results in $OUT"
 exit $status

@@ -121,3 +121,21 @@ def test_model_head_loss_is_the_loss_of_its_logits():
     (gh,) = torch.autograd.grad(got, h)
     (wh,) = torch.autograd.grad(want, h)
     torch.testing.assert_close(gh, wh)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_linear_cross_entropy_on_cuda_matches_the_cpu_reference(chunk):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(1000, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(1000, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 1000, (300,), generator=g)
+    labels[::5] = -100
+    xc, wc = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+    got = linear_cross_entropy(xc, wc, b.cuda(), labels.cuda(), 0.3, chunk=chunk)
+    x.requires_grad_(), w.requires_grad_()
+    want = F.cross_entropy(F.linear(x, w, b), labels, ignore_index=-100, label_smoothing=0.3)
+    torch.testing.assert_close(got.cpu(), want)
+    for a, e in zip(torch.autograd.grad(got, [xc, wc]), torch.autograd.grad(want, [x, w])):
+        torch.testing.assert_close(a.cpu(), e)
