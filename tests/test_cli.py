@@ -36,6 +36,17 @@ def test_train_evaluate_recommend(p5_file, tmp_path, capsys, monkeypatch):
     assert [x["user"] for x in lines] == [1, 2] and all(len(x["items"]) == 4 for x in lines)
 
 
+def test_train_without_report_leaves_a_checkpoint_and_no_metrics(p5_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(p5_file), "--config", "tiny", "--pretrain-epochs", "0",
+                 "--finetune-epochs", "1", "--out", str(out), "--quiet", "--no-report"]) == 0
+    assert (out / "best").is_dir() and not (out / "metrics.json").exists()
+    assert "no report" in capsys.readouterr().out
+    assert main(["report", str(out / "best"), "--data", str(p5_file), "--out", str(out / "metrics.json"),
+                 "--quiet"]) == 0
+    assert {"genrec", "popularity"} <= set(json.loads((out / "metrics.json").read_text())["test"])
+
+
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_text("1 2 3\n2 x 4\n")

@@ -41,6 +41,10 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     rec = train(data, out, p, device=args.device, resume=args.resume, progress=not args.quiet)
     train_s = time.perf_counter() - t0
+    if args.no_report:
+        print(f"trained in {train_s:.0f} s; checkpoint {out / 'best'}; curves {out / 'curves.png'}; no report "
+              f"(--no-report): `genrec-fast report {out / 'best'} --data ...` writes it")
+        return 0
     rep = report(rec, leave_one_out(data), data.item_codes, p.train.num_beams, progress=not args.quiet)
     rep["train_seconds"] = round(train_s, 1)
     (out / "metrics.json").write_text(json.dumps(rep, indent=2))
@@ -151,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, help="model dropout (default: the config's)")
     t.add_argument("--drop-user-prob", type=float, help="share of training examples without the user token")
     t.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    t.add_argument("--no-report", action="store_true",
+                   help="skip the final report (~2 min on Beauty; e.g. for ensemble members, which "
+                        "`genrec-fast report` scores together)")
     for p in (t,):
         p.add_argument("--device", default="cpu")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
