@@ -1,6 +1,4 @@
 """Packed all-prefix batches must give each target the logits of its own single-prefix input."""
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
