@@ -82,6 +82,26 @@ def test_max_minutes_stops_before_an_epoch_that_would_pass_the_budget(tmp_path):
     assert t._stop_reason(elapsed_s=71, last_epoch_s=50) == "max_minutes"
 
 
+def test_eval_from_skips_early_validations_and_leaves_training_unchanged(tmp_path):
+    d = synthetic(n_users=80, n_items=25, seed=8)
+    p = preset("tiny")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=3, eval_users=30)
+    every = Trainer(d, tmp_path / "every", p, progress=False)
+    every.run()
+    p.train = dataclasses.replace(p.train, eval_from=2)
+    late = Trainer(d, tmp_path / "late", p, progress=False)
+    late.run()
+    rows = [json.loads(x) for x in (tmp_path / "late" / "log.jsonl").read_text().splitlines()]
+    assert ["valid" in r for r in rows] == [False, False, True, True]
+    for a, b in zip(every.model.state_dict().values(), late.model.state_dict().values()):
+        assert torch.equal(a, b)  # validation draws no random numbers: the same training
+    p.train = dataclasses.replace(p.train, eval_from=10, max_minutes=1e-4)  # cut before any validation
+    train(d, tmp_path / "cut", p, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["pretrain", "final validation"] and "valid" in rows[1]
+    assert (tmp_path / "cut" / "best").is_dir()
+
+
 def test_cuda_matmul_tf32_sets_the_flag_inside_and_restores_it_after():
     import pytest
     import torch
@@ -180,6 +200,8 @@ def test_train_config_rejects_probabilities_outside_0_1():
         TrainConfig(history_drop=-0.1)
     with pytest.raises(ValueError, match="train.max_minutes"):
         TrainConfig(max_minutes=-1)
+    with pytest.raises(ValueError, match="train.eval_from"):
+        TrainConfig(eval_from=-1)
 
 
 def test_causal_encoder_trains_all_prefixes_per_window_and_reloads(tmp_path):

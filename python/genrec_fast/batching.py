@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .tokenizer import PAD_ID, Encoded
+from .tokenizer import EOS_ID, PAD_ID, Encoded, GenRecTokenizer
 
 
 def pad_encoder(batch: Sequence[Encoded], device: torch.device | str = "cpu") -> dict:
@@ -20,6 +20,56 @@ def pad_encoder(batch: Sequence[Encoded], device: torch.device | str = "cpu") ->
         out["tokens"][b, :n], out["user_ids"][b, :n], out["item_ids"][b, :n] = e.tokens, e.user_ids, e.item_ids
         mask[b, :n] = True
     res = {k: torch.from_numpy(v).to(device) for k, v in out.items()}
+    res["mask"] = torch.from_numpy(mask).to(device)
+    return res
+
+
+def encode_padded(tokenizer: GenRecTokenizer, histories: Sequence[np.ndarray], users: Sequence[int | None],
+                  mask_ats: Sequence[int | None], max_len: int | None = None,
+                  device: torch.device | str = "cpu") -> dict:
+    """`pad_encoder([tokenizer.encode(h, u, m, max_len) ...])`, built directly when items are whole tokens.
+
+    The training batch's hot path: one slice copy per row instead of a per-item Python loop (the
+    reference above is ~25 us per example, a sixth of a 2-core training step). Same arrays, same errors.
+    """
+    if tokenizer.item_tokens != "whole":
+        return pad_encoder([tokenizer.encode(h, u, m, max_len) for h, u, m in zip(histories, users, mask_ats)],
+                           device)
+    B = len(histories)
+    rows = []  # (user pieces, first kept item, kept length incl. <mask>)
+    for h, u, m in zip(histories, users, mask_ats):
+        if m is not None and not 0 <= m < len(h):
+            raise ValueError(f"mask_at: expected a position in [0, {len(h)}) of the history, got {m!r}")
+        up = tokenizer.user_pieces(u) if u is not None else None
+        n_user = 0 if up is None else len(up)
+        n_body = len(h) + (m is None)  # items plus the <mask> that follows the history
+        start = 0
+        if max_len is not None:  # _keep_recent with one piece per entry
+            budget = max_len - 1 - n_user
+            start = max(0, min(n_body - budget, n_body - min(2, n_body), n_body if m is None else m))
+            if n_body - start > budget:
+                raise ValueError(f"max_len: {budget} pieces cannot hold the mask and the most recent item")
+        rows.append((up, start, n_body - start))
+    S = max((0 if up is None else len(up)) + n + 1 for up, _, n in rows)
+    special = np.full((B, S), PAD_ID, dtype=np.int64)  # tokens that are no item: pad, user pieces, mask, EOS
+    item_ids = np.zeros((B, S), dtype=np.int64)
+    user_ids = np.zeros((B, S), dtype=np.int64)
+    mask = np.zeros((B, S), dtype=bool)
+    for b, ((up, start, n), h, u, m) in enumerate(zip(rows, histories, users, mask_ats)):
+        o = 0
+        if up is not None:
+            o = len(up)
+            special[b, :o], user_ids[b, :o] = up, u + 1
+        kept = np.asarray(h[start:], dtype=np.int64)
+        item_ids[b, o:o + len(kept)] = kept + 1
+        at = o + (len(kept) if m is None else m - start)  # where <mask> sits
+        item_ids[b, at] = 0
+        special[b, at], special[b, o + n] = tokenizer.mask_id, EOS_ID
+        mask[b, :o + n + 1] = True
+    first_item = tokenizer.vocab_size - len(tokenizer.item_codes)  # item i is token first_item + i
+    tokens = np.where(item_ids > 0, first_item + item_ids - 1, special)
+    res = {k: torch.from_numpy(v).to(device) for k, v in
+           (("tokens", tokens), ("user_ids", user_ids), ("item_ids", item_ids))}
     res["mask"] = torch.from_numpy(mask).to(device)
     return res
 

@@ -64,6 +64,8 @@ class TrainConfig:
     max_items: int = 20  # history window in items
     label_smoothing: float = 0.0
     eval_every: int = 1  # epochs between validations
+    eval_from: int = 0  # epochs trained before the first validation (the last epoch is always validated);
+    # skips validations whose checkpoint would not be kept anyway: training itself does not change
     eval_users: int = 2000  # validation users sampled for periodic validation (0 = all)
     patience: int = 3  # epochs without validation NDCG@10 gain before stopping
     ema_decay: float = 0.0  # validate and keep an exponential moving average of the weights (0 = off;
@@ -82,6 +84,9 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay!r}")
+        if self.eval_from < 0 or self.eval_every < 1:
+            raise ValueError(f"train.eval_from must be >= 0 and train.eval_every >= 1, got "
+                             f"{self.eval_from!r} and {self.eval_every!r}")
         if self.max_minutes < 0:
             raise ValueError(f"train.max_minutes must be >= 0 (0 = no budget), got {self.max_minutes!r}")
 

@@ -119,6 +119,8 @@ class GenRecTokenizer:
 
         With `max_len`, the oldest items are dropped until the input fits (the mask is never dropped).
         """
+        if mask_at is not None and not 0 <= mask_at < len(items):
+            raise ValueError(f"mask_at: expected a position in [0, {len(items)}) of the history, got {mask_at!r}")
         parts, uids, iids = [], [], []
         if user is not None:
             p = self.user_pieces(user)

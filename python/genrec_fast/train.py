@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .batching import pad_encoder, pad_targets
+from .batching import encode_padded, pad_targets
 from .config import ModelConfig, Preset, TrainConfig
 from .data import Catalog, SequenceData, Split, leave_one_out
 from .ema import WeightAverage
@@ -125,7 +125,8 @@ def to_batch(part: list, tokenizer: GenRecTokenizer, cfg: ModelConfig, device):
     The model config sets the encoder window, the position numbering and whether targets end in EOS."""
     if isinstance(part[0], Window):
         return pad_packed([pack(tokenizer, w.items, w.user, cfg.encoder_positions) for w in part], IGNORE, device)
-    enc = pad_encoder([tokenizer.encode(e.items, e.user, e.mask_at, cfg.max_positions) for e in part], device)
+    enc = encode_padded(tokenizer, [e.items for e in part], [e.user for e in part], [e.mask_at for e in part],
+                        cfg.max_positions, device)
     dec_in, labels = pad_targets([tokenizer.target(e.target, cfg.item_eos) for e in part], BOS_ID, IGNORE, device)
     return dict(enc, decoder_tokens=dec_in), labels
 
@@ -208,17 +209,23 @@ class Trainer:
             loss = self.train_epoch(pretrain)
             row = {"epoch": self.epoch + 1, "phase": "pretrain" if pretrain else "finetune", "loss": loss,
                    "lr": self.opt.param_groups[0]["lr"], "elapsed_s": round(time.perf_counter() - t0, 1)}
-            if (self.epoch + 1) % self.tcfg.eval_every == 0 or self.epoch + 1 == self.total_epochs:
+            if self._validates_after(self.epoch + 1):
                 row["valid"] = self.validate()
             self.epoch += 1
             self._log(row)
             self._save("last", with_state=True)
             epoch_s = time.perf_counter() - start
+        if self.best < 0:  # stopped (time budget) before any validation: keep the last weights as best
+            self._log({"epoch": self.epoch, "phase": "final validation", "valid": self.validate()})
         if stop == "max_minutes":
             log.info("stopped after epoch %d: another epoch (%.0f s) would pass train.max_minutes=%g",
                      self.epoch, epoch_s, self.tcfg.max_minutes)
         return {"epochs": self.epoch, "stopped_by": stop, "train_seconds": round(time.perf_counter() - t0, 1),
                 "best_valid_ndcg10": self.best}
+
+    def _validates_after(self, epoch: int) -> bool:
+        every = epoch > self.tcfg.eval_from and epoch % self.tcfg.eval_every == 0
+        return every or epoch == self.total_epochs
 
     def _stop_reason(self, elapsed_s: float, last_epoch_s: float) -> str | None:
         """Why no further epoch starts, or None. The time budget lets the first epoch of a run through."""
@@ -307,7 +314,7 @@ class Trainer:
         with (self.out / "log.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
         v = row.get("valid", {})
-        log.info("epoch %d %s loss %.4f%s", row["epoch"], row["phase"], row["loss"],
+        log.info("epoch %d %s%s%s", row["epoch"], row["phase"], f" loss {row['loss']:.4f}" if "loss" in row else "",
                  f" valid NDCG@10 {v['NDCG@10']:.4f} HR@10 {v['HR@10']:.4f}" if v else "")
 
     def resume(self) -> None:
@@ -338,7 +345,8 @@ def plot_curves(out_dir: str | Path) -> Path:
     import matplotlib.pyplot as plt
     rows = [json.loads(x) for x in (Path(out_dir) / "log.jsonl").read_text().splitlines() if x.strip()]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker="o")
+    trained = [r for r in rows if "loss" in r]  # not the final validation of a run cut by its time budget
+    a.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], marker="o")
     a.set(xlabel="epoch", ylabel="training loss", title="masked item prediction loss")
     ev = [r for r in rows if "valid" in r]
     for key in ("NDCG@10", "HR@10"):
