@@ -13,7 +13,7 @@
 #   GENREC_TRAIN_MINUTES=4     train.max_minutes of the base training (unset: no training)
 #   GENREC_CHECK_ARCHIVE=PATH  where the .tgz goes (default OUTDIR/gpu_check.tgz)
 #   GENREC_BASE_CONFIG=FILE    the config of that training (default configs/beauty-base-gpu.json)
-#   GENREC_STAGES="a b"        run only these stages (default all; the build always runs)
+#   GENREC_STAGES="a b"        run only these stages (default all but pytest_all; the build always runs)
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -56,6 +56,9 @@ grep -E "genrec_fast:" "$LOGS/build.log"
 python -c "import torch, genrec_fast._core as c; assert torch.cuda.is_available(), 'torch sees no GPU'; \
 assert c.has_cuda(), 'genrec_fast was built without the CUDA kernels'" || exit 1
 
+# The whole suite (CPU and GPU tests; ~1.5 min): only when GENREC_STAGES names it (the default runs the GPU files).
+[[ " ${GENREC_STAGES:-} " == *" pytest_all "* ]] && stage pytest_all 240 python -m pytest -q -rs -p no:cacheprovider \
+  && tail -4 "$LOGS/pytest_all.log"
 stage pytest_kernels 180 python -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider
 tail -5 "$LOGS/pytest_kernels.log" 2>/dev/null
 stage pytest_loss 120 python -m pytest tests/test_loss.py -q -rs -p no:cacheprovider
