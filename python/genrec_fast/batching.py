@@ -29,8 +29,9 @@ def encode_padded(tokenizer: GenRecTokenizer, histories: Sequence[np.ndarray], u
                   device: torch.device | str = "cpu") -> dict:
     """`pad_encoder([tokenizer.encode(h, u, m, max_len) ...])`, built directly when items are whole tokens.
 
-    The training batch's hot path: one slice copy per row instead of a per-item Python loop (the
-    reference above is ~25 us per example, a sixth of a 2-core training step). Same arrays, same errors.
+    -> tokens, user_ids, item_ids (B, S) int64 and mask (B, S) bool, the same arrays and errors as that
+    reference. The training batch's hot path: one slice copy per row instead of a Python loop over the
+    items (the reference spends ~23 us per example, ~7% of a one-thread training step of 128).
     """
     if tokenizer.item_tokens != "whole":
         return pad_encoder([tokenizer.encode(h, u, m, max_len) for h, u, m in zip(histories, users, mask_ats)],
