@@ -20,7 +20,7 @@ def record(config: Path, metrics: Path) -> dict:
     log = metrics.with_name(metrics.name.replace("metrics.json", "log.jsonl"))  # run dir or docs/results
     if log.is_file():
         rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
-        measured["epochs_run"] = len(rows)
+        measured["epochs_run"] = sum("loss" in r for r in rows)  # not a cut run's final validation row
         measured["best_epoch"] = max((r for r in rows if "valid" in r), key=lambda r: r["valid"]["NDCG@10"])["epoch"]
     spec["measured"] = measured
     config.write_text(json.dumps(spec, indent=2) + "\n")
