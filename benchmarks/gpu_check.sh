@@ -3,7 +3,8 @@
 # loss tests (the fused head loss on the GPU), attention benchmark, recommend() GPU vs CPU, recommend()
 # vs Hugging Face generate on the GPU, a profile of recommend() (where batch 1 spends its time), and,
 # when the Beauty data is found, the fused-vs-reference head-loss benchmark and (with GENREC_TRAIN_MINUTES
-# set) one time-capped training of configs/beauty-base-gpu.json (or GENREC_BASE_CONFIG). Every stage has its own time limit; logs and tables go to OUTDIR/logs,
+# set) one time-capped training of configs/beauty-base-gpu.json (or GENREC_BASE_CONFIG). Every stage has
+# its own time limit; logs and tables go to OUTDIR/logs,
 # and OUTDIR/gpu_check.tgz holds them all (refreshed after each stage, so a cut-off run keeps what finished).
 # On an H100 (2026-11-28) the other stages took ~1.5 min together (build 16 s); the training stage
 # takes GENREC_TRAIN_MINUTES plus ~1.3 min (data, tokenizer, final evaluation).

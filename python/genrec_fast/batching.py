@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .tokenizer import EOS_ID, PAD_ID, Encoded, GenRecTokenizer
+from .tokenizer import EOS_ID, PAD_ID, Encoded, GenRecTokenizer, check_mask_at
 
 
 def pad_encoder(batch: Sequence[Encoded], device: torch.device | str = "cpu") -> dict:
@@ -39,8 +39,7 @@ def encode_padded(tokenizer: GenRecTokenizer, histories: Sequence[np.ndarray], u
     B = len(histories)
     rows = []  # (user pieces, first kept item, kept length incl. <mask>)
     for h, u, m in zip(histories, users, mask_ats):
-        if m is not None and not 0 <= m < len(h):
-            raise ValueError(f"mask_at: expected a position in [0, {len(h)}) of the history, got {m!r}")
+        check_mask_at(h, m)
         up = tokenizer.user_pieces(u) if u is not None else None
         n_user = 0 if up is None else len(up)
         n_body = len(h) + (m is None)  # items plus the <mask> that follows the history
@@ -67,7 +66,7 @@ def encode_padded(tokenizer: GenRecTokenizer, histories: Sequence[np.ndarray], u
         item_ids[b, at] = 0
         special[b, at], special[b, o + n] = tokenizer.mask_id, EOS_ID
         mask[b, :o + n + 1] = True
-    first_item = tokenizer.vocab_size - len(tokenizer.item_codes)  # item i is token first_item + i
+    first_item = tokenizer.sp.get_piece_size()  # whole item tokens: item i is token first_item + i
     tokens = np.where(item_ids > 0, first_item + item_ids - 1, special)
     res = {k: torch.from_numpy(v).to(device) for k, v in
            (("tokens", tokens), ("user_ids", user_ids), ("item_ids", item_ids))}

@@ -119,8 +119,7 @@ class GenRecTokenizer:
 
         With `max_len`, the oldest items are dropped until the input fits (the mask is never dropped).
         """
-        if mask_at is not None and not 0 <= mask_at < len(items):
-            raise ValueError(f"mask_at: expected a position in [0, {len(items)}) of the history, got {mask_at!r}")
+        check_mask_at(items, mask_at)
         parts, uids, iids = [], [], []
         if user is not None:
             p = self.user_pieces(user)
@@ -145,6 +144,12 @@ class GenRecTokenizer:
     def target(self, item: int, eos: bool = True) -> np.ndarray:
         """Decoder target of an item: its pieces then EOS (eos=False: the pieces alone)."""
         return np.append(self.item_pieces[item], EOS_ID) if eos else self.item_pieces[item]
+
+
+def check_mask_at(items: Sequence[int], mask_at: int | None) -> None:
+    """ValueError unless `mask_at` is None or a position of `items`."""
+    if mask_at is not None and not 0 <= mask_at < len(items):
+        raise ValueError(f"mask_at: expected a position in [0, {len(items)}) of the history, got {mask_at!r}")
 
 
 def _keep_recent(body: list, budget: int, mask_at: int | None) -> list:
