@@ -1,6 +1,13 @@
-import numpy as np
-import pytest
+import sys
+from unittest import mock
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from genrec_fast import data as D
 from genrec_fast.data import (DataFormatError, leave_one_out, load, load_csv, load_movielens, load_p5,
                               synthetic)
 
@@ -95,7 +102,7 @@ def test_csv_and_tsv_with_string_ids(tmp_path):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="format: expected one of"):
-        load("x", "parquet")
+        load("x", "xlsx")
     with pytest.raises(ValueError, match="id_order: expected one of"):
         synthetic(id_order="sorted")
     with pytest.raises(FileNotFoundError, match="data file not found"):
@@ -111,3 +118,177 @@ def test_synthetic_is_deterministic_and_labelled():
 def test_beauty_stats(beauty_path):
     d = load_p5(beauty_path)
     assert (d.n_users, d.n_items, d.n_interactions) == (22363, 12101, 198502)
+
+
+# ---------------------------------------------------------------- columnar loaders vs the row-by-row references
+
+INT_IDS = ["1", "2", "3", "12", "05", "5", " 7", "-2", "0", "-0"]
+STR_IDS = ["a", "B07", "c d", "x", "", "+4", "1.0", "é"]
+ODD_INTS = ["1", "3", "\u0663", "04", " 4", "8\u3000"]  # all digits to str.isdigit(): '٣' is 3 to int()
+ID_POOLS = [INT_IDS, STR_IDS, INT_IDS + STR_IDS, ODD_INTS, ["1", "2", "--1"]]  # '--1': int() raises
+TIMES = ["1", "2", "3", "2.5", "-0", "1e1", " 2", "0.0", "-3"]
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def outcome(loader, *args, **kwargs):
+    """Everything a loader returns (ids with their types), or the exception it raises."""
+    try:
+        d = loader(*args, **kwargs)
+    except Exception as e:  # the columnar loader must fail exactly like the reference
+        return ("error", type(e), str(e))
+    assert all(s.dtype == np.int64 for s in d.sequences)
+    return ([(type(x), x) for x in d.user_ids], [(type(x), x) for x in d.item_ids],
+            [s.tolist() for s in d.sequences], d.item_codes, d.dropped_users, d.name)
+
+
+def compare_with_reference(name, reference, loader, path, **kwargs):
+    """Run `loader` with the reference `name` counted, compare with the reference; True when it ran."""
+    calls = []
+    with mock.patch.object(D, name, side_effect=lambda *a, **k: calls.append(1) or reference(*a, **k)):
+        fast = outcome(loader, path, **kwargs)
+    assert fast == outcome(reference, path, **kwargs)
+    return bool(calls)
+
+
+@st.composite
+def csv_files(draw):
+    """A small CSV/TSV text with its separator and whether the columnar reader must read it alone."""
+    sep, eol = draw(st.sampled_from([",", "\t"])), draw(st.sampled_from(["\n", "\r\n"]))
+    cols = draw(st.permutations(["user", "item", "timestamp"] + draw(st.sampled_from([[], ["rating"]]))))
+    pools = {"user": draw(st.sampled_from(ID_POOLS)), "item": draw(st.sampled_from(ID_POOLS)),
+             "timestamp": TIMES, "rating": ["5", "", "x"]}
+    lines, clean = [sep.join(cols)], True
+    for _ in range(draw(st.integers(0, 40))):
+        kind = draw(st.sampled_from(["row"] * 12 + ["quoted", "empty", "blank", "separators", "short", "bad time"]))
+        row = {c: draw(st.sampled_from(pools[c])) for c in cols}
+        if kind == "quoted":
+            row["item"] = draw(st.sampled_from(['"a,b"', '"x""y"', '"7"', '"q\nr"']))
+        if kind == "bad time":
+            row["timestamp"] = draw(st.sampled_from(["soon", "", "nan"]))
+        clean &= kind in ("row", "quoted", "empty")
+        lines.append({"empty": "", "blank": "  ", "separators": sep * (len(cols) - 1),
+                      "short": sep.join(list(row.values())[:-1])}.get(kind, sep.join(row.values())))
+    text = eol.join(lines) + draw(st.sampled_from(["", eol]))
+    return text, sep, clean and eol in text  # pyarrow rejects a lone header without a line end
+
+
+@SETTINGS
+@given(csv_files())
+def test_csv_columnar_equals_reference(tmp_path, case):
+    text, sep, clean = case
+    p = tmp_path / "log.csv"
+    p.write_text(text, newline="")
+    used_reference = compare_with_reference("_load_csv_reference", D._load_csv_reference, D.load_csv, p, sep=sep,
+                                            id_order=("original", "random")[len(text) % 2])
+    assert not (clean and used_reference)  # a clean file never needs the row-by-row parser
+
+
+@st.composite
+def movielens_files(draw):
+    """A small u.data / ratings.dat text, its file name and whether the columnar reader must read it alone."""
+    dat = draw(st.booleans())
+    sep, ids, times = ("::" if dat else "\t"), ["1", "2", "3", "10", "05", " 7"], ["1", "2", "3", "100", "05"]
+    lines, clean = [], True
+    for _ in range(draw(st.integers(0, 40))):
+        kind = draw(st.sampled_from(["row"] * 12 + ["empty", "blank", "short", "odd int", "extra field"]))
+        fields = [draw(st.sampled_from(ids)), draw(st.sampled_from(ids)), "4", draw(st.sampled_from(times))]
+        if kind == "odd int":
+            fields[draw(st.sampled_from([0, 1, 3]))] = draw(st.sampled_from(["+4", "x", "1_0", ""]))
+        clean &= kind in ("row", "empty")
+        lines.append({"empty": "", "blank": " ", "short": sep.join(fields[:2]),
+                      "extra field": sep.join(fields + ["x"])}.get(kind, sep.join(fields)))
+    has_row = any(line.strip() for line in lines)  # pyarrow cannot count the columns of an empty file
+    return "\n".join(lines) + "\n", ("ratings.dat" if dat else "u.data"), clean and has_row
+
+
+@SETTINGS
+@given(movielens_files())
+def test_movielens_columnar_equals_reference(tmp_path, case):
+    text, name, clean = case
+    p = tmp_path / name
+    p.write_text(text, encoding="latin-1")
+    used_reference = compare_with_reference("_load_movielens_reference", D._load_movielens_reference,
+                                            D.load_movielens, p, id_order="original")
+    assert not (clean and used_reference)
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from(INT_IDS + ODD_INTS[2:]), st.sampled_from(STR_IDS + ["3"]),
+                          st.sampled_from([1.0, 2.0, 3.0, -0.0, 0.5])), max_size=40),
+       st.booleans(), st.booleans())
+def test_parquet_equals_csv_reference(tmp_path, rows, int_users, int_times):
+    """The same rows as Parquet (integer or string columns) and as CSV load to the same data."""
+    (tmp_path / "log.csv").write_text("user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    users, items, times = (list(c) for c in zip(*rows)) if rows else ([], [], [])
+    users = pa.array(users, pa.string())
+    if int_users and all(u.strip().isascii() for u in users.to_pylist()):
+        users = pa.array([int(u) for u in users.to_pylist()], pa.int64())  # same ids as the integer strings
+    times = pa.array(times, pa.float64())
+    if int_times and all(t == int(t) for t in times.to_pylist()):
+        times = times.cast(pa.int64())
+    pq.write_table(pa.table({"user": users, "item": pa.array(items, pa.string()), "timestamp": times}),
+                   tmp_path / "log.parquet")
+    assert outcome(load, tmp_path / "log.parquet", "parquet") == outcome(D._load_csv_reference, tmp_path / "log.csv")
+
+
+@pytest.mark.parametrize("text, by_reference", [
+    ("user,item,timestamp\n1,2,nan\n1,3,1\n1,4,nan\n1,5,0\n", True),  # NaN times: the reference's own order
+    ("user,item,timestamp\n99999999999999999999,2,1\n99999999999999999999,3,2\n99999999999999999999,2,3\n", False),
+    ("user,item,user,timestamp\n1,2,3,1\n1,3,4,2\n1,4,5,3\n", True),  # a wanted column named twice
+    ("\ufeffuser,item,timestamp\n1,2,1\n1,3,2\n1,4,3\n", False),  # the csv module keeps the byte-order mark
+    ("id,user,item,timestamp\n9,1,2,1\n9,1,3,2\n,,,\n9,1,4,3\n", True),  # a blank line with separators
+    ("user,item,timestamp\n1,2,1\n1,3\n", True),  # a short line
+])
+def test_csv_odd_files_match_reference(tmp_path, text, by_reference):
+    p = write(tmp_path, "odd.csv", text)
+    assert compare_with_reference("_load_csv_reference", D._load_csv_reference, D.load_csv, p) == by_reference
+
+
+def test_csv_wrong_field_count_names_the_line(tmp_path):
+    with pytest.raises(DataFormatError, match="x.csv:4: expected 3 fields, got 2"):
+        load_csv(write(tmp_path, "x.csv", "user,item,timestamp\n1,2,1\n\n1,3\n"))
+    with pytest.raises(DataFormatError, match="x.csv:1: empty file"):
+        load_csv(write(tmp_path, "x.csv", ""))
+
+
+def test_movielens_dat_with_a_tab_matches_reference(tmp_path):
+    p = write(tmp_path, "ratings.dat", "1::2::5::1\n1::3\t4::5::2\n1::4::5::3\n")
+    assert compare_with_reference("_load_movielens_reference", D._load_movielens_reference, D.load_movielens, p)
+
+
+def test_parquet_types_and_errors(tmp_path):
+    def parquet(name, **columns):
+        pq.write_table(pa.table(columns), tmp_path / name)
+        return tmp_path / name
+    p = parquet("ok.parquet", user=pa.array(["a", "a", "a"]).dictionary_encode(), item=pa.array([3, 1, 2], pa.int16()),
+                timestamp=pa.array([3, 1, 2], pa.timestamp("s")))
+    d = D.load_parquet(p, id_order="original")
+    assert d.user_ids == ["a"] and d.item_ids == [1, 2, 3] and d.name == "ok"
+    bad = [(parquet("n.parquet", user=[1, None, 1], item=[1, 2, 3], timestamp=[1, 2, 3]),
+            "n.parquet:2: column 'user' is null"),
+           (parquet("t.parquet", user=[1, 1, 1], item=[1, 2, 3], timestamp=[1.0, float("nan"), 3.0]),
+            "t.parquet:2: timestamp in column 'timestamp' is NaN"),
+           (parquet("f.parquet", user=[1.5, 1.5, 1.5], item=[1, 2, 3], timestamp=[1, 2, 3]),
+            "f.parquet:0: column 'user' has type double, expected integers or strings"),
+           (parquet("s.parquet", user=[1, 1, 1], item=[1, 2, 3], timestamp=["a", "b", "c"]),
+            "s.parquet:0: column 'timestamp' has type string, expected numbers or timestamps"),
+           (parquet("m.parquet", user=[1, 1, 1], item=[1, 2, 3]), "m.parquet:0: column 'timestamp' not in columns"),
+           (write(tmp_path, "x.parquet", "user,item\n"), "x.parquet:0: not a Parquet file")]
+    for path, problem in bad:
+        with pytest.raises(DataFormatError, match=problem):
+            load(path, "parquet")
+    assert "parquet" in D.FORMATS  # the CLI's --format choices
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.integers(-3, 30), st.sampled_from(["a", "b", "7", True, 1.0, 2.5])),
+                         max_size=8), max_size=12))
+def test_number_items_equals_reference(histories):
+    ids, seqs = D._number_items(histories)
+    ref_ids, ref_seqs = D._number_items_reference(histories)
+    assert [(type(x), x) for x in ids] == [(type(x), x) for x in ref_ids]  # True and 1.0 merge into 1 in both
+    assert [s.tolist() for s in seqs] == [s.tolist() for s in ref_seqs] and all(s.dtype == np.int64 for s in seqs)
+
+
+def test_python_whitespace_is_what_strip_removes():
+    assert D._PY_WHITESPACE == "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())

@@ -1,26 +1,41 @@
-"""Interaction data: loaders (P5, MovieLens, CSV/TSV), id order, leave-one-out split, synthetic default.
+"""Interaction data: loaders (P5, MovieLens, CSV/TSV, Parquet), id order, leave-one-out split, synthetic default.
 
 Items and users keep their original ids in the API. Internally a user is an index `u` in
 `0..n_users-1` and an item an index `i` in `0..n_items-1`; the text of item `i` is `item_<code>`
 where the code is a seeded random permutation (`id_order="random"`, default) or the original id
 (`id_order="original"`: P5 numbers items by first appearance, which leaks the answer).
+
+Interaction logs (CSV/TSV, MovieLens, Parquet) load column by column with pyarrow and numpy
+(`_from_columns`); the row-by-row loaders they replaced stay as plain references
+(`_load_csv_reference`, `_load_movielens_reference`, `_from_rows`) and the tests compare the two.
+A CSV the fast parser cannot read exactly like the reference (a malformed line, a blank line with
+separators, a non-numeric or NaN timestamp) is re-read by the reference, which names the bad line.
 """
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Iterable, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 
 log = logging.getLogger(__name__)
 
 ID_ORDERS = ("random", "original")
-FORMATS = ("p5", "movielens", "csv", "tsv")
+FORMATS = ("p5", "movielens", "csv", "tsv", "parquet")
 MIN_ITEMS = 3  # leave-one-out needs a train item, a validation target and a test target
+# what str.strip() removes: every character c with c.isspace() (tests check it against Python)
+_PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+                  "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+_INT_PATTERN = r"^-?[0-9]+$"  # a plain integer id: the reference, int() and pyarrow's cast all agree on it
 
 
 class DataFormatError(ValueError):
@@ -85,8 +100,7 @@ def from_user_sequences(histories: Iterable[tuple[Hashable, Sequence[Hashable]]]
                         seed: int = 0, name: str = "data", min_items: int = MIN_ITEMS,
                         dropped_before: int = 0) -> SequenceData:
     """Build a dataset from (user id, [item ids in time order]) pairs; users with < min_items are dropped."""
-    if id_order not in ID_ORDERS:
-        raise ValueError(f"id_order: expected one of {ID_ORDERS}, got {id_order!r}")
+    _check_id_order(id_order)
     user_ids, raw, dropped = [], [], dropped_before
     for uid, items in histories:
         if len(items) < min_items:
@@ -96,13 +110,47 @@ def from_user_sequences(histories: Iterable[tuple[Hashable, Sequence[Hashable]]]
         raw.append(items)
     if not user_ids:
         raise ValueError(f"{name}: no user has at least {min_items} items")
-    item_ids = _first_appearance(raw)
-    index = {iid: i for i, iid in enumerate(item_ids)}
-    sequences = [np.array([index[x] for x in items], dtype=np.int64) for items in raw]
+    item_ids, sequences = _number_items(raw)
+    return _dataset(user_ids, item_ids, sequences, id_order=id_order, seed=seed, name=name, dropped=dropped,
+                    min_items=min_items)
+
+
+def _check_id_order(id_order: str) -> None:
+    if id_order not in ID_ORDERS:
+        raise ValueError(f"id_order: expected one of {ID_ORDERS}, got {id_order!r}")
+
+
+def _dataset(user_ids: list, item_ids: list, sequences: list, *, id_order: str, seed: int, name: str,
+             dropped: int, min_items: int) -> SequenceData:
+    """The SequenceData of the kept users, with item codes; logs how many users were dropped."""
     codes = item_codes(item_ids, id_order, seed)
     if dropped:
         log.warning("%s: dropped %d users with fewer than %d items", name, dropped, min_items)
     return SequenceData(user_ids, item_ids, sequences, codes, name=name, dropped_users=dropped)
+
+
+def _number_items(raw: list) -> tuple[list, list]:
+    """Item ids by first appearance over the histories, and each history as an int64 array of item indices.
+
+    Same result as `_number_items_reference`; dict.fromkeys and map run the per-item loops in C.
+    """
+    index = dict(zip(dict.fromkeys(itertools.chain.from_iterable(raw)), itertools.count()))
+    flat = np.fromiter(map(index.__getitem__, itertools.chain.from_iterable(raw)), dtype=np.int64,
+                       count=sum(map(len, raw)))
+    return list(index), _split(flat, np.fromiter(map(len, raw), dtype=np.int64, count=len(raw)))
+
+
+def _number_items_reference(raw: list) -> tuple[list, list]:
+    """Plain reference of `_number_items`."""
+    item_ids = _first_appearance(raw)
+    index = {iid: i for i, iid in enumerate(item_ids)}
+    return item_ids, [np.array([index[x] for x in items], dtype=np.int64) for items in raw]
+
+
+def _split(flat: np.ndarray, lengths: np.ndarray) -> list:
+    """`flat` cut into consecutive pieces of the given lengths (views of `flat`, no copies, like np.split)."""
+    ends = np.cumsum(lengths).tolist()
+    return [flat[a:b] for a, b in zip([0] + ends[:-1], ends)]  # one slice per user (np.split is 20x slower)
 
 
 def _first_appearance(raw: list) -> list:
@@ -116,25 +164,26 @@ def _first_appearance(raw: list) -> list:
 
 def item_codes(item_ids: list, id_order: str = "random", seed: int = 0) -> list:
     """The text code of each item: a seeded random permutation of 1..N, or the original id."""
-    if id_order not in ID_ORDERS:
-        raise ValueError(f"id_order: expected one of {ID_ORDERS}, got {id_order!r}")
+    _check_id_order(id_order)
     if id_order == "original":
-        return [str(x) for x in item_ids]
+        return list(map(str, item_ids))
     perm = np.random.default_rng(seed).permutation(len(item_ids)) + 1  # codes 1..N in random order
-    return [str(int(c)) for c in perm]
+    return list(map(str, perm.tolist()))
 
 
 # ---------------------------------------------------------------- loaders
 
 
 def load(path: str | Path, format: str = "p5", **kwargs) -> SequenceData:
-    """Load interactions from `path` in `format` ('p5', 'movielens', 'csv', 'tsv')."""
+    """Load interactions from `path` in `format` ('p5', 'movielens', 'csv', 'tsv', 'parquet')."""
     if format == "p5":
         return load_p5(path, **kwargs)
     if format == "movielens":
         return load_movielens(path, **kwargs)
     if format in ("csv", "tsv"):
         return load_csv(path, sep="," if format == "csv" else "\t", **kwargs)
+    if format == "parquet":
+        return load_parquet(path, **kwargs)
     raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
 
 
@@ -180,12 +229,32 @@ def load_movielens(path: str | Path, *, id_order: str = "random", seed: int = 0)
     """MovieLens `u.data` (tab: user item rating time) or `ratings.dat` (user::item::rating::time).
 
     Each user's items are ordered by timestamp; ties keep the order of the file (stable sort).
+    Read into columns by pyarrow; a file it cannot read exactly like `_load_movielens_reference`
+    (a short line, a non-integer field) is read by the reference, which names the bad line.
     """
+    p = _movielens_file(path)
+    columns = _read_movielens_columns(p)
+    if columns is None:
+        log.info("%s: reading row by row (the columnar reader cannot read it exactly)", p)
+        return _load_movielens_reference(p, id_order=id_order, seed=seed)
+    return _from_columns(*columns, id_order=id_order, seed=seed, name=p.parent.name or p.name)
+
+
+def _movielens_file(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
         p = next((p / n for n in ("ratings.dat", "u.data") if (p / n).is_file()), p / "ratings.dat")
-    p = _resolve(p)
-    sep = "::" if p.name.endswith(".dat") else "\t"
+    return _resolve(p)
+
+
+def _movielens_sep(p: Path) -> str:
+    return "::" if p.name.endswith(".dat") else "\t"
+
+
+def _load_movielens_reference(path: str | Path, *, id_order: str = "random", seed: int = 0) -> SequenceData:
+    """Plain reference of `load_movielens`: one Python tuple per line."""
+    p = _movielens_file(path)
+    sep = _movielens_sep(p)
     rows = []
     with p.open(encoding="latin-1") as f:
         for n, line in enumerate(f, 1):
@@ -199,23 +268,77 @@ def load_movielens(path: str | Path, *, id_order: str = "random", seed: int = 0)
     return _from_rows(rows, id_order, seed, p.parent.name or p.name)
 
 
+def _read_movielens_columns(p: Path) -> tuple | None:
+    """Encoded user and item columns and the int64 times of a MovieLens file, or None (use the reference)."""
+    source = str(p)
+    if _movielens_sep(p) == "::":
+        data = p.read_bytes()
+        if b"\t" in data:
+            return None
+        source = pa.BufferReader(data.replace(b"::", b"\t"))  # the fields of str.split("::"); .dat files are small
+    fields = ["f0", "f1", "f3"]  # user, item, timestamp
+    try:
+        table = pa_csv.read_csv(source, read_options=pa_csv.ReadOptions(autogenerate_column_names=True),
+                                parse_options=pa_csv.ParseOptions(delimiter="\t", quote_char=False),
+                                convert_options=_convert_options(dict.fromkeys(fields, pa.string())))
+    except pa.ArrowException:  # a short or ragged line
+        return None
+    users, items, times = (_int_values(table.column(f)) for f in fields)
+    if users is None or items is None or times is None:
+        return None
+    return _first_appearance_codes(users), _first_appearance_codes(items), times.to_numpy()
+
+
 def load_csv(path: str | Path, *, sep: str = ",", user_col: str = "user", item_col: str = "item",
              time_col: str = "timestamp", id_order: str = "random", seed: int = 0) -> SequenceData:
     """A CSV/TSV with a header naming user, item and timestamp columns (ties keep file order).
 
-    Ids are integers when every id in the column is an integer, strings otherwise.
+    Ids are integers when every id in the column is an integer, strings otherwise. Read into columns
+    by pyarrow (multithreaded); a file it cannot read exactly like `_load_csv_reference` (a malformed
+    line, a blank line with separators, a non-numeric or NaN timestamp) is read by the reference,
+    which raises the DataFormatError naming the line.
     """
+    p = _resolve(path)
+    header = _csv_header(p, sep)
+    cols = _header_columns(p, header, (user_col, item_col, time_col))
+    names = [header[c] for c in cols]
+    columns = _read_csv_columns(p, sep, names) if _distinct_in_header(header, names) else None
+    if columns is None:
+        log.info("%s: reading row by row (the columnar reader cannot read it exactly)", p)
+        return _load_csv_reference(p, sep=sep, user_col=user_col, item_col=item_col, time_col=time_col,
+                                   id_order=id_order, seed=seed)
+    return _from_columns(*columns, id_order=id_order, seed=seed, name=p.stem)
+
+
+def _csv_header(p: Path, sep: str) -> list | None:
+    """The first record of the file as the csv module reads it (None for an empty file)."""
+    with p.open(newline="") as f:
+        return next(csv.reader(f, delimiter=sep), None)
+
+
+def _header_columns(p: Path, header: list | None, names: Sequence[str]) -> list:
+    """The header position of each wanted column; DataFormatError at line 1 when one is missing."""
+    if header is None:
+        raise DataFormatError(p, 1, "empty file, expected a header line")
+    for c in names:
+        if c not in header:
+            raise DataFormatError(p, 1, f"column {c!r} not in header {header}")
+    return [header.index(c) for c in names]
+
+
+def _distinct_in_header(header: list, names: list) -> bool:
+    """Whether the wanted columns are distinct and each named once (pyarrow selects columns by name)."""
+    return len(set(names)) == len(names) and all(header.count(c) == 1 for c in names)
+
+
+def _load_csv_reference(path: str | Path, *, sep: str = ",", user_col: str = "user", item_col: str = "item",
+                        time_col: str = "timestamp", id_order: str = "random", seed: int = 0) -> SequenceData:
+    """Plain reference of `load_csv`: the csv module, one Python tuple per row."""
     p = _resolve(path)
     with p.open(newline="") as f:
         reader = csv.reader(f, delimiter=sep)
         header = next(reader, None)
-        if header is None:
-            raise DataFormatError(p, 1, "empty file, expected a header line")
-        cols = []
-        for c in (user_col, item_col, time_col):
-            if c not in header:
-                raise DataFormatError(p, 1, f"column {c!r} not in header {header}")
-            cols.append(header.index(c))
+        cols = _header_columns(p, header, (user_col, item_col, time_col))
         rows = []
         for n, rec in enumerate(reader, 2):
             if not rec or all(not x.strip() for x in rec):
@@ -232,6 +355,84 @@ def load_csv(path: str | Path, *, sep: str = ",", user_col: str = "user", item_c
     return _from_rows(rows, id_order, seed, p.stem)
 
 
+def _read_csv_columns(p: Path, sep: str, names: list) -> tuple | None:
+    """Encoded user and item columns and float64 times, or None when pyarrow cannot read the file exactly.
+
+    None sends the file to the reference, which reads it or raises the DataFormatError of its bad line.
+    """
+    types = {names[0]: pa.string(), names[1]: pa.string(), names[2]: pa.float64()}
+    try:
+        table = pa_csv.read_csv(p, parse_options=pa_csv.ParseOptions(delimiter=sep, newlines_in_values=True),
+                                convert_options=_convert_options(types))
+    except pa.ArrowException:  # a ragged line, a blank or non-numeric timestamp, not UTF-8
+        return None
+    times = table.column(names[2]).to_numpy()
+    if np.isnan(times).any():  # the reference orders NaN times its own way
+        return None
+    return _encode_ids(table.column(names[0])), _encode_ids(table.column(names[1])), times
+
+
+def _convert_options(types: dict) -> pa_csv.ConvertOptions:
+    """Read only the typed columns, and no value as null: a field is its text, as for the csv module."""
+    return pa_csv.ConvertOptions(include_columns=list(types), column_types=types, null_values=[],
+                                 strings_can_be_null=False, quoted_strings_can_be_null=False)
+
+
+def load_parquet(path: str | Path, *, user_col: str = "user", item_col: str = "item", time_col: str = "timestamp",
+                 id_order: str = "random", seed: int = 0) -> SequenceData:
+    """A Parquet file with user, item and timestamp columns; each user's items by (timestamp, row order).
+
+    Integer id columns give int ids; string id columns follow `load_csv`'s rule (stripped; ints when
+    every id is an integer). Timestamps are any integer, float or timestamp column, compared exactly.
+    A DataFormatError gives as its line the 1-based row, or 0 for a problem with the file or schema.
+    """
+    import pyarrow.parquet as pq  # only Parquet users pay for its import
+
+    p = _resolve(path)
+    try:
+        available = pq.read_schema(p).names
+    except pa.ArrowException as e:
+        raise DataFormatError(p, 0, f"not a Parquet file ({e})") from None
+    for c in (user_col, item_col, time_col):
+        if c not in available:
+            raise DataFormatError(p, 0, f"column {c!r} not in columns {available}")
+    table = pq.read_table(p, columns=list(dict.fromkeys((user_col, item_col, time_col))))
+    users, items = (_parquet_ids(p, table.column(c), c) for c in (user_col, item_col))
+    times = _parquet_times(p, table.column(time_col), time_col)
+    return _from_columns(users, items, times, id_order=id_order, seed=seed, name=p.stem)
+
+
+def _parquet_ids(p: Path, col: pa.ChunkedArray, name: str) -> tuple:
+    """`_encode_ids` of a Parquet column of integers or strings (dictionary-encoded or not)."""
+    _check_no_nulls(p, col, name)
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if pa.types.is_integer(col.type):
+        return _first_appearance_codes(col)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return _encode_ids(col)
+    raise DataFormatError(p, 0, f"column {name!r} has type {col.type}, expected integers or strings")
+
+
+def _parquet_times(p: Path, col: pa.ChunkedArray, name: str) -> np.ndarray:
+    """A Parquet timestamp column as numbers: integers and floats as they are, timestamps as int64."""
+    _check_no_nulls(p, col, name)
+    if pa.types.is_timestamp(col.type):
+        col = col.cast(pa.int64())
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        raise DataFormatError(p, 0, f"column {name!r} has type {col.type}, expected numbers or timestamps")
+    times = col.to_numpy()
+    if pa.types.is_floating(col.type) and np.isnan(times).any():
+        raise DataFormatError(p, int(np.flatnonzero(np.isnan(times))[0]) + 1, f"timestamp in column {name!r} is NaN")
+    return times
+
+
+def _check_no_nulls(p: Path, col: pa.ChunkedArray, name: str) -> None:
+    if col.null_count:
+        row = pc.index(pc.is_null(col), True).as_py()
+        raise DataFormatError(p, row + 1, f"column {name!r} is null")
+
+
 def _intify(rows: list) -> list:
     def all_int(col):
         return all(r[col].lstrip("-").isdigit() for r in rows)
@@ -240,12 +441,95 @@ def _intify(rows: list) -> list:
 
 
 def _from_rows(rows: list, id_order: str, seed: int, name: str) -> SequenceData:
-    """Group (user, item, time) rows per user, ordered by time with ties in file order."""
+    """Group (user, item, time) rows per user, by time with ties in file order; reference of `_from_columns`."""
     per_user: dict = {}
     for pos, (u, i, t) in enumerate(rows):
         per_user.setdefault(u, []).append((t, pos, i))
     histories = [(u, [i for _, _, i in sorted(evts)]) for u, evts in per_user.items()]
     return from_user_sequences(histories, id_order=id_order, seed=seed, name=name)
+
+
+# ---------------------------------------------------------------- columnar core (numpy + pyarrow, no per-row Python)
+
+
+def _from_columns(users: tuple, items: tuple, times: np.ndarray, *, id_order: str, seed: int, name: str,
+                  min_items: int = MIN_ITEMS) -> SequenceData:
+    """Columnar twin of `_from_rows`: the rows as columns in file order, the same SequenceData.
+
+    users, items: (per-row code, id of each code), codes numbered by first appearance (`_encode_ids`);
+    times: (N,) numbers. Users keep their first-appearance order, each user's rows are ordered by
+    (time, file order), users with < min_items rows are dropped, and items are numbered by first
+    appearance in the grouped order of the kept users.
+    """
+    _check_id_order(id_order)
+    (u, user_ids), (i, item_ids) = users, items
+    counts = np.bincount(u, minlength=len(user_ids))  # (U,) rows per user
+    keep = counts >= min_items
+    if not keep.any():
+        raise ValueError(f"{name}: no user has at least {min_items} items")
+    rows = _grouped_rows(u, times, keep)  # (M,) row numbers, user by user, in time order
+    item_index, first = _first_appearance_codes(i[rows])  # items renumbered in the grouped order
+    sequences = _split(item_index.astype(np.int64), counts[keep])
+    return _dataset(user_ids[keep].tolist(), item_ids[first].tolist(), sequences, id_order=id_order, seed=seed,
+                    name=name, dropped=int(np.count_nonzero(~keep)), min_items=min_items)
+
+
+def _grouped_rows(u: np.ndarray, times: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Row numbers of the kept users' rows sorted by (user code, time), ties in file order."""
+    order = pc.sort_indices(pa.table({"u": u, "t": times}),  # a stable sort: ties keep file order
+                            sort_keys=[("u", "ascending"), ("t", "ascending")]).to_numpy()
+    return order if keep.all() else order[keep[u[order]]]
+
+
+def _first_appearance_codes(values) -> tuple[np.ndarray, np.ndarray]:
+    """Values numbered by first appearance: ((N,) int32 codes 0, 1, ..., the distinct values in that order)."""
+    encoded = pc.dictionary_encode(pa.array(values) if isinstance(values, np.ndarray) else values)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()  # the chunks share one dictionary (one hash table for the column)
+    return encoded.indices.to_numpy(), encoded.dictionary.to_numpy(zero_copy_only=False)
+
+
+def _encode_ids(col) -> tuple[np.ndarray, np.ndarray]:
+    """`_first_appearance_codes` of a string id column under the reference's rule (`_intify`).
+
+    The stripped ids are ints when every one is an integer (optional '-', digits), strings otherwise.
+    """
+    ints = _int_values(col)
+    if ints is not None:
+        return _first_appearance_codes(ints)
+    codes, ids = _first_appearance_codes(pc.utf8_trim(col, _PY_WHITESPACE))
+    if not all(v.lstrip("-").isdigit() for v in ids):  # stops at the first non-integer, usually ids[0]
+        return codes, ids
+    return _merge_equal_ids(codes, [int(v) for v in ids])  # rare: '٣', '--5' (int() raises), ids past int64
+
+
+def _int_values(col):
+    """The string column as int64 (pyarrow) when every stripped value is a plain ASCII integer in range, else None."""
+    decimal = pc.ascii_is_decimal(col)  # the common case: only digits, no sign, no spaces
+    if not _all_true(decimal):
+        first_other = col[pc.index(decimal, False).as_py()].as_py()
+        if re.fullmatch(_INT_PATTERN, first_other.strip()) is None:
+            return None  # a string id: skip the whole-column checks below
+        col = pc.utf8_trim(col, _PY_WHITESPACE)
+        if not _all_true(pc.match_substring_regex(col, _INT_PATTERN)):
+            return None
+    try:
+        return pc.cast(col, pa.int64())
+    except pa.ArrowInvalid:  # beyond int64
+        return None
+
+
+def _all_true(mask) -> bool:
+    return pc.all(mask).as_py() is not False  # None (no values) counts as true, like Python's all([])
+
+
+def _merge_equal_ids(codes: np.ndarray, ids: list) -> tuple[np.ndarray, np.ndarray]:
+    """Codes renumbered so that equal ids share the code of the first one (a loop over distinct ids)."""
+    first: dict = {}
+    new = np.array([first.setdefault(v, len(first)) for v in ids], dtype=np.int32)
+    merged = np.empty(len(first), dtype=object)
+    merged[:] = list(first)
+    return new[codes], merged
 
 
 # ---------------------------------------------------------------- synthetic default
