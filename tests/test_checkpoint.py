@@ -63,3 +63,33 @@ def test_model_trained_without_user_tokens_ignores_users(trained, small_syntheti
     without = again.recommend(hists, k=5)
     assert [r.items for r in with_users] == [r.items for r in without]
     assert again.encode([1, 2], 3).user_ids.sum() == 0 and rec.encode([1, 2], 3).user_ids.sum() > 0
+
+
+def test_whole_item_checkpoint_with_an_older_tokenizer_loads_the_same(small_synthetic, tmp_path):
+    """Before issue 18 a whole-item tokenizer's BPE corpus held every item's text (as the pieces corpus still
+    does), so its sentencepiece model differs from a new one; item i is still token n_sp + i, as when saved."""
+    import dataclasses
+    import numpy as np
+    from genrec_fast import Recommender, preset
+    from genrec_fast.data import Catalog, leave_one_out
+    from genrec_fast.model import GenRec
+    from genrec_fast.tokenizer import GenRecTokenizer
+    d = small_synthetic
+    train_part = leave_one_out(d).train
+    older = GenRecTokenizer.train(train_part, d.item_codes, 200, "pieces").model_proto  # the older whole corpus
+    tok = GenRecTokenizer(older, d.item_codes, "whole")
+    n_sp = tok.sp.get_piece_size()
+    assert older != GenRecTokenizer.train(train_part, d.item_codes, 200, "whole").model_proto
+    cfg = dataclasses.replace(preset("tiny").model, vocab_size=tok.vocab_size, n_users=d.n_users,
+                              n_items=d.n_items, item_eos=False)
+    torch.manual_seed(0)
+    rec = Recommender(GenRec(cfg).eval(), tok, Catalog.from_data(d))
+    hists = [[d.item_ids[i] for i in s] for s in d.sequences[:8]]
+    want = rec.recommend(hists, k=10, users=d.user_ids[:8])
+    checkpoint.save(tmp_path / "c", rec.model, tok, rec.catalog)
+    again = genrec_fast.load(tmp_path / "c")
+    assert again.tokenizer.model_proto == older and again.tokenizer.vocab_size == tok.vocab_size
+    np.testing.assert_array_equal(again.tokenizer.item_flat, n_sp + np.arange(d.n_items))
+    assert all(t.device.type == "cpu" for t in again.model.state_dict().values())  # built on meta, then assigned
+    got = again.recommend(hists, k=10, users=d.user_ids[:8])
+    assert [r.items for r in got] == [r.items for r in want] and [r.scores for r in got] == [r.scores for r in want]

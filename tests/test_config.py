@@ -52,3 +52,14 @@ def test_shipped_configs_load():
             load_config(str(f))
         for key in ("reproduces", "command", "date"):
             assert key in spec, f"{f.name} lacks {key!r}"
+
+
+def test_sampled_softmax_fields():
+    p = with_overrides(preset("small"), dict([parse_override("train.softmax=sampled"),
+                                              parse_override("train.num_negatives=256")]))
+    assert (p.train.softmax, p.train.num_negatives) == ("sampled", 256)
+    assert (preset("small").train.softmax, preset("small").train.num_negatives) == ("full", 1024)
+    with pytest.raises(ValueError, match="train.softmax must be one of"):
+        with_overrides(p, {"train.softmax": "sampeld"})
+    with pytest.raises(ValueError, match="train.num_negatives must be >= 0"):
+        with_overrides(p, {"train.num_negatives": -5})

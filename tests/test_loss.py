@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from genrec_fast import load, preset
 from genrec_fast.data import synthetic
-from genrec_fast.loss import item_cross_entropy, linear_cross_entropy
+from genrec_fast.loss import NegativeSampler, item_cross_entropy, linear_cross_entropy, sampled_cross_entropy
 from genrec_fast.model import GenRec
 from genrec_fast.train import Trainer, seen_tokens, to_batch
 
@@ -139,3 +139,86 @@ def test_linear_cross_entropy_on_cuda_matches_the_cpu_reference(chunk):
     torch.testing.assert_close(got.cpu(), want)
     for a, e in zip(torch.autograd.grad(got, [xc, wc]), torch.autograd.grad(want, [x, w])):
         torch.testing.assert_close(a.cpu(), e)
+
+
+def sampled_reference(x, weight, bias, labels, candidates, log_q, smoothing):
+    """Per row: F.cross_entropy over the row's candidate columns: the first column holding its label is the
+    class, the other columns holding it are left out."""
+    terms = []
+    for n in range(len(labels)):
+        y = int(labels[n])
+        if y < 0:
+            continue
+        pos = int((candidates == y).nonzero()[0, 0])
+        keep = candidates != y
+        keep[pos] = True
+        z = F.linear(x[n], weight[candidates[keep]], None if bias is None else bias[candidates[keep]])
+        if log_q is not None:
+            z = z - log_q[keep]
+        target = torch.tensor([int(keep[:pos].sum())])
+        terms.append(F.cross_entropy(z[None], target, label_smoothing=smoothing))
+    return torch.stack(terms).mean()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 12), st.integers(0, 20), st.sampled_from([0.0, 0.1, 0.3]),
+       st.booleans(), st.booleans())
+def test_sampled_cross_entropy_matches_the_per_row_reference(seed, N, K, smoothing, bias, sparse):
+    g = torch.Generator().manual_seed(seed)
+    V = 15
+    x = torch.randn(N, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[torch.rand(N, generator=g) < 0.2] = -100  # padding rows
+    drawn = torch.randint(0, V, (K,), generator=g)  # with replacement: accidental hits and repeats
+    candidates = torch.cat([labels[labels >= 0].unique(), drawn])
+    log_q = torch.randn(len(candidates), generator=g, dtype=torch.float64)
+    got = sampled_cross_entropy(x, w, b, labels, candidates, log_q, smoothing, sparse=sparse)
+    if (labels < 0).all():
+        assert got.isnan()
+        return
+    want = sampled_reference(x, w, b, labels, candidates, log_q, smoothing)
+    torch.testing.assert_close(got, want)
+    inputs = [x, w] + ([b] if bias else [])
+    for a, e in zip(torch.autograd.grad(1.5 * got, inputs), torch.autograd.grad(1.5 * want, inputs)):
+        torch.testing.assert_close(a.to_dense() if a.is_sparse else a, e)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_sampled_cross_entropy_over_every_class_is_the_full_softmax(smoothing):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(30, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 30, (9,), generator=g)
+    every = torch.randperm(30, generator=g)  # each class once, in any order
+    got = sampled_cross_entropy(x, w, b, labels, every, None, smoothing, sparse=True)
+    want = F.cross_entropy(F.linear(x, w, b), labels, label_smoothing=smoothing)
+    torch.testing.assert_close(got, want)
+    (gx, gw), (wx, ww) = torch.autograd.grad(got, [x, w]), torch.autograd.grad(want, [x, w])
+    assert gw.is_sparse
+    torch.testing.assert_close(gx, wx)
+    torch.testing.assert_close(gw.to_dense(), ww)
+    torch.testing.assert_close(linear_cross_entropy(x, w, b, labels, smoothing), want)
+
+
+def test_sampled_cross_entropy_names_a_label_missing_from_the_candidates():
+    with pytest.raises(ValueError, match="candidates"):
+        sampled_cross_entropy(torch.randn(2, 3), torch.randn(5, 3), None, torch.tensor([1, 4]), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="candidates"):
+        sampled_cross_entropy(torch.randn(2, 3), torch.randn(5, 3), None, torch.tensor([1, 4]), torch.tensor([[1]]))
+
+
+def test_negative_sampler_draws_the_batch_targets_then_uniform_items_with_their_log_q():
+    share = torch.tensor([0.5, 0.25, 0.25, 0.0], dtype=torch.float64)
+    sampler = NegativeSampler(first_item=10, target_share=share, num_negatives=6)
+    labels = torch.tensor([11, 10, 11])
+    cands, log_q = sampler.draw(labels, np.random.default_rng(0))
+    assert cands[:2].tolist() == [10, 11] and len(cands) == 8 and ((cands >= 10) & (cands < 14)).all()
+    again, _ = sampler.draw(labels, np.random.default_rng(0))
+    assert torch.equal(cands, again)  # the numpy generator decides: a resumed run draws the same
+    p = share[cands - 10]
+    torch.testing.assert_close(log_q, torch.log(1 - (1 - p) ** 3 + 6 / 4))  # in the batch of 3, or drawn
+    none = NegativeSampler(10, share, 0).log_q(torch.tensor([13]), 3)
+    assert torch.isfinite(none).all()  # an item that is never a target and never drawn

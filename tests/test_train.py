@@ -278,3 +278,99 @@ def test_item_tokens_make_the_id_order_irrelevant(tmp_path):
         return [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()]
     assert losses("original", "whole") == losses("random", "whole")
     assert losses("original", "pieces") != losses("random", "pieces")
+
+
+def _sampled_preset(**train_fields):
+    """The tiny model with one token per item, no EOS step and the sampled softmax."""
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    p.train = dataclasses.replace(p.train, softmax="sampled", num_negatives=8, **train_fields)
+    return p
+
+
+def test_sampled_softmax_needs_one_item_token_per_target(tmp_path):
+    import pytest
+    d = synthetic(n_users=30, n_items=20, seed=7)
+    for section, name, value in [("tokenizer", "item_tokens", "pieces"), ("model", "item_eos", True),
+                                 ("model", "encoder_causal", True), ("train", "mask_seen", True)]:
+        p = _sampled_preset()
+        setattr(p, section, dataclasses.replace(getattr(p, section), **{name: value}))
+        with pytest.raises(ValueError, match=f"train.softmax='sampled' needs .*{section}.{name}"):
+            Trainer(d, tmp_path, p, progress=False)
+    with pytest.raises(ValueError, match="train.softmax"):
+        TrainConfig(softmax="sample")
+    with pytest.raises(ValueError, match="train.num_negatives"):
+        TrainConfig(num_negatives=-1)
+
+
+def test_full_softmax_keeps_one_dense_adamw(tmp_path):
+    p = _sampled_preset()
+    p.train = dataclasses.replace(p.train, softmax="full")
+    t = Trainer(synthetic(n_users=30, n_items=20, seed=7), tmp_path, p, progress=False)
+    assert t.sparse_opt is None and t.optimizers == [t.opt] and not t.model.shared.sparse
+    assert [q for g in t.opt.param_groups for q in g["params"]] == t.params
+
+
+def test_sampled_softmax_step_updates_only_the_rows_it_touches(tmp_path):
+    d = synthetic(n_users=80, n_items=40, seed=2)
+    t = Trainer(d, tmp_path, _sampled_preset(pretrain_epochs=0, finetune_epochs=1, drop_user_prob=0.0),
+                progress=False)
+    m = t.model
+    tables = {"shared": m.shared.weight, "item_embed": m.item_embed.weight, "user_embed": m.user_embed.weight}
+    assert [q for g in t.sparse_opt.param_groups for q in g["params"]] == list(tables.values())
+    assert not any(q is w for q in t.opt.param_groups[0]["params"] for w in tables.values())
+    before = {k: w.detach().clone() for k, w in tables.items()}
+    part = t.epoch_batches(pretrain=False)[0]
+    kwargs, labels = to_batch(part, t.tokenizer, m.cfg, "cpu")
+    replay = np.random.default_rng()
+    replay.bit_generator.state = t.rng.bit_generator.state
+    candidates, _ = t.sampler.draw(labels[:, 0], replay)  # what the step will draw
+    t.epoch_batches = lambda pretrain: [part]
+    assert np.isfinite(t.train_epoch(False))
+    touched = {"shared": torch.cat([candidates, kwargs["tokens"].flatten(), kwargs["decoder_tokens"].flatten()]),
+               "item_embed": kwargs["item_ids"].flatten(), "user_embed": kwargs["user_ids"].flatten()}
+    for k, w in tables.items():
+        rows = torch.zeros(len(w), dtype=torch.bool)
+        rows[touched[k]] = True
+        rows[0] = False  # the padding row never learns
+        assert torch.equal(w[~rows], before[k][~rows]), k  # lazy: no other row moves, not even by weight decay
+        assert not torch.equal(w[rows], before[k][rows]), k
+
+
+def test_clip_grad_norm_takes_sparse_gradients_as_their_dense_equivalent():
+    from genrec_fast.train import clip_grad_norm
+    g = torch.Generator().manual_seed(0)
+    w, v = torch.randn(10, 3, generator=g, requires_grad=True), torch.randn(4, generator=g, requires_grad=True)
+    (torch.nn.functional.embedding(torch.tensor([1, 1, 4]), w, sparse=True).pow(2).sum() + v.pow(3).sum()).backward()
+    dense_w, dense_v = w.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    dense_w.grad, dense_v.grad = w.grad.to_dense(), v.grad.clone()
+    want = torch.nn.utils.clip_grad_norm_([dense_w, dense_v], 0.5)
+    got = clip_grad_norm([w, v], 0.5)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(w.grad.to_dense(), dense_w.grad)
+    torch.testing.assert_close(v.grad, dense_v.grad)
+
+
+def test_sampled_softmax_trains_checkpoints_and_resumes(tmp_path):
+    import pytest
+    from genrec_fast import checkpoint
+    d = synthetic(n_users=150, n_items=30, seed=6, follow_prob=0.9)
+    p = _sampled_preset(pretrain_epochs=1, finetune_epochs=2, eval_users=60, lr=5e-3)
+    train(d, tmp_path, p, progress=False)
+    state = checkpoint.load_train_state(tmp_path / "last")
+    saved = state["sparse_optimizer"]["state"]  # token, item and user tables
+    p.train = dataclasses.replace(p.train, finetune_epochs=3)
+    t = Trainer(d, tmp_path, p, progress=False)
+    t.resume()
+    assert t.step == state["step"] and t.epoch == 3 and len(saved) == 3
+    assert saved[0]["exp_avg"].shape == t.model.shared.weight.shape
+    for k, s in saved.items():  # the lazy Adam moments come back
+        assert torch.equal(t.sparse_opt.state[t.sparse_opt.param_groups[0]["params"][k]]["exp_avg"], s["exp_avg"])
+    train(d, tmp_path, p, progress=False, resume=True)
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
+    assert max(r["valid"]["NDCG@10"] for r in rows) > 0.3  # popularity is ~0.05 here: it learned the chains
+    p.train = dataclasses.replace(p.train, softmax="full")
+    with pytest.raises(ValueError, match="train.softmax='sampled'; resume it with the same"):
+        Trainer(d, tmp_path, p, progress=False).resume()

@@ -63,8 +63,9 @@ def load_parts(path: str | Path, device: str | torch.device = "cpu"):
     cfg = json.loads((path / "config.json").read_text())
     catalog = Catalog(**json.loads((path / "catalog.json").read_text()))
     tokenizer = GenRecTokenizer.load(path, catalog.item_codes)
-    model = GenRec(model_config_from_dict(cfg["model"]))
-    model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
+    with torch.device("meta"):  # no random init (1-2 s at a million items), no second copy: the weights replace it
+        model = GenRec(model_config_from_dict(cfg["model"]))
+    model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True), assign=True)
     train_cfg = TrainConfig(**cfg["train"]) if cfg.get("train") else None
     return model.to(device).eval(), tokenizer, catalog, train_cfg, cfg
 

@@ -44,6 +44,9 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
 
+SOFTMAXES = ("full", "sampled")
+
+
 @dataclass
 class TrainConfig:
     """Masked item prediction: pretraining epochs, then next-item finetuning epochs."""
@@ -61,6 +64,11 @@ class TrainConfig:
     history_drop: float = 0.0  # finetuning drops each history item this often (afresh every epoch; one stays)
     history_reorder: float = 0.0  # finetuning shuffles a random stretch of this share of each history (afresh every epoch)
     mask_seen: bool = False  # softmax without the input's own items (data without repeats; use exclude_seen)
+    softmax: str = "full"  # the training softmax: over every token ("full"), or "sampled": over the
+    # batch's targets plus num_negatives uniform item draws (log-Q corrected), with lazy (sparse) Adam updates
+    # of the token, item and user tables (no weight decay on them): a step's cost stops growing with the
+    # catalog. Needs one token per target: tokenizer.item_tokens="whole", model.item_eos=False
+    num_negatives: int = 1024  # uniform item draws per batch with softmax="sampled"
     max_items: int = 20  # history window in items
     label_smoothing: float = 0.0
     eval_every: int = 1  # epochs between validations
@@ -89,6 +97,10 @@ class TrainConfig:
                              f"{self.eval_from!r} and {self.eval_every!r}")
         if self.max_minutes < 0:
             raise ValueError(f"train.max_minutes must be >= 0 (0 = no budget), got {self.max_minutes!r}")
+        if self.softmax not in SOFTMAXES:
+            raise ValueError(f"train.softmax must be one of {SOFTMAXES}, got {self.softmax!r}")
+        if self.num_negatives < 0:
+            raise ValueError(f"train.num_negatives must be >= 0, got {self.num_negatives!r}")
 
     @property
     def uses_user_token(self) -> bool:

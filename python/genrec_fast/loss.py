@@ -1,6 +1,10 @@
-"""Training loss: token cross-entropy with label smoothing, optionally without the input's own items."""
+"""Training loss: token cross-entropy with label smoothing, optionally without the input's own items, over
+all tokens (chunked: `linear_cross_entropy`) or over sampled candidate items (`sampled_cross_entropy`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -103,3 +107,69 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     keep = labels != ignore_index  # (N,)
     rows = keep.nonzero()[:, 0]  # (n,)
     return _LinearCrossEntropy.apply(x.index_select(0, rows), weight, bias, labels[rows], smoothing, chunk)
+
+
+def sampled_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                          candidates: torch.Tensor, log_q: torch.Tensor | None = None, smoothing: float = 0.0,
+                          ignore_index: int = -100, sparse: bool = False) -> torch.Tensor:
+    """Mean cross-entropy of x (N, C) against labels (N,) over the classes `candidates` (M,) instead of all V:
+    logits x @ weight[candidates].T + bias[candidates] - log_q (N, M), log_q (M,) = log of each candidate's
+    expected count in the sample (the correction that makes a sampled softmax estimate the full one).
+
+    Row n's class is the first column holding labels[n] (every label must be a candidate); the other
+    columns holding it (accidental hits) leave that row's softmax, and label smoothing spreads over the
+    row's remaining columns. All V classes once and no log_q: the full softmax,
+    `F.cross_entropy(F.linear(x, weight, bias), labels, label_smoothing=smoothing)` (tested), as is the
+    per-row reference in tests/test_loss.py. sparse=True: weight's gradient is sparse (the M candidate
+    rows), for torch.optim.SparseAdam.
+    """
+    if (x.dim() != 2 or labels.shape != x.shape[:1] or candidates.dim() != 1 or weight.dim() != 2
+            or weight.shape[1] != x.shape[1]):
+        raise ValueError(f"expected x (N, C), weight (V, C), labels (N,), candidates (M,); got x "
+                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}, labels {tuple(labels.shape)}, "
+                         f"candidates {tuple(candidates.shape)}")
+    rows = (labels != ignore_index).nonzero()[:, 0]  # (n,)
+    if len(rows) == 0:
+        return x.new_tensor(float("nan"))  # as the mean of no rows (linear_cross_entropy, F.cross_entropy)
+    x, labels = x.index_select(0, rows), labels[rows]  # (n, C), (n,)
+    hit = candidates[None, :] == labels[:, None]  # (n, M)
+    if not bool(hit.any(1).all()):
+        raise ValueError("candidates: every label must be one of the candidates")
+    pos = hit.byte().argmax(1, keepdim=True)  # (n, 1) the first column holding the label
+    removed = hit.scatter(1, pos, False)  # (n, M) accidental hits
+    z = x @ F.embedding(candidates, weight, sparse=sparse).t()  # (n, M)
+    if bias is not None:
+        z = z + bias[candidates]
+    if log_q is not None:
+        z = z - log_q.to(z.dtype)
+    z = z.masked_fill(removed, float("-inf"))
+    lse = z.logsumexp(1)  # (n,)
+    kept_mean = z.masked_fill(removed, 0.0).sum(1) / (~removed).sum(1)  # (n,) mean logit of the row's classes
+    loss = (1 - smoothing) * (lse - z.gather(1, pos)[:, 0]) + smoothing * (lse - kept_mean)  # (n,)
+    return loss.mean()
+
+
+@dataclass
+class NegativeSampler:
+    """Candidates of a batch of one-token item targets: the batch's distinct targets (in-batch negatives)
+    plus `num_negatives` uniform draws (with replacement) from the item tokens, and their log-Q correction."""
+
+    first_item: int  # token of item 0 (items are tokens first_item .. first_item + n_items - 1)
+    target_share: torch.Tensor  # (n_items,) each item's share of the training targets (sums to 1), on the
+    # device of the labels
+    num_negatives: int
+
+    def draw(self, labels: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """labels (B,) item tokens -> candidates (M,) = unique(labels) then the draws, and log_q (M,)."""
+        n_items = len(self.target_share)
+        drawn = torch.from_numpy(rng.integers(0, n_items, self.num_negatives)).to(labels.device) + self.first_item
+        candidates = torch.cat([labels.unique(), drawn])  # (M,)
+        return candidates, self.log_q(candidates, len(labels))
+
+    def log_q(self, candidates: torch.Tensor, batch_rows: int) -> torch.Tensor:
+        """log of each candidate's expected count: among `batch_rows` targets with probability
+        1 - (1 - p)^B (p = its share of the training targets), plus num_negatives / n_items uniform draws."""
+        n_items = len(self.target_share)
+        p = self.target_share[candidates - self.first_item]  # (M,)
+        in_batch = -torch.expm1(batch_rows * torch.log1p(-p))  # (M,) 1 - (1 - p)^B
+        return torch.log(in_batch + self.num_negatives / n_items).clamp_min(-80.0)  # -80: p = 0 and no draws

@@ -11,10 +11,11 @@ ranks all items with one softmax (users and `<mask>` stay sentencepiece pieces).
 from __future__ import annotations
 
 import io
+import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -22,6 +23,10 @@ import sentencepiece as spm
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MASK = "<mask>"
 ITEM_TOKENS = ("pieces", "whole")
+WORDS_PER_LINE = 1000  # words per tokenizer training line: far below sentencepiece's max_sentence_length
+MAX_HISTORY_LINES = 100_000  # users (and histories) sampled for the BPE statistics: bounds sentencepiece's
+# time whatever the number of users (a million items and 100,000 histories: ~6 s)
+USER_DIGITS = " ".join(f"user_{d}" for d in range(10))  # every character a user's text can hold
 
 
 def item_text(code: str) -> str:
@@ -41,8 +46,82 @@ class Encoded:
     item_ids: np.ndarray  # (T,) int64
 
 
+def training_lines(histories: Sequence[np.ndarray], item_codes: Sequence[str], item_tokens: str) -> list[str]:
+    """Sentencepiece training text, never one line holding every item (it would pass max_sentence_length).
+
+    The users (at most MAX_HISTORY_LINES, a seeded sample) and, with too few users to show them all,
+    every character a user's text can hold. "whole" adds nothing else: the encoder's other text is
+    <mask> (a user-defined symbol) and whole item tokens. "pieces" writes each user with its history's
+    items, and every item's text, WORDS_PER_LINE words a line: BPE counts words, so how they are cut
+    into lines does not change the model (the same model as one line listing every item).
+    """
+    users = np.arange(len(histories))
+    if len(users) > MAX_HISTORY_LINES:
+        users = np.sort(np.random.default_rng(0).choice(len(users), MAX_HISTORY_LINES, replace=False))
+    words = [user_text(u) for u in users.tolist()]
+    cover = [USER_DIGITS] if set(USER_DIGITS.replace(" ", "")) - set("".join(words)) else []
+    if item_tokens == "whole":
+        return _word_lines(words) + cover
+    lines = [" ".join([w] + [item_text(item_codes[i]) for i in histories[u][-64:]])
+             for w, u in zip(words, users.tolist())]
+    return lines + _word_lines([item_text(c) for c in item_codes]) + cover
+
+
+def _word_lines(words: list[str]) -> list[str]:
+    return [" ".join(words[s:s + WORDS_PER_LINE]) for s in range(0, len(words), WORDS_PER_LINE)]
+
+
+def _flatten(pieces: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-item piece lists -> offsets (n + 1,) and flat pieces (total,), both int64."""
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))  # (n,)
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=int(offsets[-1]))
+    return offsets, flat
+
+
+def first_duplicate(offsets: np.ndarray, flat: np.ndarray) -> tuple[int, int] | None:
+    """Two items with the same piece sequence, or None. The items of each length are sorted as byte
+    strings and neighbours compared: O(n log n), no Python object per item."""
+    lengths = np.diff(offsets)  # (n,)
+    for n in np.unique(lengths).tolist():
+        items = np.flatnonzero(lengths == n)  # (m,)
+        if len(items) < 2:
+            continue
+        if n == 0:
+            return int(items[0]), int(items[1])
+        rows = np.ascontiguousarray(flat[offsets[items][:, None] + np.arange(n)])  # (m, n)
+        keys = rows.view(np.dtype((np.void, rows.itemsize * n)))[:, 0]  # (m,) one byte string per item
+        order = np.argsort(keys, kind="stable")
+        same = np.flatnonzero(keys[order][1:] == keys[order][:-1])
+        if len(same):
+            return int(items[order[same[0]]]), int(items[order[same[0] + 1]])
+    return None
+
+
+class ItemPieces(Sequence):
+    """`item_pieces[i]`: item i's pieces, a view `item_flat[item_offsets[i]:item_offsets[i + 1]]` (not a copy:
+    do not write to it), without one array per item (a million of those take ~1 s and ~120 MB)."""
+
+    def __init__(self, offsets: np.ndarray, flat: np.ndarray):
+        self.starts, self.ends, self.flat = offsets[:-1], offsets[1:], flat  # (n,), (n,), (total,)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.flat[self.starts[i]:self.ends[i]]  # numpy: negative i counts from the end, IndexError past it
+
+    def __iter__(self):
+        for a, b in zip(self.starts.tolist(), self.ends.tolist()):
+            yield self.flat[a:b]
+
+
 class GenRecTokenizer:
-    """A sentencepiece BPE model plus each item's piece sequence (unique per item)."""
+    """A sentencepiece BPE model plus each item's piece sequence (unique per item), stored flat:
+    item i is `item_flat[item_offsets[i]:item_offsets[i + 1]]` (also `item_pieces[i]`)."""
 
     def __init__(self, model_proto: bytes, item_codes: Sequence[str], item_tokens: str = "pieces"):
         if item_tokens not in ITEM_TOKENS:
@@ -54,23 +133,25 @@ class GenRecTokenizer:
         if self.sp.pad_id() != PAD_ID or self.sp.eos_id() != EOS_ID or self.mask_id == UNK_ID:
             raise ValueError("tokenizer: sentencepiece model lacks the pad/eos/<mask> ids genrec_fast expects")
         self.item_codes = list(item_codes)
-        if item_tokens == "whole":
-            n = self.sp.get_piece_size()
-            self.item_pieces = [np.array([n + i], dtype=np.int64) for i in range(len(self.item_codes))]
+        if item_tokens == "whole":  # item i is token n_sp + i
+            n, n_sp = len(self.item_codes), self.sp.get_piece_size()
+            self.item_offsets = np.arange(n + 1, dtype=np.int64)  # (n_items + 1,)
+            self.item_flat = np.arange(n_sp, n_sp + n, dtype=np.int64)  # (n_items,)
         else:
-            self.item_pieces = [np.array(p, dtype=np.int64) for p in
-                                self.sp.encode([item_text(c) for c in self.item_codes])]
+            self.item_offsets, self.item_flat = _flatten(self.sp.encode([item_text(c) for c in self.item_codes]))
+        self.item_pieces = ItemPieces(self.item_offsets, self.item_flat)
         self._check_items()
 
     def _check_items(self) -> None:
-        seen = {}
-        for i, p in enumerate(self.item_pieces):
-            key = tuple(p.tolist())
-            if UNK_ID in key:
-                raise ValueError(f"tokenizer: item code {self.item_codes[i]!r} has unknown pieces")
-            if key in seen:
-                raise ValueError(f"tokenizer: items {seen[key]} and {i} share the piece sequence {key}")
-            seen[key] = i
+        unknown = np.flatnonzero(self.item_flat == UNK_ID)
+        if len(unknown):
+            i = int(np.searchsorted(self.item_offsets, unknown[0], side="right")) - 1
+            raise ValueError(f"tokenizer: item code {self.item_codes[i]!r} has unknown pieces")
+        pair = first_duplicate(self.item_offsets, self.item_flat)
+        if pair is not None:
+            i, j = pair
+            raise ValueError(f"tokenizer: items {i} and {j} share the piece sequence "
+                             f"{tuple(self.item_pieces[i].tolist())}")
 
     @property
     def vocab_size(self) -> int:
@@ -81,16 +162,13 @@ class GenRecTokenizer:
     @classmethod
     def train(cls, histories: Sequence[np.ndarray], item_codes: Sequence[str],
               vocab_size: int = 1000, item_tokens: str = "pieces") -> "GenRecTokenizer":
-        """Train BPE (deterministic) on the training histories' text plus one line listing every item."""
-        lines = [" ".join([user_text(u)] + [item_text(item_codes[i]) for i in h[-64:]])
-                 for u, h in enumerate(histories)]
-        lines.append(" ".join(item_text(c) for c in item_codes))
+        """Train BPE (deterministic) on the text the encoder reads besides whole item tokens (see `training_lines`)."""
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=[MASK],
-            character_coverage=1.0, hard_vocab_limit=False, max_sentence_length=1 << 22,
-            split_by_number=True, num_threads=2, minloglevel=2,
+            sentence_iterator=iter(training_lines(histories, item_codes, item_tokens)), model_writer=model,
+            model_type="bpe", vocab_size=vocab_size, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            user_defined_symbols=[MASK], character_coverage=1.0, hard_vocab_limit=False,
+            max_sentence_length=1 << 22, split_by_number=True, num_threads=2, minloglevel=2,
         )
         return cls(model.getvalue(), item_codes, item_tokens)
 
@@ -109,9 +187,17 @@ class GenRecTokenizer:
 
     def decode_item(self, pieces: Sequence[int]) -> int:
         """Item index of a piece sequence (without EOS); KeyError if it is no item."""
-        if not hasattr(self, "_by_pieces"):
-            self._by_pieces = {tuple(p.tolist()): i for i, p in enumerate(self.item_pieces)}
-        return self._by_pieces[tuple(int(x) for x in pieces)]
+        key = np.asarray(pieces, dtype=np.int64).reshape(-1)  # (L,)
+        if self.item_tokens == "whole":  # item i is the one token item_flat[0] + i
+            i = int(key[0] - self.item_flat[0]) if len(key) == 1 and len(self.item_flat) else -1
+            if 0 <= i < len(self.item_flat):
+                return i
+        else:
+            if not hasattr(self, "_by_pieces"):  # built on first use: one bytes key per item
+                self._by_pieces = {p.tobytes(): i for i, p in enumerate(self.item_pieces)}
+            if key.tobytes() in self._by_pieces:
+                return self._by_pieces[key.tobytes()]
+        raise KeyError(tuple(key.tolist()))
 
     def encode(self, items: Sequence[int], user: int | None = None, mask_at: int | None = None,
                max_len: int | None = None) -> Encoded:
