@@ -5,32 +5,14 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
-#include <thread>
+
+#include "parallel.h"
 
 namespace genrec {
 namespace {
 
 // Higher scores first; NaN after every number, so the order is total and both backends agree.
 bool score_before(float a, float b) { return !std::isnan(a) && (std::isnan(b) || a > b); }
-
-// Runs fn(begin, end) over chunks of [0, n), on several threads when there are enough users.
-template <class Fn>
-void parallel_over(int64_t n, Fn fn) {
-  constexpr int64_t kMinUsers = 64;         // below this, thread start-up costs more than it saves
-  constexpr int64_t kUsersPerThread = 32;
-  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t threads = n >= kMinUsers ? std::min(cores, n / kUsersPerThread) : 1;
-  if (threads <= 1) {
-    fn(int64_t{0}, n);
-    return;
-  }
-  std::vector<std::thread> workers;
-  for (int64_t t = 1; t < threads; ++t) {
-    workers.emplace_back(fn, n * t / threads, n * (t + 1) / threads);
-  }
-  fn(int64_t{0}, n / threads);
-  for (auto& w : workers) w.join();
-}
 
 void check_sizes(const Trie* trie, int64_t num_users, int32_t num_beams, int32_t k,
                  float length_penalty) {
@@ -45,29 +27,6 @@ void check_sizes(const Trie* trie, int64_t num_users, int32_t num_beams, int32_t
   if (!std::isfinite(length_penalty)) throw std::invalid_argument("length_penalty must be finite");
 }
 
-void check_filter(const ItemFilter& f, int64_t num_users, int64_t num_items) {
-  if (f.allow != nullptr && f.allow_rows != 1 && f.allow_rows != num_users) {
-    throw std::invalid_argument("allow must have 1 row or num_users rows, got " +
-                                std::to_string(f.allow_rows));
-  }
-  if (f.exclude_ptr == nullptr) return;
-  if (f.exclude_items == nullptr) throw std::invalid_argument("exclude: items pointer is null");
-  if (f.exclude_ptr[0] < 0) throw std::invalid_argument("exclude: offsets must start at >= 0");
-  for (int64_t u = 0; u < num_users; ++u) {  // all offsets first: items are read only in bounds
-    if (f.exclude_ptr[u + 1] < f.exclude_ptr[u]) {
-      throw std::invalid_argument("exclude: offsets must be non-decreasing");
-    }
-  }
-  for (int64_t u = 0; u < num_users; ++u) {
-    for (int64_t i = f.exclude_ptr[u]; i < f.exclude_ptr[u + 1]; ++i) {
-      if (f.exclude_items[i] < 0 || f.exclude_items[i] >= num_items) {
-        throw std::invalid_argument("exclude[" + std::to_string(u) + "] holds item " +
-                                    std::to_string(f.exclude_items[i]) + " outside [0, " +
-                                    std::to_string(num_items) + ")");
-      }
-    }
-  }
-}
 
 }  // namespace
 
@@ -188,7 +147,8 @@ StepOutput BeamSearch::step(const float* logprobs, int64_t rows, int64_t vocab) 
   const auto divisor = static_cast<float>(std::pow(static_cast<double>(length),
                                                    static_cast<double>(length_penalty_)));
   stays_active_.assign(active_.size(), 0);
-  parallel_over(static_cast<int64_t>(active_.size()), [&](int64_t begin, int64_t end) {
+  constexpr int64_t kUsersPerThread = 32;  // below this a thread costs more than it saves
+  parallel_for(static_cast<int64_t>(active_.size()), threads_, kUsersPerThread, [&](int64_t begin, int64_t end) {
     step_users(logprobs, vocab, divisor, begin, end);
   });
   return collect_rows();

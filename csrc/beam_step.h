@@ -5,20 +5,11 @@
 #include <memory>
 #include <vector>
 
+#include "item_filter.h"
 #include "trie.h"
 
 namespace genrec {
 
-// Which items each user may receive. Views, read only by the BeamSearch constructor.
-struct ItemFilter {
-  // User u never gets exclude_items[exclude_ptr[u]:exclude_ptr[u+1]]; nullptr: nothing excluded.
-  const int64_t* exclude_ptr = nullptr;  // (num_users + 1,)
-  const int64_t* exclude_items = nullptr;
-  // (allow_rows, num_items), nonzero = allowed; nullptr: everything allowed. allow_rows is 1
-  // (one row shared by all users) or num_users (one row per user).
-  const uint8_t* allow = nullptr;
-  int64_t allow_rows = 0;
-};
 
 // For each new row: the previous row it extends and the token it just appended.
 struct StepOutput {
@@ -38,6 +29,8 @@ class BeamSearch {
   int32_t k() const { return k_; }
   const std::vector<int64_t>& active_users() const { return active_; }
   int64_t width() const { return width_; }
+  // Threads `step` may use (<= 0: all cores); the caller passes its framework's thread count.
+  void set_threads(int threads) { threads_ = threads; }
   int64_t num_rows() const { return static_cast<int64_t>(active_.size()) * width_; }
   bool done() const { return active_.empty(); }
 
@@ -101,6 +94,7 @@ class BeamSearch {
   std::vector<int64_t> active_;         // users of the current rows, increasing
   std::vector<uint8_t> stays_active_;   // (active_.size(),) scratch of step
   int64_t width_ = 1;
+  int threads_ = 0;
   int32_t num_steps_ = 0;
 };
 

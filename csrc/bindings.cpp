@@ -9,12 +9,15 @@
 #include <vector>
 
 #include "beam_step.h"
+#include "topk.h"
 #include "trie.h"
 
 namespace py = pybind11;
 
 // ---- trie + beam search bindings (owner: C++ beam search) ----
 void bind_beam_search(py::module_& m);
+// ---- streaming top-k over item logits ----
+void bind_topk(py::module_& m);
 // ---- CUDA attention bindings (owner: CUDA kernels) ----
 void bind_attention(py::module_& m);
 
@@ -28,6 +31,7 @@ PYBIND11_MODULE(_core, m) {
 #endif
   }, "True when the CUDA attention kernels were compiled into this build.");
   bind_beam_search(m);
+  bind_topk(m);
   bind_attention(m);
 }
 
@@ -77,6 +81,7 @@ void bind_beam_search(py::module_& m) {
                                       int32_t k, float length_penalty, std::optional<Int64Array> exclude_ptr,
                                       std::optional<Int64Array> exclude_items, std::optional<BoolArray> allow) {
     if (!trie) throw py::value_error("trie must not be None");
+    if (num_users < 0) throw py::value_error("num_users must be >= 0, got " + std::to_string(num_users));
     if (exclude_ptr.has_value() != exclude_items.has_value()) {
       throw py::value_error("exclude_ptr and exclude_items go together");
     }
@@ -132,9 +137,84 @@ void bind_beam_search(py::module_& m) {
            py::arg("exclude_items") = py::none(), py::arg("allow") = py::none())
       .def("active_users", [to_numpy](const BeamSearch& s) { return to_numpy(s.active_users()); })
       .def_property_readonly("width", &BeamSearch::width)
+      .def("set_threads", &BeamSearch::set_threads, py::arg("threads"),
+           "Threads `step` may use (<= 0: all cores).")
       .def("done", &BeamSearch::done)
       .def("step", step, py::arg("logprobs"), "(parent_rows, tokens) of the next rows.")
       .def("results", results, "(items int64, scores float32), both (num_users, k), padded with -1 / -inf.");
+}
+
+// ======================= streaming top-k =========================================================
+namespace {
+// The core object plus the filter arrays it reads (kept alive here, since the core holds views).
+struct TopKHolder {
+  std::optional<py::array_t<bool>> allow;
+  std::unique_ptr<genrec::StreamingTopK> topk;
+};
+}  // namespace
+
+void bind_topk(py::module_& m) {
+  using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+  using BoolArray = py::array_t<bool, py::array::c_style | py::array::forcecast>;
+  const auto make = [](int64_t num_users, int32_t k, int64_t num_items, std::optional<Int64Array> exclude_ptr,
+                       std::optional<Int64Array> exclude_items, std::optional<BoolArray> allow) {
+    if (num_users < 0) throw py::value_error("num_users must be >= 0, got " + std::to_string(num_users));
+    if (exclude_ptr.has_value() != exclude_items.has_value()) {
+      throw py::value_error("exclude_ptr and exclude_items go together");
+    }
+    auto h = std::make_unique<TopKHolder>();
+    genrec::ItemFilter filter;
+    if (exclude_ptr) {  // sizes checked before any element is read
+      if (exclude_ptr->ndim() != 1 || exclude_ptr->shape(0) != num_users + 1) {
+        throw py::value_error("exclude_ptr must be 1-D with num_users + 1 entries");
+      }
+      if (exclude_items->ndim() != 1) throw py::value_error("exclude_items must be 1-D");
+      const int64_t* ptr = exclude_ptr->data();
+      if (ptr[0] < 0 || ptr[num_users] > exclude_items->shape(0)) {
+        throw py::value_error("exclude_ptr must index into exclude_items");
+      }
+      filter.exclude_ptr = ptr;
+      filter.exclude_items = exclude_items->data();
+    }
+    if (allow) {
+      const bool shared = allow->ndim() == 1 && allow->shape(0) == num_items;
+      if (!shared && !(allow->ndim() == 2 && allow->shape(0) == num_users && allow->shape(1) == num_items)) {
+        throw py::value_error("allow must have shape (num_items,) or (num_users, num_items)");
+      }
+      h->allow = *allow;
+      filter.allow = reinterpret_cast<const uint8_t*>(h->allow->data());
+      filter.allow_rows = shared ? 1 : num_users;
+    }
+    h->topk = std::make_unique<genrec::StreamingTopK>(num_users, k, num_items, filter);
+    return h;
+  };
+  const auto add = [](TopKHolder& h, std::uintptr_t ptr, int64_t rows, int64_t cols, int64_t ld,
+                      int64_t first_item, bool topk, bool lse, int threads) {
+    if (rows != h.topk->num_users()) {
+      throw py::value_error("scores has " + std::to_string(rows) + " rows, expected num_users=" +
+                            std::to_string(h.topk->num_users()));
+    }
+    if (ptr == 0 && rows * cols > 0) throw py::value_error("scores pointer is null");
+    py::gil_scoped_release release;
+    h.topk->add(reinterpret_cast<const float*>(ptr), ld, cols, first_item, topk, lse, threads);
+  };
+  const auto results = [](const TopKHolder& h) {
+    const auto U = static_cast<py::ssize_t>(h.topk->num_users());
+    py::array_t<int64_t> items({U, static_cast<py::ssize_t>(h.topk->k())});
+    py::array_t<float> values({U, static_cast<py::ssize_t>(h.topk->k())});
+    py::array_t<float> lse(U);
+    h.topk->results(items.mutable_data(), values.mutable_data(), lse.mutable_data());
+    return py::make_tuple(items, values, lse);
+  };
+  py::class_<TopKHolder>(m, "StreamingTopK",
+                         "Per-user top-k of item scores fed in column chunks, with a running log-sum-exp.")
+      .def(py::init(make), py::arg("num_users"), py::arg("k"), py::arg("num_items"),
+           py::arg("exclude_ptr") = py::none(), py::arg("exclude_items") = py::none(), py::arg("allow") = py::none())
+      .def("add", add, py::arg("ptr"), py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("first_item"),
+           py::arg("topk"), py::arg("lse"), py::arg("threads"),
+           "Scores (rows, cols) float32 at a raw host pointer, row stride ld (elements); column j is "
+           "item first_item + j. The caller keeps the buffer alive and unchanged during the call.")
+      .def("results", results, "(items int64 (U, k), raw scores float32 (U, k), lse float32 (U,)).");
 }
 
 // ======================= CUDA attention (CUDA owner edits below) ================================

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from genrec_fast.batching import encode_padded, pad_encoder
+from genrec_fast.batching import encode_histories, encode_padded, pad_encoder
 from genrec_fast.data import leave_one_out, synthetic
 from genrec_fast.tokenizer import GenRecTokenizer
 
@@ -60,3 +60,34 @@ def test_mask_position_outside_history_is_an_error(tokenizer):
         tokenizer.encode(h, None, 3)
     with pytest.raises(ValueError, match="mask_at"):
         encode_padded(tokenizer, [h], [None], [-1])
+
+
+@st.composite
+def serving_rows(draw):
+    n = draw(st.integers(1, 30))
+    items = np.array(draw(st.lists(st.integers(0, N_ITEMS - 1), min_size=n, max_size=n)), dtype=np.int64)
+    return items, draw(st.none() | st.integers(0, 149))
+
+
+def _serving_reference(tok, rows, max_items, max_len):
+    try:
+        enc = pad_encoder([tok.encode(h[-max_items:], u, max_len=max_len) for h, u in rows])
+    except ValueError as e:
+        return e
+    return {k: v.numpy() for k, v in enc.items()}
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.lists(serving_rows(), min_size=1, max_size=6), max_items=st.integers(1, 25),
+       max_len=st.integers(3, 60))
+def test_encode_histories_matches_reference(tokenizer, rows, max_items, max_len):
+    for batch in [[r] for r in rows] + [rows]:  # each row alone (its own error or none), then together
+        want = _serving_reference(tokenizer, batch, max_items, max_len)
+        hists, users = [h for h, _ in batch], [u for _, u in batch]
+        if isinstance(want, ValueError):
+            with pytest.raises(ValueError, match="max_len: .* pieces cannot hold the mask and the most recent item"):
+                encode_histories(tokenizer, hists, users, max_items, max_len)
+            continue
+        got = encode_histories(tokenizer, hists, users, max_items, max_len)
+        for key in want:
+            np.testing.assert_array_equal(got[key].numpy(), want[key], err_msg=key)

@@ -224,7 +224,8 @@ def test_trie_hand_example():
 
 @needs_native
 def test_native_trie_is_built_once_and_matches():
-    t = hand_trie()
+    t = Trie.build(hand_trie()._sequences(), hand_trie().eos_id, backend="reference")
+    assert t._native() is t._native()
     assert t._native() is t._native()
     for name in TRIE_ARRAYS:
         np.testing.assert_array_equal(getattr(t._native(), name), getattr(t, name), err_msg=name)
@@ -235,8 +236,8 @@ def test_native_trie_is_built_once_and_matches():
 @settings(max_examples=100, deadline=None)
 def test_native_trie_matches_python(case):
     seqs, eos, _ = case
-    t = Trie.build(seqs, eos)
-    native = t._native()
+    t = Trie.build(seqs, eos, backend="reference")  # the plain Python construction
+    native = Trie.build(seqs, eos)._native()
     for name in TRIE_ARRAYS:
         np.testing.assert_array_equal(getattr(native, name), getattr(t, name), err_msg=name)
     assert (native.num_nodes, native.num_items, native.max_depth, native.eos_id) == (
@@ -374,9 +375,26 @@ def test_accepts_cpu_torch_tensors(backend):
     np.testing.assert_array_equal(from_torch.results()[0], from_numpy.results()[0])
 
 
-def test_auto_backend_prefers_native():
-    search = make_beam_search(hand_trie(), 1, 2, 1)
-    assert isinstance(search, CppBeamSearch if native_available() else ReferenceBeamSearch)
+def test_auto_backend_is_native_and_fails_loudly_without_it(monkeypatch):
+    """"auto" never falls back to the Python search: a broken build is an ImportError naming it."""
+    import sys
+    import genrec_fast
+    from genrec_fast import native
+    trie = Trie.build([[1, 2], [1, 3], [2], [1]], eos_id=0, backend="reference")
+    assert isinstance(make_beam_search(trie, 1, 2, 1), CppBeamSearch)
+    native.core.cache_clear()
+    monkeypatch.setitem(sys.modules, "genrec_fast._core", None)  # `from genrec_fast import _core` now fails
+    monkeypatch.delattr(genrec_fast, "_core", raising=False)
+    try:
+        with pytest.raises(ImportError, match=r"genrec_fast._core \(the C\+\+ extension\) cannot be imported.*pip install"):
+            make_beam_search(Trie.build([[1, 2], [1, 3], [2], [1]], eos_id=0, backend="reference"), 1, 2, 1)
+        with pytest.raises(ImportError, match="cannot be imported"):
+            Trie.build([[1]], eos_id=0)  # the C++ trie construction fails loudly too
+        assert not native_available()
+        ref = Trie.build([[1, 2], [1, 3], [2], [1]], eos_id=0, backend="reference")
+        assert isinstance(make_beam_search(ref, 1, 2, 1, backend="reference"), ReferenceBeamSearch)
+    finally:
+        native.core.cache_clear()
 
 
 # ---- errors -------------------------------------------------------------------------------------------

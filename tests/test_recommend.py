@@ -123,3 +123,58 @@ def test_whole_item_tokens_beam_search_equals_exhaustive_ranking():
     rec = Recommender.random(items, "tiny", vocab_size=200, item_tokens="whole", seed=3)
     assert rec.tokenizer.vocab_size == rec.model.cfg.vocab_size == rec.tokenizer.sp.get_piece_size() + 150
     assert_beam_search_is_exhaustive(rec, [4, 9, 33, 120], None)
+
+
+def one_token_model(n_items=150, seed=3):
+    """A random model whose items are one token each, without EOS: served by one step + top-k."""
+    import dataclasses
+    from genrec_fast import Recommender, preset
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False)
+    return Recommender.random([f"sku{i}" for i in range(n_items)], cfg, vocab_size=200, item_tokens="whole",
+                              seed=seed)
+
+
+def test_one_step_path_equals_the_trie_search_and_brute_force():
+    rec = one_token_model()
+    assert rec.one_step
+    rng = np.random.default_rng(0)
+    ids = rec.catalog.item_ids
+    hists = [[ids[i] for i in rng.choice(len(ids), int(rng.integers(1, 40)))] for _ in range(13)]
+    for exclude_seen, allowed in ((False, None), (True, None), (True, ids[::3]), (False, [])):
+        kw = dict(k=20, exclude_seen=exclude_seen, allowed_items=allowed)
+        rec._trie = None
+        fast = rec.recommend(hists, **kw)
+        assert rec._trie is None  # the one-step path never builds the trie
+        for backend in ("cpp", "reference"):
+            slow = rec.recommend(hists, backend=backend, **kw)
+            assert [r.items for r in fast] == [r.items for r in slow]
+            np.testing.assert_allclose(np.concatenate([r.scores for r in fast]),
+                                       np.concatenate([r.scores for r in slow]), atol=1e-5)
+    assert all(r.items == [] for r in rec.recommend(hists, k=5, allowed_items=[]))
+    assert_beam_search_is_exhaustive(rec, [4, 9, 33, 120], None, k=150)  # every item, in order
+
+
+def test_one_step_path_k_beyond_the_catalog():
+    rec = one_token_model(n_items=30)
+    out = rec.recommend([["sku1", "sku2"]], k=50, exclude_seen=True)[0]
+    assert sorted(out.items) == sorted(set(rec.catalog.item_ids) - {"sku1", "sku2"})
+    assert out.scores == sorted(out.scores, reverse=True)
+
+
+def test_one_step_path_keeps_a_trained_checkpoints_metrics(small_synthetic, tmp_path):
+    """Quality unchanged: test metrics through the one-step path equal those of the trie search."""
+    import dataclasses
+    from genrec_fast import preset, train
+    from genrec_fast.evaluate import evaluate, model_ranker
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False)
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=3, eval_users=50, lr=5e-3)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    rec = train(small_synthetic, tmp_path / "run", p, progress=False)
+    split = leave_one_out(small_synthetic)
+    for exclude_seen in (False, True):
+        fast, slow = (evaluate(model_ranker(rec, backend=b), split, "test", exclude_seen=exclude_seen, progress=False)
+                      for b in ("auto", "cpp"))
+        fast.pop("seconds"), slow.pop("seconds")
+        assert fast == slow and fast["NDCG@10"] > 0.1
+    assert rec._trie is not None  # "cpp" did run the trie search

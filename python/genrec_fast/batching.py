@@ -85,3 +85,59 @@ def pad_targets(targets: Sequence[np.ndarray], bos_id: int, ignore: int = -100,
         inputs[b, 0] = bos_id
         inputs[b, 1:len(t)] = t[:-1]
     return torch.from_numpy(inputs).to(device), torch.from_numpy(labels).to(device)
+
+
+def encode_histories(tokenizer: GenRecTokenizer, histories: Sequence[np.ndarray], users: Sequence[int | None],
+                     max_items: int, max_len: int, device: torch.device | str = "cpu") -> dict:
+    """Serving input of B histories (item indices, oldest first) with `<mask>` after the history:
+    `pad_encoder([tokenizer.encode(h[-max_items:], u, max_len=max_len) ...])` (the reference, tested)
+    built with array operations over all items of the batch, for either item form.
+
+    -> tokens, user_ids, item_ids (B, S) int64 and mask (B, S) bool. Each row is
+    [user pieces] [pieces of the kept items] <mask> EOS, the oldest items dropped until it fits max_len
+    (the most recent item always stays; ValueError if even that does not fit).
+    """
+    B = len(histories)
+    lens = np.array([min(len(h), max_items) for h in histories], dtype=np.int64)  # (B,) items kept per row
+    items = np.concatenate([np.zeros(0, np.int64)] + [np.asarray(h, np.int64)[len(h) - n:]
+                                                      for h, n in zip(histories, lens)])  # (N,)
+    row = np.repeat(np.arange(B), lens)  # (N,)
+    user_p = [np.zeros(0, np.int64) if u is None else tokenizer.user_pieces(u) for u in users]
+    n_user = np.array([len(p) for p in user_p], dtype=np.int64)  # (B,)
+    offsets, flat = tokenizer.item_offsets, tokenizer.item_flat
+    plen = offsets[items + 1] - offsets[items]  # (N,) pieces per item
+    end = np.cumsum(plen)  # (N,) pieces up to and including each item, over the whole batch
+    row_end = np.zeros(B, np.int64)
+    row_end[lens > 0] = end[np.cumsum(lens)[lens > 0] - 1]
+    suffix = row_end[row] - end + plen  # (N,) pieces from each item to the end of its row
+    budget = max_len - 1 - n_user  # (B,) pieces for the items and <mask> (1 is the closing EOS)
+    last = np.arange(len(items)) == np.repeat(np.cumsum(lens) - 1, lens)  # (N,) most recent item of its row
+    keep = (suffix + 1 <= budget[row]) | last
+    used = np.bincount(row[keep], weights=plen[keep], minlength=B).astype(np.int64)  # (B,) item pieces kept
+    if np.any(used + 1 > budget):
+        b = int(np.flatnonzero(used + 1 > budget)[0])
+        raise ValueError(f"max_len: {budget[b]} pieces cannot hold the mask and the most recent item (row {b})")
+    items, row, plen = items[keep], row[keep], plen[keep]
+    S = int((n_user + used + 2).max()) if B else 0
+    tokens = np.full((B, S), PAD_ID, dtype=np.int64)
+    user_ids = np.zeros((B, S), dtype=np.int64)
+    item_ids = np.zeros((B, S), dtype=np.int64)
+    for b in np.flatnonzero(n_user):  # user pieces: a handful of rows at most per request batch
+        tokens[b, :n_user[b]], user_ids[b, :n_user[b]] = user_p[b], users[b] + 1
+    first_piece = np.cumsum(plen) - plen  # (N',) index of each kept item's first piece in the batch
+    row_first = np.full(B, -1, np.int64)
+    row_first[row[::-1]] = first_piece[::-1]  # smallest first_piece per row
+    p_item = np.repeat(np.arange(len(items)), plen)  # (P,) kept item of each piece
+    within = np.arange(len(p_item)) - first_piece[p_item]  # (P,) piece index inside its item
+    p_row = row[p_item]
+    col = n_user[p_row] + first_piece[p_item] - row_first[p_row] + within
+    tokens[p_row, col] = flat[offsets[items[p_item]] + within]
+    item_ids[p_row, col] = items[p_item] + 1
+    mask_col = n_user + used
+    tokens[np.arange(B), mask_col] = tokenizer.mask_id
+    tokens[np.arange(B), mask_col + 1] = EOS_ID
+    mask = np.arange(S)[None, :] < (mask_col + 2)[:, None]
+    out = {k: torch.from_numpy(v).to(device) for k, v in
+           (("tokens", tokens), ("user_ids", user_ids), ("item_ids", item_ids))}
+    out["mask"] = torch.from_numpy(mask).to(device)
+    return out

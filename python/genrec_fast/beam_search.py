@@ -2,7 +2,8 @@
 
 `Trie` holds the item sequences as flat CSR arrays. `ReferenceBeamSearch` is the plain numpy
 state machine; `CppBeamSearch` runs the same machine in the native `_core` module (parallel over
-users, GIL released). `make_beam_search(..., backend="auto")` picks the native one when built.
+users, GIL released). `make_beam_search(..., backend="auto")` is the native one: a broken build raises
+an ImportError instead of quietly serving with the reference.
 
 The caller drives the search: feed log-probabilities for the current rows to `step`, reorder the
 decoder cache with the returned `parent_rows`, feed the returned `tokens`, until `done()`.
@@ -14,6 +15,8 @@ import operator
 
 import numpy as np
 
+from .native import core
+
 __all__ = ["Trie", "ReferenceBeamSearch", "CppBeamSearch", "make_beam_search", "native_available"]
 
 _BACKENDS = ("auto", "cpp", "reference")
@@ -21,16 +24,17 @@ _MAX_ID = 2**31 - 1  # node ids and tokens are int32
 
 
 def _native_module():
-    """The compiled `_core` module when it has the beam search, else None."""
-    try:
-        from genrec_fast import _core
-    except ImportError:
-        return None
-    return _core if hasattr(_core, "BeamSearch") else None
+    """The compiled `_core` module; ImportError naming the build problem when it is missing (native.py)."""
+    return core()
 
 
 def native_available() -> bool:
-    return _native_module() is not None
+    """True when `_core` imports (the "auto" backend never falls back: it raises instead)."""
+    try:
+        core()
+    except ImportError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,8 +50,13 @@ class Trie:
     max_depth, eos_id and min_vocab (logprobs need more columns than any token id on an edge).
     """
 
-    def __init__(self, tokens, offsets, eos_id: int):
-        """Item i is tokens[offsets[i]:offsets[i + 1]] without EOS; prefer `Trie.build`."""
+    def __init__(self, tokens, offsets, eos_id: int, backend: str = "cpp"):
+        """Item i is tokens[offsets[i]:offsets[i + 1]] without EOS.
+
+        backend "cpp": built by the C++ core (a million items in about a second), its arrays copied here;
+        "reference": built in plain Python (the definition; tests compare the two)."""
+        if backend not in ("cpp", "reference"):
+            raise ValueError(f"backend: expected 'cpp' or 'reference', got {backend!r}")
         self.eos_id = _check_id(eos_id, "eos_id")
         self._tokens = np.ascontiguousarray(tokens, dtype=np.int64)  # kept for the native trie
         self._offsets = np.ascontiguousarray(offsets, dtype=np.int64)
@@ -56,19 +65,39 @@ class Trie:
         if len(self._offsets) == 0 or self._offsets[0] < 0 or self._offsets[-1] > len(self._tokens):
             raise ValueError("offsets must be non-empty and index into tokens")
         self._native_trie = None
-        sequences = [self._tokens[a:b].tolist() for a, b in zip(self._offsets[:-1], self._offsets[1:])]
-        self._flatten(_nested_trie(sequences, self.eos_id))
-        self.num_items = len(sequences)
-        self.max_depth = max(map(len, sequences), default=-1) + 1
+        self.num_items = len(self._offsets) - 1
+        lengths = np.diff(self._offsets)
+        self.max_depth = int(lengths.max(initial=-1)) + 1
+        if backend == "reference":
+            self._build_reference()
+        else:
+            self._build_native()
         self.min_vocab = int(self.child_token.max(initial=-1)) + 1
 
+    def _sequences(self) -> list:
+        return [self._tokens[a:b].tolist() for a, b in zip(self._offsets[:-1], self._offsets[1:])]
+
+    def _build_reference(self) -> None:
+        self._flatten(_nested_trie(self._sequences(), self.eos_id))
+
+    def _build_native(self) -> None:
+        try:
+            native = core().Trie(self._tokens, self._offsets, self.eos_id)
+        except ValueError:
+            self._build_reference()  # raises the reference's message, which names the bad sequence
+            raise
+        for name in ("child_ptr", "child_token", "child_node", "leaf_item", "leaf_lo", "leaf_hi", "leaf_order"):
+            setattr(self, name, np.asarray(getattr(native, name)))
+        self.num_nodes = int(native.num_nodes)
+        self._native_trie = native
+
     @classmethod
-    def build(cls, sequences, eos_id: int) -> "Trie":
+    def build(cls, sequences, eos_id: int, backend: str = "cpp") -> "Trie":
         """One item per sequence of piece ids (distinct, non-empty, without EOS)."""
-        sequences = [[operator.index(t) for t in seq] for seq in sequences]
+        sequences = [[_check_id(t, f"sequences[{i}] token") for t in seq] for i, seq in enumerate(sequences)]
         offsets = np.cumsum([0] + [len(seq) for seq in sequences], dtype=np.int64)
         tokens = np.fromiter((t for seq in sequences for t in seq), np.int64, count=int(offsets[-1]))
-        return cls(tokens, offsets, eos_id)
+        return cls(tokens, offsets, eos_id, backend)
 
     def _flatten(self, root) -> None:
         """Numbers the nested trie in DFS preorder and stores the CSR arrays."""
@@ -101,10 +130,7 @@ class Trie:
     def _native(self):
         """The `_core.Trie` for these sequences, built once."""
         if self._native_trie is None:
-            core = _native_module()
-            if core is None:
-                raise RuntimeError("genrec_fast._core with the beam search is not built")
-            self._native_trie = core.Trie(self._tokens, self._offsets, self.eos_id)
+            self._native_trie = core().Trie(self._tokens, self._offsets, self.eos_id)
         return self._native_trie
 
 
@@ -328,9 +354,11 @@ class ReferenceBeamSearch(_BeamSearchBase):
 
 
 class CppBeamSearch(_BeamSearchBase):
-    """Same API and results as ReferenceBeamSearch, backed by `_core.BeamSearch`."""
+    """Same API and results as ReferenceBeamSearch, backed by `_core.BeamSearch` (`threads` for `step`,
+    None = all cores; callers pass torch's thread count)."""
 
-    def __init__(self, trie: Trie, num_users, num_beams, k, length_penalty=0.0, exclude=None, allow=None):
+    def __init__(self, trie: Trie, num_users, num_beams, k, length_penalty=0.0, exclude=None, allow=None,
+                 threads: int | None = None):
         super().__init__(trie, num_users, num_beams, k, length_penalty, exclude, allow)
         exclude_ptr = exclude_items = None
         if self._exclude is not None:
@@ -341,6 +369,7 @@ class CppBeamSearch(_BeamSearchBase):
             native_trie, self.num_users, self.num_beams, self.k, float(self.length_penalty),
             exclude_ptr, exclude_items, self._allow,
         )
+        self._impl.set_threads(0 if threads is None else int(threads))
 
     def active_users(self) -> np.ndarray:
         return self._impl.active_users()
@@ -360,11 +389,13 @@ class CppBeamSearch(_BeamSearchBase):
 
 
 def make_beam_search(trie: Trie, num_users, num_beams, k, length_penalty=0.0, exclude=None, allow=None,
-                     backend: str = "auto"):
-    """A beam search on `backend`: "cpp", "reference", or "auto" (cpp when `_core` is built)."""
+                     backend: str = "auto", threads: int | None = None):
+    """A beam search on `backend`: "cpp" or "auto" (the C++ core; ImportError when `_core` is broken) or
+    "reference" (the plain Python state machine, asked for explicitly)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "cpp" if native_available() else "reference"
-    cls = CppBeamSearch if backend == "cpp" else ReferenceBeamSearch
-    return cls(trie, num_users, num_beams, k, length_penalty, exclude, allow)
+        backend = "cpp"
+    if backend == "reference":
+        return ReferenceBeamSearch(trie, num_users, num_beams, k, length_penalty, exclude, allow)
+    return CppBeamSearch(trie, num_users, num_beams, k, length_penalty, exclude, allow, threads)

@@ -1,4 +1,9 @@
-"""Trie-constrained beam decoding of a GenRec model: encoder once per user, then one step per piece.
+"""Decoding a GenRec model: one-step top-k for one-token items, else trie-constrained beam search.
+
+`item_decode`: items of one token and no EOS step: encoder, one decoder step, then the LM head and
+the top-k in chunks of the catalog (item_topk.py), never a (users x vocabulary) matrix.
+
+`beam_decode`: encoder once per user, then one step per piece.
 
 The search's rows are active users x `search.width` slots, and each user's live beams fill its first
 slots (docs/beam_search_spec.md). The decoder only runs the first `width` slots of every user, `width`
@@ -15,7 +20,26 @@ import torch.nn.functional as F
 
 from .beam_search import Trie, make_beam_search
 from .ensemble import Ensemble
+from .item_topk import DEFAULT_CHUNK, item_topk
 from .model import DecoderCache, GenRec
+
+
+@torch.inference_mode()
+def item_decode(model: GenRec | Ensemble, enc: dict, first_item: int, num_items: int, k: int, exclude=None,
+                allow=None, chunk: int = DEFAULT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """enc: padded encoder batch of U users -> the best k items (U, k) int64 (-1 = none left) and their
+    log-probabilities (U, k), for a model whose item i is the single token first_item + i with no EOS step.
+
+    The same items and scores as `beam_decode` with num_beams >= k (tested), ties by smaller item index.
+    """
+    if model.cfg.item_eos:
+        raise ValueError("item_decode: the model was trained with an EOS step after items (item_eos=True); "
+                         "use beam_decode")
+    memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+    cache = model.start_decoding(memory, enc["mask"])
+    cache.capacity = 1
+    bos = torch.full((enc["tokens"].shape[0],), model.cfg.bos_id, dtype=torch.long, device=enc["tokens"].device)
+    return item_topk(model.heads(bos, cache), first_item, num_items, k, exclude, allow, chunk)
 
 
 @torch.inference_mode()
@@ -37,7 +61,7 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
     cache = model.start_decoding(memory, enc["mask"])
     cache.capacity = trie.max_depth  # the longest decode: the K/V buffers never regrow
     search = make_beam_search(trie, U, num_beams, k, length_penalty=length_penalty, exclude=exclude,
-                              allow=allow, backend=backend)
+                              allow=allow, backend=backend, threads=torch.get_num_threads())
     device = enc["tokens"].device
     active = np.asarray(search.active_users())
     if len(active) < U:  # users with no allowed item are done before the first step

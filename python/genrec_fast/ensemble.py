@@ -70,6 +70,10 @@ class Ensemble(nn.Module):
     def start_decoding(self, memory: list, mask: torch.Tensor) -> EnsembleCache:
         return EnsembleCache([m.start_decoding(x, mask) for m, x in zip(self.members, memory)])
 
+    def heads(self, tokens: torch.Tensor, cache: EnsembleCache) -> list:
+        """One decoder step of every member as `item_topk.Head`s (ranked by their mean log-probability)."""
+        return [h for m, c in zip(self.members, cache.caches) for h in m.heads(tokens, c)]
+
     def decode_step(self, tokens: torch.Tensor, cache: EnsembleCache) -> torch.Tensor:
         """tokens (R,) -> mean member log-probabilities (R, V)."""
         out = None

@@ -62,9 +62,9 @@ def model_ranker(rec, num_beams: int = 20, use_user: bool = True, backend: str =
     k = min(max(KS), num_beams)
 
     def rank(hists, users, exclude_seen):
-        enc = [rec.encode(h, int(u) if use_user else None) for h, u in zip(hists, users)]
+        enc = rec.encode_batch(hists, [int(u) if use_user else None for u in users])
         exclude = [np.asarray(h) for h in hists] if exclude_seen else None
-        items, _ = rec.decode_batch(enc, k, num_beams, exclude=exclude, backend=backend)
+        items, _ = rec.decode(enc, k, num_beams, exclude=exclude, backend=backend)
         return _pad(items)
     return rank
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .item_topk import Head
 from .kernels import attention
 from .loss import linear_cross_entropy
 
@@ -271,8 +272,16 @@ class GenRec(nn.Module):
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """tokens (R,) = one new token per beam (R = users x beams, user-major) -> logits (R, V)."""
+        return self.lm_head(self.decode_step_hidden(tokens, cache))  # (R, V)
+
+    def decode_step_hidden(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """`decode_step` before the LM head: tokens (R,) -> decoder states (R, C)."""
         x = self.decoder.layernorm_embedding(self._embed(self.decoder, tokens[:, None], cache.step))  # (R, 1, C)
         for i, layer in enumerate(self.decoder.layers):
             x = layer.step(x, cache, i)
         cache.step += 1
-        return self.lm_head(x[:, 0])  # (R, V)
+        return x[:, 0]  # (R, C)
+
+    def heads(self, tokens: torch.Tensor, cache: DecoderCache) -> list:
+        """One decoder step as `item_topk.Head`s (states, LM head weight and bias): a list of one."""
+        return [Head(self.decode_step_hidden(tokens, cache), self.shared.weight, self.final_logits_bias[0])]

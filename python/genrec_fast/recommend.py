@@ -10,16 +10,17 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .batching import pad_encoder
+from .batching import encode_histories, pad_encoder
 from .beam_search import Trie
 from .config import ModelConfig, preset
 from .data import Catalog, item_codes
-from .decoding import beam_decode
+from .decoding import beam_decode, item_decode
 from .ensemble import Ensemble, check_same_files
 from .model import GenRec
 from .tokenizer import EOS_ID, Encoded, GenRecTokenizer
 
 UNKNOWN_ITEMS = ("error", "skip")
+BACKENDS = ("auto", "cpp", "reference")
 
 
 class Recommendations(NamedTuple):
@@ -37,7 +38,20 @@ class Recommender:
         `train.mask_seen`, which never learned to rank a history's own items low)."""
         self.model, self.tokenizer, self.catalog, self.max_items = model, tokenizer, catalog, max_items
         self.use_users, self.exclude_seen = use_users, exclude_seen
-        self.trie = Trie.build([p.tolist() for p in tokenizer.item_pieces], EOS_ID)
+        self._trie: Trie | None = None
+        self._ids: np.ndarray | None = None  # catalog.item_ids as an object array, built on first use
+
+    @property
+    def trie(self) -> Trie:
+        """The item trie of the beam search, built on first use (one-token models never need it)."""
+        if self._trie is None:
+            self._trie = Trie(self.tokenizer.item_flat, self.tokenizer.item_offsets, EOS_ID)
+        return self._trie
+
+    @property
+    def one_step(self) -> bool:
+        """Items are one token each and the model has no EOS step: recommend = one decoder step + top-k."""
+        return self.tokenizer.item_tokens == "whole" and not self.model.cfg.item_eos
 
     @classmethod
     def random(cls, item_ids: Sequence[Hashable], config: ModelConfig | str = "small", vocab_size: int = 1000,
@@ -60,13 +74,32 @@ class Recommender:
         user = user if self.use_users else None
         return self.tokenizer.encode(items[-self.max_items:], user=user, max_len=self.model.cfg.max_positions)
 
-    def decode_batch(self, encoded: Sequence[Encoded], k: int, num_beams: int, exclude=None, allow=None,
-                     backend: str = "auto", length_penalty: float = 0.0):
-        """-> item indices (B, k) (-1 = none) and scores (B, k)."""
-        self.model.eval()
-        enc = pad_encoder(encoded, self.device)
+    def encode_batch(self, histories: Sequence[np.ndarray], users: Sequence[int | None]) -> dict:
+        """Item-index histories (+ user indices or None) -> the padded encoder batch (vectorised)."""
+        users = users if self.use_users else [None] * len(histories)
+        return encode_histories(self.tokenizer, histories, users, self.max_items, self.model.cfg.max_positions,
+                                self.device)
+
+    def decode(self, enc: dict, k: int, num_beams: int, exclude=None, allow=None, backend: str = "auto",
+               length_penalty: float = 0.0):
+        """Padded encoder batch -> item indices (B, k) (-1 = none) and log-probability scores (B, k).
+
+        backend "auto": one decoder step + top-k for one-token models (`one_step`), else the C++ trie search;
+        "cpp" / "reference": the C++ / Python trie beam search for any model."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if self.model.training:  # (a trainer validating); eval() itself walks every module: ~0.5 ms
+            self.model.eval()
+        if backend == "auto" and self.one_step and length_penalty == 0.0:
+            first = int(self.tokenizer.item_flat[0]) if len(self.tokenizer.item_flat) else 0
+            return item_decode(self.model, enc, first, len(self.catalog.item_ids), k, exclude, allow)
         return beam_decode(self.model, self.trie, enc, k, num_beams, exclude=exclude, allow=allow,
                            length_penalty=length_penalty, backend=backend)
+
+    def decode_batch(self, encoded: Sequence[Encoded], k: int, num_beams: int, exclude=None, allow=None,
+                     backend: str = "auto", length_penalty: float = 0.0):
+        """`decode` of a list of `encode` outputs (padded here)."""
+        return self.decode(pad_encoder(encoded, self.device), k, num_beams, exclude, allow, backend, length_penalty)
 
     def recommend(self, histories: Sequence[Sequence[Hashable]], k: int = 10, users: Sequence | None = None,
                   num_beams: int | None = None, exclude_seen: bool | None = None, allowed_items=None,
@@ -86,7 +119,7 @@ class Recommender:
         """
         num_beams = max(k, 20) if num_beams is None else num_beams
         exclude_seen = self.exclude_seen if exclude_seen is None else exclude_seen
-        _check_args(histories, k, num_beams, users, unknown_items, batch_size)
+        _check_args(histories, k, num_beams, users, unknown_items, batch_size, backend)
         idx = [self._history_indices(h, n, unknown_items) for n, h in enumerate(histories)]
         uidx = [None] * len(idx) if users is None else [self.catalog.user_index.get(u) for u in users]
         allow = self._allow_mask(allowed_items)
@@ -94,9 +127,9 @@ class Recommender:
         for s in range(0, len(idx), batch_size):
             part = range(s, min(s + batch_size, len(idx)))
             exclude = [np.asarray(idx[i], dtype=np.int64) for i in part] if exclude_seen else None
-            items, scores = self.decode_batch([self.encode(idx[i], uidx[i]) for i in part], k, num_beams,
-                                              exclude=exclude, allow=allow, backend=backend)
-            out.extend(self._to_ids(items[b], scores[b]) for b in range(len(part)))
+            enc = self.encode_batch([idx[i] for i in part], [uidx[i] for i in part])
+            items, scores = self.decode(enc, k, num_beams, exclude=exclude, allow=allow, backend=backend)
+            out.extend(self._to_ids(items, scores))
         return out
 
     def _history_indices(self, history, n: int, unknown_items: str) -> list[int]:
@@ -105,7 +138,9 @@ class Recommender:
         history = list(history)
         if not history:
             raise ValueError(f"histories[{n}]: empty history; at least one item is needed")
-        known = [self.catalog.item_index.get(x) for x in history]
+        known = list(map(self.catalog.item_index.get, history))
+        if None not in known:
+            return known
         bad = [x for x, i in zip(history, known) if i is None]
         if bad and unknown_items == "error":
             raise ValueError(f"histories[{n}]: unknown item ids {bad[:5]} (pass unknown_items='skip' to drop them)")
@@ -126,24 +161,30 @@ class Recommender:
         mask[[self.catalog.item_index[x] for x in allowed_items]] = True
         return mask
 
-    def _to_ids(self, items: np.ndarray, scores: np.ndarray) -> Recommendations:
-        keep = items >= 0
-        return Recommendations([self.catalog.item_ids[i] for i in items[keep]], [float(s) for s in scores[keep]])
+    def _to_ids(self, items: np.ndarray, scores: np.ndarray) -> list[Recommendations]:
+        """Item indices (B, k) (-1 = none, always at the end of a row) and scores -> original ids per row."""
+        if self._ids is None:
+            self._ids = np.empty(len(self.catalog.item_ids), dtype=object)
+            self._ids[:] = self.catalog.item_ids
+        ids, found = self._ids[np.maximum(items, 0)].tolist(), (items >= 0).sum(1).tolist()
+        return [Recommendations(i[:n], s[:n]) for i, s, n in zip(ids, scores.tolist(), found)]
 
 
-def _check_args(histories, k, num_beams, users, unknown_items, batch_size) -> None:
+def _check_args(histories, k, num_beams, users, unknown_items, batch_size, backend) -> None:
     if isinstance(histories, (str, bytes)) or not hasattr(histories, "__len__"):
         raise TypeError("histories: expected a list of item-id lists")
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k: expected a positive integer, got {k!r}")
-    if num_beams < k:
+    if not isinstance(num_beams, (int, np.integer)) or num_beams < k:
         raise ValueError(f"num_beams: must be >= k ({k}), got {num_beams}")
     if users is not None and len(users) != len(histories):
         raise ValueError(f"users: expected {len(histories)} entries (one per history), got {len(users)}")
     if unknown_items not in UNKNOWN_ITEMS:
         raise ValueError(f"unknown_items: expected one of {UNKNOWN_ITEMS}, got {unknown_items!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
 def load(path: str | Path | Sequence[str | Path], device: str | torch.device = "cpu") -> Recommender:

@@ -1,0 +1,245 @@
+"""Recommendation at catalog scale: the recommended one-token model against a SASRec-style full ranking.
+
+Rows: the configuration the README recommends (items as one token each, no EOS step, d_model 64, 2+2
+layers, 2 heads, FFN 256, 20-item window; random weights: speed does not depend on training) at 12,101 /
+100,000 / 1,000,000 items: users/s of `recommend(k=20)` at batch 256, p50 latency of one-user calls, and
+the peak RSS of the process (each catalog size runs in a fresh subprocess, so the peaks do not mix).
+
+In the 12,101-item process also: a SASRec-style reference of the same width written here in plain
+PyTorch (2 causal self-attention blocks, d 64, 1 head, FFN 64, a 50-item window left-padded as SASRec
+does, `h @ E.T` over the catalog, `topk`), fed the same histories. `ratio_vs_sasrec` = our users/s
+over its users/s at batch 256. Its time covers the padded index tensor and the ranking; ours covers
+`recommend()` from original item ids (id lookup, encoding, decoding, ids out).
+
+Histories: seeded random item ids, 5-20 per user (Amazon Beauty's users have ~9 on average).
+Optionally (`--train`, `--load`) one finetuning epoch of a 1M-item synthetic catalog and the columnar
+CSV loader (benchmarks/bench_train_scale.py, benchmarks/bench_load.py) add their figures.
+
+Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--train] [--load] [--quick]
+Last line: catalog_bench ratio_vs_sasrec=<x> batch1_ms=<y> users_per_s_1m=<z> rss_gb_1m=<w> train_rss_gb_1m=<v> load_5m_s=<s>
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+TOP_K, BATCH, WINDOW = 20, 256, 50
+MODEL = dict(d_model=64, encoder_layers=2, decoder_layers=2, n_heads=2, ffn_dim=256, item_eos=False,
+             encoder_positions="end", dropout=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The SASRec-style reference (plain PyTorch, written here)
+# ---------------------------------------------------------------------------------------------
+
+
+class SASRecBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.attn_norm, self.ffn_norm = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        q = self.attn_norm(x)  # SASRec: the query is normalised, keys and values are not
+        a = F.scaled_dot_product_attention(self.q(q)[:, None], self.k(x)[:, None], self.v(x)[:, None],
+                                           is_causal=True)[:, 0]  # (B, T, d), one head
+        x = (q + a) * keep
+        h = self.ffn_norm(x)
+        return (h + self.fc2(F.relu(self.fc1(h)))) * keep
+
+
+class SASRec(nn.Module):
+    """Kang & McAuley 2018 at inference: item + position embeddings, causal blocks, last position @ E.T."""
+
+    def __init__(self, n_items: int, d: int = 64, blocks: int = 2, window: int = WINDOW):
+        super().__init__()
+        self.item = nn.Embedding(n_items + 1, d, padding_idx=0)
+        self.pos = nn.Embedding(window, d)
+        self.blocks = nn.ModuleList(SASRecBlock(d) for _ in range(blocks))
+        self.norm = nn.LayerNorm(d)
+
+    @torch.inference_mode()
+    def recommend(self, seq: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """seq (B, window) item indices + 1, left-padded with 0 -> top-k item indices and scores (B, k)."""
+        keep = (seq > 0).unsqueeze(-1).float()  # (B, T, 1)
+        x = (self.item(seq) * self.item.embedding_dim ** 0.5 + self.pos.weight) * keep
+        for b in self.blocks:
+            x = b(x, keep)
+        h = self.norm(x[:, -1])  # (B, d)
+        scores = h @ self.item.weight[1:].T  # (B, n_items)
+        return scores.topk(k, dim=1)
+
+
+def sasrec_batch(histories: list) -> torch.Tensor:
+    """Item-index histories -> (B, WINDOW) left-padded indices + 1 (SASRec's input)."""
+    out = np.zeros((len(histories), WINDOW), dtype=np.int64)
+    for b, h in enumerate(histories):
+        h = h[-WINDOW:]
+        out[b, WINDOW - len(h):] = np.asarray(h) + 1
+    return torch.from_numpy(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# One catalog size (runs in its own process)
+# ---------------------------------------------------------------------------------------------
+
+
+def build(n_items: int, seed: int = 0):
+    import dataclasses
+    from genrec_fast import Recommender, preset
+    cfg = dataclasses.replace(preset("small").model, **MODEL)
+    items = [f"item{i}" for i in range(n_items)]  # string ids, as real catalogs often have
+    t0 = time.perf_counter()
+    rec = Recommender.random(items, cfg, item_tokens="whole", seed=seed)
+    return rec, time.perf_counter() - t0
+
+
+def histories(n_items: int, users: int, seed: int = 1) -> list:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, n_items, int(rng.integers(5, 21))) for _ in range(users)]
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec: bool) -> dict:
+    torch.set_num_threads(threads)
+    rec, build_s = build(n_items)
+    hist_idx = histories(n_items, BATCH * batches + singles)
+    ids = rec.catalog.item_ids
+    hist_ids = [[ids[i] for i in h] for h in hist_idx]
+    out = {"items": n_items, "build_s": round(build_s, 2)}
+    batch_calls = [hist_ids[b * BATCH:(b + 1) * BATCH] for b in range(batches)]
+    it = iter(range(10 ** 9))
+    t = median_time(lambda: rec.recommend(batch_calls[next(it) % batches], k=TOP_K), batches)
+    out["users_per_s"] = BATCH / t
+    it1 = iter(range(10 ** 9))
+    one = hist_ids[BATCH * batches:]
+    out["batch1_ms"] = 1e3 * median_time(lambda: rec.recommend([one[next(it1) % singles]], k=TOP_K), singles, 3)
+    if sasrec:
+        torch.manual_seed(0)
+        ref = SASRec(n_items).eval()
+        calls = [hist_idx[b * BATCH:(b + 1) * BATCH] for b in range(batches)]
+        it2 = iter(range(10 ** 9))
+        t = median_time(lambda: ref.recommend(sasrec_batch(calls[next(it2) % batches]), TOP_K), batches)
+        out["sasrec_users_per_s"] = BATCH / t
+        it3 = iter(range(10 ** 9))
+        out["sasrec_batch1_ms"] = 1e3 * median_time(
+            lambda: ref.recommend(sasrec_batch([hist_idx[BATCH * batches + next(it3) % singles]]), TOP_K), singles, 3)
+    out["rss_gb"] = peak_rss_gb()
+    return out
+
+
+def run_size(n_items: int, args) -> dict:
+    """measure_size in a fresh Python process (its own peak RSS)."""
+    cmd = [sys.executable, __file__, "--one", str(n_items), "--threads", str(args.threads),
+           "--batches", str(args.batches), "--singles", str(args.singles)]
+    if n_items == min(args.sizes):
+        cmd.append("--sasrec")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"catalog size {n_items} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def optional_figures(args) -> dict:
+    """Training and loading figures from their own benchmark scripts (nan when not asked for)."""
+    out = {"train_rss_gb_1m": math.nan, "train_epoch_s": math.nan, "load_5m_s": math.nan}
+    sys.path.insert(0, str(HERE))
+    if args.train:
+        from bench_train_scale import measure_train
+        r = measure_train(items=1_000_000, users=200_000, threads=args.threads)
+        out.update(train_rss_gb_1m=r["rss_gb"], train_epoch_s=r.get("epoch_s", math.nan), train=r)
+    if args.load:
+        from bench_load import measure_load
+        r = measure_load(5_000_000)
+        out.update(load_5m_s=r["seconds"], load_rss_gb_5m=r["rss_gb"])
+    return out
+
+
+def print_report(rows: list, extra: dict, args) -> None:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"# one-token model d_model=64 2+2 layers, top-{TOP_K} | {cpu}, {args.threads} threads, torch "
+          f"{torch.__version__} | {datetime.date.today()}")
+    print(f"| items | build s | users/s (batch {BATCH}) | batch-1 p50 ms | peak RSS GB |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['items']:,} | {r['build_s']:.1f} | {r['users_per_s']:,.0f} | {r['batch1_ms']:.2f} | {r['rss_gb']:.2f} |")
+    small = rows[0]
+    print(f"| SASRec-style reference at {small['items']:,} | | {small['sasrec_users_per_s']:,.0f} | "
+          f"{small['sasrec_batch1_ms']:.2f} | |")
+    if "train" in extra:
+        print(f"one finetuning epoch, 1M-item synthetic catalog: {json.dumps(extra['train'])}")
+    big = next((r for r in rows if r["items"] >= 1_000_000), None)
+    line = {
+        "ratio_vs_sasrec": small["users_per_s"] / small["sasrec_users_per_s"],
+        "batch1_ms": small["batch1_ms"],
+        "users_per_s_1m": big["users_per_s"] if big else math.nan,
+        "rss_gb_1m": big["rss_gb"] if big else math.nan,
+        "train_rss_gb_1m": extra["train_rss_gb_1m"],
+        "load_5m_s": extra["load_5m_s"],
+    }
+    print("catalog_bench " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--sizes", default="12101,100000,1000000", help="catalog sizes, comma-separated")
+    p.add_argument("--batches", type=int, default=8, help="timed batch-256 calls per size (median)")
+    p.add_argument("--singles", type=int, default=50, help="timed one-user calls per size (median)")
+    p.add_argument("--train", action="store_true", help="also one training epoch at 1M items (minutes)")
+    p.add_argument("--load", action="store_true", help="also the 5M-row CSV loader")
+    p.add_argument("--quick", action="store_true", help="small sizes, few calls: a smoke test")
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
+    p.add_argument("--sasrec", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(measure_size(args.one, args.threads, args.batches, args.singles, args.sasrec)))
+        return
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    if args.quick:
+        args.sizes, args.batches, args.singles = [2000, 20000], 2, 5
+    rows = [run_size(n, args) for n in sorted(args.sizes)]
+    print_report(rows, optional_figures(args), args)
+
+
+if __name__ == "__main__":
+    main()

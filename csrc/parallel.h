@@ -1,0 +1,45 @@
+// A tiny fork-join over index ranges for the C++ core (no thread pool: calls are coarse).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace genrec {
+
+// Runs fn(begin, end) over `threads` contiguous chunks of [0, n) (at least `min_per_thread`
+// indices each; threads <= 0 = all cores). An exception thrown by any chunk is rethrown here,
+// after every worker has joined, so none escapes a worker thread.
+template <class Fn>
+void parallel_for(int64_t n, int threads, int64_t min_per_thread, Fn fn) {
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, n / std::max<int64_t>(1, min_per_thread)));
+  if (t <= 1) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto guarded = [&](int64_t begin, int64_t end) {
+    try {
+      fn(begin, end);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+  };
+  std::vector<std::thread> workers;
+  try {
+    for (int64_t i = 1; i < t; ++i) workers.emplace_back(guarded, n * i / t, n * (i + 1) / t);
+  } catch (...) {  // could not start a thread: run the remaining chunks here
+    for (int64_t i = static_cast<int64_t>(workers.size()) + 1; i < t; ++i) guarded(n * i / t, n * (i + 1) / t);
+  }
+  guarded(int64_t{0}, n / t);
+  for (auto& w : workers) w.join();
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace genrec

@@ -1,0 +1,185 @@
+#include "topk.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "parallel.h"
+
+namespace genrec {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kBlock = 64;  // columns per block of the top-k scan: one max, then rare inserts
+
+// Heap order: `a` ranks after `b` (lower score, or equal score and larger item).
+bool worse(float av, int32_t ai, float bv, int32_t bi) { return av < bv || (av == bv && ai > bi); }
+
+// exp(x) for x <= 0 (Cephes' expf polynomial, rel. error ~1e-7). Below -87.3 it returns
+// exp(-87.3) ~ 1e-38 instead of a smaller number: each call is added to a sum >= 1 (the max
+// term), so the difference never shows. Plain arithmetic, so the loops calling it vectorise.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.3f);
+  const float t = x * 1.44269504088896341f;
+  const int32_t n = -static_cast<int32_t>(0.5f - t);  // round(t) for t <= 0
+  const float nf = static_cast<float>(n);
+  const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;  // 2^n, n >= -126
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+// One pass over row[0:n] in blocks of kBlock: block_max[b] = max of block b (NaN ignored, -inf if all
+// NaN) and, if lse, the running (max, sum of exp(x - max)) updated block by block, so each block is read
+// from memory once. Returns the max of the whole row.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float scan_row(const float* row, int64_t n, float* block_max, bool lse, float& run_max, double& run_sum) {
+  float row_max = kNegInf;
+  for (int64_t lo = 0, b = 0; lo < n; lo += kBlock, ++b) {
+    const int64_t len = std::min(kBlock, n - lo);
+    const float* x = row + lo;
+    float m = kNegInf;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < len; ++j) m = x[j] > m ? x[j] : m;
+    block_max[b] = m;
+    row_max = m > row_max ? m : row_max;
+    if (!lse || m == kNegInf) continue;
+    if (m > run_max) {
+      run_sum = run_max == kNegInf ? 0.0 : run_sum * std::exp(static_cast<double>(run_max) - m);
+      run_max = m;
+    }
+    const float shift = run_max;
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < len; ++j) s += exp_nonpositive(x[j] - shift);
+    run_sum += s;
+  }
+  return row_max;
+}
+
+}  // namespace
+
+StreamingTopK::StreamingTopK(int64_t num_users, int32_t k, int64_t num_items, const ItemFilter& filter)
+    : num_users_(num_users), k_(k), num_items_(num_items), allow_(filter.allow), allow_rows_(filter.allow_rows) {
+  if (num_users < 0) throw std::invalid_argument("num_users must be >= 0, got " + std::to_string(num_users));
+  if (k < 1) throw std::invalid_argument("k must be >= 1, got " + std::to_string(k));
+  if (num_items < 0 || num_items > std::numeric_limits<int32_t>::max()) {
+    throw std::invalid_argument("num_items must be in [0, 2**31), got " + std::to_string(num_items));
+  }
+  check_filter(filter, num_users, num_items);
+  if (allow_ != nullptr && allow_rows_ != 1 && allow_rows_ != num_users) {
+    throw std::invalid_argument("allow must have 1 row or num_users rows");
+  }
+  exclude_.resize(num_users);
+  if (filter.exclude_ptr != nullptr) {
+    for (int64_t u = 0; u < num_users; ++u) {
+      exclude_[u].assign(filter.exclude_items + filter.exclude_ptr[u], filter.exclude_items + filter.exclude_ptr[u + 1]);
+      std::sort(exclude_[u].begin(), exclude_[u].end());
+    }
+  }
+  heap_.resize(num_users * k);
+  size_.assign(num_users, 0);
+  run_max_.assign(num_users, kNegInf);
+  run_sum_.assign(num_users, 0.0);
+}
+
+bool StreamingTopK::allowed(int64_t u, int64_t item) const {
+  if (allow_ != nullptr && allow_[(allow_rows_ == 1 ? 0 : u) * num_items_ + item] == 0) return false;
+  const auto& ex = exclude_[u];
+  return ex.empty() || !std::binary_search(ex.begin(), ex.end(), item);
+}
+
+void StreamingTopK::add(const float* scores, int64_t ld, int64_t cols, int64_t first_item, bool topk,
+                        bool lse, int threads) {
+  if (cols < 0 || ld < cols) {
+    throw std::invalid_argument("add: expected 0 <= cols <= ld, got cols=" + std::to_string(cols) +
+                                " ld=" + std::to_string(ld));
+  }
+  if (topk && (first_item < 0 || first_item + cols > num_items_)) {
+    throw std::invalid_argument("add: items [" + std::to_string(first_item) + ", " +
+                                std::to_string(first_item + cols) + ") outside the catalog [0, " +
+                                std::to_string(num_items_) + ")");
+  }
+  if (cols == 0 || num_users_ == 0) return;
+  // ~16k columns per thread at least: below that a thread costs more than it saves
+  const int64_t min_users = std::max<int64_t>(1, (1 << 14) / cols);
+  parallel_for(num_users_, threads, min_users, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) add_user(u, scores + u * ld, cols, first_item, topk, lse);
+  });
+}
+
+void StreamingTopK::add_user(int64_t u, const float* row, int64_t cols, int64_t first_item, bool topk,
+                             bool lse) {
+  thread_local std::vector<float> block_max;
+  block_max.resize((cols + kBlock - 1) / kBlock);
+  scan_row(row, cols, block_max.data(), lse, run_max_[u], run_sum_[u]);
+  if (!topk) return;
+  // Without filters the k-th largest block max bounds this chunk's k-th best score from below (each
+  // block max is a distinct entry), so only the ~k blocks reaching it can hold a top-k entry.
+  float bound = kNegInf;
+  if (allow_ == nullptr && exclude_[u].empty() && block_max.size() > static_cast<size_t>(k_)) {
+    thread_local std::vector<float> scratch;
+    scratch.assign(block_max.begin(), block_max.end());
+    std::nth_element(scratch.begin(), scratch.begin() + (k_ - 1), scratch.end(), std::greater<float>());
+    bound = scratch[k_ - 1];
+  }
+  for (size_t b = 0; b < block_max.size(); ++b) {
+    if (block_max[b] < bound) continue;
+    const float threshold = size_[u] == k_ ? heap_[u * k_].value : kNegInf;
+    // >=: an equal score may hold a smaller item; a heap not yet full takes anything but NaN
+    if (block_max[b] >= threshold || size_[u] < k_) {
+      const int64_t lo = static_cast<int64_t>(b) * kBlock;
+      offer_block(u, row, lo, std::min(cols, lo + kBlock), first_item);
+    }
+  }
+}
+
+// Offers row[lo:hi] to user u's heap (a min-heap by `worse`: the worst kept entry on top).
+void StreamingTopK::offer_block(int64_t u, const float* row, int64_t lo, int64_t hi, int64_t first_item) {
+  Entry* heap = &heap_[u * k_];
+  int32_t& size = size_[u];
+  const auto cmp = [](const Entry& a, const Entry& b) { return worse(b.value, b.item, a.value, a.item); };
+  for (int64_t j = lo; j < hi; ++j) {
+    const float v = row[j];
+    const auto item = static_cast<int32_t>(first_item + j);
+    if (std::isnan(v)) continue;
+    if (size == k_ && !worse(heap[0].value, heap[0].item, v, item)) continue;
+    if (!allowed(u, item)) continue;
+    if (size == k_) {
+      std::pop_heap(heap, heap + size, cmp);
+      --size;
+    }
+    heap[size++] = {v, item};
+    std::push_heap(heap, heap + size, cmp);
+  }
+}
+
+void StreamingTopK::results(int64_t* items, float* values, float* lse) const {
+  std::vector<Entry> sorted;
+  for (int64_t u = 0; u < num_users_; ++u) {
+    sorted.assign(heap_.begin() + u * k_, heap_.begin() + u * k_ + size_[u]);
+    std::sort(sorted.begin(), sorted.end(),
+              [](const Entry& a, const Entry& b) { return worse(b.value, b.item, a.value, a.item); });
+    for (int32_t j = 0; j < k_; ++j) {
+      const bool found = j < static_cast<int32_t>(sorted.size());
+      items[u * k_ + j] = found ? sorted[j].item : -1;
+      values[u * k_ + j] = found ? sorted[j].value : kNegInf;
+    }
+    lse[u] = run_max_[u] == kNegInf ? kNegInf
+                                    : static_cast<float>(run_max_[u] + std::log(run_sum_[u]));
+  }
+}
+
+}  // namespace genrec

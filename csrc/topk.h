@@ -1,0 +1,56 @@
+// Streaming top-k over item scores that arrive in column chunks, with a running log-sum-exp.
+//
+// One-token items are ranked by one softmax over the catalog: the caller computes the logits of a
+// chunk of items for all users (a matmul), hands the chunk here, and never holds (users x catalog).
+// Per user this keeps the best k allowed items by (score desc, item asc) and, optionally, the
+// log-sum-exp of every column seen (the softmax normaliser, filters ignored).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "item_filter.h"
+
+namespace genrec {
+
+class StreamingTopK {
+ public:
+  // Throws std::invalid_argument on bad sizes or out-of-range excluded items.
+  StreamingTopK(int64_t num_users, int32_t k, int64_t num_items, const ItemFilter& filter);
+
+  int64_t num_users() const { return num_users_; }
+  int32_t k() const { return k_; }
+
+  // scores: (num_users, cols) row-major with leading dimension ld >= cols; column j is item
+  // first_item + j when first_item >= 0 (items outside [0, num_items) throw). topk: offer the
+  // columns to the top-k (filters applied; NaN never enters). lse: fold them into the log-sum-exp.
+  // Runs users on up to `threads` threads (<= 0: all cores).
+  void add(const float* scores, int64_t ld, int64_t cols, int64_t first_item, bool topk, bool lse,
+           int threads);
+
+  // items, values: (num_users, k) best first, padded with -1 / -inf; lse: (num_users,) the
+  // log-sum-exp of every column added with lse=true (-inf if none).
+  void results(int64_t* items, float* values, float* lse) const;
+
+ private:
+  struct Entry {
+    float value;
+    int32_t item;
+  };
+  void add_user(int64_t u, const float* row, int64_t cols, int64_t first_item, bool topk, bool lse);
+  void offer_block(int64_t u, const float* row, int64_t lo, int64_t hi, int64_t first_item);
+  bool allowed(int64_t u, int64_t item) const;
+
+  int64_t num_users_;
+  int32_t k_;
+  int64_t num_items_;
+  const uint8_t* allow_;  // view, as in ItemFilter: the caller keeps it alive until the last add
+  int64_t allow_rows_;
+  std::vector<std::vector<int64_t>> exclude_;  // (num_users,) sorted
+  std::vector<Entry> heap_;      // (num_users, k): a min-heap of the kept entries (worst on top)
+  std::vector<int32_t> size_;    // (num_users,)
+  std::vector<float> run_max_;   // (num_users,) running max of the lse columns
+  std::vector<double> run_sum_;  // (num_users,) sum of exp(score - run_max)
+};
+
+}  // namespace genrec

@@ -1,0 +1,189 @@
+"""Top-k one-token items from decoder states: the LM head and the selection in chunks of the catalog.
+
+A model whose items are one token each (and that has no EOS step) ranks the whole catalog with one
+softmax: an item's score is its log-probability `z - logsumexp(z over the vocabulary)`. Here the head
+`z = x @ W.T + b` runs `chunk` vocabulary rows at a time and each chunk goes straight into a running
+top-k and log-sum-exp (`_core.StreamingTopK`, C++), so memory stays (users x chunk) at any catalog
+size. An ensemble ranks by the members' mean log-probability; its order is that of the mean logit,
+since each member's normaliser is a constant per user.
+
+`item_topk_reference` is the plain PyTorch definition (full logits, log_softmax, masked stable sort):
+the fast path returns the same items and scores (to float rounding), ties by smaller item index.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from .native import core
+
+DEFAULT_CHUNK = 8192  # vocabulary rows per matmul: (256 users x 8192) fp32 = 8 MB, measured fastest on CPU
+
+
+class Head(NamedTuple):
+    """One model's decoder states and LM head: logits = x @ weight.T + bias."""
+
+    x: torch.Tensor  # (U, C)
+    weight: torch.Tensor  # (V, C)
+    bias: torch.Tensor | None  # (V,), or None for none
+
+
+def check_filters(exclude, allow, num_users: int, num_items: int):
+    """-> (exclude_ptr, exclude_items) or (None, None), and allow as a C-contiguous bool array or None.
+
+    exclude: None or num_users arrays of item indices; allow: None or bool (num_items,) / (num_users, num_items)."""
+    ptr = items = None
+    if exclude is not None:
+        if len(exclude) != num_users:
+            raise ValueError(f"exclude: expected {num_users} arrays (one per user), got {len(exclude)}")
+        arrays = [np.asarray(e).reshape(-1) for e in exclude]
+        for u, e in enumerate(arrays):
+            if e.size and e.dtype.kind not in "iu":
+                raise ValueError(f"exclude[{u}]: expected integer item indices, got dtype {e.dtype}")
+            if e.size and (e.min() < 0 or e.max() >= num_items):
+                raise ValueError(f"exclude[{u}]: item indices must be in [0, {num_items})")
+        ptr = np.cumsum([0] + [len(e) for e in arrays], dtype=np.int64)
+        items = np.concatenate([np.zeros(0, np.int64)] + [e.astype(np.int64) for e in arrays])
+    if allow is not None:
+        allow = np.asarray(allow)
+        if allow.dtype != np.bool_:
+            raise ValueError(f"allow: expected a bool mask over items, got dtype {allow.dtype}")
+        if allow.shape not in ((num_items,), (num_users, num_items)):
+            raise ValueError(f"allow: expected shape ({num_items},) or ({num_users}, {num_items}), got {allow.shape}")
+        allow = np.ascontiguousarray(allow)
+    return ptr, items, allow
+
+
+def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, exclude=None, allow=None,
+              chunk: int = DEFAULT_CHUNK, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Best k allowed items per user by mean log-probability over `heads` (one per ensemble member).
+
+    Item i is vocabulary row first_item + i. -> items (U, k) int64 (-1 = none left), scores (U, k) float32
+    (-inf padding). exclude / allow as in `check_filters`. CPU tensors use the C++ scan; others run the same
+    chunked loop in torch ops on their device.
+    """
+    x0, w0 = heads[0].x, heads[0].weight
+    U, V = x0.shape[0], w0.shape[0]
+    if not 0 <= first_item <= first_item + num_items <= V:
+        raise ValueError(f"items [{first_item}, {first_item + num_items}) do not fit a vocabulary of {V}")
+    if k < 1:
+        raise ValueError(f"k: expected a positive integer, got {k!r}")
+    if chunk < 1:
+        raise ValueError(f"chunk: expected a positive integer, got {chunk!r}")
+    ptr, ex_items, allow = check_filters(exclude, allow, U, num_items)
+    heads = _drop_zero_bias(heads)
+    if x0.device.type != "cpu":
+        return _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chunk)
+    threads = torch.get_num_threads() if threads is None else threads
+    top = core().StreamingTopK(U, k, num_items, ptr, ex_items, allow)
+    lse = [core().StreamingTopK(U, 1, 0) for _ in heads] if len(heads) > 1 else None
+    for lo, hi, is_item in _spans(V, first_item, num_items, chunk):
+        z = _logits(heads, lo, hi)  # (U, hi - lo) member logits (mean logit for an ensemble: see below)
+        if lse is None:  # one model: one pass for both the top-k and its normaliser
+            _add(top, z[0], lo - first_item if is_item else 0, is_item, True, threads)
+            continue
+        for acc, zm in zip(lse, z):
+            _add(acc, zm, 0, False, True, threads)
+        if is_item:
+            _add(top, torch.stack(z).mean(0), lo - first_item, True, False, threads)
+    items, values, norm = top.results()
+    if lse is not None:
+        norm = np.mean([acc.results()[2] for acc in lse], axis=0)
+    scores = np.where(items >= 0, values - norm[:, None], -np.inf)  # a NaN logit makes every score NaN
+    return items, scores.astype(np.float32)
+
+
+def _spans(V: int, first_item: int, num_items: int, chunk: int):
+    """(lo, hi, is_item) vocabulary ranges: the tokens before the items, the items in chunks, the rest."""
+    end = first_item + num_items
+    if first_item > 0:
+        yield 0, first_item, False
+    for lo in range(first_item, end, chunk):
+        yield lo, min(lo + chunk, end), True
+    if end < V:
+        yield end, V, False
+
+
+def _logits(heads: Sequence[Head], lo: int, hi: int) -> list:
+    """Each head's logits of vocabulary rows [lo, hi): (U, hi - lo) float32, contiguous."""
+    return [(h.x @ h.weight[lo:hi].t() if h.bias is None else torch.addmm(h.bias[lo:hi], h.x, h.weight[lo:hi].t()))
+            .float().contiguous() for h in heads]
+
+
+def _drop_zero_bias(heads: Sequence[Head]) -> list:
+    """A zero bias (GenRec's final_logits_bias unless converted from a model that set it) as None:
+    `mm` then writes the logits once instead of copying the bias into them first."""
+    return [Head(h.x, h.weight, None if h.bias is None or not bool(h.bias.any()) else h.bias) for h in heads]
+
+
+def _add(acc, z: torch.Tensor, first_item: int, topk: bool, lse: bool, threads: int) -> None:
+    z = z.contiguous()
+    acc.add(z.data_ptr(), z.shape[0], z.shape[1], z.shape[1], first_item, topk, lse, threads)
+
+
+def _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chunk):
+    """The chunked loop in torch ops on the heads' device (GPUs): running top-k and log-sum-exp."""
+    x0 = heads[0].x
+    U, V, dev = x0.shape[0], heads[0].weight.shape[0], x0.device
+    keep = _keep_mask(U, num_items, ptr, ex_items, allow, dev)  # (U or 1, num_items) bool or None
+    best = torch.full((U, k), float("-inf"), device=dev)
+    best_i = torch.full((U, k), -1, dtype=torch.long, device=dev)
+    lse = torch.full((len(heads), U), float("-inf"), device=dev)
+    for lo, hi, is_item in _spans(V, first_item, num_items, chunk):
+        z = _logits(heads, lo, hi)
+        lse = torch.logaddexp(lse, torch.stack([zm.logsumexp(1) for zm in z]))
+        if not is_item:
+            continue
+        s = torch.stack(z).mean(0)  # (U, c)
+        if keep is not None:
+            s = s.masked_fill(~keep[:, lo - first_item:hi - first_item], float("-inf"))
+        s = s.masked_fill(s.isnan(), float("-inf"))  # NaN is never chosen
+        ids = torch.arange(lo - first_item, hi - first_item, device=dev).expand(U, -1)
+        best, best_i = _merge_topk(torch.cat([best, s], 1), torch.cat([best_i, ids], 1), k)
+    best_i = torch.where(best == float("-inf"), -1, best_i)
+    scores = best - lse.mean(0)[:, None]
+    return best_i.cpu().numpy(), scores.float().cpu().numpy()
+
+
+def _merge_topk(values: torch.Tensor, ids: torch.Tensor, k: int):
+    """Best k of each row by (value desc, id asc): a stable sort of the ids-ordered candidates."""
+    order = torch.argsort(ids, dim=1)
+    values, ids = values.gather(1, order), ids.gather(1, order)
+    top = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, top), ids.gather(1, top)
+
+
+def _keep_mask(U, num_items, ptr, ex_items, allow, device):
+    if ptr is None and allow is None:
+        return None
+    keep = np.ones((U, num_items), dtype=bool) if allow is None or allow.ndim == 1 else allow.copy()
+    if allow is not None and allow.ndim == 1:
+        keep &= allow
+    if ptr is not None:
+        rows = np.repeat(np.arange(U), np.diff(ptr))
+        keep[rows, ex_items] = False
+    return torch.from_numpy(keep).to(device)
+
+
+def item_topk_reference(logits: Sequence[torch.Tensor], first_item: int, num_items: int, k: int, exclude=None,
+                        allow=None) -> tuple[np.ndarray, np.ndarray]:
+    """The definition: each member's full logits (U, V) -> log_softmax, mean over members, item columns,
+    filters, then the best k by (score desc, item asc); NaN never chosen. Same outputs as `item_topk`."""
+    logp = torch.stack([torch.log_softmax(z.float(), dim=-1) for z in logits]).mean(0)  # (U, V)
+    scores = logp[:, first_item:first_item + num_items].cpu().numpy()
+    U = scores.shape[0]
+    ptr, ex_items, allow = check_filters(exclude, allow, U, num_items)
+    items = np.full((U, k), -1, dtype=np.int64)
+    out = np.full((U, k), -np.inf, dtype=np.float32)
+    for u in range(U):
+        ok = ~np.isnan(scores[u])
+        if allow is not None:
+            ok &= allow if allow.ndim == 1 else allow[u]
+        if ptr is not None:
+            ok[ex_items[ptr[u]:ptr[u + 1]]] = False
+        cand = np.flatnonzero(ok)
+        best = cand[np.argsort(-scores[u, cand], kind="stable")[:k]]
+        items[u, :len(best)], out[u, :len(best)] = best, scores[u, best]
+    return items, out

@@ -1,0 +1,132 @@
+"""item_topk (chunked LM head + C++ streaming top-k) against its plain PyTorch definition."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from genrec_fast.item_topk import Head, _item_topk_torch, check_filters, item_topk, item_topk_reference
+
+
+def heads_and_logits(rng, members, U, V, C, integer=False, zero_bias=False):
+    heads, logits = [], []
+    for _ in range(members):
+        if integer:  # small integer logits: many exact ties
+            x = torch.from_numpy(rng.integers(-2, 3, (U, C))).float()
+            w = torch.from_numpy(rng.integers(-1, 2, (V, C))).float()
+            b = torch.from_numpy(rng.integers(-1, 2, V)).float()
+        else:
+            x, w, b = (torch.from_numpy(rng.standard_normal(s)).float() for s in ((U, C), (V, C), (V,)))
+        if zero_bias:  # GenRec's final_logits_bias is zero unless converted from a model that set it
+            b = torch.zeros(V)
+        heads.append(Head(x, w, b))
+        logits.append(x @ w.T + b)
+    return heads, logits
+
+
+def random_filters(rng, U, n, kind):
+    exclude = [rng.choice(n, size=int(rng.integers(0, n + 1)), replace=True) for _ in range(U)] if "ex" in kind else None
+    allow = None
+    if "shared" in kind:
+        allow = rng.random(n) < 0.5
+    elif "per_user" in kind:
+        allow = rng.random((U, n)) < 0.3
+    return exclude, allow
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), U=st.integers(1, 9), n=st.integers(1, 70), before=st.integers(0, 9),
+       after=st.integers(0, 3), k=st.integers(1, 25), chunk=st.integers(1, 40), members=st.integers(1, 3),
+       integer=st.booleans(), zero_bias=st.booleans(),
+       kind=st.sampled_from(["", "ex", "shared", "per_user", "ex+shared", "ex+per_user"]))
+def test_fast_path_equals_reference(seed, U, n, before, after, k, chunk, members, integer, zero_bias, kind):
+    rng = np.random.default_rng(seed)
+    heads, logits = heads_and_logits(rng, members, U, before + n + after, 8, integer, zero_bias)
+    exclude, allow = random_filters(rng, U, n, kind)
+    want_i, want_s = item_topk_reference(logits, before, n, k, exclude, allow)
+    for fn in (item_topk, _torch_path):
+        got_i, got_s = fn(heads, before, n, k, exclude, allow, chunk)
+        np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)
+        if integer and members > 1:  # the reference's mean of rounded log-softmaxes breaks exact ties
+            assert_same_up_to_ties(got_i, got_s, want_i, logits, before)
+        else:
+            np.testing.assert_array_equal(got_i, want_i)  # ties too: both order them by item index
+
+
+def assert_same_up_to_ties(got_i, got_s, want_i, logits, first):
+    """Same count per user, and every returned item carries its own (reference) score."""
+    np.testing.assert_array_equal(got_i == -1, want_i == -1)
+    logp = torch.stack([torch.log_softmax(z, -1) for z in logits]).mean(0).numpy()
+    for u in range(len(got_i)):
+        found = got_i[u][got_i[u] >= 0]
+        np.testing.assert_allclose(got_s[u][:len(found)], logp[u, first + found], atol=1e-5)
+
+
+def _torch_path(heads, first, n, k, exclude, allow, chunk):
+    """The device loop (GPUs), run here on CPU tensors."""
+    U = heads[0].x.shape[0]
+    ptr, items, allow = check_filters(exclude, allow, U, n)
+    return _item_topk_torch(heads, first, n, k, ptr, items, allow, chunk)
+
+
+def test_k_beyond_the_allowed_items_pads_and_nan_is_never_chosen():
+    rng = np.random.default_rng(0)
+    heads, _ = heads_and_logits(rng, 1, 2, 30, 4)
+    w = heads[0].weight.clone()
+    w[12] = float("nan")  # item 2 (first item 10) scores NaN for every user (so does the normaliser)
+    heads = [Head(heads[0].x, w, heads[0].bias)]
+    allow = np.zeros(20, bool)
+    allow[[1, 2, 7]] = True
+    items, scores = item_topk(heads, 10, 20, 5, allow=allow)
+    assert sorted(items[0, :2]) == [1, 7] and (items[:, 2:] == -1).all() and np.isneginf(scores[:, 2:]).all()
+    items, _ = item_topk(heads, 10, 20, 5, allow=np.zeros(20, bool))  # an empty allow-list
+    assert (items == -1).all()
+
+
+def test_lse_is_over_the_whole_vocabulary():
+    rng = np.random.default_rng(1)
+    heads, logits = heads_and_logits(rng, 1, 3, 5000, 16)
+    items, scores = item_topk(heads, 1000, 3000, 4, chunk=700)
+    logp = torch.log_softmax(logits[0], -1)
+    np.testing.assert_allclose(scores, logp.gather(1, torch.from_numpy(items) + 1000).numpy(), atol=1e-5)
+
+
+def test_bad_arguments_name_what_is_wrong():
+    heads, _ = heads_and_logits(np.random.default_rng(2), 1, 2, 20, 4)
+    with pytest.raises(ValueError, match="do not fit a vocabulary of 20"):
+        item_topk(heads, 5, 16, 3)
+    with pytest.raises(ValueError, match="k: expected a positive integer"):
+        item_topk(heads, 0, 20, 0)
+    with pytest.raises(ValueError, match="exclude: expected 2 arrays"):
+        item_topk(heads, 0, 20, 3, exclude=[[1]])
+    with pytest.raises(ValueError, match=r"exclude\[1\]: item indices must be in \[0, 20\)"):
+        item_topk(heads, 0, 20, 3, exclude=[[1], [20]])
+    with pytest.raises(ValueError, match="allow: expected shape"):
+        item_topk(heads, 0, 20, 3, allow=np.ones(19, bool))
+    with pytest.raises(ValueError, match="allow: expected a bool mask"):
+        item_topk(heads, 0, 20, 3, allow=np.ones(20, int))
+
+
+def test_native_scan_rejects_bad_sizes():
+    from genrec_fast.native import core
+    with pytest.raises(ValueError, match="exclude_ptr must be 1-D with num_users"):
+        core().StreamingTopK(2, 3, 10, np.array([0, 1], np.int64), np.array([1], np.int64))
+    with pytest.raises(ValueError, match="num_users must be >= 0"):
+        core().StreamingTopK(-1, 3, 10, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    t = core().StreamingTopK(2, 3, 10)
+    z = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="outside the catalog"):
+        t.add(z.data_ptr(), 2, 4, 4, 8, True, True, 1)
+    with pytest.raises(ValueError, match="rows, expected num_users=2"):
+        t.add(z.data_ptr(), 3, 4, 4, 0, True, True, 1)
+
+
+@pytest.mark.parametrize("integer", [False, True])
+@pytest.mark.parametrize("k, chunk", [(1, 5000), (5, 777), (20, 100), (40, 3000)])
+def test_many_blocks_without_filters(k, chunk, integer):
+    """Catalogs of many 64-column blocks: the unfiltered scan skips blocks below the k-th block max."""
+    rng = np.random.default_rng(k + chunk)
+    heads, logits = heads_and_logits(rng, 1, 6, 4100, 8, integer)
+    want_i, want_s = item_topk_reference(logits, 100, 4000, k)
+    got_i, got_s = item_topk(heads, 100, 4000, k, chunk=chunk)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)
