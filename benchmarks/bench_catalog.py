@@ -115,15 +115,19 @@ def histories(n_items: int, users: int, seed: int = 1) -> list:
     return [rng.integers(0, n_items, int(rng.integers(5, 21))) for _ in range(users)]
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def median_times(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of each fn(i) (i = the call's index), the fns interleaved call by call so that a
+    noisy machine slows them alike (this VM's speed drifts by ~20% between minutes)."""
+    for i in range(warmup):
+        for fn in fns.values():
+            fn(i)
+    times: dict = {name: [] for name in fns}
+    for i in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(i)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_rss_gb() -> float:
@@ -136,24 +140,20 @@ def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec:
     hist_idx = histories(n_items, BATCH * batches + singles)
     ids = rec.catalog.item_ids
     hist_ids = [[ids[i] for i in h] for h in hist_idx]
-    out = {"items": n_items, "build_s": round(build_s, 2)}
-    batch_calls = [hist_ids[b * BATCH:(b + 1) * BATCH] for b in range(batches)]
-    it = iter(range(10 ** 9))
-    t = median_time(lambda: rec.recommend(batch_calls[next(it) % batches], k=TOP_K), batches)
-    out["users_per_s"] = BATCH / t
-    it1 = iter(range(10 ** 9))
-    one = hist_ids[BATCH * batches:]
-    out["batch1_ms"] = 1e3 * median_time(lambda: rec.recommend([one[next(it1) % singles]], k=TOP_K), singles, 3)
+    calls, call_ids = ([h[b * BATCH:(b + 1) * BATCH] for b in range(batches)] for h in (hist_idx, hist_ids))
+    one, one_ids = hist_idx[BATCH * batches:], hist_ids[BATCH * batches:]
+    big = {"ours": lambda i: rec.recommend(call_ids[i % batches], k=TOP_K)}
+    small = {"ours": lambda i: rec.recommend([one_ids[i % singles]], k=TOP_K)}
     if sasrec:
         torch.manual_seed(0)
         ref = SASRec(n_items).eval()
-        calls = [hist_idx[b * BATCH:(b + 1) * BATCH] for b in range(batches)]
-        it2 = iter(range(10 ** 9))
-        t = median_time(lambda: ref.recommend(sasrec_batch(calls[next(it2) % batches]), TOP_K), batches)
-        out["sasrec_users_per_s"] = BATCH / t
-        it3 = iter(range(10 ** 9))
-        out["sasrec_batch1_ms"] = 1e3 * median_time(
-            lambda: ref.recommend(sasrec_batch([hist_idx[BATCH * batches + next(it3) % singles]]), TOP_K), singles, 3)
+        big["sasrec"] = lambda i: ref.recommend(sasrec_batch(calls[i % batches]), TOP_K)
+        small["sasrec"] = lambda i: ref.recommend(sasrec_batch([one[i % singles]]), TOP_K)
+    t_big, t_small = median_times(big, batches), median_times(small, singles, warmup=3)
+    out = {"items": n_items, "build_s": round(build_s, 2), "users_per_s": BATCH / t_big["ours"],
+           "batch1_ms": 1e3 * t_small["ours"]}
+    if sasrec:
+        out.update(sasrec_users_per_s=BATCH / t_big["sasrec"], sasrec_batch1_ms=1e3 * t_small["sasrec"])
     out["rss_gb"] = peak_rss_gb()
     return out
 
@@ -223,8 +223,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--sizes", default="12101,100000,1000000", help="catalog sizes, comma-separated")
-    p.add_argument("--batches", type=int, default=8, help="timed batch-256 calls per size (median)")
-    p.add_argument("--singles", type=int, default=50, help="timed one-user calls per size (median)")
+    p.add_argument("--batches", type=int, default=16, help="timed batch-256 calls per size (median)")
+    p.add_argument("--singles", type=int, default=100, help="timed one-user calls per size (median)")
     p.add_argument("--train", action="store_true", help="also one training epoch at 1M items (minutes)")
     p.add_argument("--load", action="store_true", help="also the 5M-row CSV loader")
     p.add_argument("--quick", action="store_true", help="small sizes, few calls: a smoke test")

@@ -198,6 +198,17 @@ void bind_topk(py::module_& m) {
     py::gil_scoped_release release;
     h.topk->add(reinterpret_cast<const float*>(ptr), ld, cols, first_item, topk, lse, threads);
   };
+  const auto add_head = [](TopKHolder& h, std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, int64_t rows,
+                           int64_t dim, int64_t cols, int64_t first_item, bool topk, bool lse, int threads) {
+    if (rows != h.topk->num_users()) {
+      throw py::value_error("x has " + std::to_string(rows) + " rows, expected num_users=" +
+                            std::to_string(h.topk->num_users()));
+    }
+    if ((x == 0 && rows * dim > 0) || (w == 0 && cols * dim > 0)) throw py::value_error("x or w pointer is null");
+    py::gil_scoped_release release;
+    h.topk->add_head(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w),
+                     reinterpret_cast<const float*>(bias), dim, cols, first_item, topk, lse, threads);
+  };
   const auto results = [](const TopKHolder& h) {
     const auto U = static_cast<py::ssize_t>(h.topk->num_users());
     py::array_t<int64_t> items({U, static_cast<py::ssize_t>(h.topk->k())});
@@ -214,6 +225,10 @@ void bind_topk(py::module_& m) {
            py::arg("topk"), py::arg("lse"), py::arg("threads"),
            "Scores (rows, cols) float32 at a raw host pointer, row stride ld (elements); column j is "
            "item first_item + j. The caller keeps the buffer alive and unchanged during the call.")
+      .def("add_head", add_head, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("rows"), py::arg("dim"),
+           py::arg("cols"), py::arg("first_item"), py::arg("topk"), py::arg("lse"), py::arg("threads"),
+           "`add` of the scores x @ w.T + bias, fused: x (rows, dim), w (cols, dim) float32 C-contiguous and "
+           "bias (cols,) at raw host pointers (bias 0 = none); never stores the scores.")
       .def("results", results, "(items int64 (U, k), raw scores float32 (U, k), lse float32 (U,)).");
 }
 

@@ -15,6 +15,9 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kBlock = 64;  // columns per block of the top-k scan: one max, then rare inserts
+constexpr int kLanes = 16;      // users per tile of the fused head (one AVX-512 register of floats)
+constexpr int kItems = 8;       // columns per tile: 8 accumulator registers
+constexpr int64_t kChunk = 512; // columns of w per pass over the users: 512 x 64 floats = 128 KB, in L2
 
 // Heap order: `a` ranks after `b` (lower score, or equal score and larger item).
 bool worse(float av, int32_t ai, float bv, int32_t bi) { return av < bv || (av == bv && ai > bi); }
@@ -67,6 +70,56 @@ float scan_row(const float* row, int64_t n, float* block_max, bool lse, float& r
     run_sum += s;
   }
   return row_max;
+}
+
+// One tile of the fused head: tile[jj][l] = bias[jj] + sum_c xt[c][l] * w[jj][c] for kItems rows of w and
+// kLanes users (xt: (dim, kLanes), users along the lanes); tile_max[l] = max over the first n rows (NaN
+// ignored); with lse, each lane's running (max, sum of exp(x - max)) takes in those n entries.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void head_tile(const float* __restrict xt, const float* __restrict w, int64_t dim, const float* bias, int32_t n,
+               bool lse, float* __restrict tile, float* __restrict tile_max, float* __restrict lane_max,
+               float* __restrict lane_sum) {
+  float a[kItems][kLanes];
+  for (int jj = 0; jj < kItems; ++jj) {
+    const float b0 = bias != nullptr && jj < n ? bias[jj] : 0.0f;
+    for (int l = 0; l < kLanes; ++l) a[jj][l] = b0;
+  }
+  for (int64_t c = 0; c < dim; ++c) {
+    const float* xc = xt + c * kLanes;
+    for (int jj = 0; jj < kItems; ++jj) {
+      const float wc = w[jj * dim + c];
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) a[jj][l] += xc[l] * wc;
+    }
+  }
+  float m[kLanes];
+  for (int l = 0; l < kLanes; ++l) m[l] = kNegInf;
+  for (int jj = 0; jj < n; ++jj) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) m[l] = a[jj][l] > m[l] ? a[jj][l] : m[l];
+  }
+  std::memcpy(tile, a, sizeof a);
+  std::memcpy(tile_max, m, sizeof m);
+  if (!lse) return;
+  float shift[kLanes], scale[kLanes];
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) {
+    shift[l] = m[l] > lane_max[l] ? m[l] : lane_max[l];
+    // the old sum, rescaled to the new max (exp(0) = 1 when it did not move; a -inf max had sum 0)
+    scale[l] = exp_nonpositive(lane_max[l] - shift[l]);
+  }
+  float s[kLanes];
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) s[l] = lane_sum[l] * scale[l];
+  for (int jj = 0; jj < n; ++jj) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) s[l] += exp_nonpositive(a[jj][l] - shift[l]);
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    if (shift[l] == kNegInf) continue;  // every entry so far -inf (or NaN): nothing to add
+    lane_max[l] = shift[l];
+    lane_sum[l] = s[l];
+  }
 }
 
 }  // namespace
@@ -141,28 +194,112 @@ void StreamingTopK::add_user(int64_t u, const float* row, int64_t cols, int64_t 
     // >=: an equal score may hold a smaller item; a heap not yet full takes anything but NaN
     if (block_max[b] >= threshold || size_[u] < k_) {
       const int64_t lo = static_cast<int64_t>(b) * kBlock;
-      offer_block(u, row, lo, std::min(cols, lo + kBlock), first_item);
+      offer_block(u, row, lo, std::min(cols, lo + kBlock), first_item, bound);
     }
   }
 }
 
-// Offers row[lo:hi] to user u's heap (a min-heap by `worse`: the worst kept entry on top).
-void StreamingTopK::offer_block(int64_t u, const float* row, int64_t lo, int64_t hi, int64_t first_item) {
+// Offers row[lo:hi] to user u's heap (a min-heap by `worse`: the worst kept entry on top); entries
+// below `bound` are known not to make the top k.
+void StreamingTopK::offer_block(int64_t u, const float* row, int64_t lo, int64_t hi, int64_t first_item,
+                                float bound) {
+  for (int64_t j = lo; j < hi; ++j) {
+    if (row[j] >= bound) offer(u, row[j], static_cast<int32_t>(first_item + j));
+  }
+}
+
+// Offers one entry to user u's heap (NaN never enters).
+void StreamingTopK::offer(int64_t u, float v, int32_t item) {
   Entry* heap = &heap_[u * k_];
   int32_t& size = size_[u];
   const auto cmp = [](const Entry& a, const Entry& b) { return worse(b.value, b.item, a.value, a.item); };
-  for (int64_t j = lo; j < hi; ++j) {
-    const float v = row[j];
-    const auto item = static_cast<int32_t>(first_item + j);
-    if (std::isnan(v)) continue;
-    if (size == k_ && !worse(heap[0].value, heap[0].item, v, item)) continue;
-    if (!allowed(u, item)) continue;
-    if (size == k_) {
-      std::pop_heap(heap, heap + size, cmp);
-      --size;
+  if (std::isnan(v)) return;
+  if (size == k_ && !worse(heap[0].value, heap[0].item, v, item)) return;
+  if (!allowed(u, item)) return;
+  if (size == k_) {
+    std::pop_heap(heap, heap + size, cmp);
+    --size;
+  }
+  heap[size++] = {v, item};
+  std::push_heap(heap, heap + size, cmp);
+}
+
+float StreamingTopK::threshold(int64_t u) const { return size_[u] == k_ ? heap_[u * k_].value : kNegInf; }
+
+// run (max, sum) of user u += a (lane_max, lane_sum) pair: sum of exp(x - lane_max) over some entries.
+void StreamingTopK::fold_lse(int64_t u, float lane_max, float lane_sum) {
+  if (lane_max == kNegInf) return;
+  const float new_max = std::max(run_max_[u], lane_max);
+  const double old = run_max_[u] == kNegInf ? 0.0 : run_sum_[u] * std::exp(static_cast<double>(run_max_[u]) - new_max);
+  run_sum_[u] = old + lane_sum * std::exp(static_cast<double>(lane_max) - new_max);
+  run_max_[u] = new_max;
+}
+
+// ---- the fused head: scores of 16 users x 8 columns per tile, never stored ----
+
+void StreamingTopK::add_head(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols,
+                             int64_t first_item, bool topk, bool lse, int threads) {
+  if (dim < 1 || cols < 0) {
+    throw std::invalid_argument("add_head: expected dim >= 1 and cols >= 0, got dim=" + std::to_string(dim) +
+                                " cols=" + std::to_string(cols));
+  }
+  if (topk && (first_item < 0 || first_item + cols > num_items_)) {
+    throw std::invalid_argument("add_head: items [" + std::to_string(first_item) + ", " +
+                                std::to_string(first_item + cols) + ") outside the catalog [0, " +
+                                std::to_string(num_items_) + ")");
+  }
+  if (cols == 0 || num_users_ == 0) return;
+  const int64_t blocks = (num_users_ + kLanes - 1) / kLanes;
+  parallel_for(blocks, threads, 1, [&](int64_t begin, int64_t end) {
+    head_users(begin, end, x, w, bias, dim, cols, first_item, topk, lse);
+  });
+}
+
+void StreamingTopK::head_users(int64_t block_begin, int64_t block_end, const float* x, const float* w,
+                               const float* bias, int64_t dim, int64_t cols, int64_t first_item, bool topk,
+                               bool lse) {
+  const int64_t nb = block_end - block_begin;
+  std::vector<float> xt(nb * dim * kLanes, 0.0f);  // per block (dim, kLanes): users along the lanes
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const int64_t u = (block_begin + b) * kLanes + l;
+      if (u >= num_users_) break;
+      for (int64_t c = 0; c < dim; ++c) xt[(b * dim + c) * kLanes + l] = x[u * dim + c];
     }
-    heap[size++] = {v, item};
-    std::push_heap(heap, heap + size, cmp);
+  }
+  std::vector<float> tail(kItems * dim, 0.0f);  // the last cols % kItems rows of w, zero-padded
+  std::vector<float> lane_max(kLanes), lane_sum(kLanes);
+  alignas(64) float tile[kItems * kLanes];
+  alignas(64) float tile_max[kLanes];
+  for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {  // w rows c0.. stay in L2 while every block uses them
+    const int64_t c1 = std::min(cols, c0 + kChunk);
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t u0 = (block_begin + b) * kLanes;
+      const int64_t lanes = std::min<int64_t>(kLanes, num_users_ - u0);
+      std::fill(lane_max.begin(), lane_max.end(), kNegInf);
+      std::fill(lane_sum.begin(), lane_sum.end(), 0.0f);
+      for (int64_t j = c0; j < c1; j += kItems) {
+        const int32_t n = static_cast<int32_t>(std::min<int64_t>(kItems, c1 - j));
+        const float* rows = w + j * dim;
+        if (n < kItems) {  // a short last tile: pad with zero rows, which are never read back
+          std::fill(tail.begin(), tail.end(), 0.0f);
+          std::copy(rows, rows + n * dim, tail.begin());
+          rows = tail.data();
+        }
+        head_tile(&xt[b * dim * kLanes], rows, dim, bias == nullptr ? nullptr : bias + j, n, lse, tile, tile_max,
+                  lane_max.data(), lane_sum.data());
+        if (!topk) continue;
+        for (int64_t l = 0; l < lanes; ++l) {
+          if (tile_max[l] < threshold(u0 + l) && size_[u0 + l] == k_) continue;
+          for (int32_t jj = 0; jj < n; ++jj) {
+            offer(u0 + l, tile[jj * kLanes + l], static_cast<int32_t>(first_item + j + jj));
+          }
+        }
+      }
+      if (lse) {
+        for (int64_t l = 0; l < lanes; ++l) fold_lse(u0 + l, lane_max[l], lane_sum[l]);
+      }
+    }
   }
 }
 

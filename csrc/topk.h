@@ -28,6 +28,14 @@ class StreamingTopK {
   void add(const float* scores, int64_t ld, int64_t cols, int64_t first_item, bool topk, bool lse,
            int threads);
 
+  // The same as `add` of the scores x @ w.T (+ bias) without storing them: x (num_users, dim) and
+  // w (cols, dim) row-major, bias (cols,) or nullptr. A fused kernel (16 users x 8 columns per tile,
+  // vectorised across users) computes each tile in registers and folds it into the top-k and the
+  // log-sum-exp at once; w is streamed in L2-sized chunks. Column sums run over dim in order, so
+  // scores equal a matmul's to float rounding, not bit for bit.
+  void add_head(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols, int64_t first_item,
+                bool topk, bool lse, int threads);
+
   // items, values: (num_users, k) best first, padded with -1 / -inf; lse: (num_users,) the
   // log-sum-exp of every column added with lse=true (-inf if none).
   void results(int64_t* items, float* values, float* lse) const;
@@ -38,8 +46,13 @@ class StreamingTopK {
     int32_t item;
   };
   void add_user(int64_t u, const float* row, int64_t cols, int64_t first_item, bool topk, bool lse);
-  void offer_block(int64_t u, const float* row, int64_t lo, int64_t hi, int64_t first_item);
+  void offer_block(int64_t u, const float* row, int64_t lo, int64_t hi, int64_t first_item, float bound);
   bool allowed(int64_t u, int64_t item) const;
+  void offer(int64_t u, float v, int32_t item);
+  float threshold(int64_t u) const;
+  void fold_lse(int64_t u, float lane_max, float lane_sum);
+  void head_users(int64_t block_begin, int64_t block_end, const float* x, const float* w, const float* bias,
+                  int64_t dim, int64_t cols, int64_t first_item, bool topk, bool lse);
 
   int64_t num_users_;
   int32_t k_;

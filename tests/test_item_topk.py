@@ -43,7 +43,7 @@ def test_fast_path_equals_reference(seed, U, n, before, after, k, chunk, members
     heads, logits = heads_and_logits(rng, members, U, before + n + after, 8, integer, zero_bias)
     exclude, allow = random_filters(rng, U, n, kind)
     want_i, want_s = item_topk_reference(logits, before, n, k, exclude, allow)
-    for fn in (item_topk, _torch_path):
+    for fn in (_fused_path, _scan_path, _torch_path):
         got_i, got_s = fn(heads, before, n, k, exclude, allow, chunk)
         np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)
         if integer and members > 1:  # the reference's mean of rounded log-softmaxes breaks exact ties
@@ -59,6 +59,15 @@ def assert_same_up_to_ties(got_i, got_s, want_i, logits, first):
     for u in range(len(got_i)):
         found = got_i[u][got_i[u] >= 0]
         np.testing.assert_allclose(got_s[u][:len(found)], logp[u, first + found], atol=1e-5)
+
+
+def _fused_path(heads, first, n, k, exclude, allow, chunk):
+    """The fused C++ head for one model (the default from 16 users on); ensembles take the scan path."""
+    return item_topk(heads, first, n, k, exclude, allow, chunk, fused=len(heads) == 1)
+
+
+def _scan_path(heads, first, n, k, exclude, allow, chunk):
+    return item_topk(heads, first, n, k, exclude, allow, chunk, fused=False)
 
 
 def _torch_path(heads, first, n, k, exclude, allow, chunk):
@@ -120,13 +129,27 @@ def test_native_scan_rejects_bad_sizes():
         t.add(z.data_ptr(), 3, 4, 4, 0, True, True, 1)
 
 
+@pytest.mark.parametrize("users", [6, 37])
 @pytest.mark.parametrize("integer", [False, True])
 @pytest.mark.parametrize("k, chunk", [(1, 5000), (5, 777), (20, 100), (40, 3000)])
-def test_many_blocks_without_filters(k, chunk, integer):
-    """Catalogs of many 64-column blocks: the unfiltered scan skips blocks below the k-th block max."""
+def test_many_blocks_without_filters(k, chunk, integer, users):
+    """Catalogs of many 64-column blocks (the scan skips blocks below the k-th block max) and of many
+    512-column chunks of the fused head, over one and several 16-user tiles."""
     rng = np.random.default_rng(k + chunk)
-    heads, logits = heads_and_logits(rng, 1, 6, 4100, 8, integer)
+    heads, logits = heads_and_logits(rng, 1, users, 4100, 8, integer)
     want_i, want_s = item_topk_reference(logits, 100, 4000, k)
-    got_i, got_s = item_topk(heads, 100, 4000, k, chunk=chunk)
-    np.testing.assert_array_equal(got_i, want_i)
-    np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)
+    for fused in (False, True):
+        got_i, got_s = item_topk(heads, 100, 4000, k, chunk=chunk, fused=fused)
+        np.testing.assert_array_equal(got_i, want_i)
+        np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_head_with_filters_over_several_tiles():
+    rng = np.random.default_rng(7)
+    U, n = 35, 3000
+    heads, logits = heads_and_logits(rng, 1, U, n + 13, 24)
+    exclude, allow = random_filters(rng, U, n, "ex+per_user")
+    want = item_topk_reference(logits, 13, n, 25, exclude, allow)
+    got = item_topk(heads, 13, n, 25, exclude, allow, threads=2)  # fused: one model, >= 16 users
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)

@@ -139,3 +139,21 @@ def test_hf_bart_conversion_matches_hugging_face():
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[2], want[2], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["start", "end"])
+def test_packed_encoder_equals_the_padded_one(positions):
+    """Inference skips the padding in the encoder layers: the real pieces get the same memory."""
+    m = tiny_model(encoder_positions=positions)
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.tensor([11, 3, 7, 1, 9])
+    mask = torch.arange(11)[None, :] < lengths[:, None]
+    tokens = torch.randint(5, 50, (5, 11), generator=g) * mask
+    users = torch.randint(0, 6, (5, 11), generator=g) * mask
+    items = torch.randint(0, 10, (5, 11), generator=g) * mask
+    with torch.no_grad():
+        packed = m.encode(tokens, users, items, mask)  # the default at inference
+        padded = m.encode(tokens, users, items, mask, packed=False)
+    torch.testing.assert_close(packed[mask], padded[mask], atol=1e-5, rtol=1e-5)
+    assert (packed[~mask] == 0).all()
+    assert not torch.allclose(padded[~mask], torch.zeros_like(padded[~mask]))  # the padded path did differ there

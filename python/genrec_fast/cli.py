@@ -1,4 +1,4 @@
-"""`genrec-fast`: train (and evaluate), evaluate a checkpoint, recommend from histories."""
+"""`genrec-fast`: train (and evaluate), evaluate a checkpoint, recommend from histories, serve over HTTP."""
 from __future__ import annotations
 
 import argparse
@@ -132,6 +132,19 @@ def cmd_recommend(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve recommendations over HTTP with dynamic batching (serve.py; needs the `serve` extra)."""
+    try:
+        from . import serve
+    except ImportError as e:
+        print(f"error: `genrec-fast serve` needs the serve extra (pip install 'genrec-fast[serve]'): {e}",
+              file=sys.stderr)
+        return 2
+    serve.serve(args.checkpoint, args.host, args.port, args.max_batch, args.max_wait_ms, args.device, args.threads,
+                args.log_level)
+    return 0
+
+
 def _id(token: str):
     return int(token) if token.lstrip("-").isdigit() else token
 
@@ -192,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--skip-unknown", action="store_true", help="skip unknown item ids instead of failing")
     r.add_argument("--device", default="cpu")
     r.set_defaults(func=cmd_recommend)
+    s = sub.add_parser("serve", help="an HTTP endpoint (POST /recommend) batching concurrent requests")
+    s.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
+    s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default), 0.0.0.0 or ::")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=64, help="requests per model call at most (default 64)")
+    s.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long to gather a batch (default 5 ms)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--threads", type=int, help="torch threads of the model's worker (default: torch's)")
+    s.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    s.set_defaults(func=cmd_serve)
     return ap
 
 

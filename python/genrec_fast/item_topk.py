@@ -19,6 +19,7 @@ import torch
 
 from .native import core
 
+FUSED_MIN_USERS = 16  # a tile of the fused head holds 16 users; fewer run as matmuls (BLAS splits the catalog)
 DEFAULT_CHUNK = 8192  # vocabulary rows per matmul: (256 users x 8192) fp32 = 8 MB, measured fastest on CPU
 
 
@@ -57,12 +58,15 @@ def check_filters(exclude, allow, num_users: int, num_items: int):
 
 
 def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, exclude=None, allow=None,
-              chunk: int = DEFAULT_CHUNK, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+              chunk: int = DEFAULT_CHUNK, threads: int | None = None, fused: bool | None = None,
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Best k allowed items per user by mean log-probability over `heads` (one per ensemble member).
 
     Item i is vocabulary row first_item + i. -> items (U, k) int64 (-1 = none left), scores (U, k) float32
-    (-inf padding). exclude / allow as in `check_filters`. CPU tensors use the C++ scan; others run the same
-    chunked loop in torch ops on their device.
+    (-inf padding). exclude / allow as in `check_filters`. On a CPU one model with >= 16 users runs the
+    fused C++ head (`StreamingTopK.add_head`: logits never stored; fused=False forces the other path),
+    else the head runs `chunk` rows at a time as matmuls into the C++ scan; other devices run the
+    chunked loop in torch ops.
     """
     x0, w0 = heads[0].x, heads[0].weight
     U, V = x0.shape[0], w0.shape[0]
@@ -78,6 +82,10 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
         return _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chunk)
     threads = torch.get_num_threads() if threads is None else threads
     top = core().StreamingTopK(U, k, num_items, ptr, ex_items, allow)
+    if fused is None:
+        fused = len(heads) == 1 and U >= FUSED_MIN_USERS
+    if fused:
+        return _fused(heads, top, first_item, num_items, threads)
     lse = [core().StreamingTopK(U, 1, 0) for _ in heads] if len(heads) > 1 else None
     for lo, hi, is_item in _spans(V, first_item, num_items, chunk):
         z = _logits(heads, lo, hi)  # (U, hi - lo) member logits (mean logit for an ensemble: see below)
@@ -93,6 +101,23 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
         norm = np.mean([acc.results()[2] for acc in lse], axis=0)
     scores = np.where(items >= 0, values - norm[:, None], -np.inf)  # a NaN logit makes every score NaN
     return items, scores.astype(np.float32)
+
+
+def _fused(heads: Sequence[Head], top, first_item: int, num_items: int, threads: int):
+    """One model's head fused with the top-k in C++ (`StreamingTopK.add_head`)."""
+    if len(heads) != 1:
+        raise ValueError(f"fused: the fused head takes one model, got {len(heads)}")
+    h = heads[0]
+    x = h.x.float().contiguous()  # (U, C)
+    w = h.weight.float().contiguous()  # (V, C)
+    b = None if h.bias is None else h.bias.float().contiguous()  # (V,)
+    U, C = x.shape
+    for lo, hi, is_item in _spans(w.shape[0], first_item, num_items, w.shape[0]):
+        bias = 0 if b is None else b.data_ptr() + 4 * lo
+        top.add_head(x.data_ptr(), w.data_ptr() + 4 * lo * C, bias, U, C, hi - lo,
+                     lo - first_item if is_item else 0, is_item, True, threads)
+    items, values, norm = top.results()
+    return items, np.where(items >= 0, values - norm[:, None], -np.inf).astype(np.float32)
 
 
 def _spans(V: int, first_item: int, num_items: int, chunk: int):

@@ -90,6 +90,30 @@ class EncoderLayer(nn.Module):
         x = self.self_attn_layer_norm(x + F.dropout(y, self.dropout, self.training))
         return self.final_layer_norm(x + self.ffn(x))
 
+    def packed(self, x, rows, B: int, S: int, lengths):
+        """Inference over the real pieces only: x (N, C) holds rows `rows` of the padded (B * S, C) input;
+        projections, norms and FFN skip the padding, attention runs padded. -> (N, C)."""
+        a = self.self_attn
+        qkv = _unpack(_fused_linear(x, a.q_proj, a.k_proj, a.v_proj), rows, B, S)  # (B, S, 3C)
+        q, k, v = (_heads(t, a.n_heads) for t in qkv.chunk(3, dim=-1))  # 3 x (B, H, S, hd)
+        y = _merge(attention(q, k, v, key_lengths=lengths)).reshape(B * S, -1)[rows]  # (N, C)
+        x = self.self_attn_layer_norm(x + a.out_proj(y))
+        return self.final_layer_norm(x + self.ffn(x))
+
+
+def _fused_linear(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
+    """The outputs of several Linear layers on the same input, side by side, from one matmul."""
+    weight = torch.cat([m.weight for m in layers])  # (sum out, C)
+    bias = torch.cat([m.bias for m in layers])
+    return F.linear(x, weight, bias)
+
+
+def _unpack(x: torch.Tensor, rows: torch.Tensor, B: int, S: int) -> torch.Tensor:
+    """(N, C) real pieces -> (B, S, C) with zeros at the padding."""
+    out = x.new_zeros(B * S, x.shape[1])
+    out[rows] = x
+    return out.view(B, S, -1)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -216,17 +240,28 @@ class GenRec(nn.Module):
         pos = torch.arange(offset, offset + tokens.shape[1], device=tokens.device) if positions is None else positions
         return self.shared(tokens) * self.embed_scale + stack.embed_positions(pos)  # (B, T, C)
 
-    def encode(self, tokens, user_ids, item_ids, mask, attn_mask=None, positions=None):
+    def encode(self, tokens, user_ids, item_ids, mask, attn_mask=None, positions=None, packed: bool | None = None):
         """tokens/user_ids/item_ids (B, S) int64, mask (B, S) bool right-padded -> memory (B, S, C).
 
         attn_mask (B, 1, S, S) bool and positions (B, S) replace the padding/causal mask and the
-        configured positions (prefix_batch.py packs every prefix of a sequence this way)."""
+        configured positions (prefix_batch.py packs every prefix of a sequence this way).
+        packed (default: at inference with the padding mask only): the layers skip the padding
+        (`EncoderLayer.packed`); the real pieces get the same memory, the padding gets zeros."""
         lengths = mask.sum(1)  # (B,)
         if positions is None and self.cfg.encoder_positions == "end":
             positions = _from_end(lengths, tokens.shape[1])
         x = self._embed(self.encoder, tokens, positions=positions) + self.user_embed(user_ids) + self.item_embed(item_ids)
         x = F.dropout(self.encoder.layernorm_embedding(x), self.cfg.dropout, self.training)
         causal = self.cfg.encoder_causal and attn_mask is None  # right padding: causal also hides the padding
+        if packed is None:
+            packed = not (self.training or causal or attn_mask is not None)
+        if packed:
+            B, S, C = x.shape
+            rows = mask.reshape(-1).nonzero()[:, 0]  # (N,) real pieces of the (B * S) grid
+            xp = x.reshape(B * S, C)[rows]  # (N, C)
+            for layer in self.encoder.layers:
+                xp = layer.packed(xp, rows, B, S, lengths)
+            return _unpack(xp, rows, B, S)
         for layer in self.encoder.layers:
             x = layer(x, lengths, causal, attn_mask)
         return x
@@ -266,7 +301,12 @@ class GenRec(nn.Module):
 
     def start_decoding(self, memory: torch.Tensor, mask: torch.Tensor) -> DecoderCache:
         """Cross-attention K/V once per user: memory (U, S, C), mask (U, S)."""
-        kv = [layer.encoder_attn.kv(memory) for layer in self.decoder.layers]
+        B, S, C = memory.shape
+        rows = mask.reshape(-1).nonzero()[:, 0]  # (N,) real pieces: the padding is never attended
+        real = memory.reshape(B * S, C)[rows]  # (N, C)
+        kv = [tuple(_heads(t, self.cfg.n_heads) for t in _unpack(
+            _fused_linear(real, layer.encoder_attn.k_proj, layer.encoder_attn.v_proj), rows, B, S).chunk(2, dim=-1))
+              for layer in self.decoder.layers]  # per layer 2 x (B, H, S, hd)
         n = len(kv)
         return DecoderCache([k for k, _ in kv], [v for _, v in kv], mask.sum(1), [None] * n, [None] * n)
 

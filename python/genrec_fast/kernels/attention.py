@@ -125,17 +125,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: to
     return _attention_torch(q, k, v, key_lengths, kv_group, scale)
 
 
+BMM_MAX_KEYS = 128  # CPU: up to here one baddbmm + softmax + bmm beat SDPA's kernel (22 keys: 0.8 vs 1.7 ms)
+
+
 def _attention_torch(q, k, v, key_lengths, kv_group: int, scale: float) -> torch.Tensor:
-    """SDPA with the group folded into the query length: K/V are never copied per beam."""
+    """SDPA (or, for short keys on a CPU, batched matmuls) with the group folded into the query length:
+    K/V are never copied per beam."""
     Bq, H, Lq, D = q.shape
     Bkv, _, Lk, _ = k.shape
     qf = q.reshape(Bkv, kv_group, H, Lq, D).transpose(1, 2).reshape(Bkv, H, kv_group * Lq, D)
-    mask = None
-    if key_lengths is not None:
-        keep = torch.arange(Lk, device=q.device) < key_lengths[:, None]  # (Bkv, Lk)
-        mask = keep[:, None, None, :]  # (Bkv, 1, 1, Lk)
-    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)  # (Bkv, H, G*Lq, D)
+    if q.device.type == "cpu" and Lk <= BMM_MAX_KEYS:
+        o = _attention_bmm(qf, k, v, key_lengths, scale)
+    else:
+        mask = None
+        if key_lengths is not None:
+            keep = torch.arange(Lk, device=q.device) < key_lengths[:, None]  # (Bkv, Lk)
+            mask = keep[:, None, None, :]  # (Bkv, 1, 1, Lk)
+        o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)  # (Bkv, H, G*Lq, D)
     return o.reshape(Bkv, H, kv_group, Lq, D).transpose(1, 2).reshape(Bq, H, Lq, D)
+
+
+def _attention_bmm(q, k, v, key_lengths, scale: float) -> torch.Tensor:
+    """q (B, H, L, D), k/v (B, H, S, D) -> (B, H, L, D): scores, masked softmax and values as 3-D bmm."""
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    if key_lengths is None:
+        s = torch.bmm(q.reshape(B * H, L, D), k.reshape(B * H, S, D).transpose(1, 2)).mul_(scale)  # (BH, L, S)
+    else:
+        pad = torch.zeros(B, S, dtype=q.dtype, device=q.device).masked_fill_(
+            torch.arange(S, device=q.device) >= key_lengths[:, None], float("-inf"))  # (B, S)
+        bias = pad[:, None, None, :].expand(B, H, L, S).reshape(B * H, L, S)
+        s = torch.baddbmm(bias, q.reshape(B * H, L, D), k.reshape(B * H, S, D).transpose(1, 2), alpha=scale)
+    return torch.bmm(torch.softmax(s, dim=-1), v.reshape(B * H, S, D)).view(B, H, L, D)
 
 
 def _attention_cuda(q, k, v, key_lengths, kv_group: int, scale: float, kernel: str = "auto") -> torch.Tensor:

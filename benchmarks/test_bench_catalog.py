@@ -1,0 +1,35 @@
+"""pytest-benchmark: the one-token model's recommend() against the SASRec-style full ranking, small sizes.
+
+Run: python -m pytest benchmarks/ --benchmark-only. The full-size table (12,101 / 100,000 / 1,000,000 items,
+peak RSS, the ratio): python benchmarks/bench_catalog.py --threads 2.
+"""
+import pytest
+import torch
+
+pytest.importorskip("pytest_benchmark")
+
+import bench_catalog as bench  # noqa: E402  (benchmarks/ is on sys.path: pytest's rootdir-relative import)
+
+N_ITEMS = 20_000
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rec, _ = bench.build(N_ITEMS)
+    hist = bench.histories(N_ITEMS, 64)
+    torch.manual_seed(0)
+    return rec, bench.SASRec(N_ITEMS).eval(), hist, [[rec.catalog.item_ids[i] for i in h] for h in hist]
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("path", ["genrec_fast one-step", "genrec_fast trie search", "sasrec-style"])
+def test_catalog_recommend(benchmark, setup, path, batch):
+    rec, sasrec, hist, hist_ids = setup
+    benchmark.group = f"catalog {N_ITEMS} items, batch {batch}"
+    if path == "sasrec-style":
+        fn = lambda: sasrec.recommend(bench.sasrec_batch(hist[:batch]), bench.TOP_K)  # noqa: E731
+    else:
+        backend = "auto" if path.endswith("one-step") else "cpp"
+        fn = lambda: rec.recommend(hist_ids[:batch], k=bench.TOP_K, backend=backend)  # noqa: E731
+    out = benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    assert len(out[0]) == batch if path == "sasrec-style" else len(out) == batch
