@@ -157,3 +157,16 @@ def test_packed_encoder_equals_the_padded_one(positions):
     torch.testing.assert_close(packed[mask], padded[mask], atol=1e-5, rtol=1e-5)
     assert (packed[~mask] == 0).all()
     assert not torch.allclose(padded[~mask], torch.zeros_like(padded[~mask]))  # the padded path did differ there
+
+
+def test_first_step_without_cache_equals_the_cached_step():
+    """`first_heads` (cross-attention without projecting the memory) = one cached step from BOS."""
+    m = tiny_model()
+    tokens, users, items, mask = batch(B=4, S=11)
+    mask[2, 3:] = False
+    with torch.no_grad():
+        memory = m.encode(tokens, users, items, mask)
+        cached = m.decode_step_hidden(torch.full((4,), m.cfg.bos_id), m.start_decoding(memory, mask))
+        (head,) = m.first_heads(memory, mask)
+    torch.testing.assert_close(head.x, cached, atol=1e-5, rtol=1e-5)
+    assert head.weight is m.shared.weight

@@ -178,3 +178,14 @@ def test_one_step_path_keeps_a_trained_checkpoints_metrics(small_synthetic, tmp_
         fast.pop("seconds"), slow.pop("seconds")
         assert fast == slow and fast["NDCG@10"] > 0.1
     assert rec._trie is not None  # "cpp" did run the trie search
+
+
+def test_edge_requests_do_not_crash_the_trie_search(trained, small_synthetic):
+    """k beyond the catalog, an empty allow-list, a history longer than the window: answers, not errors."""
+    rec, _ = trained
+    ids = small_synthetic.item_ids
+    out = rec.recommend([ids[:3]], k=len(ids) + 40, exclude_seen=True)[0]
+    assert sorted(out.items) == sorted(set(ids) - set(ids[:3]))  # every other item, once
+    assert rec.recommend([ids[:3]], k=5, allowed_items=[])[0].items == []
+    long = [ids[i % len(ids)] for i in range(3 * rec.max_items)]
+    assert rec.recommend([long], k=5)[0].items == rec.recommend([long[-rec.max_items:]], k=5)[0].items

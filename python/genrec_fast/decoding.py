@@ -36,10 +36,7 @@ def item_decode(model: GenRec | Ensemble, enc: dict, first_item: int, num_items:
         raise ValueError("item_decode: the model was trained with an EOS step after items (item_eos=True); "
                          "use beam_decode")
     memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
-    cache = model.start_decoding(memory, enc["mask"])
-    cache.capacity = 1
-    bos = torch.full((enc["tokens"].shape[0],), model.cfg.bos_id, dtype=torch.long, device=enc["tokens"].device)
-    return item_topk(model.heads(bos, cache), first_item, num_items, k, exclude, allow, chunk)
+    return item_topk(model.first_heads(memory, enc["mask"]), first_item, num_items, k, exclude, allow, chunk)
 
 
 @torch.inference_mode()

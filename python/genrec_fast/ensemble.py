@@ -70,6 +70,10 @@ class Ensemble(nn.Module):
     def start_decoding(self, memory: list, mask: torch.Tensor) -> EnsembleCache:
         return EnsembleCache([m.start_decoding(x, mask) for m, x in zip(self.members, memory)])
 
+    def first_heads(self, memory: list, mask: torch.Tensor) -> list:
+        """Every member's first decoder step from BOS as `item_topk.Head`s (no cache)."""
+        return [h for m, x in zip(self.members, memory) for h in m.first_heads(x, mask)]
+
     def heads(self, tokens: torch.Tensor, cache: EnsembleCache) -> list:
         """One decoder step of every member as `item_topk.Head`s (ranked by their mean log-probability)."""
         return [h for m, c in zip(self.members, cache.caches) for h in m.heads(tokens, c)]

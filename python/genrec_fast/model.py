@@ -90,11 +90,13 @@ class EncoderLayer(nn.Module):
         x = self.self_attn_layer_norm(x + F.dropout(y, self.dropout, self.training))
         return self.final_layer_norm(x + self.ffn(x))
 
-    def packed(self, x, rows, B: int, S: int, lengths):
+    def packed(self, x, rows, slots, B: int, S: int, lengths):
         """Inference over the real pieces only: x (N, C) holds rows `rows` of the padded (B * S, C) input;
-        projections, norms and FFN skip the padding, attention runs padded. -> (N, C)."""
+        projections, norms and FFN skip the padding, attention runs padded: `slots` (B * S,) names the
+        packed row each padded slot copies (any real row for the padding, whose keys are masked and whose
+        outputs are dropped). -> (N, C)."""
         a = self.self_attn
-        qkv = _unpack(_fused_linear(x, a.q_proj, a.k_proj, a.v_proj), rows, B, S)  # (B, S, 3C)
+        qkv = _fused_linear(x, a.q_proj, a.k_proj, a.v_proj).index_select(0, slots).view(B, S, -1)  # (B, S, 3C)
         q, k, v = (_heads(t, a.n_heads) for t in qkv.chunk(3, dim=-1))  # 3 x (B, H, S, hd)
         y = _merge(attention(q, k, v, key_lengths=lengths)).reshape(B * S, -1)[rows]  # (N, C)
         x = self.self_attn_layer_norm(x + a.out_proj(y))
@@ -132,6 +134,30 @@ class DecoderLayer(nn.Module):
         x = self._res(x, self.self_attn(x, k, v, is_causal=self_mask is None, mask=self_mask), self.self_attn_layer_norm)
         ck, cv = self.encoder_attn.kv(memory)
         x = self._res(x, self.encoder_attn(x, ck, cv, lengths, mask=cross_mask), self.encoder_attn_layer_norm)
+        return self.final_layer_norm(x + self.ffn(x))
+
+    def first_step(self, x, memory, lengths):
+        """The decoder's first step (one query per user, no cache): x (1 or U, 1, C), memory (U, S, C).
+
+        Self-attention over the query alone is v_proj then out_proj. Cross-attention never projects the
+        memory: per head, q . (W_k m + b_k) = (W_k^T q) . m + const and sum_s p_s (W_v m_s + b_v) =
+        W_v (sum_s p_s m_s) + b_v, so it runs on (U, S, C) with C x C weights once per user.
+        -> (U, 1, C); equal to `step` on a fresh cache (tested)."""
+        sa, ca = self.self_attn, self.encoder_attn
+        x = self.self_attn_layer_norm(x + sa.out_proj(sa.v_proj(x)))
+        U, S, C = memory.shape
+        H = ca.n_heads
+        hd = C // H
+        q = ca.q_proj(x).expand(U, 1, C).reshape(U, H, hd)  # (U, H, hd)
+        wk = ca.k_proj.weight.view(H, hd, C)  # head h's rows of W_k
+        qk = torch.einsum("uhd,hdc->uch", q, wk) * hd ** -0.5  # (U, C, H): W_k,h^T q_h, scaled
+        scores = torch.bmm(memory, qk)  # (U, S, H)
+        pad = torch.arange(S, device=memory.device)[None, :, None] >= lengths[:, None, None]
+        p = scores.masked_fill(pad, float("-inf")).softmax(dim=1)  # (U, S, H)
+        ctx = torch.bmm(p.transpose(1, 2), memory)  # (U, H, C): sum_s p m per head
+        wv = ca.v_proj.weight.view(H, hd, C)
+        y = torch.einsum("uhc,hdc->uhd", ctx, wv).reshape(U, 1, C) + ca.v_proj.bias  # (U, 1, C)
+        x = self.encoder_attn_layer_norm(x + ca.out_proj(y))
         return self.final_layer_norm(x + self.ffn(x))
 
     def step(self, x, cache: "DecoderCache", i: int):
@@ -250,21 +276,39 @@ class GenRec(nn.Module):
         lengths = mask.sum(1)  # (B,)
         if positions is None and self.cfg.encoder_positions == "end":
             positions = _from_end(lengths, tokens.shape[1])
-        x = self._embed(self.encoder, tokens, positions=positions) + self.user_embed(user_ids) + self.item_embed(item_ids)
-        x = F.dropout(self.encoder.layernorm_embedding(x), self.cfg.dropout, self.training)
         causal = self.cfg.encoder_causal and attn_mask is None  # right padding: causal also hides the padding
         if packed is None:
             packed = not (self.training or causal or attn_mask is not None)
         if packed:
-            B, S, C = x.shape
-            rows = mask.reshape(-1).nonzero()[:, 0]  # (N,) real pieces of the (B * S) grid
-            xp = x.reshape(B * S, C)[rows]  # (N, C)
-            for layer in self.encoder.layers:
-                xp = layer.packed(xp, rows, B, S, lengths)
-            return _unpack(xp, rows, B, S)
+            return self._encode_packed(tokens, user_ids, item_ids, mask, lengths, positions)
+        x = self._embed(self.encoder, tokens, positions=positions) + self.user_embed(user_ids) + self.item_embed(item_ids)
+        x = F.dropout(self.encoder.layernorm_embedding(x), self.cfg.dropout, self.training)
         for layer in self.encoder.layers:
             x = layer(x, lengths, causal, attn_mask)
         return x
+
+    def _encode_packed(self, tokens, user_ids, item_ids, mask, lengths, positions):
+        """`encode` at inference over the real pieces only (EncoderLayer.packed); zeros at the padding."""
+        B, S = tokens.shape
+        rows = mask.reshape(-1).nonzero()[:, 0]  # (N,) real pieces of the (B * S) grid
+        last = S if positions is None else int(positions.max()) + 1  # the same check as `_embed`
+        if last > self.cfg.max_positions:
+            raise ValueError(f"input of {last} positions exceeds max_positions={self.cfg.max_positions}")
+        if positions is None:
+            positions = torch.arange(S, device=tokens.device).expand(B, S)
+        pos = positions.reshape(-1)[rows]  # (N,)
+        tok = self.shared(tokens.reshape(-1)[rows])  # (N, C)
+        tok = tok if self.embed_scale == 1.0 else tok * self.embed_scale
+        x = tok + self.encoder.embed_positions(pos) + self.item_embed(item_ids.reshape(-1)[rows])
+        users = user_ids.reshape(-1)[rows]
+        if bool(users.any()):  # models served without user tokens pass none
+            x = x + self.user_embed(users)
+        x = self.encoder.layernorm_embedding(x)
+        slots = torch.zeros(B * S, dtype=torch.long, device=tokens.device)
+        slots[rows] = torch.arange(len(rows), device=tokens.device)  # padded slot -> packed row (padding: 0)
+        for layer in self.encoder.layers:
+            x = layer.packed(x, rows, slots, B, S, lengths)
+        return _unpack(x, rows, B, S)
 
     def decode(self, decoder_tokens, memory, mask, self_mask=None, cross_mask=None, positions=None):
         """Teacher-forced decoder: decoder_tokens (B, T) -> logits (B, T, V). Optional masks (B, 1, T, T),
@@ -325,3 +369,13 @@ class GenRec(nn.Module):
     def heads(self, tokens: torch.Tensor, cache: DecoderCache) -> list:
         """One decoder step as `item_topk.Head`s (states, LM head weight and bias): a list of one."""
         return [Head(self.decode_step_hidden(tokens, cache), self.shared.weight, self.final_logits_bias[0])]
+
+    def first_heads(self, memory: torch.Tensor, mask: torch.Tensor) -> list:
+        """The first decoder step from BOS as `item_topk.Head`s, without a cache (`DecoderLayer.first_step`):
+        memory (U, S, C), mask (U, S) -> [Head((U, C) states, LM head)]."""
+        bos = torch.full((1, 1), self.cfg.bos_id, dtype=torch.long, device=memory.device)
+        x = self.decoder.layernorm_embedding(self._embed(self.decoder, bos))  # (1, 1, C): the same for every user
+        lengths = mask.sum(1)
+        for layer in self.decoder.layers:
+            x = layer.first_step(x, memory, lengths)  # (U, 1, C) from the first cross-attention on
+        return [Head(x.expand(memory.shape[0], 1, -1)[:, 0], self.shared.weight, self.final_logits_bias[0])]

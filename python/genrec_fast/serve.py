@@ -23,6 +23,8 @@ Requests of one batch may ask for different k / exclude_seen / allowed_items: `a
 beam width of the trie search).
 """
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Dict, Hashable, List, NamedTuple, Optional, Sequence, Union
 
@@ -37,6 +39,7 @@ from . import checkpoint
 from .recommend import Recommendations, Recommender, load
 
 API_PATH = "/recommend"
+DEFAULT_K = 10
 MAX_BATCH = 64  # requests per recommend() call at most; tuned with benchmarks/bench_serve.py
 MAX_WAIT_MS = 5.0  # how long the worker gathers a batch; tuned with benchmarks/bench_serve.py
 
@@ -45,7 +48,7 @@ ItemId = Union[int, str]
 EXPECTED = {  # what each field should be, for error messages
     "history": "a non-empty list of item ids (ints or strings)",
     "user": "a user id (int or string) or null",
-    "k": "a positive integer",
+    "k": "a positive integer or null (10)",
     "exclude_seen": "true, false or null",
     "allowed_items": "a list of item ids (ints or strings) or null",
 }
@@ -57,7 +60,7 @@ class RecommendRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")  # strict: no "5" -> 5, no true -> 1 for k
     history: List[ItemId] = Field(min_length=1)
     user: Optional[ItemId] = None
-    k: int = Field(10, ge=1)
+    k: Optional[int] = Field(DEFAULT_K, ge=1)  # null: the default
     exclude_seen: Optional[bool] = None
     allowed_items: Optional[List[ItemId]] = None
 
@@ -109,12 +112,13 @@ def to_query(rec: Recommender, req: RecommendRequest) -> Union[Query, Rejected]:
         if None in allowed:
             bad = [x for x, i in zip(req.allowed_items, allowed) if i is None]
             return Rejected(422, "allowed_items", f"allowed_items: unknown item ids {bad[:5]}")
-    if req.k > len(items):
-        return Rejected(422, "k", f"k: at most the catalog size ({len(items)}), got {req.k}")
+    k = DEFAULT_K if req.k is None else req.k
+    if k > len(items):
+        return Rejected(422, "k", f"k: at most the catalog size ({len(items)}), got {k}")
     user = None if req.user is None else resolve(rec.catalog.user_index, req.user)
     user = req.user if user is None else user  # an unknown user is served from the history alone
     exclude_seen = rec.exclude_seen if req.exclude_seen is None else req.exclude_seen
-    return Query(history, user, req.k, exclude_seen, allowed)
+    return Query(history, user, k, exclude_seen, allowed)
 
 
 def answer(rec: Recommender, queries: Sequence[Union[Query, Rejected]]) -> List[Union[Recommendations, Rejected]]:
@@ -175,7 +179,7 @@ class RecommendAPI(ls.LitAPI):
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 for a body that does not fit `RecommendRequest`, as {"error", "field"} (first problem)."""
-    e = exc.errors()[0]
+    e = min(exc.errors(), key=lambda e: e.get("type") != "extra_forbidden")  # a misspelt field first
     loc = [x for x in e.get("loc", ()) if x != "body"]
     if e.get("type") == "json_invalid":
         return Rejected(400, "body", f"body: not valid JSON ({e.get('msg')})").response()
@@ -219,9 +223,11 @@ def serve(checkpoints: Sequence[Union[str, Path]], host: str = "127.0.0.1", port
 
 def run(srv: ls.LitServer, host: str, port: int, log_level: str = "warning") -> None:
     """Run until SIGINT or SIGTERM, then stop LitServe's worker and API processes (its graceful shutdown)."""
-    import signal
+    main_pid = os.getpid()
 
     def interrupt(signum, frame):
+        if os.getpid() != main_pid:  # a forked child (uvicorn, LitServe's manager) inherits the handler
+            raise SystemExit(0)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)  # LitServe shuts down cleanly on KeyboardInterrupt only
