@@ -135,10 +135,38 @@ def test_different_lengths_differ_only_by_hugging_faces_rules():
     model = from_hf_bart(hf).eval()
     items, scores = beam_decode(model, Trie.build(seqs, EOS), enc, BEAMS, BEAMS, backend=BACKENDS[-1])
     assert (items != want_items).any() and (scores[:, 0] >= want_scores[:, 0] - 1e-4).all()
+    # our search against the definition: each item's score is its log-probability, and with a beam per
+    # item the search returns the exhaustive top 20
+    brute = exhaustive_logprobs(model, enc, seqs)  # (B, n)
+    full_items, full_scores = beam_decode(model, Trie.build(seqs, EOS), enc, BEAMS, len(seqs), backend=BACKENDS[-1])
+    for u in range(len(items)):
+        np.testing.assert_allclose(scores[u], brute[u, items[u]], atol=1e-4)
+        top = np.argsort(-brute[u], kind="stable")[:BEAMS]
+        np.testing.assert_array_equal(full_items[u], top)
+        np.testing.assert_allclose(full_scores[u], brute[u, top], atol=1e-4)
     for u in range(len(items)):
         got_items, got_scores = hf_rules_search(model, {k: v[u:u + 1] for k, v in enc.items()}, seqs)
         assert got_items == want_items[u].tolist()
         np.testing.assert_allclose(got_scores, want_scores[u], atol=1e-4)
+
+
+def exhaustive_logprobs(model, enc, seqs) -> np.ndarray:
+    """log P(pieces + EOS) of every item for every user, by teacher forcing: (B, n_items)."""
+    n, T = len(seqs), max(map(len, seqs)) + 1
+    dec = torch.full((n, T), PAD)
+    labels = torch.full((n, T), -1)
+    for i, p in enumerate(seqs):
+        dec[i, :len(p) + 1] = torch.tensor([BOS] + p)
+        labels[i, :len(p) + 1] = torch.tensor(p + [EOS])
+    out = []
+    with torch.no_grad():
+        memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+        for u in range(memory.shape[0]):
+            logp = torch.log_softmax(model.decode(dec, memory[u:u + 1].expand(n, -1, -1),
+                                                  enc["mask"][u:u + 1].expand(n, -1)), -1)  # (n, T, V)
+            tok = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0] * (labels >= 0)
+            out.append(tok.sum(1).numpy())
+    return np.stack(out)
 
 
 def hf_rules_search(model, enc, seqs):

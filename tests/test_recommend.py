@@ -161,8 +161,9 @@ def test_one_step_path_k_beyond_the_catalog():
     assert out.scores == sorted(out.scores, reverse=True)
 
 
-def test_one_step_path_keeps_a_trained_checkpoints_metrics(small_synthetic, tmp_path):
-    """Quality unchanged: test metrics through the one-step path equal those of the trie search."""
+def test_one_step_path_keeps_a_trained_checkpoints_metrics(small_synthetic, tmp_path, monkeypatch):
+    """Quality unchanged: test metrics through the serving path (packed encoder, first step without a
+    cache, fused head + top-k) equal those of the previous path (padded encoder, cached step, trie search)."""
     import dataclasses
     from genrec_fast import preset, train
     from genrec_fast.evaluate import evaluate, model_ranker
@@ -172,9 +173,13 @@ def test_one_step_path_keeps_a_trained_checkpoints_metrics(small_synthetic, tmp_
     p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
     rec = train(small_synthetic, tmp_path / "run", p, progress=False)
     split = leave_one_out(small_synthetic)
+    from genrec_fast.model import GenRec
+    encode = GenRec.encode
     for exclude_seen in (False, True):
-        fast, slow = (evaluate(model_ranker(rec, backend=b), split, "test", exclude_seen=exclude_seen, progress=False)
-                      for b in ("auto", "cpp"))
+        fast = evaluate(model_ranker(rec), split, "test", exclude_seen=exclude_seen, progress=False)
+        with monkeypatch.context() as m:  # the previous path: padded encoder layers, trie search
+            m.setattr(GenRec, "encode", lambda self, *a, **kw: encode(self, *a, **kw, packed=False))
+            slow = evaluate(model_ranker(rec, backend="cpp"), split, "test", exclude_seen=exclude_seen, progress=False)
         fast.pop("seconds"), slow.pop("seconds")
         assert fast == slow and fast["NDCG@10"] > 0.1
     assert rec._trie is not None  # "cpp" did run the trie search
@@ -189,3 +194,21 @@ def test_edge_requests_do_not_crash_the_trie_search(trained, small_synthetic):
     assert rec.recommend([ids[:3]], k=5, allowed_items=[])[0].items == []
     long = [ids[i % len(ids)] for i in range(3 * rec.max_items)]
     assert rec.recommend([long], k=5)[0].items == rec.recommend([long[-rec.max_items:]], k=5)[0].items
+
+
+@pytest.mark.parametrize("which", ["trie search", "one step"])
+def test_concurrent_calls_from_threads_equal_serial_ones(trained, small_synthetic, which):
+    """8 threads share one model (as a server's workers would): every answer equals the serial one.
+    Each call owns its search / top-k state; the trie and weights are only read."""
+    from concurrent.futures import ThreadPoolExecutor
+    rec = trained[0] if which == "trie search" else one_token_model()
+    ids = rec.catalog.item_ids
+    rng = np.random.default_rng(5)
+    requests = [([ids[i] for i in rng.choice(len(ids), int(rng.integers(1, 25)))], bool(rng.integers(2)))
+                for _ in range(48)]
+    serial = [rec.recommend([h], k=10, exclude_seen=ex)[0] for h, ex in requests]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda r: rec.recommend([r[0]], k=10, exclude_seen=r[1])[0], requests))
+            assert [g.items for g in got] == [s.items for s in serial]
+            assert [g.scores for g in got] == [s.scores for s in serial]
