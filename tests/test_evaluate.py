@@ -70,3 +70,14 @@ def test_report_of_a_history_only_model_reuses_the_numbers_it_would_measure(trai
     assert {k: v for k, v in rep["test"]["genrec(no user token)"].items() if k not in drop} == want
     with_user = evaluate(model_ranker(rec), s, "test", progress=False)["NDCG@10"]
     assert with_user != want["NDCG@10"]  # the user token matters for this model, so the check can fail
+
+
+def test_progress_bars_only_on_a_terminal(capsys):
+    """Output that is not a terminal (logs, CI) gets no carriage-return bars, even with progress on."""
+    from genrec_fast.data import leave_one_out, synthetic
+    from genrec_fast.evaluate import evaluate, popularity_ranker
+    d = synthetic(n_users=300, n_items=40, seed=0)
+    split = leave_one_out(d)
+    evaluate(popularity_ranker(split, d.n_items), split, "test", batch_size=10, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "eval test" not in err

@@ -49,7 +49,9 @@ def evaluate(ranker: Ranker, split: Split, part: str = "test", users: Sequence[i
     users = np.arange(len(split.train)) if users is None else np.asarray(users)
     hists, targets = histories_for(split, part, users)
     ranks, t0 = [], time.perf_counter()
-    for s in tqdm(range(0, len(users), batch_size), desc=f"{desc} {part}", disable=not progress, leave=False):
+    bar = tqdm(range(0, len(users), batch_size), desc=f"{desc} {part}", disable=None if progress else True,
+               leave=False)  # None: bars only on a terminal
+    for s in bar:
         top = ranker(hists[s:s + batch_size], users[s:s + batch_size], exclude_seen)
         ranks.append(target_ranks(np.asarray(top)[:, :max(KS)], targets[s:s + batch_size]))
     out = metrics_from_ranks(np.concatenate(ranks))

@@ -292,7 +292,8 @@ class Trainer:
         warmup = min(self.tcfg.warmup_steps, total_steps // 10 + 1)  # short runs still leave warm-up
         losses = []
         parts = self.epoch_batches(pretrain)
-        bar = tqdm(parts, desc=f"epoch {self.epoch + 1}/{self.total_epochs}", disable=not self.progress, leave=False)
+        bar = tqdm(parts, desc=f"epoch {self.epoch + 1}/{self.total_epochs}", disable=None if self.progress else True,
+                   leave=False)  # None: bars only on a terminal, never carriage returns in a log file
         for part in bar:
             kwargs, labels = to_batch(part, self.tokenizer, self.model.cfg, self.device)
             seen = seen_tokens(part, self.tokenizer, self.device) if self.tcfg.mask_seen else None
