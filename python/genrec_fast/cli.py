@@ -209,11 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
     s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default), 0.0.0.0 or ::")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch", type=int, default=64, help="requests per model call at most (default 64)")
-    s.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long to gather a batch (default 5 ms)")
+    s.add_argument("--max-batch", type=int, default=64,  # serve.MAX_BATCH (not imported: it needs litserve)
+                   help="requests per model call at most (default 64)")
+    s.add_argument("--max-wait-ms", type=float, default=2.0,  # serve.MAX_WAIT_MS
+                   help="how long the model's worker gathers a batch (default 2 ms)")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--threads", type=int, help="torch threads of the model's worker (default: torch's)")
+    s.add_argument("--threads", type=int,
+                   help="torch threads of the model's worker (default: all cores but one, for the HTTP process)")
     s.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     s.set_defaults(func=cmd_serve)
     return ap

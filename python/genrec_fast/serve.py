@@ -14,8 +14,9 @@ Engine: LitServe (lightning's `litserve`). It runs the model in its own worker p
 requests that arrive within `max_wait_ms` (up to `max_batch`) into one `predict` call, behind a uvicorn /
 FastAPI front end that parses and validates the JSON in another process. That is the dynamic batching a
 single-machine CPU or GPU server needs, with a pip install and no cluster. Ray Serve's `@serve.batch` does
-the same across machines, but starts a Ray cluster (a head process, a dashboard, several GB of
-dependencies): worth it only where replicas on several machines are wanted.
+the same across machines, but starts a Ray cluster (head process, dashboard, object store) and routes each
+request through a proxy actor to a replica actor: worth it only where replicas on several machines are
+wanted (not measured here). benchmarks/README.md has the throughput and where LitServe's time goes.
 
 Requests of one batch may ask for different k / exclude_seen / allowed_items: `answer` makes one
 `recommend()` call per distinct (k, exclude_seen, allowed_items) group, so each request gets exactly what a
@@ -41,14 +42,14 @@ from .recommend import Recommendations, Recommender, load
 API_PATH = "/recommend"
 DEFAULT_K = 10
 MAX_BATCH = 64  # requests per recommend() call at most; tuned with benchmarks/bench_serve.py
-MAX_WAIT_MS = 5.0  # how long the worker gathers a batch; tuned with benchmarks/bench_serve.py
+MAX_WAIT_MS = 2.0  # how long the worker gathers a batch; 5 ms gave no more users/s at concurrency 64 (bench_serve)
 
 log = logging.getLogger(__name__)
-ItemId = Union[int, str]
+Id = Union[int, str]
 EXPECTED = {  # what each field should be, for error messages
     "history": "a non-empty list of item ids (ints or strings)",
     "user": "a user id (int or string) or null",
-    "k": "a positive integer or null (10)",
+    "k": "a positive integer (default 10)",
     "exclude_seen": "true, false or null",
     "allowed_items": "a list of item ids (ints or strings) or null",
 }
@@ -58,11 +59,11 @@ class RecommendRequest(BaseModel):
     """The JSON body of POST /recommend, checked by FastAPI before it reaches the model's worker."""
 
     model_config = ConfigDict(strict=True, extra="forbid")  # strict: no "5" -> 5, no true -> 1 for k
-    history: List[ItemId] = Field(min_length=1)
-    user: Optional[ItemId] = None
+    history: List[Id] = Field(min_length=1)
+    user: Optional[Id] = None
     k: Optional[int] = Field(DEFAULT_K, ge=1)  # null: the default
     exclude_seen: Optional[bool] = None
-    allowed_items: Optional[List[ItemId]] = None
+    allowed_items: Optional[List[Id]] = None
 
 
 class Query(NamedTuple):
@@ -92,11 +93,15 @@ class Rejected(NamedTuple):
 
 
 def resolve(index: dict, x: Hashable):
-    """An id as the catalog spells it: x itself, else "5" <-> 5; None when the catalog has neither."""
+    """An id as the catalog spells it: x itself, else 5 <-> "5" (canonical spellings only: not "05", " 5");
+    None when the catalog has neither."""
     if x in index:
         return x
-    other = str(x) if isinstance(x, int) else int(x) if x.lstrip("-").isdigit() else None
-    return other if other in index else None
+    try:
+        other = str(x) if isinstance(x, int) else int(x)
+    except ValueError:
+        return None
+    return other if other in index and str(other) == str(x) else None
 
 
 def to_query(rec: Recommender, req: RecommendRequest) -> Union[Query, Rejected]:
@@ -153,8 +158,8 @@ class RecommendAPI(ls.LitAPI):
     def setup(self, device) -> None:
         """Load the model in the worker process (LitServe's `device` is ignored: --device chooses)."""
         import torch
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        # all cores but one, which the HTTP process needs: on 2 cores 2 threads halved the throughput
+        torch.set_num_threads(self.threads or max(1, (os.cpu_count() or 1) - 1))
         paths = self.checkpoints[0] if len(self.checkpoints) == 1 else self.checkpoints
         self.rec = load(paths, self.model_device)
         self.rec.recommend([[self.rec.catalog.item_ids[0]]], k=1)  # warm-up: the first call allocates
@@ -211,13 +216,15 @@ def server(api: ls.LitAPI, timeout_s: float = 30.0) -> ls.LitServer:
     return srv
 
 
-def serve(checkpoints: Sequence[Union[str, Path]], host: str = "127.0.0.1", port: int = 8000, max_batch: int = MAX_BATCH,
-          max_wait_ms: float = MAX_WAIT_MS, device: str = "cpu", threads: Optional[int] = None,
-          log_level: str = "warning") -> None:
+def serve(checkpoints: Sequence[Union[str, Path]], host: str = "127.0.0.1", port: int = 8000,
+          max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS, device: str = "cpu",
+          threads: Optional[int] = None, log_level: str = "warning") -> None:
     """Serve a checkpoint (several: an ensemble) until interrupted (Ctrl+C / SIGINT / SIGTERM)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch: expected a positive integer, got {max_batch}")
+    if not max_wait_ms > 0:  # LitServe's worker spins on its queue with a timeout of 0
+        raise ValueError(f"max_wait_ms: expected a positive number of milliseconds, got {max_wait_ms}")
     check_checkpoints(checkpoints)
-    if max_batch < 1 or max_wait_ms < 0:
-        raise ValueError(f"max_batch: expected >= 1 and max_wait_ms >= 0, got {max_batch} and {max_wait_ms}")
     run(server(RecommendAPI(checkpoints, device, max_batch, max_wait_ms, threads)), host, port, log_level)
 
 

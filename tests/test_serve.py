@@ -1,0 +1,269 @@
+"""`genrec-fast serve`: a real server process, called over HTTP, answers what `recommend()` answers.
+
+Two servers start side by side (a few seconds each): the tiny trained multi-piece model (trie search) and
+an ensemble of two one-token checkpoints (one decoder step + top-k). Each is stopped by the fixture's
+teardown (SIGTERM, then SIGKILL of its whole process group).
+"""
+import asyncio
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("litserve", reason="the serving engine is not installed: pip install '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="the HTTP client of the tests is not installed: pip install '.[test]'")
+
+import genrec_fast  # noqa: E402
+from genrec_fast.cli import main  # noqa: E402
+from genrec_fast.serve import Query, Rejected, answer, resolve  # noqa: E402
+
+START_TIMEOUT_S = 90  # two servers import torch at once on a shared 2-core CPU: ~10 s; 90 leaves margin
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m genrec_fast.cli serve ...` in its own process group, with its output in a log file."""
+
+    def __init__(self, checkpoints, log: Path, *flags: str):
+        self.port, self.log = free_port(), log
+        env = dict(os.environ)  # the package this test imported, installed or from the source tree
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(genrec_fast.__file__).parents[1]), env.get("PYTHONPATH", "")])
+        cmd = [sys.executable, "-m", "genrec_fast.cli", "serve", *map(str, checkpoints), "--port", str(self.port),
+               "--threads", "1", *flags]
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # LitServe's graceful shutdown stops its worker processes
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in the group (the session we started)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def post(self, body, **kw) -> "httpx.Response":
+        return httpx.post(f"{self.url}/recommend", json=body, timeout=30, **kw)
+
+
+def one_token_checkpoints(root: Path) -> list:
+    """Two random one-token models over the same catalog and tokenizer (an ensemble needs both equal)."""
+    from genrec_fast import GenRec, Recommender, preset
+    from genrec_fast.checkpoint import save
+    import torch
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False)
+    rec = Recommender.random([f"sku{i}" for i in range(150)], cfg, vocab_size=200, item_tokens="whole", seed=3)
+    torch.manual_seed(4)
+    other = GenRec(rec.model.cfg).eval()
+    return [save(root / "a", rec.model, rec.tokenizer, rec.catalog),
+            save(root / "b", other, rec.tokenizer, rec.catalog)]
+
+
+@pytest.fixture(scope="module")
+def servers(trained, tmp_path_factory):
+    """{"pieces": (server, recommender), "ensemble": (server, recommender)}, started together."""
+    _, run = trained
+    root = tmp_path_factory.mktemp("serve")
+    ens = one_token_checkpoints(root)
+    started = {"pieces": Server([run / "best"], root / "pieces.log", "--max-wait-ms", "20"),
+               "ensemble": Server(ens, root / "ensemble.log", "--max-wait-ms", "20", "--max-batch", "16")}
+    try:
+        for s in started.values():
+            s.wait_ready()
+        yield {"pieces": (started["pieces"], genrec_fast.load(run / "best")),
+               "ensemble": (started["ensemble"], genrec_fast.load(ens))}
+    finally:
+        for s in started.values():
+            s.stop()
+
+
+def expected(rec, body: dict):
+    """What `recommend()` returns for one request's own arguments."""
+    return rec.recommend([body["history"]], k=body.get("k") or 10, users=[body.get("user")],
+                         exclude_seen=body.get("exclude_seen"), allowed_items=body.get("allowed_items"))[0]
+
+
+def assert_answer(rec, body: dict, response) -> None:
+    assert response.status_code == 200, (body, response.text)
+    got, want = response.json(), expected(rec, body)
+    assert got["items"] == want.items, body
+    np.testing.assert_allclose(got["scores"], want.scores, atol=1e-5)
+
+
+def good_requests(rec, n: int, seed: int) -> list:
+    """Histories of 1-12 catalog items with mixed k, exclude_seen, allowed_items and users."""
+    rng = np.random.default_rng(seed)
+    ids, users = rec.catalog.item_ids, rec.catalog.user_ids
+    out = []
+    for i in range(n):
+        body = {"history": [ids[j] for j in rng.choice(len(ids), int(rng.integers(1, 13)))]}
+        if i % 3:
+            body["k"] = int(rng.choice([1, 5, 10, 20]))
+        if i % 4 == 1:
+            body["exclude_seen"] = bool(rng.integers(2))
+        if i % 5 == 2:
+            body["allowed_items"] = [ids[j] for j in rng.choice(len(ids), 25, replace=False)]
+        if i % 2 and users:
+            body["user"] = users[int(rng.integers(len(users)))]
+        out.append(body)
+    return out
+
+
+@pytest.mark.parametrize("name", ["pieces", "ensemble"])
+def test_answers_equal_recommend(servers, name):
+    srv, rec = servers[name]
+    assert httpx.get(f"{srv.url}/health", timeout=5).text == "ok"
+    for body in good_requests(rec, 8, seed=1) + [{"history": [rec.catalog.item_ids[3]], "user": "someone new"}]:
+        assert_answer(rec, body, srv.post(body))
+
+
+def test_ids_as_strings_or_ints(servers):
+    srv, rec = servers["pieces"]  # the synthetic catalog's ids are ints
+    hist = rec.catalog.item_ids[:4]
+    allowed = [str(x) for x in hist[:3]] + [hist[3]]  # mixed spellings in one list
+    as_text = srv.post({"history": [str(x) for x in hist], "k": 5, "allowed_items": allowed})
+    assert_answer(rec, {"history": hist, "k": 5, "allowed_items": hist}, as_text)
+
+
+BAD = [  # body, status, the field the error names
+    ({"k": 3}, 422, "history"),
+    ({"history": []}, 422, "history"),
+    ({"history": "sku1"}, 422, "history"),
+    ({"history": [1.5]}, 422, "history"),
+    ({"history": [None]}, 422, "history"),
+    ({"history": ["no such item"]}, 422, "history"),
+    ({"history": [0], "k": 0}, 422, "k"),
+    ({"history": [0], "k": -3}, 422, "k"),
+    ({"history": [0], "k": 2.5}, 422, "k"),
+    ({"history": [0], "k": "5"}, 422, "k"),
+    ({"history": [0], "k": True}, 422, "k"),
+    ({"history": [0], "k": 10 ** 9}, 422, "k"),
+    ({"history": [0], "exclude_seen": "yes"}, 422, "exclude_seen"),
+    ({"history": [0], "allowed_items": "sku3"}, 422, "allowed_items"),
+    ({"history": [0], "allowed_items": ["no such item"]}, 422, "allowed_items"),
+    ({"history": [0], "allowed_items": [{"id": 1}]}, 422, "allowed_items"),
+    ({"history": [0], "user": [1]}, 422, "user"),
+    ({"histroy": [0]}, 422, "histroy"),
+    ([1, 2], 422, "body"),
+]
+
+
+def _bad(rec, body):
+    """A BAD body with the placeholder item 0 replaced by one of the catalog's items."""
+    if isinstance(body, dict) and body.get("history") == [0]:
+        return {**body, "history": [rec.catalog.item_ids[0]]}
+    return body
+
+
+@pytest.mark.parametrize("body,status,field", BAD)
+def test_bad_requests_name_the_field(servers, body, status, field):
+    srv, rec = servers["ensemble"]
+    r = srv.post(_bad(rec, body))
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["field"] == field and err["error"].startswith(f"{field}:"), err
+
+
+def test_not_json_and_the_server_still_answers(servers):
+    srv, rec = servers["pieces"]
+    r = httpx.post(f"{srv.url}/recommend", content=b"{not json", headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["field"] == "body"
+    body = {"history": rec.catalog.item_ids[:3], "k": 4}
+    assert_answer(rec, body, srv.post(body))
+
+
+@pytest.mark.parametrize("name", ["pieces", "ensemble"])
+def test_concurrent_mixed_requests(servers, name):
+    """32 requests at once (mixed k / filters / users, 4 of them bad) share batches: every good one equals
+    `recommend()` with its own arguments, every bad one gets its own 422."""
+    srv, rec = servers[name]
+    bodies = good_requests(rec, 32, seed=7)
+    for i in (3, 11, 20, 29):
+        bodies[i] = {"history": [rec.catalog.item_ids[0]], "k": 0} if i % 2 else {"history": ["no such item"]}
+
+    async def call_all():
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/recommend", json=b) for b in bodies))
+
+    responses = asyncio.run(call_all())
+    for i, (body, r) in enumerate(zip(bodies, responses)):
+        if i in (3, 11, 20, 29):
+            assert r.status_code == 422 and r.json()["field"] == ("k" if i % 2 else "history"), r.text
+        else:
+            assert_answer(rec, body, r)
+
+
+def test_answer_groups_requests_and_isolates_a_failing_group(servers, monkeypatch):
+    """In-process: one recommend() call per (k, exclude_seen, allowed_items); a group that raises gets 500s alone."""
+    _, rec = servers["ensemble"]
+    ids = rec.catalog.item_ids
+    qs = [Query([ids[1], ids[2]], None, 5, False, None), Rejected(422, "k", "k: bad"),
+          Query([ids[3]], None, 7, False, None), Query([ids[4]], None, 5, False, None),
+          Query([ids[5]], None, 5, True, None)]
+    calls = []
+    recommend = rec.recommend
+
+    def spy(histories, k, **kw):
+        calls.append((len(histories), k, kw["exclude_seen"]))
+        if k == 7:
+            raise RuntimeError("boom")
+        return recommend(histories, k=k, **kw)
+
+    monkeypatch.setattr(rec, "recommend", spy)
+    out = answer(rec, qs)
+    assert sorted(calls) == [(1, 5, True), (1, 7, False), (2, 5, False)]
+    assert out[1] is qs[1] and out[2].status == 500
+    for n in (0, 3, 4):
+        want = recommend([qs[n].history], k=5, exclude_seen=qs[n].exclude_seen)[0]
+        assert out[n].items == want.items
+
+
+def test_serve_cli_defaults_are_the_modules():
+    from genrec_fast import serve
+    from genrec_fast.cli import build_parser
+    args = build_parser().parse_args(["serve", "ckpt"])
+    assert (args.max_batch, args.max_wait_ms, args.host) == (serve.MAX_BATCH, serve.MAX_WAIT_MS, "127.0.0.1")
+
+
+def test_serve_cli_reports_bad_arguments_without_starting(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "missing config.json" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "missing"), "--max-wait-ms", "0"]) == 2
+    assert "max_wait_ms: expected a positive number" in capsys.readouterr().err
+
+
+def test_resolve_ids_as_the_catalog_spells_them():
+    ints, strs = {5: 0, -2: 1}, {"5": 0, "sku1": 1}
+    assert [resolve(ints, x) for x in (5, "5", "-2", "05", " 5", "5.0", "x")] == [5, 5, -2, None, None, None, None]
+    assert [resolve(strs, x) for x in ("5", 5, "sku1", 6)] == ["5", "5", "sku1", None]
