@@ -271,6 +271,7 @@ void StreamingTopK::head_users(int64_t block_begin, int64_t block_end, const flo
   std::vector<float> lane_max(kLanes), lane_sum(kLanes);
   alignas(64) float tile[kItems * kLanes];
   alignas(64) float tile_max[kLanes];
+  float thr[kLanes];  // each lane's heap threshold (-inf until its heap is full), refreshed after offers
   for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {  // w rows c0.. stay in L2 while every block uses them
     const int64_t c1 = std::min(cols, c0 + kChunk);
     for (int64_t b = 0; b < nb; ++b) {
@@ -278,6 +279,7 @@ void StreamingTopK::head_users(int64_t block_begin, int64_t block_end, const flo
       const int64_t lanes = std::min<int64_t>(kLanes, num_users_ - u0);
       std::fill(lane_max.begin(), lane_max.end(), kNegInf);
       std::fill(lane_sum.begin(), lane_sum.end(), 0.0f);
+      for (int64_t l = 0; l < lanes; ++l) thr[l] = threshold(u0 + l);
       for (int64_t j = c0; j < c1; j += kItems) {
         const int32_t n = static_cast<int32_t>(std::min<int64_t>(kItems, c1 - j));
         const float* rows = w + j * dim;
@@ -290,10 +292,12 @@ void StreamingTopK::head_users(int64_t block_begin, int64_t block_end, const flo
                   lane_max.data(), lane_sum.data());
         if (!topk) continue;
         for (int64_t l = 0; l < lanes; ++l) {
-          if (tile_max[l] < threshold(u0 + l) && size_[u0 + l] == k_) continue;
+          if (tile_max[l] < thr[l]) continue;  // the usual case once the heap is full
           for (int32_t jj = 0; jj < n; ++jj) {
-            offer(u0 + l, tile[jj * kLanes + l], static_cast<int32_t>(first_item + j + jj));
+            const float v = tile[jj * kLanes + l];
+            if (v >= thr[l]) offer(u0 + l, v, static_cast<int32_t>(first_item + j + jj));  // >=: ties by item
           }
+          thr[l] = threshold(u0 + l);
         }
       }
       if (lse) {

@@ -96,11 +96,30 @@ class EncoderLayer(nn.Module):
         packed row each padded slot copies (any real row for the padding, whose keys are masked and whose
         outputs are dropped). -> (N, C)."""
         a = self.self_attn
-        qkv = _fused_linear(x, a.q_proj, a.k_proj, a.v_proj).index_select(0, slots).view(B, S, -1)  # (B, S, 3C)
-        q, k, v = (_heads(t, a.n_heads) for t in qkv.chunk(3, dim=-1))  # 3 x (B, H, S, hd)
-        y = _merge(attention(q, k, v, key_lengths=lengths)).reshape(B * S, -1)[rows]  # (N, C)
-        x = self.self_attn_layer_norm(x + a.out_proj(y))
-        return self.final_layer_norm(x + self.ffn(x))
+        qkv = _fused_linear(x, a.q_proj, a.k_proj, a.v_proj).index_select(0, slots)  # (B * S, 3C)
+        if x.device.type == "cpu":
+            y = _packed_attention_cpu(qkv, rows, B, S, a.n_heads, lengths)  # (N, C)
+        else:
+            q, k, v = (_heads(t, a.n_heads) for t in qkv.view(B, S, -1).chunk(3, dim=-1))  # 3 x (B, H, S, hd)
+            y = _merge(attention(q, k, v, key_lengths=lengths)).reshape(B * S, -1)[rows]  # (N, C)
+        x = self.self_attn_layer_norm(a.out_proj(y).add_(x))
+        return self.final_layer_norm(self.ffn(x).add_(x))
+
+
+def _packed_attention_cpu(qkv: torch.Tensor, rows: torch.Tensor, B: int, S: int, H: int, lengths) -> torch.Tensor:
+    """Padded self-attention as batched matmuls on strided per-head views (no layout copies): qkv
+    (B * S, 3C) -> the outputs of the real pieces (N, C)."""
+    C = qkv.shape[1] // 3
+    hd = C // H
+    t = qkv.view(B, S, 3, H, hd)
+    bias = torch.zeros(B, 1, S, dtype=qkv.dtype, device=qkv.device).masked_fill_(
+        (torch.arange(S, device=qkv.device) >= lengths[:, None])[:, None, :], float("-inf"))  # (B, 1, S)
+    out = []
+    for h in range(H):
+        q, k, v = t[:, :, 0, h], t[:, :, 1, h], t[:, :, 2, h]  # 3 x (B, S, hd), row stride 3C
+        p = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=hd ** -0.5).softmax(dim=-1)  # (B, S, S)
+        out.append(torch.bmm(p, v).view(B * S, hd)[rows])  # (N, hd)
+    return torch.cat(out, dim=1)  # (N, C)
 
 
 def _fused_linear(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
