@@ -55,12 +55,17 @@ def test_filters(trained, small_synthetic):
 def test_new_users_and_long_histories(trained, small_synthetic):
     rec, _ = trained
     d = small_synthetic
+    assert rec.use_users  # the fixture trains with user tokens (dropped 20% of the time)
     long = [d.item_ids[i % d.n_items] for i in range(500)]
     out = rec.recommend([long, long[-3:]], k=5, users=["someone new", None])
     assert all(len(r.items) == 5 for r in out)
     # only the most recent items matter once the window is full
     tail = rec.recommend([long[-rec.max_items:]], k=5)[0]
     assert out[0].items == tail.items
+    # an unknown user is served from the history alone; a known user's token changes the input
+    h = long[-5:]
+    new, anon, known = (rec.recommend([h], k=5, users=[u])[0] for u in ("someone new", None, d.user_ids[0]))
+    assert new == anon and known.scores != anon.scores
 
 
 def test_bad_requests(trained, small_synthetic):
