@@ -182,7 +182,7 @@ def optional_figures(args) -> dict:
     if args.train:
         from bench_train_scale import measure_train
         r = measure_train(items=1_000_000, users=200_000, threads=args.threads)
-        out.update(train_rss_gb_1m=r["rss_gb"], train_epoch_s=r.get("epoch_s", math.nan), train=r)
+        out.update(train_rss_gb_1m=r["peak_rss_gb"], train_epoch_s=r.get("epoch_s", math.nan), train=r)
     if args.load:
         from bench_load import measure_load
         r = measure_load(5_000_000)
