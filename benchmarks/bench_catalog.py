@@ -134,9 +134,10 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec: bool) -> dict:
+def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec: bool, device: str = "cpu") -> dict:
     torch.set_num_threads(threads)
     rec, build_s = build(n_items)
+    rec.model.to(device)
     hist_idx = histories(n_items, BATCH * batches + singles)
     ids = rec.catalog.item_ids
     hist_ids = [[ids[i] for i in h] for h in hist_idx]
@@ -146,22 +147,23 @@ def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec:
     small = {"ours": lambda i: rec.recommend([one_ids[i % singles]], k=TOP_K)}
     if sasrec:
         torch.manual_seed(0)
-        ref = SASRec(n_items).eval()
-        big["sasrec"] = lambda i: ref.recommend(sasrec_batch(calls[i % batches]), TOP_K)
-        small["sasrec"] = lambda i: ref.recommend(sasrec_batch([one[i % singles]]), TOP_K)
+        ref = SASRec(n_items).eval().to(device)
+        # the top-k back on the host, as recommend() returns it
+        big["sasrec"] = lambda i: [t.cpu() for t in ref.recommend(sasrec_batch(calls[i % batches]).to(device), TOP_K)]
+        small["sasrec"] = lambda i: [t.cpu() for t in ref.recommend(sasrec_batch([one[i % singles]]).to(device), TOP_K)]
     t_big, t_small = median_times(big, batches), median_times(small, singles, warmup=3)
     out = {"items": n_items, "build_s": round(build_s, 2), "users_per_s": BATCH / t_big["ours"],
            "batch1_ms": 1e3 * t_small["ours"]}
     if sasrec:
         out.update(sasrec_users_per_s=BATCH / t_big["sasrec"], sasrec_batch1_ms=1e3 * t_small["sasrec"])
-    out["rss_gb"] = peak_rss_gb()
+    out["rss_gb"] = peak_rss_gb() if device == "cpu" else torch.cuda.max_memory_allocated() / 2**30  # GPU: device GB
     return out
 
 
 def run_size(n_items: int, args) -> dict:
     """measure_size in a fresh Python process (its own peak RSS)."""
     cmd = [sys.executable, __file__, "--one", str(n_items), "--threads", str(args.threads),
-           "--batches", str(args.batches), "--singles", str(args.singles)]
+           "--batches", str(args.batches), "--singles", str(args.singles), "--device", args.device]
     if n_items == min(args.sizes):
         cmd.append("--sasrec")
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -196,6 +198,8 @@ def print_report(rows: list, extra: dict, args) -> None:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    if args.device != "cpu":
+        cpu = f"{torch.cuda.get_device_name()} (host {cpu})"
     print(f"# one-token model d_model=64 2+2 layers, top-{TOP_K} | {cpu}, {args.threads} threads, torch "
           f"{torch.__version__} | {datetime.date.today()}")
     print(f"| items | build s | users/s (batch {BATCH}) | batch-1 p50 ms | peak RSS GB |")
@@ -228,11 +232,13 @@ def main(argv=None) -> None:
     p.add_argument("--train", action="store_true", help="also one training epoch at 1M items (minutes)")
     p.add_argument("--load", action="store_true", help="also the 5M-row CSV loader")
     p.add_argument("--quick", action="store_true", help="small sizes, few calls: a smoke test")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where both models run (cuda: the RSS column is "
+                                                   "the GPU's peak allocated GB)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     p.add_argument("--sasrec", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(measure_size(args.one, args.threads, args.batches, args.singles, args.sasrec)))
+        print(json.dumps(measure_size(args.one, args.threads, args.batches, args.singles, args.sasrec, args.device)))
         return
     args.sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:

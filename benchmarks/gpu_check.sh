@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # All GPU checks in one run: build with CUDA, kernel tests (incl. recommend() on the GPU vs the CPU),
-# loss tests (the fused head loss on the GPU), attention benchmark, recommend() GPU vs CPU, recommend()
+# loss tests (the fused head loss on the GPU), item top-k tests and the catalog benchmark (the one-token
+# model's one-step path at 12,101 / 100,000 / 1,000,000 items on the device), attention benchmark, recommend() GPU vs CPU, recommend()
 # vs Hugging Face generate on the GPU, a profile of recommend() (where batch 1 spends its time), and,
 # when the Beauty data is found, the fused-vs-reference head-loss benchmark and (with GENREC_TRAIN_MINUTES
 # set) one time-capped training of configs/beauty-base-gpu.json (or GENREC_BASE_CONFIG). Every stage has
@@ -64,6 +65,11 @@ stage pytest_kernels 180 python -m pytest tests/test_kernels.py -q -rs -p no:cac
 tail -5 "$LOGS/pytest_kernels.log" 2>/dev/null
 stage pytest_loss 120 python -m pytest tests/test_loss.py -q -rs -p no:cacheprovider
 tail -3 "$LOGS/pytest_loss.log" 2>/dev/null
+stage pytest_item_topk 120 python -m pytest tests/test_item_topk.py -q -rs -p no:cacheprovider
+tail -3 "$LOGS/pytest_item_topk.log" 2>/dev/null
+# the one-token model's one-step path on the device (issue 22: >= 100,000 users/s at 1M items)
+stage bench_catalog_cuda 240 python benchmarks/bench_catalog.py --device cuda --threads 4
+tail -8 "$LOGS/bench_catalog_cuda.log" 2>/dev/null
 stage bench_recommend_gpu 120 python benchmarks/bench_recommend_gpu.py
 stage bench_recommend_vs_hf_cuda 150 python benchmarks/bench_recommend.py --device cuda --threads 4 --repeats 20
 stage profile_recommend_cuda 90 python benchmarks/profile_recommend.py --device cuda

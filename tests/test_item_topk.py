@@ -153,3 +153,18 @@ def test_fused_head_with_filters_over_several_tiles():
     got = item_topk(heads, 13, n, 25, exclude, allow, threads=2)  # fused: one model, >= 16 users
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("members", [1, 2])
+def test_device_loop_on_cuda_equals_reference(members):
+    """On a GPU the chunked torch loop runs on the device; only (U, k) comes back to the host."""
+    rng = np.random.default_rng(11)
+    heads, logits = heads_and_logits(rng, members, 40, 9000, 64)
+    exclude, allow = random_filters(rng, 40, 8000, "ex+shared")
+    want = item_topk_reference(logits, 1000, 8000, 20, exclude, allow)
+    cuda = [Head(h.x.cuda(), h.weight.cuda(), h.bias.cuda()) for h in heads]
+    got = item_topk(cuda, 1000, 8000, 20, exclude, allow, chunk=3000)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
