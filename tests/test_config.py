@@ -45,8 +45,9 @@ def test_shipped_configs_load():
     for f in files:
         spec = json.loads(f.read_text())
         if "members" in spec:  # an ensemble: its members are shipped configs, and it is not trainable itself
-            assert all((root / m).is_file() for m in spec["members"]), f"{f.name} names a missing member"
-            with pytest.raises(ValueError, match="describes an ensemble"):
+            members = spec["members"]  # {"config": a shipped config, "seeds": [train.seed of each member]}
+            assert (root / members["config"]).is_file() and members["seeds"], f"{f.name} names a missing member"
+            with pytest.raises(ValueError, match=r"describes an ensemble of configs/.* trained with the seeds"):
                 load_config(str(f))
         else:
             load_config(str(f))

@@ -163,9 +163,10 @@ def load_config(name_or_path: str) -> Preset:
     except json.JSONDecodeError as e:
         raise ValueError(f"config: {path} is not valid JSON ({e})") from None
     if "members" in spec:
-        raise ValueError(f"config: {path} describes an ensemble of the configs {spec['members']}: train each "
-                         "of them, then score them together with `genrec-fast report CHECKPOINT ...` (its "
-                         "\"command\" field has both steps)")
+        m = spec["members"]
+        raise ValueError(f"config: {path} describes an ensemble of configs/{m['config']} trained with the seeds "
+                         f"{m['seeds']}: train it once per seed (--set train.seed=S), then score the runs together "
+                         "with `genrec-fast report CHECKPOINT ...` (its \"command\" field has both steps)")
     out = preset(spec.get("preset", "small"))
     for section in SECTIONS:
         out = with_overrides(out, {f"{section}.{k}": v for k, v in spec.get(section, {}).items()})
