@@ -374,3 +374,16 @@ def test_sampled_softmax_trains_checkpoints_and_resumes(tmp_path):
     p.train = dataclasses.replace(p.train, softmax="full")
     with pytest.raises(ValueError, match="train.softmax='sampled'; resume it with the same"):
         Trainer(d, tmp_path, p, progress=False).resume()
+
+
+def test_target_tokens_are_the_first_labels_of_the_batch(tmp_path):
+    """What a rank's sampled softmax draws its in-batch candidates from: the targets of the whole batch."""
+    from genrec_fast.train import target_tokens
+    for item_tokens, item_eos in (("whole", False), ("pieces", True)):
+        p = preset("tiny")
+        p.model = dataclasses.replace(p.model, item_eos=item_eos)
+        p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens=item_tokens)
+        t = Trainer(synthetic(n_users=40, n_items=20, seed=7), tmp_path / item_tokens, p, progress=False)
+        part = t.epoch_batches(pretrain=False)[0]
+        _, labels = to_batch(part, t.tokenizer, t.model.cfg, "cpu")
+        assert torch.equal(target_tokens(part, t.tokenizer, t.model.cfg, "cpu"), labels[:, 0])

@@ -27,6 +27,8 @@ def load_data(args) -> data_mod.SequenceData:
 
 
 def cmd_train(args) -> int:
+    """Train and report; under torchrun every process trains its share and rank 0 alone prints and reports."""
+    from .distributed import env_rank
     from .evaluate import format_table, report
     from .train import train
     flags = {f"train.{name}": getattr(args, name) for name in ("pretrain_epochs", "finetune_epochs", "batch_size",
@@ -36,11 +38,15 @@ def cmd_train(args) -> int:
     overrides.update({k: v for k, v in flags.items() if v is not None})  # explicit flags win over --set
     p = with_overrides(load_config(args.config), overrides)
     data = load_data(args)
-    print(data.summary(), flush=True)
+    main_rank = env_rank() == 0
+    if main_rank:
+        print(data.summary(), flush=True)
     out = Path(args.out or f"runs/{'synthetic' if args.data is None else Path(args.data).name}-{Path(args.config).stem}")
     t0 = time.perf_counter()
     rec = train(data, out, p, device=args.device, resume=args.resume, progress=not args.quiet)
     train_s = time.perf_counter() - t0
+    if not main_rank:  # rank 0 wrote the checkpoints and reports them
+        return 0
     if args.no_report:
         print(f"trained in {train_s:.0f} s; checkpoint {out / 'best'}; curves {out / 'curves.png'}; no report "
               f"(--no-report): `genrec-fast report {out / 'best'} --data ...` writes it")
@@ -172,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the final report (~2 min on Beauty; e.g. for ensemble members, which "
                         "`genrec-fast report` scores together)")
     for p in (t,):
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default="cpu",
+                       help="cpu or cuda; under torchrun each process takes cuda:LOCAL_RANK (docs/training.md)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("evaluate", help="metrics of a checkpoint on its data")

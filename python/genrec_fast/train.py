@@ -3,6 +3,9 @@
 Only the training part of each sequence (all but the last two items) is ever used as context or
 target. Periodic validation on a fixed sample of users selects the best checkpoint (NDCG@10) and
 stops early; the loss and metrics of every epoch go to `log.jsonl` and `curves.png`.
+
+Under `torchrun` (WORLD_SIZE > 1) every rank trains on its share of each global batch and the
+gradients are summed across ranks (distributed.py); rank 0 alone writes files (docs/training.md).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .batching import encode_padded, pad_targets
 from .config import ModelConfig, Preset, TrainConfig
 from .data import Catalog, SequenceData, Split, leave_one_out
@@ -131,6 +134,11 @@ def to_batch(part: list, tokenizer: GenRecTokenizer, cfg: ModelConfig, device):
     return dict(enc, decoder_tokens=dec_in), labels
 
 
+def target_tokens(part: list, tokenizer: GenRecTokenizer, cfg: ModelConfig, device) -> torch.Tensor:
+    """(B,) the first target token of each example: `to_batch(part, ...)[1][:, 0]` without the encoder input."""
+    return pad_targets([tokenizer.target(e.target, cfg.item_eos) for e in part], BOS_ID, IGNORE, device)[1][:, 0]
+
+
 def seen_tokens(part: list, tokenizer: GenRecTokenizer, device) -> torch.Tensor:
     """(B, S) the item tokens of each example's context, padded with PAD (whole-item tokens only)."""
     rows = [[int(tokenizer.item_pieces[i][0]) for i in e.items] for e in part]
@@ -159,18 +167,23 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 class Trainer:
+    """One training run. With a `group` of several processes (default: the initialised process group, if
+    any) each trains on its share of every batch, and only rank 0 writes to `out_dir`."""
+
     def __init__(self, data: SequenceData, out_dir: str | Path, preset: Preset, device: str = "cpu",
-                 progress: bool = True):
+                 progress: bool = True, group: distributed.Group | None = None):
         self.data, self.out = data, Path(out_dir)
+        self.group = group if group is not None else distributed.current()
         self.split = leave_one_out(data)
-        self.tcfg, self.device, self.progress = preset.train, torch.device(device), progress
+        self.tcfg, self.device = preset.train, torch.device(device)
+        self.progress = progress and self.group.is_main
         self.sampled = self.tcfg.softmax == "sampled"
         if self.sampled:  # before the tokenizer: that takes seconds at a million items
             check_sampled_softmax(preset)
         self.catalog = Catalog.from_data(data)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.tokenizer = GenRecTokenizer.train(self.split.train, data.item_codes, preset.tokenizer.vocab_size,
-                                               preset.tokenizer.item_tokens)
+        if self.group.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = self._train_tokenizer(preset)
         mcfg = dataclasses.replace(preset.model, vocab_size=self.tokenizer.vocab_size, n_users=data.n_users,
                                    n_items=data.n_items)
         for name in ("history_drop", "history_reorder"):
@@ -183,6 +196,9 @@ class Trainer:
                              "model.encoder_causal=False (one decoder step per item)")
         torch.manual_seed(self.tcfg.seed)
         self.model = GenRec(mcfg).to(self.device)
+        self.group.broadcast_parameters(self.model)
+        if self.group.rank:  # dropout: other masks than rank 0's (a single process keeps its generator)
+            torch.manual_seed(self.group.torch_seed(self.tcfg.seed))
         # A model trained without user tokens never reads the user table: leave it out of the optimizer.
         self.model.user_embed.weight.requires_grad_(self.tcfg.uses_user_token)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
@@ -195,6 +211,16 @@ class Trainer:
                             + self.tcfg.finetune_epochs * self.steps_per_epoch(False))  # of the lr schedule
         n_eval = self.tcfg.eval_users or data.n_users
         self.eval_users = np.sort(np.random.default_rng(self.tcfg.seed + 1).permutation(data.n_users)[:n_eval])
+
+    def _train_tokenizer(self, preset: Preset) -> GenRecTokenizer:
+        """Sentencepiece trained on the training part; with several ranks, by rank 0 alone and sent to the others."""
+        tok = preset.tokenizer
+        if not self.group.enabled:
+            return GenRecTokenizer.train(self.split.train, self.data.item_codes, tok.vocab_size, tok.item_tokens)
+        proto = self.group.broadcast(GenRecTokenizer.train(self.split.train, self.data.item_codes, tok.vocab_size,
+                                                           tok.item_tokens).model_proto
+                                     if self.group.is_main else None)
+        return GenRecTokenizer(proto, self.data.item_codes, tok.item_tokens)
 
     def _make_optimizers(self) -> tuple:
         """AdamW over every trained parameter; with the sampled softmax, the embedding tables (token table =
@@ -232,7 +258,8 @@ class Trainer:
 
     def run(self) -> dict:
         t0, epoch_s = time.perf_counter(), 0.0
-        while (stop := self._stop_reason(time.perf_counter() - t0, epoch_s)) is None:
+        # rank 0's clock decides for every rank (their clocks, hence time budgets, differ)
+        while (stop := self.group.broadcast(self._stop_reason(time.perf_counter() - t0, epoch_s))) is None:
             start = time.perf_counter()
             pretrain = self.epoch < self.tcfg.pretrain_epochs
             loss = self.train_epoch(pretrain)
@@ -246,7 +273,7 @@ class Trainer:
             epoch_s = time.perf_counter() - start
         if self.best < 0:  # stopped (time budget) before any validation: keep the last weights as best
             self._log({"epoch": self.epoch, "phase": "final validation", "valid": self.validate()})
-        if stop == "max_minutes":
+        if stop == "max_minutes" and self.group.is_main:
             log.info("stopped after epoch %d: another epoch (%.0f s) would pass train.max_minutes=%g",
                      self.epoch, epoch_s, self.tcfg.max_minutes)
         return {"epochs": self.epoch, "stopped_by": stop, "train_seconds": round(time.perf_counter() - t0, 1),
@@ -295,20 +322,10 @@ class Trainer:
         bar = tqdm(parts, desc=f"epoch {self.epoch + 1}/{self.total_epochs}", disable=None if self.progress else True,
                    leave=False)  # None: bars only on a terminal, never carriage returns in a log file
         for part in bar:
-            kwargs, labels = to_batch(part, self.tokenizer, self.model.cfg, self.device)
-            seen = seen_tokens(part, self.tokenizer, self.device) if self.tcfg.mask_seen else None
             for opt in self.optimizers:
                 for g in opt.param_groups:
                     g["lr"] = self.tcfg.lr * lr_factor(self.step, warmup, total_steps)
-            if self.sampled:
-                loss = self._sampled_loss(kwargs, labels)
-            elif seen is None:  # the fused head + loss: the step's largest cost on a CPU, ~1/4 less
-                loss = self.model.head_loss(self.model.hidden(**kwargs), labels, self.tcfg.label_smoothing, IGNORE)
-            else:
-                loss = item_cross_entropy(self.model(**kwargs), labels, self.tcfg.label_smoothing, seen, IGNORE)
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = self._backward_shard(part) if self.group.enabled else self._backward(part)
             if self.sparse_opt is None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.grad_clip)
             else:
@@ -322,31 +339,79 @@ class Trainer:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         return float(np.mean(losses)) if losses else float("nan")
 
-    def _sampled_loss(self, kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, part: list, batch_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (mean loss over the targets of `part`, labels). batch_targets: the sampled softmax's in-batch
+        candidates when `part` is one rank's shard of a larger batch (default: part's own targets)."""
+        kwargs, labels = to_batch(part, self.tokenizer, self.model.cfg, self.device)
+        seen = seen_tokens(part, self.tokenizer, self.device) if self.tcfg.mask_seen else None
+        if self.sampled:
+            loss = self._sampled_loss(kwargs, labels, batch_targets)
+        elif seen is None:  # the fused head + loss: the step's largest cost on a CPU, ~1/4 less
+            loss = self.model.head_loss(self.model.hidden(**kwargs), labels, self.tcfg.label_smoothing, IGNORE)
+        else:
+            loss = item_cross_entropy(self.model(**kwargs), labels, self.tcfg.label_smoothing, seen, IGNORE)
+        return loss, labels
+
+    def _backward(self, part: list) -> torch.Tensor:
+        """Gradients of the batch's mean loss (one process); returns the loss."""
+        loss, _ = self._loss(part)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
+    def _backward_shard(self, part: list) -> torch.Tensor:
+        """Gradients of the global batch `part`'s mean loss, from this rank's share of it and the others'
+        (`Group.reduce_gradients`); returns that loss. A rank whose share is empty (a batch with fewer
+        examples than ranks) runs the first example with weight 0, so every rank has the same gradients
+        to sum. The sampled softmax draws its candidates from the targets of the whole batch, as one
+        process does."""
+        shard = self.group.shard(part)
+        batch_targets = target_tokens(part, self.tokenizer, self.model.cfg, self.device) if self.sampled else None
+        loss, labels = self._loss(shard or part[:1], batch_targets)
+        n_targets = (labels != IGNORE).sum() * bool(shard)  # () the rank's targets, the weight of its mean loss
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return self.group.reduce_gradients(self.params, n_targets, loss)
+
+    def _sampled_loss(self, kwargs: dict, labels: torch.Tensor,
+                      batch_targets: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax over the batch's targets and `num_negatives` drawn items (one decoder step per target)."""
         hidden = self.model.hidden(**kwargs)[:, 0]  # (B, C)
         y = labels[:, 0]  # (B,) item tokens
-        candidates, log_q = self.sampler.draw(y, self.rng)  # (M,), (M,)
+        candidates, log_q = self.sampler.draw(y if batch_targets is None else batch_targets, self.rng)  # (M,), (M,)
         return sampled_cross_entropy(hidden, self.model.shared.weight, self.model.final_logits_bias[0], y,
                                      candidates, log_q, self.tcfg.label_smoothing, IGNORE, sparse=True)
 
     def validate(self) -> dict:
         """Validation NDCG@10 of the weights the run keeps (the average with train.ema_decay); saves `best`."""
         with self._kept_weights():
-            ranker = model_ranker(self.recommender(), self.tcfg.num_beams)
-            m = evaluate(ranker, self.split, "valid", self.eval_users, exclude_seen=self.tcfg.mask_seen,
-                         progress=self.progress, desc="validate")  # a mask_seen model is only used excluding seen
-            if m["NDCG@10"] > self.best:
+            m = self._evaluate_valid(model_ranker(self.recommender(), self.tcfg.num_beams))
+            if m["NDCG@10"] > self.best:  # every rank holds the same m: the same decision everywhere
                 self.best, self.bad_epochs = m["NDCG@10"], 0
                 self._save("best")
             else:
                 self.bad_epochs += 1
         return m
 
+    def _evaluate_valid(self, ranker) -> dict:
+        """Validation metrics of the sampled users; with several ranks each ranks its share of them and
+        every rank receives the combined metrics."""
+        if not self.group.enabled:  # a mask_seen model is only used excluding seen
+            return evaluate(ranker, self.split, "valid", self.eval_users, exclude_seen=self.tcfg.mask_seen,
+                            progress=self.progress, desc="validate")
+        users = self.group.shard(self.eval_users)
+        m = evaluate(ranker, self.split, "valid", users, exclude_seen=self.tcfg.mask_seen, progress=self.progress,
+                     desc="validate") if len(users) else None
+        return distributed.combine_metrics(self.group.all_gather(m))
+
     def _kept_weights(self):
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def _save(self, name: str, with_state: bool = False) -> None:
+        if not self.group.is_main:
+            return
         state = None
         if with_state:
             state = {"optimizer": self.opt.state_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
@@ -359,6 +424,8 @@ class Trainer:
                         info={"data": self.data.name, "n_users": self.data.n_users, "n_items": self.data.n_items})
 
     def _log(self, row: dict) -> None:
+        if not self.group.is_main:
+            return
         with (self.out / "log.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
         v = row.get("valid", {})
@@ -366,7 +433,7 @@ class Trainer:
                  f" valid NDCG@10 {v['NDCG@10']:.4f} HR@10 {v['HR@10']:.4f}" if v else "")
 
     def resume(self) -> None:
-        """Continue from `out_dir/last` (weights, optimizer, epoch, best score, RNG)."""
+        """Continue from `out_dir/last` (weights, optimizer, epoch, best score, RNG); every rank reads it."""
         last = self.out / "last"
         model, tokenizer, catalog, _, _ = checkpoint.load_parts(last, self.device)
         if catalog.item_ids != self.catalog.item_ids or catalog.user_ids != self.catalog.user_ids:
@@ -453,17 +520,23 @@ def cuda_matmul_tf32(enabled: bool):
 
 
 def train(data: SequenceData, out_dir: str | Path, preset: Preset, device: str = "cpu", resume: bool = False,
-          progress: bool = True) -> Recommender:
-    """Train, keep the best checkpoint in `out_dir/best`, and return it loaded."""
+          progress: bool = True) -> Recommender | None:
+    """Train, keep the best checkpoint in `out_dir/best`, and return it loaded.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this with the same arguments: they train together
+    (cuda becomes cuda:LOCAL_RANK), rank 0 writes every file and returns the model, the others return None."""
     if preset.train.threads:
         torch.set_num_threads(preset.train.threads)
-    trainer = Trainer(data, out_dir, preset, device, progress)
-    if resume:
-        trainer.resume()
-    elif (Path(out_dir) / "log.jsonl").exists():
-        (Path(out_dir) / "log.jsonl").unlink()
-    with cuda_matmul_tf32(preset.train.tf32 and trainer.device.type == "cuda"):
-        summary = trainer.run()
+    with distributed.session(device) as (group, device):
+        trainer = Trainer(data, out_dir, preset, device, progress, group)
+        if resume:
+            trainer.resume()
+        elif group.is_main and (Path(out_dir) / "log.jsonl").exists():
+            (Path(out_dir) / "log.jsonl").unlink()
+        with cuda_matmul_tf32(preset.train.tf32 and trainer.device.type == "cuda"):
+            summary = trainer.run()
+    if not group.is_main:
+        return None
     (Path(out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(out_dir)
     from .recommend import load
