@@ -49,6 +49,10 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
     A model trained without EOS (`model.cfg.item_eos` False) needs one token per item: the decoder runs
     once, and EOS, the only token the trie allows after an item, adds log 1 = 0 to the item's score.
     """
+    if backend == "device":  # the search as device tensors (device_search.py): no host copy per step
+        from .device_search import device_beam_decode
+        return device_beam_decode(model, trie, enc, k, num_beams, exclude=exclude, allow=allow,
+                                  length_penalty=length_penalty, stop_early=True)
     if not model.cfg.item_eos and trie.max_depth > 2:  # depth counts EOS
         raise ValueError(f"beam_decode: a model trained without EOS (item_eos=False) needs one token per item, "
                          f"got items of up to {trie.max_depth - 1} tokens")

@@ -20,7 +20,7 @@ from .model import GenRec
 from .tokenizer import EOS_ID, Encoded, GenRecTokenizer
 
 UNKNOWN_ITEMS = ("error", "skip")
-BACKENDS = ("auto", "cpp", "reference")
+BACKENDS = ("auto", "cpp", "reference", "device")
 
 
 class Recommendations(NamedTuple):
@@ -85,7 +85,8 @@ class Recommender:
         """Padded encoder batch -> item indices (B, k) (-1 = none) and log-probability scores (B, k).
 
         backend "auto": one decoder step + top-k for one-token models (`one_step`), else the C++ trie search;
-        "cpp" / "reference": the C++ / Python trie beam search for any model."""
+        "cpp" / "reference": the C++ / Python trie beam search for any model; "device": the trie search as
+        tensors on the model's device (device_search.py; meant for GPUs, not yet measured on one)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if self.model.training:  # (a trainer validating); eval() itself walks every module: ~0.5 ms
