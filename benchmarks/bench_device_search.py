@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
-import time
 
 import numpy as np
 import torch
 
+from bench_recommend import median_seconds  # noqa: I001  (benchmarks/ is the script's directory)
 from genrec_fast.beam_search import CppBeamSearch, Trie
 from genrec_fast.config import ModelConfig
 from genrec_fast.data import Catalog, synthetic
@@ -59,22 +58,9 @@ def encoder_batch(rec: Recommender, users: int, device: str, seed: int = 0) -> d
     return {name: x.to(device) for name, x in rec.encode_batch(histories, [None] * users).items()}
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    """bench_recommend.median_seconds in ms (the GPU, if any, synchronized around each call)."""
+    return 1e3 * median_seconds(fn, repeats, warmup)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,18 +159,9 @@ class Server:
         self.url, self.log = f"http://127.0.0.1:{self.port}", log
 
     def wait_ready(self, timeout_s: float = 120) -> None:
-        import httpx
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout_s} s:\n{self.log.read_text()[-2000:]}")
+        problem = serve.wait_healthy(self.url, self.proc, timeout_s)
+        if problem:
+            raise RuntimeError(f"{problem}:\n{self.log.read_text()[-2000:]}")
 
     def group_cpu_s(self) -> float:
         """CPU seconds of the live processes of the server's group."""

@@ -148,6 +148,14 @@ StreamingTopK::StreamingTopK(int64_t num_users, int32_t k, int64_t num_items, co
   run_sum_.assign(num_users, 0.0);
 }
 
+void StreamingTopK::check_items(const char* who, int64_t first_item, int64_t cols) const {
+  if (first_item < 0 || first_item + cols > num_items_) {
+    throw std::invalid_argument(std::string(who) + ": items [" + std::to_string(first_item) + ", " +
+                                std::to_string(first_item + cols) + ") outside the catalog [0, " +
+                                std::to_string(num_items_) + ")");
+  }
+}
+
 bool StreamingTopK::allowed(int64_t u, int64_t item) const {
   if (allow_ != nullptr && allow_[(allow_rows_ == 1 ? 0 : u) * num_items_ + item] == 0) return false;
   const auto& ex = exclude_[u];
@@ -160,11 +168,7 @@ void StreamingTopK::add(const float* scores, int64_t ld, int64_t cols, int64_t f
     throw std::invalid_argument("add: expected 0 <= cols <= ld, got cols=" + std::to_string(cols) +
                                 " ld=" + std::to_string(ld));
   }
-  if (topk && (first_item < 0 || first_item + cols > num_items_)) {
-    throw std::invalid_argument("add: items [" + std::to_string(first_item) + ", " +
-                                std::to_string(first_item + cols) + ") outside the catalog [0, " +
-                                std::to_string(num_items_) + ")");
-  }
+  if (topk) check_items("add", first_item, cols);
   if (cols == 0 || num_users_ == 0) return;
   // ~16k columns per thread at least: below that a thread costs more than it saves
   const int64_t min_users = std::max<int64_t>(1, (1 << 14) / cols);
@@ -243,11 +247,7 @@ void StreamingTopK::add_head(const float* x, const float* w, const float* bias, 
     throw std::invalid_argument("add_head: expected dim >= 1 and cols >= 0, got dim=" + std::to_string(dim) +
                                 " cols=" + std::to_string(cols));
   }
-  if (topk && (first_item < 0 || first_item + cols > num_items_)) {
-    throw std::invalid_argument("add_head: items [" + std::to_string(first_item) + ", " +
-                                std::to_string(first_item + cols) + ") outside the catalog [0, " +
-                                std::to_string(num_items_) + ")");
-  }
+  if (topk) check_items("add_head", first_item, cols);
   if (cols == 0 || num_users_ == 0) return;
   const int64_t blocks = (num_users_ + kLanes - 1) / kLanes;
   parallel_for(blocks, threads, 1, [&](int64_t begin, int64_t end) {

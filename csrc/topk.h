@@ -47,6 +47,7 @@ class StreamingTopK {
   };
   void add_user(int64_t u, const float* row, int64_t cols, int64_t first_item, bool topk, bool lse);
   void offer_block(int64_t u, const float* row, int64_t lo, int64_t hi, int64_t first_item, float bound);
+  void check_items(const char* who, int64_t first_item, int64_t cols) const;  // throws when outside the catalog
   bool allowed(int64_t u, int64_t item) const;
   void offer(int64_t u, float v, int32_t item);
   float threshold(int64_t u) const;

@@ -5,7 +5,6 @@ random tries; the decoding loop against `beam_decode`; argument errors. CPU here
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -14,40 +13,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from genrec_fast import Recommender, preset
-from genrec_fast.beam_search import Trie, make_beam_search, native_available
+from genrec_fast.beam_search import Trie, native_available
 from genrec_fast.device_search import DeviceBeamSearch, DeviceTrie, device_beam_decode, device_beam_search
+
+from test_beam_search import Scenario, hand_trie  # the host tests' scenario and hand example
 
 HOST_BACKENDS = ["reference"] + (["cpp"] if native_available() else [])
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
 
-def hand_trie():
-    # items: 0=[1,2] 1=[1,3] 2=[2] 3=[1]; EOS 0
-    return Trie.build([[1, 2], [1, 3], [2], [1]], eos_id=0)
-
-
-# ---- scenarios ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Scenario:
-    trie: Trie
-    vocab: int
-    num_users: int
-    num_beams: int
-    k: int
-    length_penalty: float
-    exclude: list | None
-    allow: np.ndarray | None
-    seed: int
-
-    def host(self, backend: str):
-        return make_beam_search(self.trie, self.num_users, self.num_beams, self.k, self.length_penalty,
-                                self.exclude, self.allow, backend=backend)
-
-    def device(self, device="cpu"):
-        return DeviceBeamSearch(DeviceTrie.from_trie(self.trie, device), self.num_users, self.num_beams, self.k,
-                                self.length_penalty, self.exclude, self.allow)
+def device_search(sc: Scenario, device="cpu") -> DeviceBeamSearch:
+    """The scenario's search on `device` (its host searches: `sc.search(backend)`)."""
+    return DeviceBeamSearch(DeviceTrie.from_trie(sc.trie, device), sc.num_users, sc.num_beams, sc.k,
+                            sc.length_penalty, sc.exclude, sc.allow)
 
 
 @st.composite
@@ -132,14 +110,14 @@ class Driver:
 
 
 def device_driver(sc: Scenario, logprobs: PrefixLogprobs, device="cpu") -> Driver:
-    search = sc.device(device)
+    search = device_search(sc, device)
     return Driver(search, lambda: np.arange(sc.num_users), logprobs, sc.trie.eos_id,
                   lambda x: torch.from_numpy(x).to(device))
 
 
 def run_against_host(sc: Scenario, backend: str, logprobs: PrefixLogprobs, device="cpu"):
     """Steps both searches; after every step each user's live beams (prefixes, in order) are the same."""
-    host = sc.host(backend)
+    host = sc.search(backend)
     h = Driver(host, host.active_users, logprobs, sc.trie.eos_id)
     d = device_driver(sc, logprobs, device)
     assert d.search.width == (1 if sc.trie.num_items else 0)
@@ -234,10 +212,10 @@ def test_hand_trie_layout_and_results():
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_empty_trie_and_users_without_items(backend):
     empty = Scenario(Trie.build([], eos_id=0), 4, 2, 2, 1, 0.0, None, None, 0)
-    search = empty.device()
+    search = device_search(empty)
     assert search.exhausted and search.done() and len(search.active_users()) == 0
-    assert_same_results(empty.host(backend).results(), search.results())
-    no_users = Scenario(hand_trie(), 4, 0, 2, 1, 0.0, [], np.ones(4, bool), 0).device()
+    assert_same_results(empty.search(backend).results(), search.results())
+    no_users = device_search(Scenario(hand_trie(), 4, 0, 2, 1, 0.0, [], np.ones(4, bool), 0))
     assert no_users.exhausted and no_users.results()[0].shape == (0, 1)
     # k = 5 > 3 items; user 1 has none allowed, user 2 one
     t = Trie.build([[1, 2], [1, 3], [2]], eos_id=0)

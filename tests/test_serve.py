@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ httpx = pytest.importorskip("httpx", reason="the HTTP client of the tests is not
 
 import genrec_fast  # noqa: E402
 from genrec_fast.cli import main  # noqa: E402
-from genrec_fast.serve import Query, Rejected, answer, resolve  # noqa: E402
+from genrec_fast.serve import Query, Rejected, answer, resolve, wait_healthy  # noqa: E402
 
 START_TIMEOUT_S = 90  # two servers import torch at once on a shared 2-core CPU: ~10 s; 90 leaves margin
 
@@ -47,17 +46,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
+        problem = wait_healthy(self.url, self.proc, START_TIMEOUT_S)
+        if problem:
+            pytest.fail(f"{problem}:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -181,6 +181,22 @@ def _check_exclude(exclude, num_users: int, num_items: int):
     return out
 
 
+def exclude_csr(exclude):
+    """Checked per-user int64 arrays (or None) -> offsets (num_users + 1,) and the concatenated items, as
+    the C++ filters take them; (None, None) for None."""
+    if exclude is None:
+        return None, None
+    return (np.cumsum([0] + [len(ids) for ids in exclude], dtype=np.int64),
+            np.concatenate([np.zeros(0, np.int64), *exclude]))
+
+
+def check_filters(exclude, allow, num_users: int, num_items: int):
+    """Both filters checked (ValueError naming the bad one) in the C++ layout:
+    -> (exclude_ptr, exclude_items) or (None, None), and allow as a C-contiguous bool array or None."""
+    ptr, items = exclude_csr(_check_exclude(exclude, num_users, num_items))
+    return ptr, items, _check_allow(allow, num_users, num_items)
+
+
 def _check_allow(allow, num_users: int, num_items: int):
     """None, or a bool array (num_items,) shared by all users or (num_users, num_items)."""
     if allow is None:
@@ -360,10 +376,7 @@ class CppBeamSearch(_BeamSearchBase):
     def __init__(self, trie: Trie, num_users, num_beams, k, length_penalty=0.0, exclude=None, allow=None,
                  threads: int | None = None):
         super().__init__(trie, num_users, num_beams, k, length_penalty, exclude, allow)
-        exclude_ptr = exclude_items = None
-        if self._exclude is not None:
-            exclude_ptr = np.cumsum([0] + [len(ids) for ids in self._exclude], dtype=np.int64)
-            exclude_items = np.concatenate([np.zeros(0, np.int64), *self._exclude])
+        exclude_ptr, exclude_items = exclude_csr(self._exclude)
         native_trie = trie._native()  # raises when _core is not built
         self._impl = _native_module().BeamSearch(
             native_trie, self.num_users, self.num_beams, self.k, float(self.length_penalty),

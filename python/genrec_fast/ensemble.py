@@ -74,10 +74,6 @@ class Ensemble(nn.Module):
         """Every member's first decoder step from BOS as `item_topk.Head`s (no cache)."""
         return [h for m, x in zip(self.members, memory) for h in m.first_heads(x, mask)]
 
-    def heads(self, tokens: torch.Tensor, cache: EnsembleCache) -> list:
-        """One decoder step of every member as `item_topk.Head`s (ranked by their mean log-probability)."""
-        return [h for m, c in zip(self.members, cache.caches) for h in m.heads(tokens, c)]
-
     def decode_step(self, tokens: torch.Tensor, cache: EnsembleCache) -> torch.Tensor:
         """tokens (R,) -> mean member log-probabilities (R, V)."""
         out = None

@@ -17,6 +17,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
+from .beam_search import check_filters
 from .native import core
 
 FUSED_MIN_USERS = 16  # a tile of the fused head holds 16 users; fewer run as matmuls (BLAS splits the catalog)
@@ -31,39 +32,13 @@ class Head(NamedTuple):
     bias: torch.Tensor | None  # (V,), or None for none
 
 
-def check_filters(exclude, allow, num_users: int, num_items: int):
-    """-> (exclude_ptr, exclude_items) or (None, None), and allow as a C-contiguous bool array or None.
-
-    exclude: None or num_users arrays of item indices; allow: None or bool (num_items,) / (num_users, num_items)."""
-    ptr = items = None
-    if exclude is not None:
-        if len(exclude) != num_users:
-            raise ValueError(f"exclude: expected {num_users} arrays (one per user), got {len(exclude)}")
-        arrays = [np.asarray(e).reshape(-1) for e in exclude]
-        for u, e in enumerate(arrays):
-            if e.size and e.dtype.kind not in "iu":
-                raise ValueError(f"exclude[{u}]: expected integer item indices, got dtype {e.dtype}")
-            if e.size and (e.min() < 0 or e.max() >= num_items):
-                raise ValueError(f"exclude[{u}]: item indices must be in [0, {num_items})")
-        ptr = np.cumsum([0] + [len(e) for e in arrays], dtype=np.int64)
-        items = np.concatenate([np.zeros(0, np.int64)] + [e.astype(np.int64) for e in arrays])
-    if allow is not None:
-        allow = np.asarray(allow)
-        if allow.dtype != np.bool_:
-            raise ValueError(f"allow: expected a bool mask over items, got dtype {allow.dtype}")
-        if allow.shape not in ((num_items,), (num_users, num_items)):
-            raise ValueError(f"allow: expected shape ({num_items},) or ({num_users}, {num_items}), got {allow.shape}")
-        allow = np.ascontiguousarray(allow)
-    return ptr, items, allow
-
-
 def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, exclude=None, allow=None,
               chunk: int = DEFAULT_CHUNK, threads: int | None = None, fused: bool | None = None,
               ) -> tuple[np.ndarray, np.ndarray]:
     """Best k allowed items per user by mean log-probability over `heads` (one per ensemble member).
 
     Item i is vocabulary row first_item + i. -> items (U, k) int64 (-1 = none left), scores (U, k) float32
-    (-inf padding). exclude / allow as in `check_filters`. On a CPU one model with >= 16 users runs the
+    (-inf padding). exclude / allow as in `beam_search.check_filters`. On a CPU one model with >= 16 users runs the
     fused C++ head (`StreamingTopK.add_head`: logits never stored; fused=False forces the other path),
     else the head runs `chunk` rows at a time as matmuls into the C++ scan; other devices run the
     chunked loop in torch ops.

@@ -385,10 +385,6 @@ class GenRec(nn.Module):
         cache.step += 1
         return x[:, 0]  # (R, C)
 
-    def heads(self, tokens: torch.Tensor, cache: DecoderCache) -> list:
-        """One decoder step as `item_topk.Head`s (states, LM head weight and bias): a list of one."""
-        return [Head(self.decode_step_hidden(tokens, cache), self.shared.weight, self.final_logits_bias[0])]
-
     def first_heads(self, memory: torch.Tensor, mask: torch.Tensor) -> list:
         """The first decoder step from BOS as `item_topk.Head`s, without a cache (`DecoderLayer.first_step`):
         memory (U, S, C), mask (U, S) -> [Head((U, C) states, LM head)]."""

@@ -26,6 +26,10 @@ beam width of the trie search).
 import logging
 import os
 import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Dict, Hashable, List, NamedTuple, Optional, Sequence, Union
 
@@ -195,6 +199,23 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         return Rejected(422, field, f"{field}: unknown field (expected one of {', '.join(EXPECTED)})").response()
     return Rejected(422, field, f"{field}: expected {EXPECTED.get(field, 'something else')}; "
                                 f"{e.get('msg', 'invalid')}").response()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> Optional[str]:
+    """Polls GET `url`/health of a server started as `proc` until it answers 200 -> None, or -> why not
+    (the process exited, or `timeout_s` passed). For tests and benchmarks that start a real server."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"server exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                if r.status == 200:
+                    return None
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    return f"server not healthy after {timeout_s} s"
 
 
 def check_checkpoints(paths: Sequence[Union[str, Path]]) -> None:
