@@ -31,6 +31,8 @@ def cmd_train(args) -> int:
     from .distributed import env_rank
     from .evaluate import format_table, report
     from .train import train
+    if args.model == "sasrec":
+        return cmd_train_sasrec(args)
     flags = {f"train.{name}": getattr(args, name) for name in ("pretrain_epochs", "finetune_epochs", "batch_size",
                                                                 "lr", "eval_users", "threads", "drop_user_prob")}
     flags["model.dropout"] = args.dropout
@@ -58,6 +60,47 @@ def cmd_train(args) -> int:
     print(f"trained in {train_s:.0f} s; checkpoint {out / 'best'}; metrics {out / 'metrics.json'}; "
           f"curves {out / 'curves.png'}")
     _print_samples(rec, data)
+    return 0
+
+
+def cmd_train_sasrec(args) -> int:
+    """Train the SASRec peer and report it (sasrec.py); `--set sasrec.FIELD=VALUE` or a JSON file with a
+    "sasrec" section (`--config`) changes its settings."""
+    import dataclasses
+    from .evaluate import format_table
+    from .sasrec import SASRecConfig, report_sasrec, train_sasrec
+    fields = {f.name for f in dataclasses.fields(SASRecConfig)}
+    spec = {}
+    if args.config != "small":  # the GenRec default preset: no file given
+        spec = json.loads(Path(args.config).read_text()).get("sasrec", {}) if Path(args.config).is_file() else None
+        if spec is None:
+            raise ValueError(f"config: {args.config!r} is not a JSON file (with --model sasrec: a file with a "
+                             "\"sasrec\" section)")
+    for key, value in map(parse_override, args.set):
+        section, _, name = key.partition(".")
+        if section != "sasrec":
+            raise ValueError(f"--set {key}: with --model sasrec, expected sasrec.FIELD=VALUE")
+        spec[name] = value
+    flags = {"lr": args.lr, "batch_size": args.batch_size, "threads": args.threads, "dropout": args.dropout,
+             "eval_users": args.eval_users}
+    spec.update({k: v for k, v in flags.items() if v is not None})
+    unknown = set(spec) - fields
+    if unknown:
+        raise ValueError(f"config: sasrec has no field {sorted(unknown)[0]!r}; expected one of {sorted(fields)}")
+    cfg = SASRecConfig(**spec)
+    data = load_data(args)
+    print(data.summary(), flush=True)
+    name = "synthetic" if args.data is None else Path(args.data).name
+    out = Path(args.out or f"runs/{name}-sasrec")
+    t0 = time.perf_counter()
+    model = train_sasrec(data, out, cfg, progress=not args.quiet)
+    train_s = time.perf_counter() - t0
+    rep = report_sasrec(model, leave_one_out(data))
+    rep["train_seconds"] = round(train_s, 1)
+    rep["config"] = dataclasses.asdict(model.cfg)
+    (out / "metrics.json").write_text(json.dumps(rep, indent=2))
+    print(format_table({k: v for k, v in rep.items() if k in ("valid", "test")}))
+    print(f"trained in {train_s:.0f} s; checkpoint {out / 'best'}; metrics {out / 'metrics.json'}")
     return 0
 
 
@@ -163,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model, then evaluate it against baselines")
     _add_data_args(t)
+    t.add_argument("--model", default="genrec", choices=("genrec", "sasrec"),
+                   help="genrec (default) or the SASRec peer (sasrec.py; settings: --set sasrec.FIELD=VALUE)")
     t.add_argument("--config", default="small",
                    help="preset (tiny, small, base) or a JSON file such as configs/beauty-whole-small-nouser.json (default small)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
