@@ -111,7 +111,21 @@ class TrainConfig:
 @dataclass
 class TokenizerConfig:
     vocab_size: int = 1000  # sentencepiece BPE vocabulary size
-    item_tokens: str = "pieces"  # items as sub-word pieces (the paper) or "whole" (one token per item)
+    item_tokens: str = "pieces"  # items as sub-word pieces (the paper), "whole" (one token per item) or
+    # "codes": collaborative codes learned from the training interactions (collab_codes.py)
+    code_levels: int = 2  # "codes": cluster levels before the last, unique-making token
+    code_branches: int = 32  # "codes": values per cluster level (a power of two)
+    code_dim: int = 32  # "codes": dimensions of the spectral item embedding that is clustered
+    code_window: int = 3  # "codes": items at most this far apart in a sequence count as co-occurring
+
+    def __post_init__(self) -> None:
+        if self.item_tokens not in ("pieces", "whole", "codes"):
+            raise ValueError(f"tokenizer.item_tokens must be 'pieces', 'whole' or 'codes', got {self.item_tokens!r}")
+        if self.code_branches < 2 or self.code_branches & (self.code_branches - 1):
+            raise ValueError(f"tokenizer.code_branches must be a power of two >= 2, got {self.code_branches!r}")
+        for name in ("code_levels", "code_dim", "code_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"tokenizer.{name} must be >= 1, got {getattr(self, name)!r}")
 
 
 @dataclass

@@ -4,9 +4,11 @@ A history is written `user_<u> item_<c1> item_<c2> ... <mask>` and split into su
 Every piece also carries the index of the user or item it belongs to, so the model can add one
 ID embedding per user/item to all of that id's pieces.
 
-Items are written as sub-word pieces (`item_tokens="pieces"`, the paper's choice) or, with
+Items are written as sub-word pieces (`item_tokens="pieces"`, the paper's choice); with
 `item_tokens="whole"`, as one token each: item i is token `sentencepiece vocabulary + i`, so the decoder
-ranks all items with one softmax (users and `<mask>` stay sentencepiece pieces).
+ranks all items with one softmax; with `item_tokens="codes"`, as the tokens of a code table (n_items, L)
+(collab_codes.py: cluster levels then an index that makes codes unique), column l's value v being token
+`sentencepiece vocabulary + (values of the columns before l) + v`. Users and `<mask>` stay sentencepiece pieces.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MASK = "<mask>"
-ITEM_TOKENS = ("pieces", "whole")
+ITEM_TOKENS = ("pieces", "whole", "codes")
+CODE_TABLE = "item_code_table.npy"  # the code table in a checkpoint directory
 WORDS_PER_LINE = 1000  # words per tokenizer training line: far below sentencepiece's max_sentence_length
 MAX_HISTORY_LINES = 100_000  # users (and histories) sampled for the BPE statistics: bounds sentencepiece's
 # time whatever the number of users (a million items and 100,000 histories: ~6 s)
@@ -60,7 +63,7 @@ def training_lines(histories: Sequence[np.ndarray], item_codes: Sequence[str], i
         users = np.sort(np.random.default_rng(0).choice(len(users), MAX_HISTORY_LINES, replace=False))
     words = [user_text(u) for u in users.tolist()]
     cover = [USER_DIGITS] if set(USER_DIGITS.replace(" ", "")) - set("".join(words)) else []
-    if item_tokens == "whole":
+    if item_tokens != "pieces":  # whole items and codes are tokens of their own, not text
         return _word_lines(words) + cover
     lines = [" ".join([w] + [item_text(item_codes[i]) for i in histories[u][-64:]])
              for w, u in zip(words, users.tolist())]
@@ -123,9 +126,12 @@ class GenRecTokenizer:
     """A sentencepiece BPE model plus each item's piece sequence (unique per item), stored flat:
     item i is `item_flat[item_offsets[i]:item_offsets[i + 1]]` (also `item_pieces[i]`)."""
 
-    def __init__(self, model_proto: bytes, item_codes: Sequence[str], item_tokens: str = "pieces"):
+    def __init__(self, model_proto: bytes, item_codes: Sequence[str], item_tokens: str = "pieces",
+                 code_table: np.ndarray | None = None):
         if item_tokens not in ITEM_TOKENS:
             raise ValueError(f"item_tokens: expected one of {ITEM_TOKENS}, got {item_tokens!r}")
+        if (code_table is not None) != (item_tokens == "codes"):
+            raise ValueError("code_table: expected one (n_items, L) table exactly when item_tokens='codes'")
         self.item_tokens = item_tokens
         self.model_proto = bytes(model_proto)
         self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
@@ -137,6 +143,14 @@ class GenRecTokenizer:
             n, n_sp = len(self.item_codes), self.sp.get_piece_size()
             self.item_offsets = np.arange(n + 1, dtype=np.int64)  # (n_items + 1,)
             self.item_flat = np.arange(n_sp, n_sp + n, dtype=np.int64)  # (n_items,)
+        elif item_tokens == "codes":
+            self.code_table = _check_code_table(code_table, len(self.item_codes))  # (n_items, L)
+            n, width = self.code_table.shape
+            sizes = self.code_table.max(0) + 1 if n else np.zeros(width, np.int64)  # (L,) values per column
+            self.code_sizes = sizes
+            first = self.sp.get_piece_size() + np.r_[0, np.cumsum(sizes)[:-1]]  # (L,) first token of each column
+            self.item_offsets = np.arange(n + 1, dtype=np.int64) * width
+            self.item_flat = (self.code_table + first).reshape(-1)  # (n_items * L,)
         else:
             self.item_offsets, self.item_flat = _flatten(self.sp.encode([item_text(c) for c in self.item_codes]))
         self.item_pieces = ItemPieces(self.item_offsets, self.item_flat)
@@ -155,13 +169,17 @@ class GenRecTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Sentencepiece pieces, plus one token per item with `item_tokens="whole"`."""
-        extra = len(self.item_codes) if self.item_tokens == "whole" else 0
-        return self.sp.get_piece_size() + extra
+        """Sentencepiece pieces, plus one token per item with "whole", one per value of each code column with "codes"."""
+        if self.item_tokens == "whole":
+            return self.sp.get_piece_size() + len(self.item_codes)
+        if self.item_tokens == "codes":
+            return self.sp.get_piece_size() + int(self.code_sizes.sum())
+        return self.sp.get_piece_size()
 
     @classmethod
     def train(cls, histories: Sequence[np.ndarray], item_codes: Sequence[str],
-              vocab_size: int = 1000, item_tokens: str = "pieces") -> "GenRecTokenizer":
+              vocab_size: int = 1000, item_tokens: str = "pieces",
+              code_table: np.ndarray | None = None) -> "GenRecTokenizer":
         """Train BPE (deterministic) on the text the encoder reads besides whole item tokens (see `training_lines`)."""
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
@@ -170,16 +188,20 @@ class GenRecTokenizer:
             user_defined_symbols=[MASK], character_coverage=1.0, hard_vocab_limit=False,
             max_sentence_length=1 << 22, split_by_number=True, num_threads=2, minloglevel=2,
         )
-        return cls(model.getvalue(), item_codes, item_tokens)
+        return cls(model.getvalue(), item_codes, item_tokens, code_table)
 
     def save(self, directory: Path) -> None:
         (Path(directory) / "tokenizer.model").write_bytes(self.model_proto)
         (Path(directory) / "tokenizer.json").write_text(json.dumps({"item_tokens": self.item_tokens}))
+        if self.item_tokens == "codes":
+            np.save(Path(directory) / CODE_TABLE, self.code_table)
 
     @classmethod
     def load(cls, directory: Path, item_codes: Sequence[str]) -> "GenRecTokenizer":
         meta = Path(directory) / "tokenizer.json"
         opts = json.loads(meta.read_text()) if meta.is_file() else {}
+        if opts.get("item_tokens") == "codes":
+            opts["code_table"] = np.load(Path(directory) / CODE_TABLE)
         return cls((Path(directory) / "tokenizer.model").read_bytes(), item_codes, **opts)
 
     def user_pieces(self, u: int) -> np.ndarray:
@@ -230,6 +252,16 @@ class GenRecTokenizer:
     def target(self, item: int, eos: bool = True) -> np.ndarray:
         """Decoder target of an item: its pieces then EOS (eos=False: the pieces alone)."""
         return np.append(self.item_pieces[item], EOS_ID) if eos else self.item_pieces[item]
+
+
+def _check_code_table(table, n_items: int) -> np.ndarray:
+    table = np.asarray(table)
+    if table.ndim != 2 or table.shape[0] != n_items or table.shape[1] < 1 or not np.issubdtype(table.dtype, np.integer):
+        raise ValueError(f"code_table: expected an integer array of shape ({n_items}, L >= 1), got "
+                         f"{table.dtype} {table.shape}")
+    if table.size and table.min() < 0:
+        raise ValueError("code_table: codes must be >= 0")
+    return table.astype(np.int64)
 
 
 def check_mask_at(items: Sequence[int], mask_at: int | None) -> None:

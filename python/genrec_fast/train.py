@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
 from .batching import encode_padded, pad_targets
+from .collab_codes import build_codes
 from .config import ModelConfig, Preset, TrainConfig
 from .data import Catalog, SequenceData, Split, leave_one_out
 from .ema import WeightAverage
@@ -215,12 +216,22 @@ class Trainer:
     def _train_tokenizer(self, preset: Preset) -> GenRecTokenizer:
         """Sentencepiece trained on the training part; with several ranks, by rank 0 alone and sent to the others."""
         tok = preset.tokenizer
+
+        def build() -> GenRecTokenizer:
+            table = None
+            if tok.item_tokens == "codes":  # from the training part only: validation/test items never shape codes
+                t0 = time.perf_counter()
+                table = build_codes(self.split.train, self.data.n_items, tok.code_levels, tok.code_branches,
+                                    tok.code_dim, tok.code_window, seed=self.tcfg.seed)
+                log.info("item codes: %s values per level, built in %.1f s", (table.max(0) + 1).tolist(),
+                         time.perf_counter() - t0)
+            return GenRecTokenizer.train(self.split.train, self.data.item_codes, tok.vocab_size, tok.item_tokens,
+                                         table)
         if not self.group.enabled:
-            return GenRecTokenizer.train(self.split.train, self.data.item_codes, tok.vocab_size, tok.item_tokens)
-        proto = self.group.broadcast(GenRecTokenizer.train(self.split.train, self.data.item_codes, tok.vocab_size,
-                                                           tok.item_tokens).model_proto
-                                     if self.group.is_main else None)
-        return GenRecTokenizer(proto, self.data.item_codes, tok.item_tokens)
+            return build()
+        made = build() if self.group.is_main else None
+        proto, table = self.group.broadcast((made.model_proto, getattr(made, "code_table", None)) if made else None)
+        return GenRecTokenizer(proto, self.data.item_codes, tok.item_tokens, table)
 
     def _make_optimizers(self) -> tuple:
         """AdamW over every trained parameter; with the sampled softmax, the embedding tables (token table =

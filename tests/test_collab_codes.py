@@ -1,0 +1,112 @@
+"""Collaborative item codes: co-occurrence against a brute-force count, planted clusters recovered,
+balanced unique codes, codes that only the training part shapes, and the "codes" tokenizer end to end
+through recommend() (C++ trie search against the Python reference, seen items pruned)."""
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from genrec_fast import Recommender, SequenceData, preset
+from genrec_fast.collab_codes import balanced_codes, build_codes, cooccurrence
+from genrec_fast.tokenizer import GenRecTokenizer
+from genrec_fast.train import Trainer
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=8), min_size=0, max_size=6), st.integers(1, 4))
+def test_cooccurrence_counts_pairs_within_the_window(seqs, window):
+    adj = cooccurrence([np.array(s, dtype=np.int64) for s in seqs], 10, window).toarray()
+    ref = np.zeros((10, 10))
+    for s in seqs:
+        for i in range(len(s)):
+            for j in range(i + 1, min(len(s), i + window + 1)):
+                if s[i] != s[j]:
+                    ref[s[i], s[j]] += 1
+                    ref[s[j], s[i]] += 1
+    np.testing.assert_array_equal(adj, ref)
+
+
+def planted(seed: int, clusters: int = 8, size: int = 40, users: int = 2000, noise: float = 0.1):
+    """Sequences that stay inside one planted cluster of items (a share `noise` of random items)."""
+    rng = np.random.default_rng(seed)
+    groups = rng.permutation(clusters * size).reshape(clusters, size)
+    train = []
+    for _ in range(users):
+        s = groups[rng.integers(clusters)][rng.integers(0, size, rng.integers(3, 10))]
+        train.append(np.where(rng.random(len(s)) < noise, rng.integers(0, clusters * size, len(s)), s))
+    truth = np.empty(clusters * size, dtype=np.int64)
+    for k, g in enumerate(groups):
+        truth[g] = k
+    return train, truth
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_clusters_are_the_first_level(seed):
+    train, truth = planted(seed)
+    codes = build_codes(train, len(truth), levels=1, branches=8, dim=16, seed=seed)
+    purity = sum(Counter(truth[codes[:, 0] == v]).most_common(1)[0][1] for v in range(8)) / len(truth)
+    assert purity == 1.0
+
+
+def test_codes_are_balanced_and_unique():
+    vectors = np.random.default_rng(0).standard_normal((1000, 6)).astype(np.float32)
+    codes = balanced_codes(vectors, levels=2, branches=4)
+    assert codes.shape == (1000, 3)
+    assert len({tuple(c) for c in codes.tolist()}) == 1000
+    assert set(np.bincount(codes[:, 0]).tolist()) == {250}  # 1000 / 4 per first-level value
+    leaf = np.bincount(codes[:, 0] * 4 + codes[:, 1])
+    assert leaf.min() >= 62 and leaf.max() <= 63 and codes[:, 2].max() == leaf.max() - 1
+    with pytest.raises(ValueError, match="branches"):
+        balanced_codes(vectors, 2, 6)
+
+
+def _data(rng, n_users=200, n_items=80):
+    seqs = [rng.integers(0, n_items, int(rng.integers(4, 9))) for _ in range(n_users)]
+    seqs[0] = np.arange(n_items)  # every item appears in some sequence
+    return SequenceData(list(range(n_users)), list(range(n_items)), seqs, [str(i + 1) for i in range(n_items)])
+
+
+def test_validation_and_test_items_never_shape_the_codes(tmp_path):
+    rng = np.random.default_rng(0)
+    a = _data(rng)
+    b = dataclasses.replace(a, sequences=[np.r_[s[:-2], rng.integers(0, 80, 2)] for s in a.sequences])
+    p = preset("tiny")
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=8)
+    ta = Trainer(a, tmp_path / "a", p, progress=False).tokenizer
+    tb = Trainer(b, tmp_path / "b", p, progress=False).tokenizer
+    np.testing.assert_array_equal(ta.code_table, tb.code_table)
+    changed = dataclasses.replace(a, sequences=[np.r_[s[:-3][::-1], s[-3:]] for s in a.sequences])
+    tc = Trainer(changed, tmp_path / "c", p, progress=False).tokenizer
+    assert not np.array_equal(ta.code_table, tc.code_table)  # the training part does shape them
+
+
+def test_codes_tokenizer_round_trip(tmp_path):
+    table = balanced_codes(np.random.default_rng(1).standard_normal((50, 4)).astype(np.float32), 1, 4)
+    tok = GenRecTokenizer.train([], [str(i) for i in range(50)], 200, "codes", table)
+    n_sp = tok.sp.get_piece_size()
+    assert tok.vocab_size == n_sp + 4 + table[:, 1].max() + 1
+    assert tok.item_pieces[7].tolist() == [n_sp + table[7, 0], n_sp + 4 + table[7, 1]]
+    assert all(tok.decode_item(tok.item_pieces[i]) == i for i in range(50))
+    tok.save(tmp_path)
+    again = GenRecTokenizer.load(tmp_path, tok.item_codes)
+    np.testing.assert_array_equal(again.item_flat, tok.item_flat)
+    with pytest.raises(ValueError, match="code_table"):
+        GenRecTokenizer(tok.model_proto, tok.item_codes, "codes", table[:10])
+    with pytest.raises(ValueError, match="code_table"):
+        GenRecTokenizer(tok.model_proto, tok.item_codes, "whole", table)
+
+
+def test_recommend_with_codes_matches_the_reference_search():
+    items = [f"item{i}" for i in range(300)]
+    rec = Recommender.random(items, "tiny", vocab_size=200, item_tokens="codes", code_levels=2, code_branches=4)
+    rng = np.random.default_rng(0)
+    hists = [[items[j] for j in rng.integers(0, 300, int(rng.integers(1, 12)))] for _ in range(16)]
+    fast = rec.recommend(hists, k=10, backend="cpp", exclude_seen=True)
+    ref = rec.recommend(hists, k=10, backend="reference", exclude_seen=True)
+    for f, r, h in zip(fast, ref, hists):
+        assert f.items == r.items
+        np.testing.assert_allclose(f.scores, r.scores, rtol=1e-4, atol=1e-5)
+        assert not set(f.items) & set(h) and len(set(f.items)) == 10
