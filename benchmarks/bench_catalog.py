@@ -15,8 +15,12 @@ Histories: seeded random item ids, 5-20 per user (Amazon Beauty's users have ~9 
 Optionally (`--train`, `--load`) one finetuning epoch of a 1M-item synthetic catalog and the columnar
 CSV loader (benchmarks/bench_train_scale.py, benchmarks/bench_load.py) add their figures.
 
-Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--train] [--load] [--quick]
-Last line: catalog_bench ratio_vs_sasrec=<x> batch1_ms=<y> users_per_s_1m=<z> rss_gb_1m=<w> train_rss_gb_1m=<v> load_5m_s=<s>
+With `--codes`, the same model over collaborative codes (tokenizer.item_tokens="codes": 2 levels of
+`code_branches(n)` values and a unique last token, codes of random vectors: the shape of trained ones) at
+every size, decoded by the C++ trie search with 20 beams (top 20).
+
+Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--codes] [--train] [--load] [--quick]
+Last line: catalog_bench ratio_vs_sasrec=<x> batch1_ms=<y> users_per_s_1m=<z> rss_gb_1m=<w> train_rss_gb_1m=<v> load_5m_s=<s> codes_users_per_s_1m=<c>
 """
 from __future__ import annotations
 
@@ -39,8 +43,13 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 TOP_K, BATCH, WINDOW = 20, 256, 50
-MODEL = dict(d_model=64, encoder_layers=2, decoder_layers=2, n_heads=2, ffn_dim=256, item_eos=False,
+MODEL = dict(d_model=64, encoder_layers=2, decoder_layers=2, n_heads=2, ffn_dim=256,
              encoder_positions="end", dropout=0.0)
+
+
+def code_branches(n_items: int) -> int:
+    """Values per code level: the power of two nearest sqrt(n_items / 16), so that leaves hold ~16 items."""
+    return max(2, 1 << round(math.log2(max(2.0, math.sqrt(n_items / 16)))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,13 +109,16 @@ def sasrec_batch(histories: list) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def build(n_items: int, seed: int = 0):
+def build(n_items: int, seed: int = 0, form: str = "whole"):
+    """The one-token model, or (form "codes") the same model over collaborative codes: 2 levels of
+    CODE_BRANCHES values and a unique last token, decoded by the C++ trie search with 20 beams."""
     import dataclasses
     from genrec_fast import Recommender, preset
-    cfg = dataclasses.replace(preset("small").model, **MODEL)
+    cfg = dataclasses.replace(preset("small").model, **MODEL, item_eos=form != "whole")
     items = [f"item{i}" for i in range(n_items)]  # string ids, as real catalogs often have
     t0 = time.perf_counter()
-    rec = Recommender.random(items, cfg, item_tokens="whole", seed=seed)
+    rec = Recommender.random(items, cfg, item_tokens=form, seed=seed, code_levels=2,
+                             code_branches=code_branches(n_items))
     return rec, time.perf_counter() - t0
 
 
@@ -134,9 +146,10 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec: bool, device: str = "cpu") -> dict:
+def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec: bool, device: str = "cpu",
+                 form: str = "whole") -> dict:
     torch.set_num_threads(threads)
-    rec, build_s = build(n_items)
+    rec, build_s = build(n_items, form=form)
     rec.model.to(device)
     hist_idx = histories(n_items, BATCH * batches + singles)
     ids = rec.catalog.item_ids
@@ -152,7 +165,7 @@ def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec:
         big["sasrec"] = lambda i: [t.cpu() for t in ref.recommend(sasrec_batch(calls[i % batches]).to(device), TOP_K)]
         small["sasrec"] = lambda i: [t.cpu() for t in ref.recommend(sasrec_batch([one[i % singles]]).to(device), TOP_K)]
     t_big, t_small = median_times(big, batches), median_times(small, singles, warmup=3)
-    out = {"items": n_items, "build_s": round(build_s, 2), "users_per_s": BATCH / t_big["ours"],
+    out = {"form": form, "items": n_items, "build_s": round(build_s, 2), "users_per_s": BATCH / t_big["ours"],
            "batch1_ms": 1e3 * t_small["ours"]}
     if sasrec:
         out.update(sasrec_users_per_s=BATCH / t_big["sasrec"], sasrec_batch1_ms=1e3 * t_small["sasrec"])
@@ -160,11 +173,11 @@ def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec:
     return out
 
 
-def run_size(n_items: int, args) -> dict:
+def run_size(n_items: int, args, form: str = "whole") -> dict:
     """measure_size in a fresh Python process (its own peak RSS)."""
     cmd = [sys.executable, __file__, "--one", str(n_items), "--threads", str(args.threads),
-           "--batches", str(args.batches), "--singles", str(args.singles), "--device", args.device]
-    if n_items == min(args.sizes):
+           "--batches", str(args.batches), "--singles", str(args.singles), "--device", args.device, "--form", form]
+    if n_items == min(args.sizes) and form == "whole":
         cmd.append("--sasrec")
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -202,16 +215,19 @@ def print_report(rows: list, extra: dict, args) -> None:
         cpu = f"{torch.cuda.get_device_name()} (host {cpu})"
     print(f"# one-token model d_model=64 2+2 layers, top-{TOP_K} | {cpu}, {args.threads} threads, torch "
           f"{torch.__version__} | {datetime.date.today()}")
-    print(f"| items | build s | users/s (batch {BATCH}) | batch-1 p50 ms | peak RSS GB |")
-    print("|---:|---:|---:|---:|---:|")
+    print(f"| items | item form | build s | users/s (batch {BATCH}) | batch-1 p50 ms | peak RSS GB |")
+    print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['items']:,} | {r['build_s']:.1f} | {r['users_per_s']:,.0f} | {r['batch1_ms']:.2f} | {r['rss_gb']:.2f} |")
+        form = "one token" if r["form"] == "whole" else f"codes ({code_branches(r['items'])} x 2 + unique), 20 beams"
+        print(f"| {r['items']:,} | {form} | {r['build_s']:.1f} | {r['users_per_s']:,.0f} | {r['batch1_ms']:.2f} | "
+              f"{r['rss_gb']:.2f} |")
     small = rows[0]
-    print(f"| SASRec-style reference at {small['items']:,} | | {small['sasrec_users_per_s']:,.0f} | "
+    print(f"| {small['items']:,} | SASRec-style reference | | {small['sasrec_users_per_s']:,.0f} | "
           f"{small['sasrec_batch1_ms']:.2f} | |")
     if "train" in extra:
         print(f"one finetuning epoch, 1M-item synthetic catalog: {json.dumps(extra['train'])}")
-    big = next((r for r in rows if r["items"] >= 1_000_000), None)
+    big = next((r for r in rows if r["items"] >= 1_000_000 and r["form"] == "whole"), None)
+    codes = next((r for r in rows if r["items"] >= 1_000_000 and r["form"] == "codes"), None)
     line = {
         "ratio_vs_sasrec": small["users_per_s"] / small["sasrec_users_per_s"],
         "batch1_ms": small["batch1_ms"],
@@ -219,6 +235,7 @@ def print_report(rows: list, extra: dict, args) -> None:
         "rss_gb_1m": big["rss_gb"] if big else math.nan,
         "train_rss_gb_1m": extra["train_rss_gb_1m"],
         "load_5m_s": extra["load_5m_s"],
+        "codes_users_per_s_1m": codes["users_per_s"] if codes else math.nan,
     }
     print("catalog_bench " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
 
@@ -236,14 +253,20 @@ def main(argv=None) -> None:
                                                    "the GPU's peak allocated GB)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     p.add_argument("--sasrec", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--form", default="whole", choices=("whole", "codes"), help=argparse.SUPPRESS)
+    p.add_argument("--codes", action="store_true",
+                   help="also the model over collaborative codes (trie search, 20 beams) at every size")
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(measure_size(args.one, args.threads, args.batches, args.singles, args.sasrec, args.device)))
+        print(json.dumps(measure_size(args.one, args.threads, args.batches, args.singles, args.sasrec, args.device,
+                                      args.form)))
         return
     args.sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:
         args.sizes, args.batches, args.singles = [2000, 20000], 2, 5
     rows = [run_size(n, args) for n in sorted(args.sizes)]
+    if args.codes:
+        rows += [run_size(n, args, "codes") for n in sorted(args.sizes)]
     print_report(rows, optional_figures(args), args)
 
 

@@ -18,16 +18,20 @@ def setup():
     rec, _ = bench.build(N_ITEMS)
     hist = bench.histories(N_ITEMS, 64)
     torch.manual_seed(0)
-    return rec, bench.SASRec(N_ITEMS).eval(), hist, [[rec.catalog.item_ids[i] for i in h] for h in hist]
+    codes, _ = bench.build(N_ITEMS, form="codes")
+    return rec, bench.SASRec(N_ITEMS).eval(), hist, [[rec.catalog.item_ids[i] for i in h] for h in hist], codes
 
 
 @pytest.mark.parametrize("batch", [1, 64])
-@pytest.mark.parametrize("path", ["genrec_fast one-step", "genrec_fast trie search", "sasrec-style"])
+@pytest.mark.parametrize("path", ["genrec_fast one-step", "genrec_fast trie search", "genrec_fast codes",
+                                  "sasrec-style"])
 def test_catalog_recommend(benchmark, setup, path, batch):
-    rec, sasrec, hist, hist_ids = setup
+    rec, sasrec, hist, hist_ids, codes = setup
     benchmark.group = f"catalog {N_ITEMS} items, batch {batch}"
     if path == "sasrec-style":
         fn = lambda: sasrec.recommend(bench.sasrec_batch(hist[:batch]), bench.TOP_K)  # noqa: E731
+    elif path.endswith("codes"):  # collaborative codes: the C++ trie search over 2 levels + a unique token
+        fn = lambda: codes.recommend(hist_ids[:batch], k=bench.TOP_K)  # noqa: E731
     else:
         backend = "auto" if path.endswith("one-step") else "cpp"
         fn = lambda: rec.recommend(hist_ids[:batch], k=bench.TOP_K, backend=backend)  # noqa: E731
