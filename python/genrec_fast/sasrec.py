@@ -35,7 +35,7 @@ class SASRecConfig:
     blocks: int = 2
     n_heads: int = 1
     window: int = 50  # most recent items read
-    dropout: float = 0.2
+    dropout: float = 0.5  # chosen on Beauty validation: NDCG@10 .0474 vs .0456 at 0.2 (docs/experiments/beauty.md)
     lr: float = 1e-3
     batch_size: int = 128
     max_epochs: int = 400
