@@ -110,3 +110,39 @@ def test_recommend_with_codes_matches_the_reference_search():
         assert f.items == r.items
         np.testing.assert_allclose(f.scores, r.scores, rtol=1e-4, atol=1e-5)
         assert not set(f.items) & set(h) and len(set(f.items)) == 10
+
+
+def test_codes_without_eos_decode_every_level_and_rank_exactly(tmp_path):
+    """model.item_eos=False with codes (all items of one length): the decoder learns only the code tokens,
+    and the search scores an item by them alone, as brute-force teacher forcing does; the host and device
+    searches agree; sub-word pieces (items of several lengths) are refused."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from brute_force import assert_beam_search_is_exhaustive
+    from genrec_fast.train import to_batch
+    items = [f"item{i}" for i in range(64)]
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False)
+    rec = Recommender.random(items, cfg, vocab_size=200, item_tokens="codes", code_levels=2, code_branches=4)
+    rng = np.random.default_rng(1)
+    hists = [[items[j] for j in rng.integers(0, 64, int(rng.integers(1, 9)))] for _ in range(6)]
+    for h in hists[:3]:
+        assert_beam_search_is_exhaustive(rec, [rec.catalog.item_index[i] for i in h], None, k=64)
+    outs = {b: rec.recommend(hists, k=10, backend=b, exclude_seen=True) for b in ("cpp", "reference", "device")}
+    for b in ("reference", "device"):
+        assert [r.items for r in outs[b]] == [r.items for r in outs["cpp"]]
+        np.testing.assert_allclose([r.scores for r in outs[b]], [r.scores for r in outs["cpp"]], atol=1e-4)
+
+    data = _data(np.random.default_rng(2))
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=8)
+    p.train = dataclasses.replace(p.train, pretrain_epochs=0, finetune_epochs=1, eval_users=20)
+    trainer = Trainer(data, tmp_path / "codes", p, progress=False)
+    part = trainer.epoch_batches(pretrain=False)[0]
+    _, labels = to_batch(part, trainer.tokenizer, trainer.model.cfg, "cpu")
+    assert labels.shape[1] == 2 and (labels == 3).sum() == 0  # two code tokens per target, no EOS
+    assert labels.tolist() == [trainer.tokenizer.item_pieces[e.target].tolist() for e in part]
+    trainer.run()
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="pieces")
+    with pytest.raises(ValueError, match="item_eos=False: needs items of one length"):
+        Trainer(data, tmp_path / "pieces", p, progress=False)

@@ -47,7 +47,7 @@ class Trie:
 
     Attributes (numpy): child_ptr int64 (N+1,), child_token/child_node int32 (E,), leaf_item,
     leaf_lo, leaf_hi int32 (N,), leaf_order int32 (num_items,); plus num_nodes, num_items,
-    max_depth, eos_id and min_vocab (logprobs need more columns than any token id on an edge).
+    max_depth, min_depth, eos_id and min_vocab (logprobs need more columns than any token id on an edge).
     """
 
     def __init__(self, tokens, offsets, eos_id: int, backend: str = "cpp"):
@@ -68,6 +68,7 @@ class Trie:
         self.num_items = len(self._offsets) - 1
         lengths = np.diff(self._offsets)
         self.max_depth = int(lengths.max(initial=-1)) + 1
+        self.min_depth = int(lengths.min()) + 1 if len(lengths) else 0  # == max_depth: all items have one length
         if backend == "reference":
             self._build_reference()
         else:

@@ -46,16 +46,15 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
     """enc: padded encoder batch of U users -> items (U, k) int64 item indices (-1 = none), scores (U, k).
 
     timings: optional dict; seconds spent in the trie search's `step` accumulate in timings["search_step"].
-    A model trained without EOS (`model.cfg.item_eos` False) needs one token per item: the decoder runs
-    once, and EOS, the only token the trie allows after an item, adds log 1 = 0 to the item's score.
+    A model trained without EOS (`model.cfg.item_eos` False) needs items of one length L (one token each,
+    or collaborative codes): the decoder runs L steps, and EOS, the only token the trie allows after an
+    item, adds log 1 = 0 to the item's score.
     """
     if backend == "device":  # the search as device tensors (device_search.py): no host copy per step
         from .device_search import device_beam_decode
         return device_beam_decode(model, trie, enc, k, num_beams, exclude=exclude, allow=allow,
                                   length_penalty=length_penalty, stop_early=True)
-    if not model.cfg.item_eos and trie.max_depth > 2:  # depth counts EOS
-        raise ValueError(f"beam_decode: a model trained without EOS (item_eos=False) needs one token per item, "
-                         f"got items of up to {trie.max_depth - 1} tokens")
+    check_eos_free(model, trie, "beam_decode")
     U = enc["tokens"].shape[0]
     # (U, S, C), or one such tensor per member for an Ensemble
     memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
@@ -69,14 +68,15 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
         cache.reorder(None, torch.as_tensor(active, device=device))
     tokens = torch.full((len(active),), model.cfg.bos_id, dtype=torch.long, device=device)
     width = 1  # decoder rows per active user
-    first = True
+    model_steps = trie.max_depth if model.cfg.item_eos else trie.max_depth - 1  # steps the decoder runs
+    step = 0
     while not search.done():
         slots = search.width  # the search's rows per active user
-        if first or model.cfg.item_eos:
+        if step < model_steps:
             logprobs = F.log_softmax(model.decode_step(tokens, cache).float(), dim=-1)  # (len(active) * width, V)
         else:  # after an item only EOS is allowed, and the model counts it as certain
             logprobs = torch.zeros(len(active) * width, model.cfg.vocab_size, device=device)
-        first = False
+        step += 1
         logprobs = _all_slots(logprobs, len(active), width, slots)  # (len(active) * slots, V)
         parent, next_tokens = _timed_step(search, logprobs.cpu().numpy(), timings)
         if search.done():
@@ -89,6 +89,15 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
         tokens, active, width = torch.as_tensor(next_tokens[keep], device=device), now, new_width
     items, scores = search.results()
     return np.asarray(items), np.asarray(scores)
+
+
+def check_eos_free(model, trie: Trie, caller: str) -> None:
+    """ValueError unless the model learned EOS or all items have one length (the decoder then knows where
+    an item ends without it)."""
+    if not model.cfg.item_eos and trie.min_depth != trie.max_depth:  # depths count EOS
+        raise ValueError(f"{caller}: a model trained without EOS (item_eos=False) needs items of one length "
+                         f"(one token each, or codes), got items of {trie.min_depth - 1} to "
+                         f"{trie.max_depth - 1} tokens")
 
 
 def _all_slots(logprobs: torch.Tensor, users: int, width: int, slots: int) -> torch.Tensor:

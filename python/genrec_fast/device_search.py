@@ -347,11 +347,13 @@ def device_beam_decode(model, trie: Trie, enc: dict, k: int, num_beams: int = 20
     items (U, k) int64 (-1 = none), scores (U, k) float32, the same as beam_decode's (to float rounding).
 
     The decoder runs all U users x `width` rows each step (done users' rows are dead, never compacted),
-    so no step waits for the host. For a model without EOS (item_eos=False) the second step's logprobs are
-    zeros: EOS, the only token the trie allows after an item, counts as certain (as beam_decode)."""
-    if not model.cfg.item_eos and trie.max_depth > 2:  # depth counts EOS
-        raise ValueError(f"device_beam_decode: a model trained without EOS (item_eos=False) needs one token per "
-                         f"item, got items of up to {trie.max_depth - 1} tokens")
+    so no step waits for the host. For a model without EOS (item_eos=False; items of one length L) the
+    logprobs of step L are zeros: EOS, the only token the trie allows after an item, counts as certain (as
+    beam_decode)."""
+    from .decoding import check_eos_free
+    check_eos_free(model, trie, "device_beam_decode")
+    model_steps = trie.max_depth if model.cfg.item_eos else trie.max_depth - 1
+    steps = [0]
     device = enc["tokens"].device
     U, V = enc["tokens"].shape[0], model.cfg.vocab_size
     memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])  # (U, S, C) (per member)
@@ -359,9 +361,10 @@ def device_beam_decode(model, trie: Trie, enc: dict, k: int, num_beams: int = 20
     cache.capacity = trie.max_depth  # the longest decode: the K/V buffers never regrow
 
     def step_fn(parent, tokens):
+        steps[0] += 1
         if parent is None:  # step 0: one row per user, from the start token
             tokens = torch.full((U,), model.cfg.bos_id, dtype=torch.long, device=device)
-        elif not model.cfg.item_eos:  # after the item's token only EOS is allowed
+        elif steps[0] > model_steps:  # after the item's tokens only EOS is allowed
             return torch.zeros(len(tokens), V, device=device)
         else:
             cache.reorder(parent)

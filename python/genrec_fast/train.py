@@ -190,10 +190,11 @@ class Trainer:
         for name in ("history_drop", "history_reorder"):
             if mcfg.encoder_causal and getattr(self.tcfg, name) > 0:
                 raise ValueError(f"train.{name} needs model.encoder_causal=False (packed windows keep every item in order)")
-        one_token_items = [name for name, on in (("model.item_eos=False", not mcfg.item_eos),
-                                                 ("train.mask_seen", self.tcfg.mask_seen)) if on]
-        if one_token_items and (preset.tokenizer.item_tokens != "whole" or mcfg.encoder_causal):
-            raise ValueError(f"{' and '.join(one_token_items)}: needs tokenizer.item_tokens='whole' and "
+        if not mcfg.item_eos and (preset.tokenizer.item_tokens == "pieces" or mcfg.encoder_causal):
+            raise ValueError("model.item_eos=False: needs items of one length (tokenizer.item_tokens='whole' "
+                             "or 'codes') and model.encoder_causal=False")
+        if self.tcfg.mask_seen and (preset.tokenizer.item_tokens != "whole" or mcfg.encoder_causal):
+            raise ValueError("train.mask_seen: needs tokenizer.item_tokens='whole' and "
                              "model.encoder_causal=False (one decoder step per item)")
         torch.manual_seed(self.tcfg.seed)
         self.model = GenRec(mcfg).to(self.device)
