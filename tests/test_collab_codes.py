@@ -146,3 +146,41 @@ def test_codes_without_eos_decode_every_level_and_rank_exactly(tmp_path):
     p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="pieces")
     with pytest.raises(ValueError, match="item_eos=False: needs items of one length"):
         Trainer(data, tmp_path / "pieces", p, progress=False)
+
+
+def test_code_input_first_reads_one_position_per_item(tmp_path):
+    """tokenizer.code_input="first": the encoder reads each item as its first code token (plus its ID), the
+    decoder still generates every code token; the option survives save/load and training, and decoding is
+    exact against brute force."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from brute_force import assert_beam_search_is_exhaustive
+    from genrec_fast.batching import encode_padded
+    table = balanced_codes(np.random.default_rng(1).standard_normal((50, 4)).astype(np.float32), 2, 4)
+    tok = GenRecTokenizer.train([], [str(i) for i in range(50)], 200, "codes", table, code_input="first")
+    enc = tok.encode([7, 11, 7], user=None)
+    assert enc.tokens.tolist() == [tok.item_pieces[7][0], tok.item_pieces[11][0], tok.item_pieces[7][0],
+                                   tok.mask_id, 3]
+    assert enc.item_ids.tolist() == [8, 12, 8, 0, 0]
+    padded = encode_padded(tok, [[7, 11, 7], [3]], [None, None], [None, None], 64, "cpu")
+    assert padded["tokens"][0, :5].tolist() == enc.tokens.tolist()
+    assert len(tok.target(7)) == 4 and tok.target(7)[:3].tolist() == tok.item_pieces[7].tolist()
+    tok.save(tmp_path)
+    assert GenRecTokenizer.load(tmp_path, tok.item_codes).code_input == "first"
+    with pytest.raises(ValueError, match="code_input"):
+        GenRecTokenizer(tok.model_proto, tok.item_codes, "codes", table, code_input="sum")
+
+    items = [f"item{i}" for i in range(64)]
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False)
+    rec = Recommender.random(items, cfg, vocab_size=200, item_tokens="codes", code_levels=2, code_branches=4,
+                             code_input="first")
+    assert_beam_search_is_exhaustive(rec, [3, 40, 3, 17], None, k=64)
+
+    p = preset("tiny")
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=8,
+                                      code_input="first")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=1, eval_users=20)
+    trainer = Trainer(_data(np.random.default_rng(2)), tmp_path / "run", p, progress=False)
+    trainer.run()
+    from genrec_fast import load
+    assert load(tmp_path / "run" / "best").tokenizer.code_input == "first"

@@ -104,7 +104,7 @@ def encode_histories(tokenizer: GenRecTokenizer, histories: Sequence[np.ndarray]
     row = np.repeat(np.arange(B), lens)  # (N,)
     user_p = [np.zeros(0, np.int64) if u is None else tokenizer.user_pieces(u) for u in users]
     n_user = np.array([len(p) for p in user_p], dtype=np.int64)  # (B,)
-    offsets, flat = tokenizer.item_offsets, tokenizer.item_flat
+    offsets, flat = tokenizer.input_offsets, tokenizer.input_flat
     plen = offsets[items + 1] - offsets[items]  # (N,) pieces per item
     end = np.cumsum(plen)  # (N,) pieces up to and including each item, over the whole batch
     row_end = np.zeros(B, np.int64)

@@ -117,10 +117,14 @@ class TokenizerConfig:
     code_branches: int = 32  # "codes": values per cluster level (a power of two)
     code_dim: int = 32  # "codes": dimensions of the spectral item embedding that is clustered
     code_window: int = 3  # "codes": items at most this far apart in a sequence count as co-occurring
+    code_input: str = "all"  # "codes": the encoder reads "all" code tokens of an item (one position each)
+    # or only the "first" (one position per item; the ID embedding tells items apart)
 
     def __post_init__(self) -> None:
         if self.item_tokens not in ("pieces", "whole", "codes"):
             raise ValueError(f"tokenizer.item_tokens must be 'pieces', 'whole' or 'codes', got {self.item_tokens!r}")
+        if self.code_input not in ("all", "first"):
+            raise ValueError(f"tokenizer.code_input must be 'all' or 'first', got {self.code_input!r}")
         if self.code_branches < 2 or self.code_branches & (self.code_branches - 1):
             raise ValueError(f"tokenizer.code_branches must be a power of two >= 2, got {self.code_branches!r}")
         for name in ("code_levels", "code_dim", "code_window"):

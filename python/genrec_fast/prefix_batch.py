@@ -47,7 +47,7 @@ def pack(tokenizer: GenRecTokenizer, items: Sequence[int], user: int | None = No
         raise ValueError(f"items: a window needs at least 2 items (a context and a target), got {len(items)}")
     T = len(items) - 1
     user_p = tokenizer.user_pieces(user) if user is not None else np.zeros(0, np.int64)
-    ctx = [tokenizer.item_pieces[i] for i in items[:T]]
+    ctx = [tokenizer.input_pieces[i] for i in items[:T]]
     ends = len(user_p) + np.cumsum([len(p) for p in ctx])  # (T,) c_t: context pieces of prefix t
     cT = int(ends[-1])
     L = cT + 2 * T

@@ -56,7 +56,7 @@ class Recommender:
     @classmethod
     def random(cls, item_ids: Sequence[Hashable], config: ModelConfig | str = "small", vocab_size: int = 1000,
                n_users: int = 0, seed: int = 0, max_items: int = 20, item_tokens: str = "pieces",
-               code_levels: int = 2, code_branches: int = 32) -> "Recommender":
+               code_levels: int = 2, code_branches: int = 32, code_input: str = "all") -> "Recommender":
         """A model with random weights over a catalog of item ids (for benchmarks and smoke tests)."""
         cfg = preset(config).model if isinstance(config, str) else config
         codes = item_codes(list(item_ids), "random", seed)
@@ -65,7 +65,7 @@ class Recommender:
             from .collab_codes import balanced_codes
             vectors = np.random.default_rng(seed).standard_normal((len(codes), 8)).astype(np.float32)
             table = balanced_codes(vectors, code_levels, code_branches)
-        tokenizer = GenRecTokenizer.train([], codes, vocab_size, item_tokens, table)
+        tokenizer = GenRecTokenizer.train([], codes, vocab_size, item_tokens, table, code_input)
         cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, n_users=n_users, n_items=len(codes))
         torch.manual_seed(seed)
         catalog = Catalog(list(item_ids), codes, list(range(n_users)))

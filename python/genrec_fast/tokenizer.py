@@ -25,6 +25,7 @@ import sentencepiece as spm
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MASK = "<mask>"
 ITEM_TOKENS = ("pieces", "whole", "codes")
+CODE_INPUTS = ("all", "first")
 CODE_TABLE = "item_code_table.npy"  # the code table in a checkpoint directory
 WORDS_PER_LINE = 1000  # words per tokenizer training line: far below sentencepiece's max_sentence_length
 MAX_HISTORY_LINES = 100_000  # users (and histories) sampled for the BPE statistics: bounds sentencepiece's
@@ -124,12 +125,17 @@ class ItemPieces(Sequence):
 
 class GenRecTokenizer:
     """A sentencepiece BPE model plus each item's piece sequence (unique per item), stored flat:
-    item i is `item_flat[item_offsets[i]:item_offsets[i + 1]]` (also `item_pieces[i]`)."""
+    item i is `item_flat[item_offsets[i]:item_offsets[i + 1]]` (also `item_pieces[i]`): what the decoder
+    generates. The encoder reads `input_pieces[i]`, the same pieces except for codes with
+    code_input="first": one position per item, its first code token (the ID embedding added to it tells
+    items apart), so a history costs the encoder what one token per item costs."""
 
     def __init__(self, model_proto: bytes, item_codes: Sequence[str], item_tokens: str = "pieces",
-                 code_table: np.ndarray | None = None):
+                 code_table: np.ndarray | None = None, code_input: str = "all"):
         if item_tokens not in ITEM_TOKENS:
             raise ValueError(f"item_tokens: expected one of {ITEM_TOKENS}, got {item_tokens!r}")
+        if code_input not in CODE_INPUTS:
+            raise ValueError(f"code_input: expected one of {CODE_INPUTS}, got {code_input!r}")
         if (code_table is not None) != (item_tokens == "codes"):
             raise ValueError("code_table: expected one (n_items, L) table exactly when item_tokens='codes'")
         self.item_tokens = item_tokens
@@ -154,6 +160,13 @@ class GenRecTokenizer:
         else:
             self.item_offsets, self.item_flat = _flatten(self.sp.encode([item_text(c) for c in self.item_codes]))
         self.item_pieces = ItemPieces(self.item_offsets, self.item_flat)
+        self.code_input = code_input if item_tokens == "codes" else "all"
+        if self.code_input == "first":  # (n_items,) each item's first code token, one position each
+            n = len(self.item_codes)
+            self.input_offsets, self.input_flat = np.arange(n + 1, dtype=np.int64), self.item_flat[::width].copy()  # width: L
+        else:
+            self.input_offsets, self.input_flat = self.item_offsets, self.item_flat
+        self.input_pieces = ItemPieces(self.input_offsets, self.input_flat)
         self._check_items()
 
     def _check_items(self) -> None:
@@ -179,7 +192,7 @@ class GenRecTokenizer:
     @classmethod
     def train(cls, histories: Sequence[np.ndarray], item_codes: Sequence[str],
               vocab_size: int = 1000, item_tokens: str = "pieces",
-              code_table: np.ndarray | None = None) -> "GenRecTokenizer":
+              code_table: np.ndarray | None = None, code_input: str = "all") -> "GenRecTokenizer":
         """Train BPE (deterministic) on the text the encoder reads besides whole item tokens (see `training_lines`)."""
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
@@ -188,11 +201,14 @@ class GenRecTokenizer:
             user_defined_symbols=[MASK], character_coverage=1.0, hard_vocab_limit=False,
             max_sentence_length=1 << 22, split_by_number=True, num_threads=2, minloglevel=2,
         )
-        return cls(model.getvalue(), item_codes, item_tokens, code_table)
+        return cls(model.getvalue(), item_codes, item_tokens, code_table, code_input)
 
     def save(self, directory: Path) -> None:
         (Path(directory) / "tokenizer.model").write_bytes(self.model_proto)
-        (Path(directory) / "tokenizer.json").write_text(json.dumps({"item_tokens": self.item_tokens}))
+        opts = {"item_tokens": self.item_tokens}
+        if self.item_tokens == "codes":
+            opts["code_input"] = self.code_input
+        (Path(directory) / "tokenizer.json").write_text(json.dumps(opts))
         if self.item_tokens == "codes":
             np.save(Path(directory) / CODE_TABLE, self.code_table)
 
@@ -237,7 +253,7 @@ class GenRecTokenizer:
             if j == mask_at:
                 body.append((np.array([self.mask_id]), 0))
             else:
-                body.append((self.item_pieces[i], int(i) + 1))
+                body.append((self.input_pieces[i], int(i) + 1))
         if mask_at is None:
             body.append((np.array([self.mask_id]), 0))
         if max_len is not None:

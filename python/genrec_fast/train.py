@@ -227,12 +227,12 @@ class Trainer:
                 log.info("item codes: %s values per level, built in %.1f s", (table.max(0) + 1).tolist(),
                          time.perf_counter() - t0)
             return GenRecTokenizer.train(self.split.train, self.data.item_codes, tok.vocab_size, tok.item_tokens,
-                                         table)
+                                         table, tok.code_input)
         if not self.group.enabled:
             return build()
         made = build() if self.group.is_main else None
         proto, table = self.group.broadcast((made.model_proto, getattr(made, "code_table", None)) if made else None)
-        return GenRecTokenizer(proto, self.data.item_codes, tok.item_tokens, table)
+        return GenRecTokenizer(proto, self.data.item_codes, tok.item_tokens, table, tok.code_input)
 
     def _make_optimizers(self) -> tuple:
         """AdamW over every trained parameter; with the sampled softmax, the embedding tables (token table =
