@@ -387,3 +387,24 @@ def test_target_tokens_are_the_first_labels_of_the_batch(tmp_path):
         part = t.epoch_batches(pretrain=False)[0]
         _, labels = to_batch(part, t.tokenizer, t.model.cfg, "cpu")
         assert torch.equal(target_tokens(part, t.tokenizer, t.model.cfg, "cpu"), labels[:, 0])
+
+
+def test_item_id_embed_false_keeps_the_id_table_out_of_the_model(tmp_path):
+    """model.item_id_embed=False: the item ID table stays zero through training and reloading, so the
+    encoder's output no longer depends on the item ids (with the table on, it does)."""
+    d = synthetic(n_users=60, n_items=30, seed=3)
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_id_embed=False, dropout=0.0)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=1, eval_users=20)
+    train(d, tmp_path / "off", p, progress=False)
+    rec = load(tmp_path / "off" / "best")
+    assert not rec.model.cfg.item_id_embed and not rec.model.item_embed.weight.any()
+    tokens = torch.tensor([[40, 41, 42, 5, 3]])
+    ids = torch.tensor([[4, 9, 2, 0, 0]])
+    kw = dict(user_ids=torch.zeros_like(tokens), mask=torch.ones_like(tokens, dtype=torch.bool))
+    from genrec_fast.model import GenRec
+    for on, model in ((False, rec.model), (True, GenRec(dataclasses.replace(rec.model.cfg, item_id_embed=True)).eval())):
+        a = model.encode(tokens, item_ids=ids, **kw)
+        b = model.encode(tokens, item_ids=torch.zeros_like(ids), **kw)
+        assert torch.equal(a, b) != on

@@ -27,6 +27,9 @@ class ModelConfig:
     # trains every next-item target of a sequence in one pass (see prefix_batch.py)
     item_eos: bool = True  # the decoder learns EOS after an item; False (item tokens only) trains one
     # decoder step per target and scores an item by its token alone (EOS counts as certain)
+    item_id_embed: bool = True  # add the item ID embedding to every piece of an item (GenRec); False keeps
+    # that table at zero, untrained: an item is its tokens alone (with one token per item, the token table
+    # is then both input and output embedding, tied as in SASRec)
     n_users: int = 0  # rows of the user ID table (0 = padding/unknown user)
     n_items: int = 0  # rows of the item ID table (0 = padding/unknown item)
     pad_id: int = 0

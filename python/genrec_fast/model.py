@@ -266,6 +266,9 @@ class GenRec(nn.Module):
         self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size))
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.apply(self._init)
+        if not cfg.item_id_embed:  # the table stays zero and out of training (config.py)
+            nn.init.zeros_(self.item_embed.weight)
+            self.item_embed.weight.requires_grad_(False)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
