@@ -87,6 +87,10 @@ def test_cli_trains_sasrec_and_names_bad_settings(tmp_path, capsys):
                  "--set", "sasrec.eval_every=1", "--quiet"]) == 0
     rep = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {"sasrec", "sasrec+exclude_seen", "popularity"} <= set(rep["test"])
+    assert main(["train", "--model", "sasrec", "--out", str(tmp_path / "explore"), "--set", "sasrec.max_epochs=2",
+                 "--no-report", "--quiet"]) == 0
+    rep = json.loads((tmp_path / "explore" / "metrics.json").read_text())
+    assert "test" not in rep and "sasrec" in rep["valid"]  # --no-report: the test items stay unseen
     assert main(["train", "--model", "sasrec", "--set", "train.lr=0.1"]) == 2
     assert "sasrec.FIELD=VALUE" in capsys.readouterr().err
     assert main(["train", "--model", "sasrec", "--set", "sasrec.depth=3"]) == 2

@@ -95,7 +95,7 @@ def cmd_train_sasrec(args) -> int:
     t0 = time.perf_counter()
     model = train_sasrec(data, out, cfg, progress=not args.quiet)
     train_s = time.perf_counter() - t0
-    rep = report_sasrec(model, leave_one_out(data))
+    rep = report_sasrec(model, leave_one_out(data), test=not args.no_report)  # --no-report: validation only
     rep["train_seconds"] = round(train_s, 1)
     rep["config"] = dataclasses.asdict(model.cfg)
     (out / "metrics.json").write_text(json.dumps(rep, indent=2))
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from <out>/last")
     t.add_argument("--no-report", action="store_true",
                    help="skip the final report (~2 min on Beauty; e.g. for ensemble members, which "
-                        "`genrec-fast report` scores together)")
+                        "`genrec-fast report` scores together); with --model sasrec: validation only")
     for p in (t,):
         p.add_argument("--device", default="cpu",
                        help="cpu or cuda; under torchrun each process takes cuda:LOCAL_RANK (docs/training.md)")

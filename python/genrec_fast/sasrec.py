@@ -225,11 +225,14 @@ def load(path: str | Path) -> SASRec:
     return model.eval()
 
 
-def report_sasrec(model: SASRec, split: Split) -> dict:
-    """Validation and test metrics (and test without seen items) next to popularity, as `evaluate.report`."""
+def report_sasrec(model: SASRec, split: Split, test: bool = True) -> dict:
+    """Validation and test metrics (and test without seen items) next to popularity, as `evaluate.report`;
+    test=False: validation only (exploratory runs never look at the test items)."""
     pop, rank = popularity_ranker(split, model.cfg.n_items), sasrec_ranker(model)
-    out: dict = {part: {"popularity": evaluate(pop, split, part, progress=False)} for part in PARTS}
-    for part in PARTS:
+    parts = PARTS if test else ("valid",)
+    out: dict = {part: {"popularity": evaluate(pop, split, part, progress=False)} for part in parts}
+    for part in parts:
         out[part]["sasrec"] = evaluate(rank, split, part, progress=False)
-    out["test"]["sasrec+exclude_seen"] = evaluate(rank, split, "test", exclude_seen=True, progress=False)
+    if test:
+        out["test"]["sasrec+exclude_seen"] = evaluate(rank, split, "test", exclude_seen=True, progress=False)
     return out
