@@ -16,7 +16,8 @@ Optionally (`--train`, `--load`) one finetuning epoch of a 1M-item synthetic cat
 CSV loader (benchmarks/bench_train_scale.py, benchmarks/bench_load.py) add their figures.
 
 With `--codes`, the same model over collaborative codes (tokenizer.item_tokens="codes": 2 levels of
-`code_branches(n)` values and a unique last token, codes of random vectors: the shape of trained ones) at
+`code_branches(n)` values and a unique last token, codes of random vectors: the shape of trained ones;
+one encoder position per item, no EOS step, as configs/beauty-codes-first-noeos.json) at
 every size, decoded by the C++ trie search with 20 beams (top 20).
 
 Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--codes] [--train] [--load] [--quick]
@@ -111,14 +112,15 @@ def sasrec_batch(histories: list) -> torch.Tensor:
 
 def build(n_items: int, seed: int = 0, form: str = "whole"):
     """The one-token model, or (form "codes") the same model over collaborative codes: 2 levels of
-    CODE_BRANCHES values and a unique last token, decoded by the C++ trie search with 20 beams."""
+    CODE_BRANCHES values and a unique last token, in the form of configs/beauty-codes-first-noeos.json (the
+    encoder reads one position per item, no EOS step), decoded by the C++ trie search with 20 beams."""
     import dataclasses
     from genrec_fast import Recommender, preset
-    cfg = dataclasses.replace(preset("small").model, **MODEL, item_eos=form != "whole")
+    cfg = dataclasses.replace(preset("small").model, **MODEL, item_eos=False)
     items = [f"item{i}" for i in range(n_items)]  # string ids, as real catalogs often have
     t0 = time.perf_counter()
     rec = Recommender.random(items, cfg, item_tokens=form, seed=seed, code_levels=2,
-                             code_branches=code_branches(n_items))
+                             code_branches=code_branches(n_items), code_input="first")
     return rec, time.perf_counter() - t0
 
 
