@@ -97,3 +97,15 @@ def test_cli_trains_sasrec_and_names_bad_settings(tmp_path, capsys):
     assert "no field 'depth'" in capsys.readouterr().err
     assert main(["train", "--model", "sasrec", "--set", "sasrec.dropout=1.5"]) == 2
     assert "sasrec.dropout" in capsys.readouterr().err
+
+
+def test_patience_waits_for_min_steps(tmp_path, small_synthetic):
+    """With lr 0 validation never improves after the first epoch: patience 1 stops at epoch 2, unless
+    min_steps is not yet reached (then the epoch cap ends the run)."""
+    def run(min_steps):
+        cfg = SASRecConfig(d_model=16, window=8, lr=0.0, max_epochs=4, eval_every=1, patience=1,
+                           min_steps=min_steps)
+        train_sasrec(small_synthetic, tmp_path / str(min_steps), cfg, progress=False)
+        return json.loads((tmp_path / str(min_steps) / "train_summary.json").read_text())
+    assert (run(0)["epochs"], run(0)["stopped_by"]) == (2, "patience")
+    assert (run(10**6)["epochs"], run(10**6)["stopped_by"]) == (4, "max_epochs")

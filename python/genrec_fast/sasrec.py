@@ -40,6 +40,8 @@ class SASRecConfig:
     batch_size: int = 128
     max_epochs: int = 400
     patience: int = 10  # validations without NDCG@10 gain before stopping
+    min_steps: int = 3000  # optimizer steps before patience may stop a run: a small dataset (MovieLens
+    # latest-small: 6 steps an epoch) otherwise stops at popularity's level (docs/experiments/datasets.md)
     eval_every: int = 2  # epochs between validations
     eval_users: int = 0  # validation users (0 = all; SASRec ranks all of Beauty's 22k users in ~2 s)
     max_minutes: float = 0.0  # time budget (0 = none); no epoch starts that would end past it
@@ -49,6 +51,8 @@ class SASRecConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"sasrec.d_model ({self.d_model}) must be divisible by sasrec.n_heads ({self.n_heads})")
+        if self.min_steps < 0:
+            raise ValueError(f"sasrec.min_steps must be >= 0, got {self.min_steps!r}")
         for name in ("d_model", "blocks", "n_heads", "window", "batch_size", "max_epochs", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"sasrec.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -169,7 +173,7 @@ def train_sasrec(data: SequenceData, out_dir: str | Path, cfg: SASRecConfig, pro
     inp, tgt = training_rows(split, cfg.window)
     users = np.arange(data.n_users) if not cfg.eval_users else np.sort(
         np.random.default_rng(cfg.seed + 1).permutation(data.n_users)[:cfg.eval_users])
-    best, bad, t0, epoch_s, stop = -1.0, 0, time.perf_counter(), 0.0, "max_epochs"
+    best, bad, t0, epoch_s, stop, steps = -1.0, 0, time.perf_counter(), 0.0, "max_epochs", 0
     for epoch in range(1, cfg.max_epochs + 1):
         if cfg.max_minutes and epoch_s and time.perf_counter() - t0 + epoch_s > 60 * cfg.max_minutes:
             stop = "max_minutes"
@@ -183,6 +187,7 @@ def train_sasrec(data: SequenceData, out_dir: str | Path, cfg: SASRecConfig, pro
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            steps += 1
             losses.append(loss.item())
         row = {"epoch": epoch, "loss": float(np.mean(losses)), "elapsed_s": round(time.perf_counter() - t0, 1)}
         if epoch % cfg.eval_every == 0:
@@ -198,7 +203,7 @@ def train_sasrec(data: SequenceData, out_dir: str | Path, cfg: SASRecConfig, pro
         log.info("sasrec epoch %d loss %.4f%s", epoch, row["loss"],
                  f" valid NDCG@10 {row['valid']['NDCG@10']:.4f}" if "valid" in row else "")
         epoch_s = time.perf_counter() - start
-        if bad >= cfg.patience:
+        if bad >= cfg.patience and steps >= cfg.min_steps:
             stop = "patience"
             break
     if best < 0:  # no validation ran (a budget or cap shorter than eval_every): keep the last weights
