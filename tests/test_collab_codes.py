@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from brute_force import assert_beam_search_is_exhaustive
+
 from genrec_fast import Recommender, SequenceData, preset
 from genrec_fast.collab_codes import balanced_codes, build_codes, cooccurrence
 from genrec_fast.tokenizer import GenRecTokenizer
@@ -116,9 +118,6 @@ def test_codes_without_eos_decode_every_level_and_rank_exactly(tmp_path):
     """model.item_eos=False with codes (all items of one length): the decoder learns only the code tokens,
     and the search scores an item by them alone, as brute-force teacher forcing does; the host and device
     searches agree; sub-word pieces (items of several lengths) are refused."""
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from brute_force import assert_beam_search_is_exhaustive
     from genrec_fast.train import to_batch
     items = [f"item{i}" for i in range(64)]
     cfg = dataclasses.replace(preset("tiny").model, item_eos=False)
@@ -152,9 +151,6 @@ def test_code_input_first_reads_one_position_per_item(tmp_path):
     """tokenizer.code_input="first": the encoder reads each item as its first code token (plus its ID), the
     decoder still generates every code token; the option survives save/load and training, and decoding is
     exact against brute force."""
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from brute_force import assert_beam_search_is_exhaustive
     from genrec_fast.batching import encode_padded
     table = balanced_codes(np.random.default_rng(1).standard_normal((50, 4)).astype(np.float32), 2, 4)
     tok = GenRecTokenizer.train([], [str(i) for i in range(50)], 200, "codes", table, code_input="first")

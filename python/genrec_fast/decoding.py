@@ -54,7 +54,7 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
         from .device_search import device_beam_decode
         return device_beam_decode(model, trie, enc, k, num_beams, exclude=exclude, allow=allow,
                                   length_penalty=length_penalty, stop_early=True)
-    check_eos_free(model, trie, "beam_decode")
+    model_steps = decoder_steps(model, trie, "beam_decode")
     U = enc["tokens"].shape[0]
     # (U, S, C), or one such tensor per member for an Ensemble
     memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
@@ -68,7 +68,6 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
         cache.reorder(None, torch.as_tensor(active, device=device))
     tokens = torch.full((len(active),), model.cfg.bos_id, dtype=torch.long, device=device)
     width = 1  # decoder rows per active user
-    model_steps = trie.max_depth if model.cfg.item_eos else trie.max_depth - 1  # steps the decoder runs
     step = 0
     while not search.done():
         slots = search.width  # the search's rows per active user
@@ -91,13 +90,17 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
     return np.asarray(items), np.asarray(scores)
 
 
-def check_eos_free(model, trie: Trie, caller: str) -> None:
-    """ValueError unless the model learned EOS or all items have one length (the decoder then knows where
-    an item ends without it)."""
-    if not model.cfg.item_eos and trie.min_depth != trie.max_depth:  # depths count EOS
+def decoder_steps(model, trie: Trie, caller: str) -> int:
+    """Decoder steps of a search over `trie`: one per token and EOS, or, for a model trained without EOS,
+    one per item token (EOS then counts as certain). ValueError if such a model meets items of several
+    lengths: without EOS it cannot tell where an item ends."""
+    if model.cfg.item_eos:
+        return trie.max_depth  # depths count EOS
+    if trie.min_depth != trie.max_depth:
         raise ValueError(f"{caller}: a model trained without EOS (item_eos=False) needs items of one length "
                          f"(one token each, or codes), got items of {trie.min_depth - 1} to "
                          f"{trie.max_depth - 1} tokens")
+    return trie.max_depth - 1
 
 
 def _all_slots(logprobs: torch.Tensor, users: int, width: int, slots: int) -> torch.Tensor:

@@ -350,9 +350,8 @@ def device_beam_decode(model, trie: Trie, enc: dict, k: int, num_beams: int = 20
     so no step waits for the host. For a model without EOS (item_eos=False; items of one length L) the
     logprobs of step L are zeros: EOS, the only token the trie allows after an item, counts as certain (as
     beam_decode)."""
-    from .decoding import check_eos_free
-    check_eos_free(model, trie, "device_beam_decode")
-    model_steps = trie.max_depth if model.cfg.item_eos else trie.max_depth - 1
+    from .decoding import decoder_steps
+    model_steps = decoder_steps(model, trie, "device_beam_decode")
     steps = [0]
     device = enc["tokens"].device
     U, V = enc["tokens"].shape[0], model.cfg.vocab_size

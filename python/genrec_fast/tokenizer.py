@@ -162,8 +162,8 @@ class GenRecTokenizer:
         self.item_pieces = ItemPieces(self.item_offsets, self.item_flat)
         self.code_input = code_input if item_tokens == "codes" else "all"
         if self.code_input == "first":  # (n_items,) each item's first code token, one position each
-            n = len(self.item_codes)
-            self.input_offsets, self.input_flat = np.arange(n + 1, dtype=np.int64), self.item_flat[::width].copy()  # width: L
+            self.input_offsets = np.arange(len(self.item_codes) + 1, dtype=np.int64)
+            self.input_flat = self.item_flat[::self.code_table.shape[1]].copy()
         else:
             self.input_offsets, self.input_flat = self.item_offsets, self.item_flat
         self.input_pieces = ItemPieces(self.input_offsets, self.input_flat)
