@@ -30,6 +30,9 @@ class ModelConfig:
     item_id_embed: bool = True  # add the item ID embedding to every piece of an item (GenRec); False keeps
     # that table at zero, untrained: an item is its tokens alone (with one token per item, the token table
     # is then both input and output embedding, tied as in SASRec)
+    leaf_head: bool = False  # codes without EOS: score the last, unique-making code token with the item's own
+    # ID embedding, over the items of its leaf only (leaf_head.py), instead of as a leaf-local index token
+    # whose output vector every leaf shares
     n_users: int = 0  # rows of the user ID table (0 = padding/unknown user)
     n_items: int = 0  # rows of the item ID table (0 = padding/unknown item)
     pad_id: int = 0
@@ -41,6 +44,9 @@ class ModelConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.encoder_positions not in ("start", "end"):
             raise ValueError(f"encoder_positions must be 'start' or 'end', got {self.encoder_positions!r}")
+        if self.leaf_head and (self.item_eos or not self.item_id_embed):
+            raise ValueError("model.leaf_head needs model.item_eos=False (the item's last token is the last step) "
+                             "and model.item_id_embed=True (the leaf's items are scored with their ID embeddings)")
 
     @property
     def head_dim(self) -> int:

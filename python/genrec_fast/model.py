@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .item_topk import Head
 from .kernels import attention
+from .leaf_head import LeafHead
 from .loss import linear_cross_entropy
 
 
@@ -203,6 +204,7 @@ class DecoderCache:
     self_v: list
     step: int = 0
     capacity: int = 8
+    leaf_key: torch.Tensor | None = None  # (R,) with a leaf head: the leaf of each row's cluster tokens so far
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores layer i's new K/V (R, H, 1, hd) at position `step`; -> K/V so far, 2 x (R, H, step + 1, hd)."""
@@ -226,6 +228,8 @@ class DecoderCache:
         if parent_rows is not None and self.self_k[0] is not None:
             self.self_k = [self._gather(k, parent_rows) for k in self.self_k]
             self.self_v = [self._gather(v, parent_rows) for v in self.self_v]
+        if parent_rows is not None and self.leaf_key is not None:
+            self.leaf_key = self.leaf_key.index_select(0, parent_rows)
         if users is not None:
             self.cross_k = [k.index_select(0, users) for k in self.cross_k]
             self.cross_v = [v.index_select(0, users) for v in self.cross_v]
@@ -269,6 +273,25 @@ class GenRec(nn.Module):
         if not cfg.item_id_embed:  # the table stays zero and out of training (config.py)
             nn.init.zeros_(self.item_embed.weight)
             self.item_embed.weight.requires_grad_(False)
+        self.leaves: LeafHead | None = None  # cfg.leaf_head: set from the tokenizer by `attach_leaves`
+
+    def attach_leaves(self, tokenizer) -> "GenRec":
+        """With cfg.leaf_head, the leaves of the tokenizer's code table (derived data: not in the state dict)."""
+        if self.cfg.leaf_head:
+            self.leaves = LeafHead.from_tokenizer(tokenizer).to(self.item_embed.weight.device)
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if self.leaves is not None:  # .to(device) moves the leaf tables too
+            self.leaves.to(self.item_embed.weight.device)
+        return out
+
+    def _leaves(self) -> LeafHead | None:
+        if self.cfg.leaf_head and self.leaves is None:
+            raise ValueError("model.leaf_head: the model has no leaves; call model.attach_leaves(tokenizer) "
+                             "(Recommender and Trainer do)")
+        return self.leaves
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -335,7 +358,8 @@ class GenRec(nn.Module):
     def decode(self, decoder_tokens, memory, mask, self_mask=None, cross_mask=None, positions=None):
         """Teacher-forced decoder: decoder_tokens (B, T) -> logits (B, T, V). Optional masks (B, 1, T, T),
         (B, 1, T, S) and positions (B, T) let one row hold several independent targets."""
-        return self.lm_head(self.decode_hidden(decoder_tokens, memory, mask, self_mask, cross_mask, positions))
+        return self.logits(self.decode_hidden(decoder_tokens, memory, mask, self_mask, cross_mask, positions),
+                           decoder_tokens)
 
     def decode_hidden(self, decoder_tokens, memory, mask, self_mask=None, cross_mask=None, positions=None):
         """`decode` before the LM head: -> (B, T, C)."""
@@ -348,16 +372,41 @@ class GenRec(nn.Module):
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.shared.weight) + self.final_logits_bias  # (..., V)
 
+    def logits(self, hidden: torch.Tensor, decoder_tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V) of decoder states (B, T, C) fed decoder_tokens (B, T): the LM head,
+        and with a leaf head the leaf softmax's logits at the last code step (leaf_head.py)."""
+        out = self.lm_head(hidden)
+        leaves = self._leaves()
+        last = None if leaves is None else leaves.levels - 1
+        if last is not None and hidden.shape[1] > last:
+            key = leaves.keys(decoder_tokens[:, 1:last + 1])  # (B,) from the fed cluster tokens
+            out[:, last] = leaves.vocab_logits(hidden[:, last], key, self.item_embed.weight)
+        return out
+
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, smoothing: float, ignore_index: int):
-        """Cross-entropy of `lm_head(hidden)` (B, T, V) against labels (B, T), without the (B, T, V) logits."""
-        return linear_cross_entropy(hidden.flatten(0, 1), self.shared.weight, self.final_logits_bias[0],
-                                    labels.flatten(), smoothing, ignore_index)
+        """Cross-entropy of `logits(hidden, ...)` (B, T, V) against labels (B, T), without the (B, T, V) logits."""
+        leaves = self._leaves()
+        if leaves is None:
+            return linear_cross_entropy(hidden.flatten(0, 1), self.shared.weight, self.final_logits_bias[0],
+                                        labels.flatten(), smoothing, ignore_index)
+        last = leaves.levels - 1  # cluster steps through the LM head, the last through the leaf softmax
+        head_labels = labels[:, :last].flatten()
+        n_head = int((head_labels != ignore_index).sum())
+        total = hidden.new_zeros(())
+        if n_head:
+            total = linear_cross_entropy(hidden[:, :last].flatten(0, 1), self.shared.weight,
+                                         self.final_logits_bias[0], head_labels, smoothing, ignore_index) * n_head
+        rows = (labels[:, last] != ignore_index).nonzero()[:, 0]  # (N,) targets that reach the last step
+        leaf = leaves.loss_terms(hidden[rows, last], labels[rows, :last], labels[rows, last], self.item_embed.weight,
+                                 smoothing)  # (N,)
+        n = n_head + len(rows)
+        return (total + leaf.sum()) / n if n else hidden.new_tensor(float("nan"))
 
     def forward(self, tokens, user_ids, item_ids, mask, decoder_tokens, attn_mask=None, positions=None,
                 decoder_self_mask=None, cross_mask=None, decoder_positions=None):
         """-> logits (B, T, V). The optional masks and positions come from `prefix_batch.pad_packed`."""
-        return self.lm_head(self.hidden(tokens, user_ids, item_ids, mask, decoder_tokens, attn_mask, positions,
-                                        decoder_self_mask, cross_mask, decoder_positions))
+        return self.logits(self.hidden(tokens, user_ids, item_ids, mask, decoder_tokens, attn_mask, positions,
+                                       decoder_self_mask, cross_mask, decoder_positions), decoder_tokens)
 
     def hidden(self, tokens, user_ids, item_ids, mask, decoder_tokens, attn_mask=None, positions=None,
                decoder_self_mask=None, cross_mask=None, decoder_positions=None):
@@ -378,7 +427,15 @@ class GenRec(nn.Module):
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """tokens (R,) = one new token per beam (R = users x beams, user-major) -> logits (R, V)."""
-        return self.lm_head(self.decode_step_hidden(tokens, cache))  # (R, V)
+        leaves, t = self._leaves(), cache.step
+        if leaves is None or t >= leaves.levels:
+            return self.lm_head(self.decode_step_hidden(tokens, cache))  # (R, V)
+        if t >= 1:  # tokens of cluster column t - 1: the rows' leaves so far
+            cache.leaf_key = leaves.step_key(cache.leaf_key if t > 1 else None, tokens, t - 1)
+        hidden = self.decode_step_hidden(tokens, cache)  # (R, C)
+        if t < leaves.levels - 1:
+            return self.lm_head(hidden)
+        return leaves.vocab_logits(hidden, cache.leaf_key, self.item_embed.weight)  # (R, V)
 
     def decode_step_hidden(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """`decode_step` before the LM head: tokens (R,) -> decoder states (R, C)."""

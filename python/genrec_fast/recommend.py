@@ -38,6 +38,9 @@ class Recommender:
         `train.mask_seen`, which never learned to rank a history's own items low)."""
         self.model, self.tokenizer, self.catalog, self.max_items = model, tokenizer, catalog, max_items
         self.use_users, self.exclude_seen = use_users, exclude_seen
+        for m in getattr(model, "members", [model]):  # leaf heads read the tokenizer's code table
+            if m.cfg.leaf_head and m.leaves is None:
+                m.attach_leaves(tokenizer)
         self._trie: Trie | None = None
         self._ids: np.ndarray | None = None  # catalog.item_ids as an object array, built on first use
 

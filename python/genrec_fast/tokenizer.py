@@ -155,6 +155,7 @@ class GenRecTokenizer:
             sizes = self.code_table.max(0) + 1 if n else np.zeros(width, np.int64)  # (L,) values per column
             self.code_sizes = sizes
             first = self.sp.get_piece_size() + np.r_[0, np.cumsum(sizes)[:-1]]  # (L,) first token of each column
+            self.code_first = first
             self.item_offsets = np.arange(n + 1, dtype=np.int64) * width
             self.item_flat = (self.code_table + first).reshape(-1)  # (n_items * L,)
         else:

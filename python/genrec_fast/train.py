@@ -196,8 +196,11 @@ class Trainer:
         if self.tcfg.mask_seen and (preset.tokenizer.item_tokens != "whole" or mcfg.encoder_causal):
             raise ValueError("train.mask_seen: needs tokenizer.item_tokens='whole' and "
                              "model.encoder_causal=False (one decoder step per item)")
+        if mcfg.leaf_head and (preset.tokenizer.item_tokens != "codes" or self.sampled or self.tcfg.mask_seen):
+            raise ValueError("model.leaf_head: needs tokenizer.item_tokens='codes', train.softmax='full' and "
+                             "train.mask_seen=False")
         torch.manual_seed(self.tcfg.seed)
-        self.model = GenRec(mcfg).to(self.device)
+        self.model = GenRec(mcfg).attach_leaves(self.tokenizer).to(self.device)
         self.group.broadcast_parameters(self.model)
         if self.group.rank:  # dropout: other masks than rank 0's (a single process keeps its generator)
             torch.manual_seed(self.group.torch_seed(self.tcfg.seed))

@@ -1,0 +1,100 @@
+"""Item-specific last code level (`model.leaf_head`): the unique-making last token of a collaborative code
+is scored with the item's own vector, over the items of its leaf only.
+
+With codes (collab_codes.py) an item is L tokens: L - 1 cluster levels, then its index inside its leaf.
+Scored as a plain token, that index's output vector is shared by every leaf (index 3 of one leaf has
+nothing to do with index 3 of another), so the last step must tell a leaf's items apart from the
+decoder state alone. The leaf head replaces the last step's LM head by a softmax over the leaf's items
+whose logits are `h . e_item`, e_item the item's ID embedding (the table the encoder adds to the item's
+input: tied in and out, as SASRec ties its item table). The item's probability is then a hierarchical
+softmax: P(c_1) ... P(c_{L-1} | c_<L-1) P(item | leaf).
+
+The last step's logits keep the token layout the trie search reads: leaf-local index j is still token
+`first[-1] + j`; tokens outside the leaf (and empty leaf slots) get -inf. The leaf of a decoder row
+is a mixed-radix key of the cluster tokens it was fed, carried in `DecoderCache.leaf_key`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+class LeafHead:
+    """The leaves of a code table (n_items, L): the items of every cluster prefix, by leaf-local index."""
+
+    def __init__(self, code_table: np.ndarray, first_tokens: np.ndarray, vocab_size: int):
+        table = np.asarray(code_table, dtype=np.int64)  # (n_items, L)
+        if table.ndim != 2 or table.shape[1] < 2:
+            raise ValueError(f"leaf_head: needs codes of >= 2 tokens (cluster levels, then the leaf index), got "
+                             f"a table of shape {table.shape}")
+        n, L = table.shape
+        sizes = table.max(0) + 1 if n else np.ones(L, np.int64)  # (L,) values per column
+        strides = np.ones(L - 1, np.int64)  # (L - 1,) mixed radix of the cluster columns, first column slowest
+        for c in range(L - 3, -1, -1):
+            strides[c] = strides[c + 1] * sizes[c + 1]
+        n_keys = int(strides[0] * sizes[0])
+        keys = table[:, :-1] @ strides  # (n_items,)
+        items = np.zeros((n_keys, int(sizes[-1])), np.int64)  # (n_keys, M) item index + 1, 0 = empty slot
+        items[keys, table[:, -1]] = np.arange(1, n + 1)
+        self.levels = L
+        self.first = torch.as_tensor(np.asarray(first_tokens, np.int64))  # (L,) first token of every column
+        self.sizes = torch.as_tensor(sizes)  # (L,)
+        self.strides = torch.as_tensor(strides)  # (L - 1,)
+        self.items = torch.as_tensor(items)  # (n_keys, M)
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "LeafHead":
+        if tokenizer.item_tokens != "codes":
+            raise ValueError(f"model.leaf_head: needs tokenizer.item_tokens='codes', got {tokenizer.item_tokens!r}")
+        return cls(tokenizer.code_table, tokenizer.code_first, tokenizer.vocab_size)
+
+    def to(self, device) -> "LeafHead":
+        for name in ("first", "sizes", "strides", "items"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def keys(self, prefix: torch.Tensor) -> torch.Tensor:
+        """prefix (..., L - 1) cluster tokens -> (...,) leaf keys; tokens outside their column are clamped
+        (dead beams feed EOS: their key is any leaf, their scores are never read)."""
+        values = (prefix - self.first[:-1]).clamp_(min=0).minimum(self.sizes[:-1] - 1)
+        return (values * self.strides).sum(-1)
+
+    def step_key(self, key: torch.Tensor | None, tokens: torch.Tensor, column: int) -> torch.Tensor:
+        """The running key after feeding `tokens` (R,) of cluster column `column` (key None before the first)."""
+        v = (tokens - self.first[column]).clamp(0, int(self.sizes[column]) - 1)
+        return v * self.strides[column] if key is None else key + v * self.strides[column]
+
+    def leaf_logits(self, hidden: torch.Tensor, key: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
+        """hidden (R, C), key (R,), item_weight (n_items + 1, C) -> (R, M) logits of the leaf's slots, -inf
+        for empty slots."""
+        slots = self.items[key]  # (R, M)
+        z = torch.bmm(item_weight[slots], hidden[:, :, None].to(item_weight.dtype))[:, :, 0]  # (R, M)
+        return z.masked_fill(slots == 0, NEG_INF)
+
+    def vocab_logits(self, hidden: torch.Tensor, key: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
+        """The last step's logits in the token layout: (R, V), the leaf slots at the last column's tokens,
+        -inf everywhere else (log_softmax of it = the leaf softmax)."""
+        z = self.leaf_logits(hidden, key, item_weight)  # (R, M)
+        out = z.new_full((z.shape[0], self.vocab_size), NEG_INF)
+        start = int(self.first[-1])
+        out[:, start:start + z.shape[1]] = z
+        return out
+
+    def loss_terms(self, hidden: torch.Tensor, prefix: torch.Tensor, target: torch.Tensor,
+                   item_weight: torch.Tensor, smoothing: float) -> torch.Tensor:
+        """Cross-entropy of the leaf softmax per target: hidden (N, C) at the last step, prefix (N, L - 1)
+        its cluster tokens, target (N,) its last token -> (N,). Label smoothing spreads over the leaf's
+        items (the classes the trie allows)."""
+        z = self.leaf_logits(hidden, self.keys(prefix), item_weight)  # (N, M)
+        y = (target - self.first[-1])[:, None]  # (N, 1) leaf-local index
+        logp = F.log_softmax(z, dim=-1)
+        nll = -logp.gather(1, y)[:, 0]
+        if not smoothing:
+            return nll
+        valid = torch.isfinite(z)
+        mean_nll = -logp.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1)  # (N,) mean over the leaf's items
+        return (1 - smoothing) * nll + smoothing * mean_nll

@@ -1,0 +1,137 @@
+"""The leaf head (model.leaf_head): codes whose last token is scored with the item's own ID embedding over
+its leaf's items. Decoding is exact against brute-force teacher forcing on every backend, the fused loss
+equals the cross-entropy of the teacher-forced logits, and training, saving and loading keep it."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from brute_force import assert_beam_search_is_exhaustive, exhaustive_scores
+
+from genrec_fast import Recommender, SequenceData, load, preset
+from genrec_fast.batching import pad_encoder, pad_targets
+from genrec_fast.train import Trainer
+
+ITEMS = [f"item{i}" for i in range(70)]  # 70 items in 4 x 4 leaves: leaves of 4 or 5 items
+
+
+def _rec(leaf_head=True, levels=2, seed=0):
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False, leaf_head=leaf_head)
+    rec = Recommender.random(ITEMS, cfg, vocab_size=200, item_tokens="codes", code_levels=levels,
+                             code_branches=4, code_input="first", seed=seed)
+    with torch.no_grad():  # item vectors as large as trained ones, so the leaf softmax is far from uniform
+        rec.model.item_embed.weight[1:].normal_(0, 1.0)
+    return rec
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_leaf_head_search_is_exact_on_every_backend(levels):
+    rec = _rec(levels=levels)
+    assert rec.model.leaves is not None and rec.model.leaves.levels == levels + 1
+    assert_beam_search_is_exhaustive(rec, [3, 40, 3, 17], None, k=70)
+    rng = np.random.default_rng(1)
+    hists = [[ITEMS[j] for j in rng.integers(0, 70, int(rng.integers(1, 9)))] for _ in range(6)]
+    outs = {b: rec.recommend(hists, k=10, backend=b, exclude_seen=True) for b in ("cpp", "reference", "device")}
+    for b in ("reference", "device"):
+        assert [r.items for r in outs[b]] == [r.items for r in outs["cpp"]]
+        np.testing.assert_allclose([r.scores for r in outs[b]], [r.scores for r in outs["cpp"]], atol=1e-4)
+    for r, h in zip(outs["cpp"], hists):
+        assert not set(r.items) & set(h) and len(set(r.items)) == 10
+
+
+def test_leaf_head_scores_the_last_token_by_the_item_within_its_leaf():
+    """Given its cluster tokens, an item's last-step probability is the softmax of h . e_item over its leaf's
+    items: the probabilities of a leaf's items sum to the leaf's probability, and the same weights without
+    the leaf head score differently."""
+    rec = _rec()
+    brute = exhaustive_scores(rec, [5, 6, 7], None)  # (70,) log P(item)
+    table = rec.tokenizer.code_table
+    leaf_of = [tuple(r) for r in table[:, :-1].tolist()]
+    for leaf in set(leaf_of):
+        members = [i for i, key in enumerate(leaf_of) if key == leaf]
+        head_logp = _cluster_logp(rec, [5, 6, 7], members[0])  # log P(cluster tokens of this leaf)
+        np.testing.assert_allclose(np.logaddexp.reduce(brute[members]), head_logp, atol=1e-5)
+    plain = dataclasses.replace(rec.model.cfg, leaf_head=False)
+    other = Recommender(type(rec.model)(plain).eval(), rec.tokenizer, rec.catalog)
+    other.model.load_state_dict(rec.model.state_dict())
+    assert not np.allclose(exhaustive_scores(other, [5, 6, 7], None), brute, atol=1e-3)
+
+
+def _cluster_logp(rec, items, item) -> float:
+    """log P of `item`'s cluster tokens alone (teacher forcing through the LM head)."""
+    m = rec.model
+    enc = pad_encoder([rec.encode(items, None)])
+    dec_in, labels = pad_targets([rec.tokenizer.target(item, False)], m.cfg.bos_id)
+    with torch.no_grad():
+        memory = m.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+        logp = F.log_softmax(m.decode(dec_in, memory, enc["mask"]), -1)[0]  # (L, V)
+    last = m.leaves.levels - 1
+    return float(logp[torch.arange(last), labels[0, :last]].sum())
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_leaf_head_loss_is_the_cross_entropy_of_its_logits(smoothing):
+    """head_loss (fused LM head for the cluster steps, leaf softmax for the last) against the mean
+    cross-entropy of `logits()`; label smoothing spreads over all tokens at the cluster steps and over the
+    leaf's items at the last step; padded targets (-100) do not count."""
+    rec = _rec()
+    m = rec.model.train()
+    torch.manual_seed(0)
+    targets = [rec.tokenizer.target(i, False) for i in (0, 9, 33, 69, 50)]
+    dec_in, labels = pad_targets(targets, m.cfg.bos_id)  # (5, 3)
+    labels[4] = -100  # a padded row
+    hidden = torch.randn(5, 3, m.cfg.d_model, requires_grad=True)
+    got = m.head_loss(hidden, labels, smoothing, -100)
+    logits = m.logits(hidden, dec_in)  # (5, 3, V)
+    terms = []
+    for b in range(4):
+        for t in range(3):
+            z = logits[b, t]
+            valid = torch.isfinite(z)
+            logp = F.log_softmax(z, -1)
+            nll = -logp[labels[b, t]]
+            terms.append((1 - smoothing) * nll - smoothing * logp[valid].mean())
+    want = torch.stack(terms).mean()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g1, = torch.autograd.grad(got, hidden)
+    g2, = torch.autograd.grad(want, hidden)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def _data(rng, n_users=200, n_items=80):
+    seqs = [rng.integers(0, n_items, int(rng.integers(4, 9))) for _ in range(n_users)]
+    seqs[0] = np.arange(n_items)
+    return SequenceData(list(range(n_users)), list(range(n_items)), seqs, [str(i + 1) for i in range(n_items)])
+
+
+def test_leaf_head_trains_saves_and_reloads(tmp_path):
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False, leaf_head=True)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=8,
+                                      code_input="first")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=1, eval_users=20)
+    trainer = Trainer(_data(np.random.default_rng(2)), tmp_path / "run", p, progress=False)
+    trainer.run()
+    import json
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    rec = load(tmp_path / "run" / "last")  # the trainer's final weights
+    assert rec.model.cfg.leaf_head and rec.model.leaves is not None
+    before = trainer.recommender().recommend([[1, 2, 3]], k=5, exclude_seen=False)[0]
+    after = rec.recommend([[1, 2, 3]], k=5, exclude_seen=False)[0]
+    assert after.items == before.items
+    np.testing.assert_allclose(after.scores, before.scores, atol=1e-5)
+
+
+def test_leaf_head_refuses_what_it_cannot_score(tmp_path):
+    with pytest.raises(ValueError, match="leaf_head needs model.item_eos=False"):
+        dataclasses.replace(preset("tiny").model, leaf_head=True)  # item_eos defaults to True
+    with pytest.raises(ValueError, match="item_id_embed=True"):
+        dataclasses.replace(preset("tiny").model, leaf_head=True, item_eos=False, item_id_embed=False)
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False, leaf_head=True)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    with pytest.raises(ValueError, match="leaf_head: needs tokenizer.item_tokens='codes'"):
+        Trainer(_data(np.random.default_rng(0)), tmp_path / "whole", p, progress=False)
