@@ -20,8 +20,8 @@ With `--codes`, the same model over collaborative codes (tokenizer.item_tokens="
 one encoder position per item, no EOS step, as configs/beauty-codes-first-noeos.json) at
 every size, decoded by the C++ trie search with 20 beams (top 20).
 
-Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--codes] [--train] [--load] [--quick]
-Last line: catalog_bench ratio_vs_sasrec=<x> batch1_ms=<y> users_per_s_1m=<z> rss_gb_1m=<w> train_rss_gb_1m=<v> load_5m_s=<s> codes_users_per_s_1m=<c>
+Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--codes] [--leaf] [--train] [--load] [--quick]
+Last line: catalog_bench ratio_vs_sasrec=<x> batch1_ms=<y> users_per_s_1m=<z> rss_gb_1m=<w> train_rss_gb_1m=<v> load_5m_s=<s> codes_users_per_s_1m=<c> leaf_users_per_s_1m=<l>
 """
 from __future__ import annotations
 
@@ -113,14 +113,15 @@ def sasrec_batch(histories: list) -> torch.Tensor:
 def build(n_items: int, seed: int = 0, form: str = "whole"):
     """The one-token model, or (form "codes") the same model over collaborative codes: 2 levels of
     CODE_BRANCHES values and a unique last token, in the form of configs/beauty-codes-first-noeos.json (the
-    encoder reads one position per item, no EOS step), decoded by the C++ trie search with 20 beams."""
+    encoder reads one position per item, no EOS step), decoded by the C++ trie search with 20 beams; form
+    "leaf": those codes with the leaf head (model.leaf_head: the last token scored over its leaf's items)."""
     import dataclasses
     from genrec_fast import Recommender, preset
-    cfg = dataclasses.replace(preset("small").model, **MODEL, item_eos=False)
+    cfg = dataclasses.replace(preset("small").model, **MODEL, item_eos=False, leaf_head=form == "leaf")
     items = [f"item{i}" for i in range(n_items)]  # string ids, as real catalogs often have
     t0 = time.perf_counter()
-    rec = Recommender.random(items, cfg, item_tokens=form, seed=seed, code_levels=2,
-                             code_branches=code_branches(n_items), code_input="first")
+    rec = Recommender.random(items, cfg, item_tokens="whole" if form == "whole" else "codes", seed=seed,
+                             code_levels=2, code_branches=code_branches(n_items), code_input="first")
     return rec, time.perf_counter() - t0
 
 
@@ -221,6 +222,7 @@ def print_report(rows: list, extra: dict, args) -> None:
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
         form = "one token" if r["form"] == "whole" else f"codes ({code_branches(r['items'])} x 2 + unique), 20 beams"
+        form += ", leaf head" if r["form"] == "leaf" else ""
         print(f"| {r['items']:,} | {form} | {r['build_s']:.1f} | {r['users_per_s']:,.0f} | {r['batch1_ms']:.2f} | "
               f"{r['rss_gb']:.2f} |")
     small = rows[0]
@@ -230,6 +232,7 @@ def print_report(rows: list, extra: dict, args) -> None:
         print(f"one finetuning epoch, 1M-item synthetic catalog: {json.dumps(extra['train'])}")
     big = next((r for r in rows if r["items"] >= 1_000_000 and r["form"] == "whole"), None)
     codes = next((r for r in rows if r["items"] >= 1_000_000 and r["form"] == "codes"), None)
+    leaf = next((r for r in rows if r["items"] >= 1_000_000 and r["form"] == "leaf"), None)
     line = {
         "ratio_vs_sasrec": small["users_per_s"] / small["sasrec_users_per_s"],
         "batch1_ms": small["batch1_ms"],
@@ -238,6 +241,7 @@ def print_report(rows: list, extra: dict, args) -> None:
         "train_rss_gb_1m": extra["train_rss_gb_1m"],
         "load_5m_s": extra["load_5m_s"],
         "codes_users_per_s_1m": codes["users_per_s"] if codes else math.nan,
+        "leaf_users_per_s_1m": leaf["users_per_s"] if leaf else math.nan,
     }
     print("catalog_bench " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
 
@@ -255,9 +259,10 @@ def main(argv=None) -> None:
                                                    "the GPU's peak allocated GB)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     p.add_argument("--sasrec", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--form", default="whole", choices=("whole", "codes"), help=argparse.SUPPRESS)
+    p.add_argument("--form", default="whole", choices=("whole", "codes", "leaf"), help=argparse.SUPPRESS)
     p.add_argument("--codes", action="store_true",
                    help="also the model over collaborative codes (trie search, 20 beams) at every size")
+    p.add_argument("--leaf", action="store_true", help="also the codes model with the leaf head at every size")
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(measure_size(args.one, args.threads, args.batches, args.singles, args.sasrec, args.device,
@@ -269,6 +274,8 @@ def main(argv=None) -> None:
     rows = [run_size(n, args) for n in sorted(args.sizes)]
     if args.codes:
         rows += [run_size(n, args, "codes") for n in sorted(args.sizes)]
+    if args.leaf:
+        rows += [run_size(n, args, "leaf") for n in sorted(args.sizes)]
     print_report(rows, optional_figures(args), args)
 
 
