@@ -9,8 +9,8 @@ even against an empty FastAPI endpoint, where aiohttp reaches ~5,000. Next to it
   per-request loop     `recommend([history], k=10)` once per request, in this process (what a web handler
                        calling genrec_fast directly does)
   offline batch 256    `recommend(histories, k=10, batch_size=256)`: the throughput ceiling of the model
-  engine ceiling       a no-op endpoint (same JSON parsing and validation, same LitServe batching settings,
-                       no model) at the highest concurrency: what LitServe + HTTP + this client cost alone
+  engine ceiling       a no-op endpoint (same JSON parsing and validation, same engine and batching settings,
+                       no model) at the highest concurrency: what the engine + HTTP + this client cost alone
                        (not a strict bound: on this CPU it measured below the model's server; the cause
                        was not isolated)
 
@@ -23,6 +23,7 @@ use --threads torch threads, as the server's worker does. The last line is machi
 Usage (pip install aiohttp first; the serve extra for the server):
   PYTHONPATH=python python benchmarks/bench_serve.py [--checkpoint DIR ...] [--requests 2000] [--seconds 30]
       [--concurrency 1,16,64] [--max-batch N] [--max-wait-ms MS] [--threads 1] [--client aiohttp|httpx]
+      [--engine litserve|aiohttp]
 """
 import argparse
 import asyncio
@@ -41,8 +42,9 @@ import litserve as ls
 import numpy as np
 from litserve.loops import BatchedLoop
 
-from genrec_fast import serve
-from genrec_fast.serve import API_PATH, RecommendRequest, run, server
+from genrec_fast import serve_api as serve
+from genrec_fast.serve import run, server
+from genrec_fast.serve_api import API_PATH, RecommendRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "beauty-whole-narrow-pre3-ls3-noeos-hdrop3.json"
@@ -219,9 +221,21 @@ class NoopAPI(ls.LitAPI):
 
 
 def noop_server(args) -> None:
+    if args.engine == "aiohttp":  # the same app (parsing, validation, batcher) with a model that answers nothing
+        from aiohttp import web
+        from genrec_fast.serve_aio import make_app
+        app = make_app(None, lambda queries: [Empty()] * len(queries), args.max_batch, args.max_wait_ms,
+                       check=lambda rec, request: request)
+        print("serving no-op", flush=True)
+        return web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
     api = NoopAPI(max_batch_size=args.max_batch, batch_timeout=args.max_wait_ms / 1e3, api_path=API_PATH,
                   loop=BatchedLoop())
     run(server(api), "127.0.0.1", args.port)
+
+
+class Empty:
+    items: list = []
+    scores: list = []
 
 
 def serve_levels(srv: Server, bodies: list, levels: list, args) -> dict:
@@ -255,6 +269,7 @@ def main() -> None:
     ap.add_argument("--client", default="aiohttp", choices=("aiohttp", "httpx"),
                     help="load generator (default aiohttp: httpx's async client tops out at ~200 requests/s at "
                          "concurrency 64 on this 2-core CPU, even against an empty endpoint)")
+    ap.add_argument("--engine", default="litserve", choices=("litserve", "aiohttp"), help="genrec-fast serve --engine")
     ap.add_argument("--noop-server", action="store_true", help=argparse.SUPPRESS)  # internal: the engine ceiling
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -281,7 +296,7 @@ def main() -> None:
         rec.recommend(hists[:10], k=K)
         loop = per_request_loop(rec, hists, args.seconds)
         batch = offline_batches(rec, hists)
-        flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+        flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--engine", args.engine]
         with Server(["-m", "genrec_fast.cli", "serve", *map(str, ckpt), "--threads", str(args.threads), *flags],
                     Path(tmp) / "serve.log") as srv:
             served = serve_levels(srv, bodies, levels, args)
@@ -298,13 +313,14 @@ def main() -> None:
           f"cores on average during the run (0: the CPU was not shared); "
           f"{model}, "
           f"{len(rec.catalog.item_ids)} items, k={K}, histories of 5-20 items; server --max-batch {args.max_batch} "
-          f"--max-wait-ms {args.max_wait_ms:g}, {args.threads} torch thread(s) in the worker and the loop")
+          f"--max-wait-ms {args.max_wait_ms:g} --engine {args.engine}, {args.threads} torch thread(s) in the worker "
+          "and the loop")
     print("| path | users/s | p50 ms | p99 ms | requests |\n|---|---|---|---|---|")
     print(row("recommend() once per request, in-process loop", loop))
     print(row("recommend() offline, batches of 256 (latency per batch)", batch))
     for c, m in served.items():
-        print(row(f"genrec-fast serve, concurrency {c}", m))
-    print(row(f"engine ceiling: no-op LitServe endpoint, concurrency {max(levels)}", ceiling))
+        print(row(f"genrec-fast serve --engine {args.engine}, concurrency {c}", m))
+    print(row(f"engine ceiling: no-op {args.engine} endpoint, concurrency {max(levels)}", ceiling))
     top = served[max(levels)]
     print(f"concurrency {max(levels)}: {top['users_per_s'] / loop['users_per_s']:.2f}x the per-request loop, "
           f"{top['users_per_s'] / ceiling['users_per_s']:.0%} of the engine ceiling; "

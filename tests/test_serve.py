@@ -1,8 +1,9 @@
 """`genrec-fast serve`: a real server process, called over HTTP, answers what `recommend()` answers.
 
-Two servers start side by side (a few seconds each): the tiny trained multi-piece model (trie search) and
-an ensemble of two one-token checkpoints (one decoder step + top-k). Each is stopped by the fixture's
-teardown (SIGTERM, then SIGKILL of its whole process group).
+Three servers start side by side (a few seconds each): on LitServe the tiny trained multi-piece model (trie
+search) and an ensemble of two one-token checkpoints (one decoder step + top-k); on aiohttp
+(`--engine aiohttp`) the multi-piece model again. Each is stopped by the fixture's teardown (SIGTERM, then
+SIGKILL of its whole process group).
 """
 import asyncio
 import dataclasses
@@ -17,11 +18,12 @@ import numpy as np
 import pytest
 
 pytest.importorskip("litserve", reason="the serving engine is not installed: pip install '.[serve]'")
+pytest.importorskip("aiohttp", reason="the one-process serving engine is not installed: pip install '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="the HTTP client of the tests is not installed: pip install '.[test]'")
 
 import genrec_fast  # noqa: E402
 from genrec_fast.cli import main  # noqa: E402
-from genrec_fast.serve import Query, Rejected, answer, resolve, wait_healthy  # noqa: E402
+from genrec_fast.serve_api import Query, Rejected, answer, resolve, wait_healthy  # noqa: E402
 
 START_TIMEOUT_S = 90  # two servers import torch at once on a shared 2-core CPU: ~10 s; 90 leaves margin
 
@@ -87,12 +89,15 @@ def servers(trained, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     ens = one_token_checkpoints(root)
     started = {"pieces": Server([run / "best"], root / "pieces.log", "--max-wait-ms", "20"),
-               "ensemble": Server(ens, root / "ensemble.log", "--max-wait-ms", "20", "--max-batch", "16")}
+               "ensemble": Server(ens, root / "ensemble.log", "--max-wait-ms", "20", "--max-batch", "16"),
+               "aiohttp": Server([run / "best"], root / "aiohttp.log", "--engine", "aiohttp", "--max-wait-ms", "20",
+                                 "--max-batch", "16")}
     try:
         for s in started.values():
             s.wait_ready()
         yield {"pieces": (started["pieces"], genrec_fast.load(run / "best")),
-               "ensemble": (started["ensemble"], genrec_fast.load(ens))}
+               "ensemble": (started["ensemble"], genrec_fast.load(ens)),
+               "aiohttp": (started["aiohttp"], genrec_fast.load(run / "best"))}
     finally:
         for s in started.values():
             s.stop()
@@ -130,7 +135,7 @@ def good_requests(rec, n: int, seed: int) -> list:
     return out
 
 
-@pytest.mark.parametrize("name", ["pieces", "ensemble"])
+@pytest.mark.parametrize("name", ["pieces", "ensemble", "aiohttp"])
 def test_answers_equal_recommend(servers, name):
     srv, rec = servers[name]
     assert httpx.get(f"{srv.url}/health", timeout=5).text == "ok"
@@ -176,17 +181,19 @@ def _bad(rec, body):
     return body
 
 
+@pytest.mark.parametrize("name", ["ensemble", "aiohttp"])
 @pytest.mark.parametrize("body,status,field", BAD)
-def test_bad_requests_name_the_field(servers, body, status, field):
-    srv, rec = servers["ensemble"]
+def test_bad_requests_name_the_field(servers, body, status, field, name):
+    srv, rec = servers[name]
     r = srv.post(_bad(rec, body))
     assert r.status_code == status, r.text
     err = r.json()
     assert err["field"] == field and err["error"].startswith(f"{field}:"), err
 
 
-def test_not_json_and_the_server_still_answers(servers):
-    srv, rec = servers["pieces"]
+@pytest.mark.parametrize("name", ["pieces", "aiohttp"])
+def test_not_json_and_the_server_still_answers(servers, name):
+    srv, rec = servers[name]
     r = httpx.post(f"{srv.url}/recommend", content=b"{not json", headers={"content-type": "application/json"},
                    timeout=30)
     assert r.status_code == 400 and r.json()["field"] == "body"
@@ -194,7 +201,7 @@ def test_not_json_and_the_server_still_answers(servers):
     assert_answer(rec, body, srv.post(body))
 
 
-@pytest.mark.parametrize("name", ["pieces", "ensemble"])
+@pytest.mark.parametrize("name", ["pieces", "ensemble", "aiohttp"])
 def test_concurrent_mixed_requests(servers, name):
     """32 requests at once (mixed k / filters / users, 4 of them bad) share batches: every good one equals
     `recommend()` with its own arguments, every bad one gets its own 422."""
@@ -241,10 +248,13 @@ def test_answer_groups_requests_and_isolates_a_failing_group(servers, monkeypatc
 
 
 def test_serve_cli_defaults_are_the_modules():
-    from genrec_fast import serve
+    from genrec_fast import serve_api as serve
     from genrec_fast.cli import build_parser
     args = build_parser().parse_args(["serve", "ckpt"])
     assert (args.max_batch, args.max_wait_ms, args.host) == (serve.MAX_BATCH, serve.MAX_WAIT_MS, "127.0.0.1")
+    assert args.engine == serve.ENGINES[0]
+    assert build_parser()._subparsers._group_actions[0].choices["serve"]._option_string_actions[
+        "--engine"].choices == serve.ENGINES
 
 
 def test_serve_cli_reports_bad_arguments_without_starting(tmp_path, capsys):

@@ -184,7 +184,10 @@ def cmd_recommend(args) -> int:
 def cmd_serve(args) -> int:
     """Serve recommendations over HTTP with dynamic batching (serve.py; needs the `serve` extra)."""
     try:
-        from . import serve
+        if args.engine == "aiohttp":
+            from . import serve_aio as serve
+        else:
+            from . import serve
     except ImportError as e:
         print(f"error: `genrec-fast serve` needs the serve extra (pip install 'genrec-fast[serve]'): {e}",
               file=sys.stderr)
@@ -261,9 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
     s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default), 0.0.0.0 or ::")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch", type=int, default=64,  # serve.MAX_BATCH (not imported: it needs litserve)
+    s.add_argument("--engine", default="litserve", choices=("litserve", "aiohttp"),  # serve_api.ENGINES
+                   help="litserve (default: a model worker process; several workers or GPUs) or aiohttp (one "
+                        "process: less CPU per request)")
+    s.add_argument("--max-batch", type=int, default=64,  # serve_api.MAX_BATCH
                    help="requests per model call at most (default 64)")
-    s.add_argument("--max-wait-ms", type=float, default=2.0,  # serve.MAX_WAIT_MS
+    s.add_argument("--max-wait-ms", type=float, default=2.0,  # serve_api.MAX_WAIT_MS
                    help="how long the model's worker gathers a batch (default 2 ms)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--threads", type=int,
