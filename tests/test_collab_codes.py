@@ -180,3 +180,37 @@ def test_code_input_first_reads_one_position_per_item(tmp_path):
     trainer.run()
     from genrec_fast import load
     assert load(tmp_path / "run" / "best").tokenizer.code_input == "first"
+
+
+def test_codes_from_a_one_token_checkpoint_recover_its_clusters(tmp_path):
+    """tokenizer.code_vectors: the item token vectors of a one-token checkpoint are clustered instead of the
+    co-occurrence embedding; planted clusters in those vectors are the first level; a checkpoint of another
+    catalog or of sub-word pieces is refused."""
+    import torch
+    from genrec_fast.checkpoint import save
+    data = _data(np.random.default_rng(3))
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False)
+    rec = Recommender.random(data.item_ids, cfg, vocab_size=200, item_tokens="whole", seed=0)
+    rng = np.random.default_rng(4)
+    truth = rng.permutation(np.repeat(np.arange(8), 10))  # (80,) 8 planted groups of 10 items
+    centers = rng.standard_normal((8, cfg.d_model)) * 3
+    with torch.no_grad():
+        rows = torch.as_tensor(rec.tokenizer.item_flat)
+        rec.model.shared.weight[rows] = torch.as_tensor(centers[truth] + rng.standard_normal((80, cfg.d_model)),
+                                                        dtype=torch.float32)
+    path = save(tmp_path / "whole", rec.model, rec.tokenizer, rec.catalog)
+    p = preset("tiny")
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=8,
+                                      code_vectors=str(path))
+    table = Trainer(data, tmp_path / "codes", p, progress=False).tokenizer.code_table
+    purity = sum(Counter(truth[table[:, 0] == v]).most_common(1)[0][1] for v in range(8)) / len(truth)
+    assert purity == 1.0
+
+    other = dataclasses.replace(data, item_ids=[i + 1000 for i in data.item_ids])
+    with pytest.raises(ValueError, match="another catalog"):
+        Trainer(other, tmp_path / "other", p, progress=False)
+    pieces = Recommender.random(data.item_ids, "tiny", vocab_size=200, item_tokens="pieces", seed=0)
+    p.tokenizer = dataclasses.replace(p.tokenizer, code_vectors=str(save(tmp_path / "pieces", pieces.model,
+                                                                         pieces.tokenizer, pieces.catalog)))
+    with pytest.raises(ValueError, match="not a one-token model"):
+        Trainer(data, tmp_path / "p", p, progress=False)

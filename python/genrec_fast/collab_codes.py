@@ -112,3 +112,20 @@ def build_codes(train: Sequence[np.ndarray], n_items: int, levels: int = 2, bran
                 window: int = 3, seed: int = 0) -> np.ndarray:
     """(n_items, levels + 1) collaborative codes from the training sequences (see the module docstring)."""
     return balanced_codes(spectral_embedding(cooccurrence(train, n_items, window), dim, seed=seed), levels, branches)
+
+
+def checkpoint_item_vectors(path, item_ids: Sequence) -> np.ndarray:
+    """(n_items, d) float32 unit rows: the item token vectors of a one-token checkpoint (its LM head rows,
+    tied to the input), in the order of `item_ids`, which must be the checkpoint's catalog."""
+    from .recommend import load
+    rec = load(path)
+    if rec.tokenizer.item_tokens != "whole":
+        raise ValueError(f"tokenizer.code_vectors: {path} is not a one-token model (item_tokens="
+                         f"{rec.tokenizer.item_tokens!r}); train one with tokenizer.item_tokens='whole'")
+    if list(rec.catalog.item_ids) != list(item_ids):
+        raise ValueError(f"tokenizer.code_vectors: {path} was trained on another catalog (its {len(rec.catalog.item_ids)}"
+                         f" item ids differ from the data's {len(item_ids)})")
+    rows = rec.tokenizer.item_flat  # (n_items,) item i's token
+    vectors = rec.model.shared.weight.detach()[rows].float().numpy()  # (n_items, d)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+

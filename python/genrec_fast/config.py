@@ -128,6 +128,8 @@ class TokenizerConfig:
     code_window: int = 3  # "codes": items at most this far apart in a sequence count as co-occurring
     code_input: str = "all"  # "codes": the encoder reads "all" code tokens of an item (one position each)
     # or only the "first" (one position per item; the ID embedding tells items apart)
+    code_vectors: str = ""  # "codes": cluster the item vectors of this one-token checkpoint, trained on the same
+    # data (use its `last` weights: chosen by no validation), instead of the co-occurrence embedding
 
     def __post_init__(self) -> None:
         if self.item_tokens not in ("pieces", "whole", "codes"):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
 from .batching import encode_padded, pad_targets
-from .collab_codes import build_codes
+from .collab_codes import balanced_codes, build_codes, checkpoint_item_vectors
 from .config import ModelConfig, Preset, TrainConfig
 from .data import Catalog, SequenceData, Split, leave_one_out
 from .ema import WeightAverage
@@ -225,8 +225,12 @@ class Trainer:
             table = None
             if tok.item_tokens == "codes":  # from the training part only: validation/test items never shape codes
                 t0 = time.perf_counter()
-                table = build_codes(self.split.train, self.data.n_items, tok.code_levels, tok.code_branches,
-                                    tok.code_dim, tok.code_window, seed=self.tcfg.seed)
+                if tok.code_vectors:  # a first-stage one-token model's item vectors
+                    vectors = checkpoint_item_vectors(tok.code_vectors, self.catalog.item_ids)
+                    table = balanced_codes(vectors, tok.code_levels, tok.code_branches)
+                else:
+                    table = build_codes(self.split.train, self.data.n_items, tok.code_levels, tok.code_branches,
+                                        tok.code_dim, tok.code_window, seed=self.tcfg.seed)
                 log.info("item codes: %s values per level, built in %.1f s", (table.max(0) + 1).tolist(),
                          time.perf_counter() - t0)
             return GenRecTokenizer.train(self.split.train, self.data.item_codes, tok.vocab_size, tok.item_tokens,
