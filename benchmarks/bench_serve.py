@@ -269,12 +269,12 @@ def main() -> None:
     ap.add_argument("--client", default="aiohttp", choices=("aiohttp", "httpx"),
                     help="load generator (default aiohttp: httpx's async client tops out at ~200 requests/s at "
                          "concurrency 64 on this 2-core CPU, even against an empty endpoint)")
-    ap.add_argument("--engine", default="litserve", choices=("litserve", "aiohttp"), help="genrec-fast serve --engine")
+    ap.add_argument("--engine", default="aiohttp", choices=("aiohttp", "litserve"), help="genrec-fast serve --engine")
     ap.add_argument("--noop-server", action="store_true", help=argparse.SUPPRESS)  # internal: the engine ceiling
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.max_batch = serve.MAX_BATCH if args.max_batch is None else args.max_batch
-    args.max_wait_ms = serve.MAX_WAIT_MS if args.max_wait_ms is None else args.max_wait_ms
+    args.max_wait_ms = serve.MAX_WAIT_MS[args.engine] if args.max_wait_ms is None else args.max_wait_ms
     if args.noop_server:
         return noop_server(args)
 

@@ -88,8 +88,9 @@ def servers(trained, tmp_path_factory):
     _, run = trained
     root = tmp_path_factory.mktemp("serve")
     ens = one_token_checkpoints(root)
-    started = {"pieces": Server([run / "best"], root / "pieces.log", "--max-wait-ms", "20"),
-               "ensemble": Server(ens, root / "ensemble.log", "--max-wait-ms", "20", "--max-batch", "16"),
+    started = {"pieces": Server([run / "best"], root / "pieces.log", "--engine", "litserve", "--max-wait-ms", "20"),
+               "ensemble": Server(ens, root / "ensemble.log", "--engine", "litserve", "--max-wait-ms", "20",
+                                  "--max-batch", "16"),
                "aiohttp": Server([run / "best"], root / "aiohttp.log", "--engine", "aiohttp", "--max-wait-ms", "20",
                                  "--max-batch", "16")}
     try:
@@ -251,8 +252,8 @@ def test_serve_cli_defaults_are_the_modules():
     from genrec_fast import serve_api as serve
     from genrec_fast.cli import build_parser
     args = build_parser().parse_args(["serve", "ckpt"])
-    assert (args.max_batch, args.max_wait_ms, args.host) == (serve.MAX_BATCH, serve.MAX_WAIT_MS, "127.0.0.1")
-    assert args.engine == serve.ENGINES[0]
+    assert (args.max_batch, args.max_wait_ms, args.host) == (serve.MAX_BATCH, None, "127.0.0.1")
+    assert args.engine == serve.ENGINES[0] and set(serve.MAX_WAIT_MS) == set(serve.ENGINES)
     assert build_parser()._subparsers._group_actions[0].choices["serve"]._option_string_actions[
         "--engine"].choices == serve.ENGINES
 
@@ -260,8 +261,10 @@ def test_serve_cli_defaults_are_the_modules():
 def test_serve_cli_reports_bad_arguments_without_starting(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "missing config.json" in capsys.readouterr().err
-    assert main(["serve", str(tmp_path / "missing"), "--max-wait-ms", "0"]) == 2
+    assert main(["serve", str(tmp_path / "missing"), "--engine", "litserve", "--max-wait-ms", "0"]) == 2
     assert "max_wait_ms: expected a positive number" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "missing"), "--max-wait-ms", "-1"]) == 2  # aiohttp: 0 is fine, < 0 is not
+    assert "max_wait_ms: expected a number of milliseconds >= 0" in capsys.readouterr().err
 
 
 def test_resolve_ids_as_the_catalog_spells_them():

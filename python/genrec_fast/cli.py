@@ -192,7 +192,8 @@ def cmd_serve(args) -> int:
         print(f"error: `genrec-fast serve` needs the serve extra (pip install 'genrec-fast[serve]'): {e}",
               file=sys.stderr)
         return 2
-    serve.serve(args.checkpoint, args.host, args.port, args.max_batch, args.max_wait_ms, args.device, args.threads,
+    wait = serve.MAX_WAIT_MS[args.engine] if args.max_wait_ms is None else args.max_wait_ms
+    serve.serve(args.checkpoint, args.host, args.port, args.max_batch, wait, args.device, args.threads,
                 args.log_level)
     return 0
 
@@ -264,13 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
     s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default), 0.0.0.0 or ::")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--engine", default="litserve", choices=("litserve", "aiohttp"),  # serve_api.ENGINES
-                   help="litserve (default: a model worker process; several workers or GPUs) or aiohttp (one "
-                        "process: less CPU per request)")
+    s.add_argument("--engine", default="aiohttp", choices=("aiohttp", "litserve"),  # serve_api.ENGINES
+                   help="aiohttp (default: one process, the least CPU per request) or litserve (a model worker "
+                        "process; several workers or GPUs)")
     s.add_argument("--max-batch", type=int, default=64,  # serve_api.MAX_BATCH
                    help="requests per model call at most (default 64)")
-    s.add_argument("--max-wait-ms", type=float, default=2.0,  # serve_api.MAX_WAIT_MS
-                   help="how long the model's worker gathers a batch (default 2 ms)")
+    s.add_argument("--max-wait-ms", type=float, default=None,  # serve_api.MAX_WAIT_MS[engine]
+                   help="how long a batch waits for more requests once none are queued (default: aiohttp 0, "
+                        "litserve 2 ms)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--threads", type=int,
                    help="torch threads of the model's worker (default: all cores but one, for the HTTP process)")

@@ -30,7 +30,7 @@ class RecommendAPI(ls.LitAPI):
     """LitServe's hooks around a `Recommender`: decode (check ids), batch, predict (`answer`), encode."""
 
     def __init__(self, checkpoints: Sequence[Union[str, Path]], device: str = "cpu", max_batch: int = MAX_BATCH,
-                 max_wait_ms: float = MAX_WAIT_MS, threads: Optional[int] = None):
+                 max_wait_ms: float = MAX_WAIT_MS["litserve"], threads: Optional[int] = None):
         # BatchedLoop even for max_batch 1, so that predict always receives a list
         super().__init__(max_batch_size=max_batch, batch_timeout=max_wait_ms / 1e3, api_path=API_PATH,
                          loop=BatchedLoop())
@@ -82,7 +82,7 @@ def server(api: ls.LitAPI, timeout_s: float = 30.0) -> ls.LitServer:
 
 
 def serve(checkpoints: Sequence[Union[str, Path]], host: str = "127.0.0.1", port: int = 8000,
-          max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS, device: str = "cpu",
+          max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS["litserve"], device: str = "cpu",
           threads: Optional[int] = None, log_level: str = "warning") -> None:
     """Serve a checkpoint (several: an ensemble) until interrupted (Ctrl+C / SIGINT / SIGTERM)."""
     if not max_wait_ms > 0:  # LitServe's worker spins on its queue with a timeout of 0

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class Batcher:
     """Queued requests -> batches for `predict(list of queries) -> list of answers` in one thread."""
 
-    def __init__(self, predict: Callable[[list], list], max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS):
+    def __init__(self, predict: Callable[[list], list], max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS["aiohttp"]):
         self.predict, self.max_batch, self.max_wait_s = predict, max_batch, max_wait_ms / 1e3
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="model")  # one model call at a time
@@ -87,7 +87,7 @@ def reply(out) -> web.Response:
 
 
 def make_app(rec, predict: Callable[[list], list], max_batch: int = MAX_BATCH,
-             max_wait_ms: float = MAX_WAIT_MS, check: Callable = to_query) -> web.Application:
+             max_wait_ms: float = MAX_WAIT_MS["aiohttp"], check: Callable = to_query) -> web.Application:
     """POST API_PATH and GET /health around `predict` (serve_api.answer bound to a Recommender, or any
     function of a list of checked queries); `check(rec, request)` -> a query or a Rejected."""
     batcher = Batcher(predict, max_batch, max_wait_ms)
@@ -113,7 +113,7 @@ def make_app(rec, predict: Callable[[list], list], max_batch: int = MAX_BATCH,
 
 
 def serve(checkpoints: Sequence[Union[str, Path]], host: str = "127.0.0.1", port: int = 8000,
-          max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS, device: str = "cpu",
+          max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS["aiohttp"], device: str = "cpu",
           threads: Optional[int] = None, log_level: str = "warning") -> None:
     """Serve a checkpoint (several: an ensemble) until interrupted (Ctrl+C / SIGINT / SIGTERM)."""
     import torch
