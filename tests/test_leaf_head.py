@@ -135,3 +135,16 @@ def test_leaf_head_refuses_what_it_cannot_score(tmp_path):
     p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
     with pytest.raises(ValueError, match="leaf_head: needs tokenizer.item_tokens='codes'"):
         Trainer(_data(np.random.default_rng(0)), tmp_path / "whole", p, progress=False)
+
+
+def test_leaf_head_ensemble_is_exact():
+    """An ensemble of two leaf-head models (same codes, other weights) ranks by the mean of their token
+    log-probabilities, as brute force does: each member carries its own leaf keys through the search."""
+    from genrec_fast.ensemble import Ensemble
+    a, b = _rec(seed=0), _rec(seed=0)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in b.model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    ens = Recommender(Ensemble([a.model, b.model]), a.tokenizer, a.catalog)
+    assert_beam_search_is_exhaustive(ens, [3, 40, 3, 17], None, k=70)
