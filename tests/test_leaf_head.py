@@ -119,6 +119,7 @@ def test_leaf_head_trains_saves_and_reloads(tmp_path):
     assert len(losses) == 2 and all(np.isfinite(losses))
     rec = load(tmp_path / "run" / "last")  # the trainer's final weights
     assert rec.model.cfg.leaf_head and rec.model.leaves is not None
+    assert not any(k.startswith("leaves.") for k in rec.model.state_dict())  # derived from the code table
     before = trainer.recommender().recommend([[1, 2, 3]], k=5, exclude_seen=False)[0]
     after = rec.recommend([[1, 2, 3]], k=5, exclude_seen=False)[0]
     assert after.items == before.items

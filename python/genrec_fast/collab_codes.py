@@ -123,8 +123,8 @@ def checkpoint_item_vectors(path, item_ids: Sequence) -> np.ndarray:
         raise ValueError(f"tokenizer.code_vectors: {path} is not a one-token model (item_tokens="
                          f"{rec.tokenizer.item_tokens!r}); train one with tokenizer.item_tokens='whole'")
     if list(rec.catalog.item_ids) != list(item_ids):
-        raise ValueError(f"tokenizer.code_vectors: {path} was trained on another catalog (its {len(rec.catalog.item_ids)}"
-                         f" item ids differ from the data's {len(item_ids)})")
+        raise ValueError(f"tokenizer.code_vectors: {path} was trained on another catalog (its "
+                         f"{len(rec.catalog.item_ids)} item ids differ from the data's {len(item_ids)})")
     rows = rec.tokenizer.item_flat  # (n_items,) item i's token
     vectors = rec.model.shared.weight.detach()[rows].float().numpy()  # (n_items, d)
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

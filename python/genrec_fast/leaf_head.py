@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 NEG_INF = float("-inf")
 
 
-class LeafHead:
-    """The leaves of a code table (n_items, L): the items of every cluster prefix, by leaf-local index."""
+class LeafHead(nn.Module):
+    """The leaves of a code table (n_items, L): the items of every cluster prefix, by leaf-local index.
+
+    Its tables are buffers outside the state dict (derived from the tokenizer's code table, which the
+    checkpoint stores): they follow the model's `.to(device)` and never enter a checkpoint."""
 
     def __init__(self, code_table: np.ndarray, first_tokens: np.ndarray, vocab_size: int):
+        super().__init__()
         table = np.asarray(code_table, dtype=np.int64)  # (n_items, L)
         if table.ndim != 2 or table.shape[1] < 2:
             raise ValueError(f"leaf_head: needs codes of >= 2 tokens (cluster levels, then the leaf index), got "
@@ -39,12 +44,11 @@ class LeafHead:
         keys = table[:, :-1] @ strides  # (n_items,)
         items = np.zeros((n_keys, int(sizes[-1])), np.int64)  # (n_keys, M) item index + 1, 0 = empty slot
         items[keys, table[:, -1]] = np.arange(1, n + 1)
-        self.levels = L
-        self.first = torch.as_tensor(np.asarray(first_tokens, np.int64))  # (L,) first token of every column
-        self.sizes = torch.as_tensor(sizes)  # (L,)
-        self.strides = torch.as_tensor(strides)  # (L - 1,)
-        self.items = torch.as_tensor(items)  # (n_keys, M)
-        self.vocab_size = vocab_size
+        first = np.asarray(first_tokens, np.int64)  # (L,) first token of every column
+        self.levels, self.vocab_size = L, vocab_size
+        # Python ints for the per-step arithmetic: no device sync inside a decode step
+        self.first, self.sizes, self.strides = first.tolist(), sizes.tolist(), strides.tolist()
+        self.register_buffer("items", torch.as_tensor(items), persistent=False)  # (n_keys, M)
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "LeafHead":
@@ -52,21 +56,18 @@ class LeafHead:
             raise ValueError(f"model.leaf_head: needs tokenizer.item_tokens='codes', got {tokenizer.item_tokens!r}")
         return cls(tokenizer.code_table, tokenizer.code_first, tokenizer.vocab_size)
 
-    def to(self, device) -> "LeafHead":
-        for name in ("first", "sizes", "strides", "items"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
+    def step_key(self, key: torch.Tensor | None, tokens: torch.Tensor, column: int) -> torch.Tensor:
+        """The running key after feeding `tokens` (R,) of cluster column `column` (key None before the first).
+        Tokens outside their column are clamped (dead beams feed EOS: their key is any leaf, never read)."""
+        v = (tokens - self.first[column]).clamp(0, self.sizes[column] - 1) * self.strides[column]
+        return v if key is None else key + v
 
     def keys(self, prefix: torch.Tensor) -> torch.Tensor:
-        """prefix (..., L - 1) cluster tokens -> (...,) leaf keys; tokens outside their column are clamped
-        (dead beams feed EOS: their key is any leaf, their scores are never read)."""
-        values = (prefix - self.first[:-1]).clamp_(min=0).minimum(self.sizes[:-1] - 1)
-        return (values * self.strides).sum(-1)
-
-    def step_key(self, key: torch.Tensor | None, tokens: torch.Tensor, column: int) -> torch.Tensor:
-        """The running key after feeding `tokens` (R,) of cluster column `column` (key None before the first)."""
-        v = (tokens - self.first[column]).clamp(0, int(self.sizes[column]) - 1)
-        return v * self.strides[column] if key is None else key + v * self.strides[column]
+        """prefix (N, L - 1) cluster tokens -> (N,) leaf keys: `step_key` over the columns."""
+        key = None
+        for column in range(self.levels - 1):
+            key = self.step_key(key, prefix[:, column], column)
+        return key
 
     def leaf_logits(self, hidden: torch.Tensor, key: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
         """hidden (R, C), key (R,), item_weight (n_items + 1, C) -> (R, M) logits of the leaf's slots, -inf
@@ -80,8 +81,7 @@ class LeafHead:
         -inf everywhere else (log_softmax of it = the leaf softmax)."""
         z = self.leaf_logits(hidden, key, item_weight)  # (R, M)
         out = z.new_full((z.shape[0], self.vocab_size), NEG_INF)
-        start = int(self.first[-1])
-        out[:, start:start + z.shape[1]] = z
+        out[:, self.first[-1]:self.first[-1] + z.shape[1]] = z
         return out
 
     def loss_terms(self, hidden: torch.Tensor, prefix: torch.Tensor, target: torch.Tensor,

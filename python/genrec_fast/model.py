@@ -277,15 +277,9 @@ class GenRec(nn.Module):
 
     def attach_leaves(self, tokenizer) -> "GenRec":
         """With cfg.leaf_head, the leaves of the tokenizer's code table (derived data: not in the state dict)."""
-        if self.cfg.leaf_head:
+        if self.cfg.leaf_head:  # a submodule: `.to(device)` moves its tables
             self.leaves = LeafHead.from_tokenizer(tokenizer).to(self.item_embed.weight.device)
         return self
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        if self.leaves is not None:  # .to(device) moves the leaf tables too
-            self.leaves.to(self.item_embed.weight.device)
-        return out
 
     def _leaves(self) -> LeafHead | None:
         if self.cfg.leaf_head and self.leaves is None:

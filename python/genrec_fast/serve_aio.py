@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 class Batcher:
     """Queued requests -> batches for `predict(list of queries) -> list of answers` in one thread."""
 
-    def __init__(self, predict: Callable[[list], list], max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS["aiohttp"]):
+    def __init__(self, predict: Callable[[list], list], max_batch: int = MAX_BATCH,
+                 max_wait_ms: float = MAX_WAIT_MS["aiohttp"]):
         self.predict, self.max_batch, self.max_wait_s = predict, max_batch, max_wait_ms / 1e3
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="model")  # one model call at a time
