@@ -250,14 +250,10 @@ void bind_attention(py::module_& m) {
          std::uintptr_t key_lengths_ptr, int dtype_code, int64_t batch_kv, int64_t heads,
          int64_t len_q, int64_t len_k, int64_t head_dim, const Strides& q_strides,
          const Strides& k_strides, const Strides& v_strides, const Strides& out_strides,
-         int64_t kv_group, double scale, std::uintptr_t stream_ptr, int kernel) {
+         int64_t kv_group, double scale, std::uintptr_t stream_ptr) {
         if (dtype_code < 0 || dtype_code > 2) {
           throw py::value_error("dtype_code: expected 0 (fp32), 1 (fp16) or 2 (bf16), got " +
                                 std::to_string(dtype_code));
-        }
-        if (kernel < 0 || kernel > 2) {
-          throw py::value_error("kernel: expected 0 (auto), 1 (decode) or 2 (tiled), got " +
-                                std::to_string(kernel));
         }
         genrec::AttentionParams p;
         p.q = reinterpret_cast<const void*>(q_ptr);
@@ -279,7 +275,6 @@ void bind_attention(py::module_& m) {
           p.out_stride[i] = out_strides[i];
         }
         p.scale = static_cast<float>(scale);
-        p.kernel = static_cast<genrec::AttnKernel>(kernel);
         std::string err;
         {
           py::gil_scoped_release release;
@@ -291,11 +286,10 @@ void bind_attention(py::module_& m) {
       py::arg("key_lengths_ptr"), py::arg("dtype_code"), py::arg("batch_kv"), py::arg("heads"),
       py::arg("len_q"), py::arg("len_k"), py::arg("head_dim"), py::arg("q_strides"),
       py::arg("k_strides"), py::arg("v_strides"), py::arg("out_strides"), py::arg("kv_group"),
-      py::arg("scale"), py::arg("stream_ptr"), py::arg("kernel") = 0,
+      py::arg("scale"), py::arg("stream_ptr"),
       "Fused attention forward on raw device pointers (see cuda/attention.h); launches on the "
       "given stream without synchronising. key_lengths_ptr = 0: no padding. dtype_code: 0 fp32, "
-      "1 fp16, 2 bf16. Strides in elements, ordered (batch, head, seq, dim). kernel: 0 auto, "
-      "1 decode, 2 tiled.");
+      "1 fp16, 2 bf16. Strides in elements, ordered (batch, head, seq, dim).");
 #else
   (void)m;
 #endif

@@ -1,13 +1,14 @@
 // Flash-style fused attention forward (see attention.h): one pass over K/V tiles held in shared
 // memory, online softmax in the exp2 domain, fp32 accumulation, output cast once at the end.
 //
-// Both kernels work on "folded" query rows: for K/V batch b, row r in [0, kv_group * len_q) is
+// The kernel works on "folded" query rows: for K/V batch b, row r in [0, kv_group * len_q) is
 // query position r % len_q of query batch b * kv_group + r / len_q. A block of rows therefore holds
-// the beams of one user, and every K/V tile loaded into shared memory serves all of them.
-//   decode kernel: few rows per K/V batch (Lq = 1 beams, cached decoding); a warp owns up to 8
-//                  rows, a lane owns one key of the tile for the scores and D/32 dims of the output.
-//   tiled kernel:  many rows (encoder); a CTA owns a 64-row Q tile; scores and P @ V are register-
-//                  tiled 4 x 4 (resp. 4 x D/16) products per thread.
+// the beams of one user, and every K/V tile loaded into shared memory serves all of them. A warp
+// owns up to 8 rows, a lane owns one key of the tile for the scores and D/32 dims of the output.
+// It is built for few rows per K/V batch (Lq = 1 beams, cached decoding), where it beat SDPA on an
+// H100; many-row shapes (the encoder) are correct but slower than SDPA, and the Python dispatch
+// sends them to PyTorch. (A 64-row tiled kernel for them lost to SDPA at every length measured,
+// 0.1-0.6x, and was removed: no kernel stays that the dispatch never selects.)
 #include "attention.h"
 
 #include <cuda_bf16.h>
@@ -283,164 +284,6 @@ __global__ void __launch_bounds__(kDecThreads) attn_decode_kernel(const Args a) 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tiled kernel: grid (batch_kv * heads, ceil(rows / 64)), 256 threads, 64 x 64 score tiles.
-// ---------------------------------------------------------------------------------------------
-constexpr int kTileM = 64;  // folded query rows per CTA
-constexpr int kTileN = 64;  // keys per tile
-constexpr int kTileThreads = 256;
-constexpr int kTileLds = kTileN + 1;  // padded score rows: no bank conflicts
-
-template <int D>
-__host__ __device__ constexpr int tile_ldq() { return D + 1; }  // padded: 16 lanes reading one column hit 16 banks
-
-template <int D>
-constexpr size_t tile_smem_bytes() {
-  return sizeof(float) * (kTileM * tile_ldq<D>() + kTileN * tile_ldq<D>() + kTileM * kTileLds +
-                          2 * kTileM);
-}
-
-template <typename T, int D>
-__global__ void __launch_bounds__(kTileThreads) attn_tiled_kernel(const Args a) {
-  constexpr int kLdq = tile_ldq<D>();
-  constexpr int kDj = D / 16;  // output dims per thread
-  extern __shared__ float4 smem_raw[];
-  float* q_s = reinterpret_cast<float*>(smem_raw);  // (kTileM, kLdq), scaled queries
-  float* kv_s = q_s + kTileM * kLdq;                // (kTileN, kLdq): the K tile, then the V tile
-  float* s_s = kv_s + kTileN * kLdq;                // (kTileM, kTileLds): scores, then P
-  float* alpha_s = s_s + kTileM * kTileLds;         // (kTileM,) rescale of the running output
-  float* l_s = alpha_s + kTileM;                    // (kTileM,) softmax denominators
-
-  const int b = blockIdx.x / a.heads;
-  const int h = blockIdx.x - b * a.heads;
-  const int row0 = blockIdx.y * kTileM;
-  const int tid = threadIdx.x;
-  const int n_end = key_count(a, b);
-  const T* kb = static_cast<const T*>(a.k) + b * a.ks[0] + h * a.ks[1];
-  const T* vb = static_cast<const T*>(a.v) + b * a.vs[0] + h * a.vs[1];
-
-  load_q_tile<T, D, kTileThreads>(q_s, kLdq, a, b, h, row0, kTileM);
-
-  // Products: thread owns rows ty + 16 i (i < 4), and key columns / output dims tx + 16 j.
-  const int ty = tid / 16;
-  const int tx = tid % 16;
-  // Softmax: 4 neighbouring lanes share a row; each scans 16 of its 64 scores.
-  const int srow = tid / 4;
-  const int spart = tid % 4;
-  float m_run = -INFINITY;  // replicated in the row's 4 lanes
-  float l_run = 0.0f;
-  float acc[4][kDj];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int j = 0; j < kDj; ++j) acc[i][j] = 0.0f;
-  }
-
-  for (int n0 = 0; n0 < n_end; n0 += kTileN) {
-    load_kv_tile<T, D, kTileThreads>(kv_s, kLdq, kb, a.ks[2], n0, n_end, kTileN, a.vec_kv);
-    __syncthreads();
-
-    // S = Q K^T (already scaled), masked past the key length.
-    float s[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) s[i][j] = 0.0f;
-    }
-#pragma unroll 8
-    for (int d = 0; d < D; ++d) {
-      float qv[4];
-      float kv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) qv[i] = q_s[(ty + 16 * i) * kLdq + d];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) kv[j] = kv_s[(tx + 16 * j) * kLdq + d];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) s[i][j] = fmaf(qv[i], kv[j], s[i][j]);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int c = tx + 16 * j;
-        s_s[(ty + 16 * i) * kTileLds + c] = n0 + c < n_end ? s[i][j] : -INFINITY;
-      }
-    }
-    __syncthreads();
-
-    // The K tile is consumed: bring in the V tile while the softmax runs.
-    load_kv_tile<T, D, kTileThreads>(kv_s, kLdq, vb, a.vs[2], n0, n_end, kTileN, a.vec_kv);
-    {
-      float* srow_p = s_s + srow * kTileLds + spart * 16;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int c = 0; c < 16; ++c) mx = fmaxf(mx, srow_p[c]);
-      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
-      const float m_new = fmaxf(m_run, mx);
-      const float m_use = safe_max(m_new);
-      float sum = 0.0f;
-#pragma unroll
-      for (int c = 0; c < 16; ++c) {
-        const float p = exp2f(srow_p[c] - m_use);
-        srow_p[c] = p;
-        sum += p;
-      }
-      sum += __shfl_xor_sync(kFullMask, sum, 1);
-      sum += __shfl_xor_sync(kFullMask, sum, 2);
-      const float alpha = exp2f(m_run - m_use);
-      l_run = l_run * alpha + sum;
-      m_run = m_new;
-      if (spart == 0) alpha_s[srow] = alpha;
-    }
-    __syncthreads();
-
-    // O = alpha * O + P V.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float al = alpha_s[ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < kDj; ++j) acc[i][j] *= al;
-    }
-    const int n_keys = min(kTileN, n_end - n0);
-#pragma unroll 4
-    for (int c = 0; c < n_keys; ++c) {
-      float p[4];
-      float vv[kDj];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) p[i] = s_s[(ty + 16 * i) * kTileLds + c];
-#pragma unroll
-      for (int j = 0; j < kDj; ++j) vv[j] = kv_s[c * kLdq + tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < kDj; ++j) acc[i][j] = fmaf(p[i], vv[j], acc[i][j]);
-      }
-    }
-    __syncthreads();  // kv_s and s_s are rewritten by the next tile
-  }
-
-  if (spart == 0) l_s[srow] = l_run;
-  __syncthreads();
-
-  T* out = static_cast<T*>(a.out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int r = ty + 16 * i;
-    const int row = row0 + r;
-    if (row < a.rows) {
-      const float l = l_s[r];
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-      T* o = out + row_offset(a.os, b, h, row, a.len_q, a.kv_group);
-#pragma unroll
-      for (int j = 0; j < kDj; ++j) o[tx + 16 * j] = from_float<T>(acc[i][j] * inv);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Host side.
 // ---------------------------------------------------------------------------------------------
 std::string cuda_error(const char* what, cudaError_t err) {
@@ -461,23 +304,17 @@ std::string launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStrea
 }
 
 template <typename T, int D>
-std::string dispatch_kernel(const Args& a, int64_t blocks, bool decode, cudaStream_t stream) {
-  const unsigned gx = static_cast<unsigned>(blocks);
-  if (decode) {
-    const dim3 grid(gx, static_cast<unsigned>((a.rows + kDecRows - 1) / kDecRows));
-    return launch(attn_decode_kernel<T, D>, grid, kDecThreads, dec_smem_bytes<D>(), stream, a);
-  }
-  const dim3 grid(gx, static_cast<unsigned>((a.rows + kTileM - 1) / kTileM));
-  return launch(attn_tiled_kernel<T, D>, grid, kTileThreads, tile_smem_bytes<D>(), stream, a);
+std::string dispatch_kernel(const Args& a, int64_t blocks, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((a.rows + kDecRows - 1) / kDecRows));
+  return launch(attn_decode_kernel<T, D>, grid, kDecThreads, dec_smem_bytes<D>(), stream, a);
 }
 
 template <typename T>
-std::string dispatch_dim(const Args& a, int64_t head_dim, int64_t blocks, bool decode,
-                         cudaStream_t stream) {
+std::string dispatch_dim(const Args& a, int64_t head_dim, int64_t blocks, cudaStream_t stream) {
   switch (head_dim) {
-    case 32: return dispatch_kernel<T, 32>(a, blocks, decode, stream);
-    case 64: return dispatch_kernel<T, 64>(a, blocks, decode, stream);
-    case 128: return dispatch_kernel<T, 128>(a, blocks, decode, stream);
+    case 32: return dispatch_kernel<T, 32>(a, blocks, stream);
+    case 64: return dispatch_kernel<T, 64>(a, blocks, stream);
+    case 128: return dispatch_kernel<T, 128>(a, blocks, stream);
     default: return "genrec attention: head_dim must be 32, 64 or 128, got " + std::to_string(head_dim);
   }
 }
@@ -540,18 +377,12 @@ std::string attention_forward(const AttentionParams& p, void* stream) {
   a.vec_q = vec_ok(p.q, p.q_stride, width);
   a.vec_kv = vec_ok(p.k, p.k_stride, width) && vec_ok(p.v, p.v_stride, width);
 
-  // Few rows per K/V batch (Lq = 1 beams or cached decoding, short queries): the decode kernel
-  // wastes no Q-tile rows. Otherwise the 64-row tiled kernel.
-  bool decode = p.len_q <= 4 || a.rows <= kDecRows;
-  if (p.kernel == AttnKernel::kDecode) decode = true;
-  if (p.kernel == AttnKernel::kTiled) decode = false;
-
   const int64_t blocks = p.batch_kv * p.heads;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
-    case AttnDType::kFloat32: return dispatch_dim<float>(a, p.head_dim, blocks, decode, s);
-    case AttnDType::kFloat16: return dispatch_dim<__half>(a, p.head_dim, blocks, decode, s);
-    case AttnDType::kBFloat16: return dispatch_dim<__nv_bfloat16>(a, p.head_dim, blocks, decode, s);
+    case AttnDType::kFloat32: return dispatch_dim<float>(a, p.head_dim, blocks, s);
+    case AttnDType::kFloat16: return dispatch_dim<__half>(a, p.head_dim, blocks, s);
+    case AttnDType::kBFloat16: return dispatch_dim<__nv_bfloat16>(a, p.head_dim, blocks, s);
   }
   return "genrec attention: unknown dtype code " + std::to_string(static_cast<int>(p.dtype));
 }

@@ -1,6 +1,8 @@
 // Fused attention forward on the GPU: K/V tiles in shared memory, online softmax, fp32 accumulation.
 // Plain C++: no CUDA types in this API; the stream travels as an opaque pointer.
 //
+// One kernel, built for few query rows per K/V batch (beams and cached decoding, where it beats SDPA on
+// an H100); it is correct on every shape, and the Python dispatch sends many-row shapes to SDPA.
 // One entry point covers the three uses of the model:
 //   encoder self-attention   kv_group = 1, len_q = len_k, key_lengths masks the padding keys;
 //   beam cross-attention     kv_group = beams: query batch b reads K/V batch b / kv_group, and the
@@ -15,9 +17,6 @@
 namespace genrec {
 
 enum class AttnDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-// Which kernel runs: kAuto picks kDecode for few query rows per K/V batch, else kTiled.
-enum class AttnKernel : int { kAuto = 0, kDecode = 1, kTiled = 2 };
 
 // Strides are in elements, ordered (batch, head, seq, dim); the dim stride must be 1, so callers can
 // pass (B, H, L, D) tensors or (B, L, H, D) tensors viewed as (B, H, L, D).
@@ -39,7 +38,6 @@ struct AttentionParams {
   int64_t v_stride[4] = {0, 0, 0, 1};
   int64_t out_stride[4] = {0, 0, 0, 1};
   float scale = 1.0f;  // softmax scale, usually 1 / sqrt(head_dim)
-  AttnKernel kernel = AttnKernel::kAuto;
 };
 
 // Launches on `stream` (a cudaStream_t; nullptr is the default stream) without synchronising.

@@ -20,12 +20,12 @@ import torch.nn.functional as F
 __all__ = ["attention", "attention_reference", "cuda_kernels_available"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cuda/attention.h AttnDType
-_KERNEL_CODES = {"auto": 0, "decode": 1, "tiled": 2}  # cuda/attention.h AttnKernel
 _HEAD_DIMS = (32, 64, 128)  # head dims the kernel is compiled for
 _BACKENDS = ("auto", "cuda", "torch")
 # H100, bf16, 12 heads of 64 (benchmarks/README.md, 2026-11-27): with one query row the kernel beat
 # SDPA up to 64 keys (decode 1.3-3.9x, 20-beam cross-attention 1.2-1.4x), tied at 128 and lost at 256
-# (0.5x); the tiled kernel for many query rows lost to SDPA at every length measured (0.1-0.6x).
+# (0.5x). A tiled kernel for many query rows lost to SDPA at every length measured (0.1-0.6x) and was
+# removed; backend="cuda" runs the one kernel on any shape (correct, slower than SDPA on the encoder).
 KERNEL_MAX_KEYS = 64
 
 
@@ -159,7 +159,7 @@ def _attention_bmm(q, k, v, key_lengths, scale: float) -> torch.Tensor:
     return torch.bmm(torch.softmax(s, dim=-1), v.reshape(B * H, S, D)).view(B, H, L, D)
 
 
-def _attention_cuda(q, k, v, key_lengths, kv_group: int, scale: float, kernel: str = "auto") -> torch.Tensor:
+def _attention_cuda(q, k, v, key_lengths, kv_group: int, scale: float) -> torch.Tensor:
     """The fused kernel on raw pointers, on the current stream of q's device."""
     Bq, H, Lq, D = q.shape
     Bkv, _, Lk, _ = k.shape
@@ -172,7 +172,7 @@ def _attention_cuda(q, k, v, key_lengths, kv_group: int, scale: float, kernel: s
             q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
             0 if lengths is None else lengths.data_ptr(), _DTYPE_CODES[q.dtype],
             Bkv, H, Lq, Lk, D, q.stride(), k.stride(), v.stride(), out.stride(),
-            kv_group, scale, torch.cuda.current_stream(q.device).cuda_stream, _KERNEL_CODES[kernel])
+            kv_group, scale, torch.cuda.current_stream(q.device).cuda_stream)
     return out
 
 
