@@ -15,8 +15,8 @@ Histories: seeded random item ids, 5-20 per user (Amazon Beauty's users have ~9 
 Optionally (`--train`, `--load`) one finetuning epoch of a 1M-item synthetic catalog and the columnar
 CSV loader (benchmarks/bench_train_scale.py, benchmarks/bench_load.py) add their figures.
 
-With `--codes`, the same model over collaborative codes (tokenizer.item_tokens="codes": 2 levels of
-`code_branches(n)` values and a unique last token, codes of random vectors: the shape of trained ones;
+With `--codes`, the same model over collaborative codes (tokenizer.item_tokens="codes": `--code-levels`
+levels (2) of `code_branches(n)` values, leaves of ~`--leaf-size` items (16), and a unique last token, codes of random vectors: the shape of trained ones;
 one encoder position per item, no EOS step, as configs/beauty-codes-first-noeos.json) at
 every size, decoded by the C++ trie search with 20 beams (top 20).
 
@@ -48,9 +48,10 @@ MODEL = dict(d_model=64, encoder_layers=2, decoder_layers=2, n_heads=2, ffn_dim=
              encoder_positions="end", dropout=0.0)
 
 
-def code_branches(n_items: int) -> int:
-    """Values per code level: the power of two nearest sqrt(n_items / 16), so that leaves hold ~16 items."""
-    return max(2, 1 << round(math.log2(max(2.0, math.sqrt(n_items / 16)))))
+def code_branches(n_items: int, levels: int = 2, leaf: int = 16) -> int:
+    """Values per code level: the power of two nearest (n_items / leaf) ** (1 / levels), so that leaves
+    hold ~`leaf` items."""
+    return max(2, 1 << round(math.log2(max(2.0, (n_items / leaf) ** (1 / levels)))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,9 +111,9 @@ def sasrec_batch(histories: list) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def build(n_items: int, seed: int = 0, form: str = "whole"):
+def build(n_items: int, seed: int = 0, form: str = "whole", levels: int = 2, leaf: int = 16):
     """The one-token model, or (form "codes") the same model over collaborative codes: 2 levels of
-    CODE_BRANCHES values and a unique last token, in the form of configs/beauty-codes-first-noeos.json (the
+    code_branches(n) values (leaves of ~`leaf` items) and a unique last token, in the form of configs/beauty-codes-first-noeos.json (the
     encoder reads one position per item, no EOS step), decoded by the C++ trie search with 20 beams; form
     "leaf": those codes with the leaf head (model.leaf_head: the last token scored over its leaf's items)."""
     import dataclasses
@@ -121,7 +122,8 @@ def build(n_items: int, seed: int = 0, form: str = "whole"):
     items = [f"item{i}" for i in range(n_items)]  # string ids, as real catalogs often have
     t0 = time.perf_counter()
     rec = Recommender.random(items, cfg, item_tokens="whole" if form == "whole" else "codes", seed=seed,
-                             code_levels=2, code_branches=code_branches(n_items), code_input="first")
+                             code_levels=levels, code_branches=code_branches(n_items, levels, leaf),
+                             code_input="first")
     return rec, time.perf_counter() - t0
 
 
@@ -150,9 +152,9 @@ def peak_rss_gb() -> float:
 
 
 def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec: bool, device: str = "cpu",
-                 form: str = "whole") -> dict:
+                 form: str = "whole", levels: int = 2, leaf: int = 16) -> dict:
     torch.set_num_threads(threads)
-    rec, build_s = build(n_items, form=form)
+    rec, build_s = build(n_items, form=form, levels=levels, leaf=leaf)
     rec.model.to(device)
     hist_idx = histories(n_items, BATCH * batches + singles)
     ids = rec.catalog.item_ids
@@ -179,7 +181,8 @@ def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec:
 def run_size(n_items: int, args, form: str = "whole") -> dict:
     """measure_size in a fresh Python process (its own peak RSS)."""
     cmd = [sys.executable, __file__, "--one", str(n_items), "--threads", str(args.threads),
-           "--batches", str(args.batches), "--singles", str(args.singles), "--device", args.device, "--form", form]
+           "--batches", str(args.batches), "--singles", str(args.singles), "--device", args.device, "--form", form,
+           "--code-levels", str(args.code_levels), "--leaf-size", str(args.leaf_size)]
     if n_items == min(args.sizes) and form == "whole":
         cmd.append("--sasrec")
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -221,7 +224,8 @@ def print_report(rows: list, extra: dict, args) -> None:
     print(f"| items | item form | build s | users/s (batch {BATCH}) | batch-1 p50 ms | peak RSS GB |")
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        form = "one token" if r["form"] == "whole" else f"codes ({code_branches(r['items'])} x 2 + unique), 20 beams"
+        b = code_branches(r["items"], args.code_levels, args.leaf_size)
+        form = "one token" if r["form"] == "whole" else f"codes ({b} x {args.code_levels} + unique), 20 beams"
         form += ", leaf head" if r["form"] == "leaf" else ""
         print(f"| {r['items']:,} | {form} | {r['build_s']:.1f} | {r['users_per_s']:,.0f} | {r['batch1_ms']:.2f} | "
               f"{r['rss_gb']:.2f} |")
@@ -263,10 +267,12 @@ def main(argv=None) -> None:
     p.add_argument("--codes", action="store_true",
                    help="also the model over collaborative codes (trie search, 20 beams) at every size")
     p.add_argument("--leaf", action="store_true", help="also the codes model with the leaf head at every size")
+    p.add_argument("--code-levels", type=int, default=2, help="codes: cluster levels before the last token")
+    p.add_argument("--leaf-size", type=int, default=16, help="codes: items per leaf (sets the branching)")
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(measure_size(args.one, args.threads, args.batches, args.singles, args.sasrec, args.device,
-                                      args.form)))
+                                      args.form, args.code_levels, args.leaf_size)))
         return
     args.sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:
