@@ -64,3 +64,12 @@ def test_sampled_softmax_fields():
         with_overrides(p, {"train.softmax": "sampeld"})
     with pytest.raises(ValueError, match="train.num_negatives must be >= 0"):
         with_overrides(p, {"train.num_negatives": -5})
+
+
+def test_smoothing_fields():
+    p = with_overrides(preset("small"), dict([parse_override("train.leaf_smoothing=0")]))
+    assert p.train.leaf_smoothing == 0 and preset("small").train.leaf_smoothing is None
+    with pytest.raises(ValueError, match=r"train.leaf_smoothing must be in \[0, 1\)"):
+        with_overrides(p, {"train.leaf_smoothing": 1.5})
+    with pytest.raises(ValueError, match=r"train.label_smoothing must be in \[0, 1\)"):
+        with_overrides(p, {"train.label_smoothing": -0.1})

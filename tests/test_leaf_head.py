@@ -71,11 +71,11 @@ def _cluster_logp(rec, items, item) -> float:
     return float(logp[torch.arange(last), labels[0, :last]].sum())
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.3])
-def test_leaf_head_loss_is_the_cross_entropy_of_its_logits(smoothing):
+@pytest.mark.parametrize("smoothing, leaf_smoothing", [(0.0, None), (0.3, None), (0.3, 0.0), (0.0, 0.2)])
+def test_leaf_head_loss_is_the_cross_entropy_of_its_logits(smoothing, leaf_smoothing):
     """head_loss (fused LM head for the cluster steps, leaf softmax for the last) against the mean
     cross-entropy of `logits()`; label smoothing spreads over all tokens at the cluster steps and over the
-    leaf's items at the last step; padded targets (-100) do not count."""
+    leaf's items at the last step (by leaf_smoothing when given); padded targets (-100) do not count."""
     rec = _rec()
     m = rec.model.train()
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def test_leaf_head_loss_is_the_cross_entropy_of_its_logits(smoothing):
     dec_in, labels = pad_targets(targets, m.cfg.bos_id)  # (5, 3)
     labels[4] = -100  # a padded row
     hidden = torch.randn(5, 3, m.cfg.d_model, requires_grad=True)
-    got = m.head_loss(hidden, labels, smoothing, -100)
+    got = m.head_loss(hidden, labels, smoothing, -100, leaf_smoothing)
     logits = m.logits(hidden, dec_in)  # (5, 3, V)
     terms = []
     for b in range(4):
@@ -92,7 +92,8 @@ def test_leaf_head_loss_is_the_cross_entropy_of_its_logits(smoothing):
             valid = torch.isfinite(z)
             logp = F.log_softmax(z, -1)
             nll = -logp[labels[b, t]]
-            terms.append((1 - smoothing) * nll - smoothing * logp[valid].mean())
+            s = leaf_smoothing if t == 2 and leaf_smoothing is not None else smoothing
+            terms.append((1 - s) * nll - s * logp[valid].mean())
     want = torch.stack(terms).mean()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     g1, = torch.autograd.grad(got, hidden)

@@ -80,6 +80,9 @@ class TrainConfig:
     num_negatives: int = 1024  # uniform item draws per batch with softmax="sampled"
     max_items: int = 20  # history window in items
     label_smoothing: float = 0.0
+    leaf_smoothing: float | None = None  # with model.leaf_head: label smoothing of the leaf softmax over a
+    # leaf's items (None = label_smoothing). A flat softmax smoothed by e puts ~e * leaf / catalog on a
+    # leaf's other items, so ~0 matches one-token training; the cluster steps keep label_smoothing
     eval_every: int = 1  # epochs between validations
     eval_from: int = 0  # epochs trained before the first validation (the last epoch is always validated);
     # skips validations whose checkpoint would not be kept anyway: training itself does not change
@@ -108,6 +111,10 @@ class TrainConfig:
             raise ValueError(f"train.max_minutes must be >= 0 (0 = no budget), got {self.max_minutes!r}")
         if self.softmax not in SOFTMAXES:
             raise ValueError(f"train.softmax must be one of {SOFTMAXES}, got {self.softmax!r}")
+        for name in ("label_smoothing", "leaf_smoothing"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"train.{name} must be in [0, 1), got {value!r}")
         if self.num_negatives < 0:
             raise ValueError(f"train.num_negatives must be >= 0, got {self.num_negatives!r}")
 

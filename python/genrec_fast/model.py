@@ -377,8 +377,10 @@ class GenRec(nn.Module):
             out[:, last] = leaves.vocab_logits(hidden[:, last], key, self.item_embed.weight)
         return out
 
-    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, smoothing: float, ignore_index: int):
-        """Cross-entropy of `logits(hidden, ...)` (B, T, V) against labels (B, T), without the (B, T, V) logits."""
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, smoothing: float, ignore_index: int,
+                  leaf_smoothing: float | None = None):
+        """Cross-entropy of `logits(hidden, ...)` (B, T, V) against labels (B, T), without the (B, T, V) logits.
+        With a leaf head the leaf softmax is smoothed by leaf_smoothing (None: smoothing)."""
         leaves = self._leaves()
         if leaves is None:
             return linear_cross_entropy(hidden.flatten(0, 1), self.shared.weight, self.final_logits_bias[0],
@@ -392,7 +394,7 @@ class GenRec(nn.Module):
                                          self.final_logits_bias[0], head_labels, smoothing, ignore_index) * n_head
         rows = (labels[:, last] != ignore_index).nonzero()[:, 0]  # (N,) targets that reach the last step
         leaf = leaves.loss_terms(hidden[rows, last], labels[rows, :last], labels[rows, last], self.item_embed.weight,
-                                 smoothing)  # (N,)
+                                 smoothing if leaf_smoothing is None else leaf_smoothing)  # (N,)
         n = n_head + len(rows)
         return (total + leaf.sum()) / n if n else hidden.new_tensor(float("nan"))
 

@@ -366,7 +366,8 @@ class Trainer:
         if self.sampled:
             loss = self._sampled_loss(kwargs, labels, batch_targets)
         elif seen is None:  # the fused head + loss: the step's largest cost on a CPU, ~1/4 less
-            loss = self.model.head_loss(self.model.hidden(**kwargs), labels, self.tcfg.label_smoothing, IGNORE)
+            loss = self.model.head_loss(self.model.hidden(**kwargs), labels, self.tcfg.label_smoothing, IGNORE,
+                                        self.tcfg.leaf_smoothing)
         else:
             loss = item_cross_entropy(self.model(**kwargs), labels, self.tcfg.label_smoothing, seen, IGNORE)
         return loss, labels
