@@ -16,11 +16,13 @@ Optionally (`--train`, `--load`) one finetuning epoch of a 1M-item synthetic cat
 CSV loader (benchmarks/bench_train_scale.py, benchmarks/bench_load.py) add their figures.
 
 With `--codes`, the same model over collaborative codes (tokenizer.item_tokens="codes": `--code-levels`
-levels (2) of `code_branches(n)` values, leaves of ~`--leaf-size` items (16), and a unique last token, codes of random vectors: the shape of trained ones;
-one encoder position per item, no EOS step, as configs/beauty-codes-first-noeos.json) at
-every size, decoded by the C++ trie search with 20 beams (top 20).
+levels (2) of `code_branches(n)` values, leaves of ~`--leaf-size` items (16), and a unique last token;
+codes of random vectors: the shape of trained ones; one encoder position per item, no EOS step, as
+configs/beauty-codes-first-noeos.json) at every size, decoded by the C++ trie search with 20 beams (top 20).
+With `--leaf`, the same codes with the leaf head (model.leaf_head, as configs/beauty-codes-leaf*.json).
 
-Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--codes] [--leaf] [--train] [--load] [--quick]
+Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--codes] [--leaf]
+       [--code-levels 2 --leaf-size 16] [--train] [--load] [--quick]
 Last line: catalog_bench ratio_vs_sasrec=<x> batch1_ms=<y> users_per_s_1m=<z> rss_gb_1m=<w> train_rss_gb_1m=<v> load_5m_s=<s> codes_users_per_s_1m=<c> leaf_users_per_s_1m=<l>
 """
 from __future__ import annotations
