@@ -114,9 +114,10 @@ def sasrec_batch(histories: list) -> torch.Tensor:
 
 
 def build(n_items: int, seed: int = 0, form: str = "whole", levels: int = 2, leaf: int = 16):
-    """The one-token model, or (form "codes") the same model over collaborative codes: 2 levels of
-    code_branches(n) values (leaves of ~`leaf` items) and a unique last token, in the form of configs/beauty-codes-first-noeos.json (the
-    encoder reads one position per item, no EOS step), decoded by the C++ trie search with 20 beams; form
+    """The one-token model, or (form "codes") the same model over collaborative codes: `levels` levels of
+    code_branches(n) values (leaves of ~`leaf` items) and a unique last token, in the form of
+    configs/beauty-codes-first-noeos.json (the encoder reads one position per item, no EOS step),
+    decoded by the C++ trie search with 20 beams; form
     "leaf": those codes with the leaf head (model.leaf_head: the last token scored over its leaf's items)."""
     import dataclasses
     from genrec_fast import Recommender, preset

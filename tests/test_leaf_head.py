@@ -137,6 +137,10 @@ def test_leaf_head_refuses_what_it_cannot_score(tmp_path):
     p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
     with pytest.raises(ValueError, match="leaf_head: needs tokenizer.item_tokens='codes'"):
         Trainer(_data(np.random.default_rng(0)), tmp_path / "whole", p, progress=False)
+    p = preset("tiny")
+    p.train = dataclasses.replace(p.train, leaf_smoothing=0.0)
+    with pytest.raises(ValueError, match="train.leaf_smoothing=0.0 smooths the leaf head's softmax"):
+        Trainer(_data(np.random.default_rng(0)), tmp_path / "noleaf", p, progress=False)
 
 
 def test_leaf_head_ensemble_is_exact():

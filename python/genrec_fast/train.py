@@ -199,6 +199,9 @@ class Trainer:
         if mcfg.leaf_head and (preset.tokenizer.item_tokens != "codes" or self.sampled or self.tcfg.mask_seen):
             raise ValueError("model.leaf_head: needs tokenizer.item_tokens='codes', train.softmax='full' and "
                              "train.mask_seen=False")
+        if self.tcfg.leaf_smoothing is not None and not mcfg.leaf_head:
+            raise ValueError(f"train.leaf_smoothing={self.tcfg.leaf_smoothing!r} smooths the leaf head's softmax: "
+                             "it needs model.leaf_head=True (else use train.label_smoothing)")
         torch.manual_seed(self.tcfg.seed)
         self.model = GenRec(mcfg).attach_leaves(self.tokenizer).to(self.device)
         self.group.broadcast_parameters(self.model)
