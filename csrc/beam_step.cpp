@@ -130,17 +130,19 @@ bool BeamSearch::usable(int64_t user, int32_t node) const {
 
 // ---- step ----
 
-StepOutput BeamSearch::step(const float* logprobs, int64_t rows, int64_t vocab) {
+StepOutput BeamSearch::step(const float* logprobs, int64_t rows, int64_t width, int64_t offset) {
   if (done()) throw std::invalid_argument("step: the search is done (no active user)");
   if (rows != num_rows()) {
     throw std::invalid_argument("logprobs has " + std::to_string(rows) + " rows, expected " +
                                 std::to_string(active_.size()) + " active users x width " +
                                 std::to_string(width_) + " = " + std::to_string(num_rows()));
   }
-  if (vocab <= trie_->max_token) {
-    throw std::invalid_argument("logprobs has " + std::to_string(vocab) +
-                                " columns but the trie uses token id " +
-                                std::to_string(trie_->max_token));
+  // Not done: some beam has children, so this step has a window.
+  const int32_t lo = trie_->step_lo[num_steps_], hi = trie_->step_hi[num_steps_];
+  if (offset < 0 || offset > lo || offset + width <= hi) {
+    throw std::invalid_argument("logprobs has " + std::to_string(width) + " columns from token " +
+                                std::to_string(offset) + " but step " + std::to_string(num_steps_) +
+                                " reads tokens " + std::to_string(lo) + ".." + std::to_string(hi));
   }
   const int64_t length = num_steps_ + 1;  // tokens generated so far, EOS included
   // Same float32 divisor as the Python reference: pow in double, rounded once to float32.
@@ -149,35 +151,35 @@ StepOutput BeamSearch::step(const float* logprobs, int64_t rows, int64_t vocab) 
   stays_active_.assign(active_.size(), 0);
   constexpr int64_t kUsersPerThread = 32;  // below this a thread costs more than it saves
   parallel_for(static_cast<int64_t>(active_.size()), threads_, kUsersPerThread, [&](int64_t begin, int64_t end) {
-    step_users(logprobs, vocab, divisor, begin, end);
+    step_users(logprobs, width, offset, divisor, begin, end);
   });
   return collect_rows();
 }
 
-void BeamSearch::step_users(const float* logprobs, int64_t vocab, float divisor, int64_t begin,
-                            int64_t end) {
+void BeamSearch::step_users(const float* logprobs, int64_t width, int64_t offset, float divisor,
+                            int64_t begin, int64_t end) {
   std::vector<Candidate> candidates;
   for (int64_t local = begin; local < end; ++local) {
-    stays_active_[local] = step_user(local, logprobs, vocab, divisor, candidates);
+    stays_active_[local] = step_user(local, logprobs, width, offset, divisor, candidates);
   }
 }
 
 // Steps the user of active_[local]; returns whether it stays active.
-bool BeamSearch::step_user(int64_t local, const float* logprobs, int64_t vocab, float divisor,
-                           std::vector<Candidate>& candidates) {
+bool BeamSearch::step_user(int64_t local, const float* logprobs, int64_t width, int64_t offset,
+                           float divisor, std::vector<Candidate>& candidates) {
   const Trie& t = *trie_;
   const int64_t user = active_[local];
   const int64_t first_row = local * width_;
   Beam* beams = &beams_[user * num_beams_];
   candidates.clear();
   for (int32_t slot = 0; slot < num_live_[user]; ++slot) {
-    const float* row = logprobs + (first_row + slot) * vocab;
+    const float* row = logprobs + (first_row + slot) * width;  // column j: token offset + j
     const Beam beam = beams[slot];
     for (int64_t e = t.child_ptr[beam.node]; e < t.child_ptr[beam.node + 1]; ++e) {
       const int32_t child = t.child_node[e];
       if (!usable(user, child)) continue;
       const int32_t token = t.child_token[e];
-      const float score = beam.score + row[token];
+      const float score = beam.score + row[token - offset];
       if (token == t.eos_id) {
         offer(user, t.leaf_item[child], length_penalty_ == 0.0f ? score : score / divisor);
       } else {

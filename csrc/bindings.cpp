@@ -71,6 +71,8 @@ void bind_beam_search(py::module_& m) {
       .def_property_readonly("leaf_lo", trie_array(&Trie::leaf_lo))
       .def_property_readonly("leaf_hi", trie_array(&Trie::leaf_hi))
       .def_property_readonly("leaf_order", trie_array(&Trie::leaf_order))
+      .def_property_readonly("step_lo", trie_array(&Trie::step_lo))
+      .def_property_readonly("step_hi", trie_array(&Trie::step_hi))
       .def_property_readonly("num_nodes", &Trie::num_nodes)
       .def_property_readonly("num_items", &Trie::num_items)
       .def_readonly("max_depth", &Trie::max_depth)
@@ -109,7 +111,7 @@ void bind_beam_search(py::module_& m) {
     }
     return std::make_unique<BeamSearch>(trie, num_users, num_beams, k, length_penalty, filter);
   };
-  const auto step = [to_numpy](BeamSearch& s, const py::object& logprobs) {
+  const auto step = [to_numpy](BeamSearch& s, const py::object& logprobs, int64_t offset) {
     if (!py::isinstance<py::array_t<float>>(logprobs)) {
       throw py::value_error("logprobs must be a float32 numpy array");
     }
@@ -120,7 +122,7 @@ void bind_beam_search(py::module_& m) {
     genrec::StepOutput out;
     {
       py::gil_scoped_release release;
-      out = s.step(rows.data(), rows.shape(0), rows.shape(1));
+      out = s.step(rows.data(), rows.shape(0), rows.shape(1), offset);
     }
     return py::make_tuple(to_numpy(out.parent_rows), to_numpy(out.tokens));
   };
@@ -140,7 +142,9 @@ void bind_beam_search(py::module_& m) {
       .def("set_threads", &BeamSearch::set_threads, py::arg("threads"),
            "Threads `step` may use (<= 0: all cores).")
       .def("done", &BeamSearch::done)
-      .def("step", step, py::arg("logprobs"), "(parent_rows, tokens) of the next rows.")
+      .def_property_readonly("steps", &BeamSearch::steps)
+      .def("step", step, py::arg("logprobs"), py::arg("offset") = 0,
+           "(parent_rows, tokens) of the next rows; logprobs column j is token offset + j.")
       .def("results", results, "(items int64, scores float32), both (num_users, k), padded with -1 / -inf.");
 }
 

@@ -91,11 +91,18 @@ class Builder {
     std::vector<int64_t> cursor(trie_.child_ptr.begin(), trie_.child_ptr.end() - 1);
     trie_.child_token.resize(n - 1);
     trie_.child_node.resize(n - 1);
+    std::vector<int32_t> depth(n, 0);  // preorder: a parent's depth is known before its children's
+    trie_.step_lo.assign(trie_.max_depth, std::numeric_limits<int32_t>::max());
+    trie_.step_hi.assign(trie_.max_depth, -1);
     for (int64_t v = 1; v < n; ++v) {
       const int64_t e = cursor[parent_[v]]++;
       trie_.child_token[e] = token_[v];
       trie_.child_node[e] = static_cast<int32_t>(v);
       trie_.max_token = std::max(trie_.max_token, token_[v]);
+      const int32_t d = depth[parent_[v]];
+      depth[v] = d + 1;
+      trie_.step_lo[d] = std::min(trie_.step_lo[d], token_[v]);
+      trie_.step_hi[d] = std::max(trie_.step_hi[d], token_[v]);
     }
   }
 

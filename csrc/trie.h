@@ -17,6 +17,10 @@ struct Trie {
   std::vector<int32_t> leaf_hi;      // (N,)
   std::vector<int32_t> leaf_order;   // (num_items,) items in DFS leaf order
   std::vector<int32_t> leaf_pos;     // (num_items,) inverse of leaf_order
+  // (max_depth,) smallest / largest token on an edge out of a node at depth d: a search's step d reads
+  // only the log-probabilities of tokens step_lo[d]..step_hi[d] (its window)
+  std::vector<int32_t> step_lo;
+  std::vector<int32_t> step_hi;
   int32_t eos_id = 0;
   int32_t max_depth = 0;   // longest root-to-leaf path in edges (pieces + EOS)
   int32_t max_token = -1;  // largest token id on any edge, EOS included

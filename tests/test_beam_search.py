@@ -20,7 +20,8 @@ from genrec_fast.beam_search import (
 
 needs_native = pytest.mark.skipif(not native_available(), reason="genrec_fast._core beam search not built")
 BACKENDS = ["reference", pytest.param("cpp", marks=needs_native)]
-TRIE_ARRAYS = ("child_ptr", "child_token", "child_node", "leaf_item", "leaf_lo", "leaf_hi", "leaf_order")
+TRIE_ARRAYS = ("child_ptr", "child_token", "child_node", "leaf_item", "leaf_lo", "leaf_hi", "leaf_order",
+               "step_lo", "step_hi")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -214,6 +215,8 @@ def test_trie_hand_example():
         "leaf_lo": [0, 0, 0, 1, 1, 2, 2, 3, 3],
         "leaf_hi": [4, 3, 1, 2, 2, 3, 3, 4, 4],
         "leaf_order": [3, 0, 1, 2],
+        "step_lo": [1, 0, 0],  # step 0: tokens 1, 2; step 1: EOS, 2, 3 (after 1) and EOS (after 2); step 2: EOS
+        "step_hi": [2, 3, 0],
     }
     for name, values in expected.items():
         arr = getattr(t, name)
@@ -432,7 +435,6 @@ def test_bad_logprobs(backend):
         (good.tolist(), "float32"),
         (np.zeros((3, 4), dtype=np.float32), r"shape \(2, vocab\)"),
         (np.zeros(8, dtype=np.float32), "shape"),
-        (np.zeros((2, 3), dtype=np.float32), "columns"),
     ]:
         with pytest.raises(ValueError, match=match):
             search.step(bad)
@@ -441,7 +443,46 @@ def test_bad_logprobs(backend):
         search.step(torch.zeros(2, 4, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="CPU"):
         search.step(torch.zeros(2, 4, device="meta"))
+    for bad, offset in [(good[:, :2], 0), (good, 2), (good, -1), (good[:, :1], 1)]:  # step 0 reads tokens 1..2
+        with pytest.raises(ValueError, match="columns from token"):
+            search.step(bad, offset)
     search.step(good)  # still usable after the rejected calls
+
+
+@given(scenarios(), st.booleans())
+@settings(max_examples=150, deadline=None)
+def test_windowed_steps_equal_vocabulary_wide_steps(sc, slack):
+    """Every step fed only the columns of its `Trie.window` (plus, with slack, a column either side where there
+    is one) steps exactly as the vocabulary-wide rows, on both backends."""
+    make_rows = random_logprobs(sc.vocab, sc.seed)
+    for backend in ["reference"] + (["cpp"] if native_available() else []):
+        wide, narrow = sc.search(backend), sc.search(backend)
+        out = None
+        while not wide.done():
+            rows = make_rows(wide, out)
+            lo, hi = sc.trie.window(wide.steps)
+            assert narrow.steps == wide.steps
+            if slack:
+                lo, hi = max(lo - 1, 0), min(hi + 1, sc.vocab)
+            out = wide.step(rows)
+            windowed = narrow.step(np.ascontiguousarray(rows[:, lo:hi]), lo)
+            np.testing.assert_array_equal(windowed[0], out[0])
+            np.testing.assert_array_equal(windowed[1], out[1])
+        assert narrow.done()
+        for a, b in zip(narrow.results(), wide.results()):
+            np.testing.assert_array_equal(a, b)
+
+
+@given(item_sequences(max_items=30, vocab=7))
+@settings(max_examples=50, deadline=None)
+def test_step_windows_are_the_tokens_at_each_depth(case):
+    """step_lo[d] / step_hi[d]: the smallest / largest token at position d of any item followed by EOS."""
+    seqs, eos, _ = case
+    for backend in ["reference"] + (["cpp"] if native_available() else []):
+        t = Trie.build(seqs, eos, backend=backend)
+        for d in range(t.max_depth):
+            at_d = [(s + [eos])[d] for s in seqs if len(s) >= d]
+            assert t.window(d) == (min(at_d), max(at_d) + 1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -470,5 +511,9 @@ def test_native_module_validates_on_its_own():
         search.step(np.zeros((1, 4)))
     with pytest.raises(ValueError, match="rows"):
         search.step(np.zeros((2, 4), dtype=np.float32))
-    with pytest.raises(ValueError, match="token id 3"):
-        search.step(np.zeros((1, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"reads tokens 1\.\.2"):
+        search.step(np.zeros((1, 2), dtype=np.float32))  # step 0 reads tokens 1..2
+    with pytest.raises(ValueError, match=r"columns from token 2"):
+        search.step(np.zeros((1, 4), dtype=np.float32), 2)
+    search.step(np.zeros((1, 2), dtype=np.float32), 1)  # exactly the window
+    assert search.steps == 1

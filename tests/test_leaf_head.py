@@ -154,3 +154,34 @@ def test_leaf_head_ensemble_is_exact():
             p.add_(torch.randn_like(p) * 0.5)
     ens = Recommender(Ensemble([a.model, b.model]), a.tokenizer, a.catalog)
     assert_beam_search_is_exhaustive(ens, [3, 40, 3, 17], None, k=70)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_decode_logprobs_is_the_window_of_the_vocabulary_wide_log_softmax(levels, ensemble):
+    """decode_logprobs(tokens, cache, lo, hi) = log_softmax(decode_step(tokens, cache))[:, lo:hi] at every
+    step (cluster steps, the leaf step), for the search's windows and for windows that cut a leaf's slots or
+    reach past them."""
+    from genrec_fast.ensemble import Ensemble
+    rec = _rec(levels=levels)
+    model = Ensemble([rec.model, _rec(levels=levels, seed=3).model]) if ensemble else rec.model
+    enc = pad_encoder([rec.encode(h, None) for h in ([3, 40, 3], [17], [5, 6, 7, 8])])
+    V, rng = model.cfg.vocab_size, np.random.default_rng(0)
+    fed = [torch.full((3,), model.cfg.bos_id)]  # the tokens fed so far, one (3,) per step
+    with torch.no_grad():
+        memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+
+        def at_step(fn):  # a fresh cache fed the tokens before the last, then fn at the last
+            cache = model.start_decoding(memory, enc["mask"])
+            for t in fed[:-1]:
+                model.decode_step(t, cache)
+            return fn(fed[-1], cache)
+
+        for step in range(rec.trie.max_depth - 1):  # the model's steps (the EOS step is certain)
+            lo, hi = rec.trie.window(step)
+            expected = F.log_softmax(at_step(model.decode_step).float(), dim=-1)  # (3, V)
+            for a, b in [(lo, hi), (0, V), (max(lo - 3, 0), lo + 2), (hi - 2, min(hi + 5, V))]:
+                got = at_step(lambda t, c: model.decode_logprobs(t, c, a, b))
+                assert got.shape == (3, b - a) and got.dtype == torch.float32
+                torch.testing.assert_close(got, expected[:, a:b], atol=1e-5, rtol=0)
+            fed.append(torch.as_tensor(rng.integers(lo, hi, 3)))  # any tokens of the step's window

@@ -47,7 +47,9 @@ class Trie:
 
     Attributes (numpy): child_ptr int64 (N+1,), child_token/child_node int32 (E,), leaf_item,
     leaf_lo, leaf_hi int32 (N,), leaf_order int32 (num_items,); plus num_nodes, num_items,
-    max_depth, min_depth, eos_id and min_vocab (logprobs need more columns than any token id on an edge).
+    max_depth, min_depth, eos_id and min_vocab (a vocabulary-wide logprobs row needs more columns than any
+    token id on an edge); step_lo/step_hi int32 (max_depth,): the smallest / largest token on an edge out of
+    a node at depth d (search step d reads only those columns: `window`).
     """
 
     def __init__(self, tokens, offsets, eos_id: int, backend: str = "cpp"):
@@ -80,6 +82,12 @@ class Trie:
 
     def _build_reference(self) -> None:
         self._flatten(_nested_trie(self._sequences(), self.eos_id))
+        self.step_lo, self.step_hi = _step_windows(self.child_ptr, self.child_token, self.child_node,
+                                                   self.max_depth)
+
+    def window(self, step: int) -> tuple[int, int]:
+        """Tokens [lo, hi) that search step `step` may read: the columns a windowed logprobs must cover."""
+        return int(self.step_lo[step]), int(self.step_hi[step]) + 1
 
     def _build_native(self) -> None:
         try:
@@ -87,7 +95,8 @@ class Trie:
         except ValueError:
             self._build_reference()  # raises the reference's message, which names the bad sequence
             raise
-        for name in ("child_ptr", "child_token", "child_node", "leaf_item", "leaf_lo", "leaf_hi", "leaf_order"):
+        for name in ("child_ptr", "child_token", "child_node", "leaf_item", "leaf_lo", "leaf_hi", "leaf_order",
+                     "step_lo", "step_hi"):
             setattr(self, name, np.asarray(getattr(native, name)))
         self.num_nodes = int(native.num_nodes)
         self._native_trie = native
@@ -133,6 +142,20 @@ class Trie:
         if self._native_trie is None:
             self._native_trie = core().Trie(self._tokens, self._offsets, self.eos_id)
         return self._native_trie
+
+
+def _step_windows(child_ptr, child_token, child_node, max_depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """(max_depth,) int32 smallest and largest token on the edges out of the nodes of each depth."""
+    n = len(child_ptr) - 1
+    source = np.repeat(np.arange(n), np.diff(child_ptr))  # (E,) the node each edge leaves
+    depth = np.zeros(n, dtype=np.int64)
+    for _ in range(max_depth):  # depth[child] = depth[parent] + 1, settled one level per pass
+        depth[child_node] = depth[source] + 1
+    lo = np.full(max_depth, np.iinfo(np.int32).max, dtype=np.int32)
+    hi = np.full(max_depth, -1, dtype=np.int32)
+    np.minimum.at(lo, depth[source], child_token)
+    np.maximum.at(hi, depth[source], child_token)
+    return lo, hi
 
 
 def _check_id(value, name: str) -> int:
@@ -248,7 +271,7 @@ class _BeamSearchBase:
         self._exclude = _check_exclude(exclude, self.num_users, trie.num_items)
         self._allow = _check_allow(allow, self.num_users, trie.num_items)
 
-    def _check_step(self, logprobs) -> np.ndarray:
+    def _check_step(self, logprobs, offset) -> np.ndarray:
         if self.done():
             raise ValueError("step called after done(): no active user left")
         logprobs = _as_logprobs(logprobs)
@@ -258,10 +281,10 @@ class _BeamSearchBase:
                 f"logprobs must have shape ({rows}, vocab) = active users x width {self.width}, "
                 f"got {logprobs.shape}"
             )
-        if logprobs.shape[1] < self.trie.min_vocab:
-            raise ValueError(
-                f"logprobs has {logprobs.shape[1]} columns, the trie needs >= {self.trie.min_vocab}"
-            )
+        lo, hi = self.trie.window(self.steps)
+        if not 0 <= operator.index(offset) <= lo or offset + logprobs.shape[1] < hi:
+            raise ValueError(f"logprobs has {logprobs.shape[1]} columns from token {offset}, but step "
+                             f"{self.steps} reads tokens {lo}..{hi - 1}")
         return logprobs
 
 
@@ -309,14 +332,19 @@ class ReferenceBeamSearch(_BeamSearchBase):
     def done(self) -> bool:
         return not self._active
 
-    def step(self, logprobs):
-        logprobs = self._check_step(logprobs)
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    def step(self, logprobs, offset: int = 0):
+        """logprobs (rows, W): column j is token offset + j, covering the step's `Trie.window`."""
+        logprobs = self._check_step(logprobs, offset)
         # pow in double, rounded once to float32: the C++ core computes the same divisor
         divisor = np.float32(float(self._steps + 1) ** float(self.length_penalty))
         parent_rows, tokens, still_active = [], [], []
         for local, u in enumerate(self._active):
             first_row = local * self._width
-            new = self._step_user(u, logprobs[first_row : first_row + self._width], divisor)
+            new = self._step_user(u, logprobs[first_row : first_row + self._width], offset, divisor)
             self._beams[u] = [(node, score) for score, _, _, node in new]
             if self._stays_active(u):
                 still_active.append(u)
@@ -326,7 +354,7 @@ class ReferenceBeamSearch(_BeamSearchBase):
         self._active, self._width, self._steps = still_active, self.num_beams, self._steps + 1
         return np.array(parent_rows, dtype=np.int64), np.array(tokens, dtype=np.int64)
 
-    def _step_user(self, u: int, rows: np.ndarray, divisor: np.float32) -> list:
+    def _step_user(self, u: int, rows: np.ndarray, offset: int, divisor: np.float32) -> list:
         """Finishes EOS candidates into the pool; returns the new beams (score, slot, token, node)."""
         t = self.trie
         candidates = []
@@ -335,7 +363,7 @@ class ReferenceBeamSearch(_BeamSearchBase):
                 child, token = int(t.child_node[e]), int(t.child_token[e])
                 if not self._usable[u, child]:
                     continue
-                c = score + rows[slot, token]  # float32 + float32
+                c = score + rows[slot, token - offset]  # float32 + float32
                 if token == t.eos_id:
                     self._finish(u, int(t.leaf_item[child]), c if self.length_penalty == 0 else c / divisor)
                 else:
@@ -395,8 +423,13 @@ class CppBeamSearch(_BeamSearchBase):
     def done(self) -> bool:
         return self._impl.done()
 
-    def step(self, logprobs):
-        return self._impl.step(self._check_step(logprobs))
+    @property
+    def steps(self) -> int:
+        return self._impl.steps
+
+    def step(self, logprobs, offset: int = 0):
+        """logprobs (rows, W): column j is token offset + j, covering the step's `Trie.window`."""
+        return self._impl.step(self._check_step(logprobs, offset), offset)
 
     def results(self):
         return self._impl.results()

@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .beam_search import Trie, make_beam_search
 from .ensemble import Ensemble
@@ -71,13 +70,14 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
     step = 0
     while not search.done():
         slots = search.width  # the search's rows per active user
+        lo, hi = trie.window(step)  # the only tokens this step can extend a beam by
         if step < model_steps:
-            logprobs = F.log_softmax(model.decode_step(tokens, cache).float(), dim=-1)  # (len(active) * width, V)
+            logprobs = model.decode_logprobs(tokens, cache, lo, hi)  # (len(active) * width, hi - lo)
         else:  # after an item only EOS is allowed, and the model counts it as certain
-            logprobs = torch.zeros(len(active) * width, model.cfg.vocab_size, device=device)
+            logprobs = torch.zeros(len(active) * width, hi - lo, device=device)
         step += 1
-        logprobs = _all_slots(logprobs, len(active), width, slots)  # (len(active) * slots, V)
-        parent, next_tokens = _timed_step(search, logprobs.cpu().numpy(), timings)
+        logprobs = _all_slots(logprobs, len(active), width, slots)  # (len(active) * slots, hi - lo)
+        parent, next_tokens = _timed_step(search, logprobs.cpu().numpy(), lo, timings)
         if search.done():
             break
         now = np.asarray(search.active_users())
@@ -104,7 +104,7 @@ def decoder_steps(model, trie: Trie, caller: str) -> int:
 
 
 def _all_slots(logprobs: torch.Tensor, users: int, width: int, slots: int) -> torch.Tensor:
-    """(users * width, V) rows of the first `width` slots -> (users * slots, V); other slots are dead (zeros)."""
+    """(users * width, W) rows of the first `width` slots -> (users * slots, W); other slots are dead (zeros)."""
     if width == slots:
         return logprobs
     out = logprobs.new_zeros((users, slots, logprobs.shape[1]))
@@ -112,11 +112,11 @@ def _all_slots(logprobs: torch.Tensor, users: int, width: int, slots: int) -> to
     return out.view(users * slots, -1)
 
 
-def _timed_step(search, logprobs: np.ndarray, timings: dict | None):
+def _timed_step(search, logprobs: np.ndarray, offset: int, timings: dict | None):
     if timings is None:
-        return search.step(logprobs)
+        return search.step(logprobs, offset)
     t0 = time.perf_counter()
-    out = search.step(logprobs)
+    out = search.step(logprobs, offset)
     timings["search_step"] = timings.get("search_step", 0.0) + time.perf_counter() - t0
     return out
 

@@ -82,6 +82,12 @@ class Ensemble(nn.Module):
             out = lp if out is None else out.add_(lp)
         return out / len(self.members)
 
+    def decode_logprobs(self, tokens: torch.Tensor, cache: EnsembleCache, lo: int = 0,
+                        hi: int | None = None) -> torch.Tensor:
+        """`log_softmax(decode_step(tokens, cache))[:, lo:hi]` -> float32 (R, hi - lo): the renormalised mean
+        needs every member's whole vocabulary, so only the host copy shrinks to the window."""
+        return F.log_softmax(self.decode_step(tokens, cache), dim=-1)[:, lo:hi].contiguous()
+
 
 def check_same_files(paths: Sequence[str | Path], names: Sequence[str]) -> None:
     """Members must come from the same tokenizer and catalog: the files `names` are byte-identical."""

@@ -73,7 +73,9 @@ class LeafHead(nn.Module):
         """hidden (R, C), key (R,), item_weight (n_items + 1, C) -> (R, M) logits of the leaf's slots, -inf
         for empty slots."""
         slots = self.items[key]  # (R, M)
-        z = torch.bmm(item_weight[slots], hidden[:, :, None].to(item_weight.dtype))[:, :, 0]  # (R, M)
+        # index_select: ~2x faster than item_weight[slots] on CPU (a million-item table, 5,120 rows of ~95)
+        vectors = item_weight.index_select(0, slots.reshape(-1)).view(*slots.shape, -1)  # (R, M, C)
+        z = torch.bmm(vectors, hidden[:, :, None].to(item_weight.dtype))[:, :, 0]  # (R, M)
         return z.masked_fill(slots == 0, NEG_INF)
 
     def vocab_logits(self, hidden: torch.Tensor, key: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
@@ -82,6 +84,18 @@ class LeafHead(nn.Module):
         z = self.leaf_logits(hidden, key, item_weight)  # (R, M)
         out = z.new_full((z.shape[0], self.vocab_size), NEG_INF)
         out[:, self.first[-1]:self.first[-1] + z.shape[1]] = z
+        return out
+
+    def window_logprobs(self, hidden: torch.Tensor, key: torch.Tensor, item_weight: torch.Tensor, lo: int = 0,
+                        hi: int | None = None) -> torch.Tensor:
+        """`log_softmax(vocab_logits(...))[:, lo:hi]` without the (R, V) tensor: float32 (R, hi - lo), the leaf
+        softmax's log-probabilities at the columns of their tokens inside [lo, hi), -inf elsewhere."""
+        logp = F.log_softmax(self.leaf_logits(hidden, key, item_weight).float(), dim=-1)  # (R, M)
+        hi = self.vocab_size if hi is None else hi
+        out = logp.new_full((logp.shape[0], hi - lo), NEG_INF)
+        a, b = max(lo, self.first[-1]), min(hi, self.first[-1] + logp.shape[1])  # the leaf slots inside
+        if a < b:
+            out[:, a - lo:b - lo] = logp[:, a - self.first[-1]:b - self.first[-1]]
         return out
 
     def loss_terms(self, hidden: torch.Tensor, prefix: torch.Tensor, target: torch.Tensor,

@@ -423,15 +423,28 @@ class GenRec(nn.Module):
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """tokens (R,) = one new token per beam (R = users x beams, user-major) -> logits (R, V)."""
+        hidden, at_leaf = self._leaf_aware_step(tokens, cache)  # (R, C)
+        if at_leaf:
+            return self.leaves.vocab_logits(hidden, cache.leaf_key, self.item_embed.weight)  # (R, V)
+        return self.lm_head(hidden)  # (R, V)
+
+    def decode_logprobs(self, tokens: torch.Tensor, cache: DecoderCache, lo: int = 0,
+                        hi: int | None = None) -> torch.Tensor:
+        """`log_softmax(decode_step(tokens, cache))[:, lo:hi]`: tokens (R,) -> float32 (R, hi - lo), the
+        columns of tokens lo..hi-1 (a search step's `Trie.window`). The leaf head's step computes only its
+        leaves' columns, never an (R, V) tensor."""
+        hidden, at_leaf = self._leaf_aware_step(tokens, cache)  # (R, C)
+        if at_leaf:
+            return self.leaves.window_logprobs(hidden, cache.leaf_key, self.item_embed.weight, lo, hi)
+        return F.log_softmax(self.lm_head(hidden).float(), dim=-1)[:, lo:hi].contiguous()
+
+    def _leaf_aware_step(self, tokens: torch.Tensor, cache: DecoderCache) -> tuple[torch.Tensor, bool]:
+        """One decoder step -> states (R, C) and whether they feed the leaf head (else the LM head); with a
+        leaf head, keeps the rows' leaf keys (`DecoderCache.leaf_key`) up to date."""
         leaves, t = self._leaves(), cache.step
-        if leaves is None or t >= leaves.levels:
-            return self.lm_head(self.decode_step_hidden(tokens, cache))  # (R, V)
-        if t >= 1:  # tokens of cluster column t - 1: the rows' leaves so far
+        if leaves is not None and 1 <= t < leaves.levels:  # tokens of cluster column t - 1: the rows' leaves
             cache.leaf_key = leaves.step_key(cache.leaf_key if t > 1 else None, tokens, t - 1)
-        hidden = self.decode_step_hidden(tokens, cache)  # (R, C)
-        if t < leaves.levels - 1:
-            return self.lm_head(hidden)
-        return leaves.vocab_logits(hidden, cache.leaf_key, self.item_embed.weight)  # (R, V)
+        return self.decode_step_hidden(tokens, cache), leaves is not None and t == leaves.levels - 1
 
     def decode_step_hidden(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """`decode_step` before the LM head: tokens (R,) -> decoder states (R, C)."""
