@@ -260,7 +260,7 @@ def bad_steps():
         (np.zeros((2, 4), np.float32), "logprobs must be a torch.Tensor"),
         (lp.double(), "logprobs must be float32"),
         (torch.zeros(3, 4), r"logprobs must have shape \(2, vocab\) = all 2 users x width 1"),
-        (torch.zeros(2, 3), "the trie needs >= 4"),
+        (torch.zeros(2, 2), r"2 columns from token 0, but step 0 reads tokens 1\.\.2"),
         (torch.zeros(2, 4, device="meta"), "logprobs must be on the search's device cpu"),
     ]
 
@@ -270,6 +270,27 @@ def test_step_rejects_bad_logprobs(logprobs, match):
     search = DeviceBeamSearch(DeviceTrie.from_trie(hand_trie()), 2, 3, 2)
     with pytest.raises(ValueError, match=match):
         search.step(logprobs)
+
+
+@given(scenarios(), st.booleans())
+@settings(max_examples=100, deadline=None)
+def test_windowed_steps_equal_vocabulary_wide_steps(sc, slack):
+    """Every step fed only the columns of its `Trie.window` (with slack, a column more either side where
+    there is one) steps exactly as the vocabulary-wide rows."""
+    wide, narrow = device_search(sc), device_search(sc)
+    rng = np.random.default_rng(sc.seed)
+    while not wide.exhausted:
+        rows = torch.log_softmax(torch.from_numpy(rng.standard_normal((sc.num_users * wide.width, sc.vocab))), 1)
+        rows = rows.float()  # (U * width, V)
+        lo, hi = sc.trie.window(wide.steps)
+        if slack:
+            lo, hi = max(lo - 1, 0), min(hi + 1, sc.vocab)
+        assert narrow.steps == wide.steps
+        for a, b in zip(narrow.step(rows[:, lo:hi].contiguous(), lo), wide.step(rows)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert narrow.exhausted
+    for a, b in zip(narrow.results(), wide.results()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bad_arguments():

@@ -147,9 +147,10 @@ def _best(key: torch.Tensor, tie: torch.Tensor, n: int) -> torch.Tensor:
 class DeviceBeamSearch(_BeamSearchBase):
     """The spec's search with state on `trie.device`; rows = all users x `width` (module docstring).
 
-    step(logprobs (U * width, V) float32 on the device) -> (parent_rows, tokens), int64 device tensors of
-    U * next width rows: the row of `logprobs` each new row extends and its token (dead slots: the user's
-    first row and eos_id). Argument checks and messages are `beam_search`'s.
+    step(logprobs (U * width, W) float32 on the device, offset=0) -> (parent_rows, tokens), int64 device
+    tensors of U * next width rows: the row of `logprobs` each new row extends and its token (dead slots: the
+    user's first row and eos_id). Column j of logprobs is token offset + j; the columns cover the step's
+    `Trie.window` (W = V, offset 0: the whole vocabulary). Argument checks and messages are `beam_search`'s.
     """
 
     def __init__(self, trie: DeviceTrie, num_users, num_beams, k, length_penalty=0.0, exclude=None, allow=None):
@@ -223,14 +224,18 @@ class DeviceBeamSearch(_BeamSearchBase):
 
     # -- step ----------------------------------------------------------------------------------
 
-    def step(self, logprobs: torch.Tensor):
-        lp = self._check_step(logprobs).reshape(self.num_users, self.width, -1)  # (U, W, V)
-        self._finish_eos(lp)
-        out = self._extend(lp)
+    @property
+    def steps(self) -> int:
+        return self._t
+
+    def step(self, logprobs: torch.Tensor, offset: int = 0):
+        lp = self._check_step(logprobs, offset).reshape(self.num_users, self.width, -1)  # (U, W, columns)
+        self._finish_eos(lp, offset)
+        out = self._extend(lp, offset)
         self._t += 1
         return out
 
-    def _check_step(self, logprobs) -> torch.Tensor:
+    def _check_step(self, logprobs, offset) -> torch.Tensor:
         if self.exhausted:
             raise ValueError("step called after the search was exhausted (width 0): no step left")
         if not isinstance(logprobs, torch.Tensor):
@@ -243,17 +248,21 @@ class DeviceBeamSearch(_BeamSearchBase):
         if logprobs.dim() != 2 or logprobs.shape[0] != rows:
             raise ValueError(f"logprobs must have shape ({rows}, vocab) = all {self.num_users} users x width "
                              f"{self.width}, got {tuple(logprobs.shape)}")
-        if logprobs.shape[1] < self.dtrie.min_vocab:
-            raise ValueError(f"logprobs has {logprobs.shape[1]} columns, the trie needs >= {self.dtrie.min_vocab}")
+        lo, hi = self.trie.window(self._t)
+        if not 0 <= int(offset) <= lo or offset + logprobs.shape[1] < hi:
+            raise ValueError(f"logprobs has {logprobs.shape[1]} columns from token {offset}, but step {self._t} "
+                             f"reads tokens {lo}..{hi - 1}")
         return logprobs
 
-    def _finish_eos(self, lp: torch.Tensor) -> None:
+    def _finish_eos(self, lp: torch.Tensor, offset: int) -> None:
         """Each live beam's EOS child finishes its item; the pool keeps the best k by (score desc, item asc)."""
         t = self.dtrie
         leaf = t.eos_child[self._node]  # (U, W), -1: no EOS edge
         safe = leaf.clamp(min=0)
         ok = self._live & (leaf >= 0) & self._usable_at(safe)  # (U, W)
-        score = self._score + lp[:, :, t.eos_id]  # (U, W) float32 + float32
+        # EOS's column; when EOS lies outside the window no beam has an EOS child (`ok` all False)
+        eos = min(max(t.eos_id - offset, 0), lp.shape[2] - 1)
+        score = self._score + lp[:, :, eos]  # (U, W) float32 + float32
         if self.length_penalty != 0:
             score = score / self._divisors[self._t]  # a device tensor: true division, as the host searches
         items = torch.cat([self._pool_item, t.leaf_item[safe]], 1)  # (U, k + W)
@@ -264,14 +273,14 @@ class DeviceBeamSearch(_BeamSearchBase):
         self._pool_item = torch.where(self._pool_valid, items.gather(1, keep), -1)
         self._pool_score = torch.where(self._pool_valid, scores.gather(1, keep), -np.inf)
 
-    def _extend(self, lp: torch.Tensor):
+    def _extend(self, lp: torch.Tensor, offset: int):
         """Best non-EOS children -> the next beams; stops users; -> (parent_rows, tokens) (U * W',)."""
         U, W, B, W_next = self.num_users, self.width, self.dtrie.branch[self._t], self._widths[self._t + 1]
         if W_next == 0:  # the deepest step: only EOS edges were left
             self._active = torch.zeros_like(self._active)
             empty = torch.zeros(0, dtype=torch.long, device=self.device)
             return empty, empty.clone()
-        tokens, nodes, scores, valid = self._children(lp, B)  # (U, W * B) each
+        tokens, nodes, scores, valid = self._children(lp, offset, B)  # (U, W * B) each
         C = W * B
         order = _best(_rank_key(scores, valid), torch.arange(C, device=self.device), W_next)  # (U, W')
         live = valid.gather(1, order)  # (U, W') live slots first
@@ -285,7 +294,7 @@ class DeviceBeamSearch(_BeamSearchBase):
         token = torch.where(live, tokens.gather(1, order), self.dtrie.eos_id)
         return parent.reshape(-1), token.reshape(-1)
 
-    def _children(self, lp: torch.Tensor, B: int):
+    def _children(self, lp: torch.Tensor, offset: int, B: int):
         """Every live beam's usable non-EOS children, padded to B per beam (row asc, token asc):
         -> tokens, nodes, scores `s + lp[row, token]`, valid; each (U, W * B)."""
         t = self.dtrie
@@ -296,7 +305,8 @@ class DeviceBeamSearch(_BeamSearchBase):
         edge = torch.where(valid, start[:, :, None] + j, 0)
         nodes, tokens = t.child_node[edge], t.child_token[edge]  # (U, W, B)
         valid = valid & self._usable_at(nodes)
-        scores = self._score[:, :, None] + lp.gather(2, tokens)  # (U, W, B)
+        column = (tokens - offset).clamp(0, lp.shape[2] - 1)  # padding edges may lie outside the window
+        scores = self._score[:, :, None] + lp.gather(2, column)  # (U, W, B)
         return tokens.flatten(1), nodes.flatten(1), scores.flatten(1), valid.flatten(1)
 
     def _pool_covers(self, best_live: torch.Tensor) -> torch.Tensor:
@@ -328,7 +338,8 @@ def device_beam_search(step_fn: StepFn, trie: DeviceTrie, num_users, num_beams, 
                        length_penalty: float = 0.0, stop_early: bool = False):
     """Runs a `DeviceBeamSearch` to the end -> (items, scores) (U, k) device tensors.
 
-    step_fn(parent_rows, tokens) -> logprobs (U * width, V) float32 on the device: first called with
+    step_fn(parent_rows, tokens) -> logprobs (U * width, V) float32 on the device, or (logprobs (U * width, W),
+    offset): column j is token offset + j, covering the step's `Trie.window`. First called with
     (None, None) for one row per user (the start token), then with the previous step's outputs (reorder the
     decoder cache with parent_rows, feed tokens). stop_early: check once per step whether every user
     stopped (a host sync) and skip the remaining steps; else run all `trie.max_depth` steps without one.
@@ -336,7 +347,8 @@ def device_beam_search(step_fn: StepFn, trie: DeviceTrie, num_users, num_beams, 
     search = DeviceBeamSearch(trie, num_users, num_beams, k, length_penalty, exclude, allow)
     parent = tokens = None
     while not (search.done() if stop_early else search.exhausted):
-        parent, tokens = search.step(step_fn(parent, tokens))
+        out = step_fn(parent, tokens)
+        parent, tokens = search.step(*out) if isinstance(out, tuple) else search.step(out)
     return search.device_results()
 
 
@@ -354,20 +366,21 @@ def device_beam_decode(model, trie: Trie, enc: dict, k: int, num_beams: int = 20
     model_steps = decoder_steps(model, trie, "device_beam_decode")
     steps = [0]
     device = enc["tokens"].device
-    U, V = enc["tokens"].shape[0], model.cfg.vocab_size
+    U = enc["tokens"].shape[0]
     memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])  # (U, S, C) (per member)
     cache = model.start_decoding(memory, enc["mask"])
     cache.capacity = trie.max_depth  # the longest decode: the K/V buffers never regrow
 
     def step_fn(parent, tokens):
+        lo, hi = trie.window(steps[0])  # the only tokens this step can extend a beam by
         steps[0] += 1
         if parent is None:  # step 0: one row per user, from the start token
             tokens = torch.full((U,), model.cfg.bos_id, dtype=torch.long, device=device)
         elif steps[0] > model_steps:  # after the item's tokens only EOS is allowed
-            return torch.zeros(len(tokens), V, device=device)
+            return torch.zeros(len(tokens), hi - lo, device=device), lo
         else:
             cache.reorder(parent)
-        return F.log_softmax(model.decode_step(tokens, cache).float(), dim=-1)  # (U * width, V)
+        return model.decode_logprobs(tokens, cache, lo, hi), lo  # (U * width, hi - lo)
 
     dtrie = DeviceTrie.for_device(trie, device)
     items, scores = device_beam_search(step_fn, dtrie, U, num_beams, k, exclude, allow, length_penalty, stop_early)
