@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "beam_step.h"
+#include "leaf_scores.h"
 #include "topk.h"
 #include "trie.h"
 
@@ -21,6 +22,8 @@ void bind_topk(py::module_& m);
 // ---- CUDA attention bindings (owner: CUDA kernels) ----
 void bind_attention(py::module_& m);
 
+void bind_leaf_scores(py::module_& m);
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "genrec_fast native core: trie-constrained beam search and CUDA attention";
   m.def("has_cuda", []() {
@@ -32,6 +35,7 @@ PYBIND11_MODULE(_core, m) {
   }, "True when the CUDA attention kernels were compiled into this build.");
   bind_beam_search(m);
   bind_topk(m);
+  bind_leaf_scores(m);
   bind_attention(m);
 }
 
@@ -234,6 +238,24 @@ void bind_topk(py::module_& m) {
            "`add` of the scores x @ w.T + bias, fused: x (rows, dim), w (cols, dim) float32 C-contiguous and "
            "bias (cols,) at raw host pointers (bias 0 = none); never stores the scores.")
       .def("results", results, "(items int64 (U, k), raw scores float32 (U, k), lse float32 (U,)).");
+}
+
+// ======================= leaf head scores ========================================================
+void bind_leaf_scores(py::module_& m) {
+  m.def(
+      "leaf_scores",
+      [](std::uintptr_t weight, int64_t weight_rows, int64_t dim, std::uintptr_t slots, std::uintptr_t hidden,
+         int64_t rows, int64_t width, std::uintptr_t out, int threads) {
+        py::gil_scoped_release release;
+        genrec::leaf_scores(reinterpret_cast<const float*>(weight), weight_rows, dim,
+                            reinterpret_cast<const int64_t*>(slots), reinterpret_cast<const float*>(hidden), rows,
+                            width, reinterpret_cast<float*>(out), threads);
+      },
+      py::arg("weight"), py::arg("weight_rows"), py::arg("dim"), py::arg("slots"), py::arg("hidden"), py::arg("rows"),
+      py::arg("width"), py::arg("out"), py::arg("threads"),
+      "out (rows, width) = dot(weight[slots], hidden[row]), -inf at empty slots (0): weight (weight_rows, dim) "
+      "float32, slots (rows, width) int64, hidden (rows, dim) float32, out float32, all C-contiguous at raw "
+      "host pointers that the caller keeps alive during the call.");
 }
 
 // ======================= CUDA attention (CUDA owner edits below) ================================

@@ -5,6 +5,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
@@ -185,3 +187,33 @@ def test_decode_logprobs_is_the_window_of_the_vocabulary_wide_log_softmax(levels
                 assert got.shape == (3, b - a) and got.dtype == torch.float32
                 torch.testing.assert_close(got, expected[:, a:b], atol=1e-5, rtol=0)
             fed.append(torch.as_tensor(rng.integers(lo, hi, 3)))  # any tokens of the step's window
+
+
+@given(st.integers(1, 40), st.integers(0, 9), st.integers(1, 70), st.integers(0, 2**31 - 1))
+@settings(max_examples=60, deadline=None)
+def test_native_leaf_scores_equal_the_reference(rows, width, dim, seed):
+    """`_core.leaf_scores` (used without autograd on CPU float32) against the PyTorch definition, empty slots
+    (-inf) included; under autograd the reference runs and its gradients reach the item table."""
+    from genrec_fast.leaf_head import leaf_scores, leaf_scores_reference
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(50, dim, generator=g)
+    slots = torch.randint(0, 50, (rows, width), generator=g)  # 0: an empty slot
+    hidden = torch.randn(rows, dim, generator=g)
+    expected = leaf_scores_reference(weight, slots, hidden)
+    with torch.no_grad():
+        got = leaf_scores(weight, slots, hidden)
+    assert got.shape == (rows, width) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.isinf(got), slots == 0)
+    w = weight.clone().requires_grad_()
+    leaf_scores(w, slots, hidden).masked_fill(slots == 0, 0).sum().backward()  # the differentiable path
+    assert w.grad is not None and bool(w.grad[slots[slots > 0]].abs().sum() > 0) == bool((slots > 0).any())
+
+
+def test_native_leaf_scores_rejects_slots_outside_the_table():
+    from genrec_fast.native import core
+    w, h, out = torch.zeros(5, 4), torch.zeros(1, 4), torch.zeros(1, 2)
+    for bad in (5, -1):
+        s = torch.tensor([[1, bad]])
+        with pytest.raises(ValueError, match=f"slot {bad} at 1 is outside the table's 5 rows"):
+            core().leaf_scores(w.data_ptr(), 5, 4, s.data_ptr(), h.data_ptr(), 1, 2, out.data_ptr(), 1)

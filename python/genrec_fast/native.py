@@ -20,7 +20,7 @@ def core():
             "without a working build: reinstall it with `pip install .` from the source tree (it needs a C++17 "
             "compiler and CMake; see the build log), or pass backend='reference' for the pure Python paths."
         ) from e
-    missing = [name for name in ("Trie", "BeamSearch", "StreamingTopK") if not hasattr(_core, name)]
+    missing = [name for name in ("Trie", "BeamSearch", "StreamingTopK", "leaf_scores") if not hasattr(_core, name)]
     if missing:
         raise ImportError(f"genrec_fast._core at {_core.__file__} is an old build without {missing}: "
                           "reinstall the package (`pip install .`)")
