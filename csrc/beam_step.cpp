@@ -164,6 +164,12 @@ void BeamSearch::step_users(const float* logprobs, int64_t width, int64_t offset
   }
 }
 
+bool BeamSearch::candidate_before(const Candidate& a, const Candidate& b) {
+  if (score_before(a.score, b.score)) return true;
+  if (score_before(b.score, a.score)) return false;
+  return a.slot != b.slot ? a.slot < b.slot : a.token < b.token;
+}
+
 // Steps the user of active_[local]; returns whether it stays active.
 bool BeamSearch::step_user(int64_t local, const float* logprobs, int64_t width, int64_t offset,
                            float divisor, std::vector<Candidate>& candidates) {
@@ -171,30 +177,43 @@ bool BeamSearch::step_user(int64_t local, const float* logprobs, int64_t width, 
   const int64_t user = active_[local];
   const int64_t first_row = local * width_;
   Beam* beams = &beams_[user * num_beams_];
+  const UserFilter& filter = filters_[user];
+  const bool unfiltered = filter.base == UserFilter::Base::kAll && filter.exceptions.empty();
+  // Candidates are offered in (row asc, token asc) order, so one that does not beat the current
+  // num_beams-th best strictly can never enter the best num_beams: once `candidates` fills up it is
+  // cut to the best num_beams, whose last score then bounds the rest (wide nodes: a 1M-item catalog's
+  // first code level has thousands of children).
+  const size_t limit = std::max<size_t>(256, 4 * static_cast<size_t>(num_beams_));
+  bool bounded = false;
+  float bound = 0.0f;
   candidates.clear();
   for (int32_t slot = 0; slot < num_live_[user]; ++slot) {
     const float* row = logprobs + (first_row + slot) * width;  // column j: token offset + j
     const Beam beam = beams[slot];
     for (int64_t e = t.child_ptr[beam.node]; e < t.child_ptr[beam.node + 1]; ++e) {
-      const int32_t child = t.child_node[e];
-      if (!usable(user, child)) continue;
       const int32_t token = t.child_token[e];
       const float score = beam.score + row[token - offset];
       if (token == t.eos_id) {
-        offer(user, t.leaf_item[child], length_penalty_ == 0.0f ? score : score / divisor);
-      } else {
-        candidates.push_back({score, slot, token, child});
+        const int32_t child = t.child_node[e];
+        if (usable(user, child)) offer(user, t.leaf_item[child], length_penalty_ == 0.0f ? score : score / divisor);
+        continue;
+      }
+      if (bounded && !score_before(score, bound)) continue;
+      const int32_t child = t.child_node[e];
+      if (!unfiltered && !usable(user, child)) continue;
+      candidates.push_back({score, slot, token, child});
+      if (candidates.size() == limit) {
+        const auto nth = candidates.begin() + (num_beams_ - 1);
+        std::nth_element(candidates.begin(), nth, candidates.end(), candidate_before);
+        candidates.resize(num_beams_);
+        bounded = true;
+        bound = candidates.back().score;  // the num_beams-th best so far
       }
     }
   }
   // Best num_beams by (score desc, row asc, token asc); rows of one user follow its slots.
   const auto kept = std::min<int64_t>(static_cast<int64_t>(candidates.size()), num_beams_);
-  std::partial_sort(candidates.begin(), candidates.begin() + kept, candidates.end(),
-                    [](const Candidate& a, const Candidate& b) {
-                      if (score_before(a.score, b.score)) return true;
-                      if (score_before(b.score, a.score)) return false;
-                      return a.slot != b.slot ? a.slot < b.slot : a.token < b.token;
-                    });
+  std::partial_sort(candidates.begin(), candidates.begin() + kept, candidates.end(), candidate_before);
   for (int64_t s = 0; s < kept; ++s) {
     beams[s] = {candidates[s].node, candidates[s].score};
     beam_parent_[user * num_beams_ + s] = first_row + candidates[s].slot;

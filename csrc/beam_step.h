@@ -61,6 +61,8 @@ class BeamSearch {
     int32_t token;
     int32_t node;
   };
+  // (score desc with NaN last, slot asc, token asc): a strict total order over one user's candidates.
+  static bool candidate_before(const Candidate& a, const Candidate& b);
   // Allowed items of one user in a leaf range: base count + sign * (#exceptions in the range).
   struct UserFilter {
     enum class Base : uint8_t { kNone, kAll, kShared };

@@ -329,6 +329,33 @@ def test_backends_agree_on_non_finite_logprobs(sc, value):
 
 
 @needs_native
+@pytest.mark.parametrize("filtered", [False, True])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_wide_nodes_backends_agree(filtered, quantize):
+    """Nodes with far more children than beams (the C++ search then keeps only the best num_beams so far
+    and skips candidates that cannot beat them): exact agreement with the reference, ties and NaN included."""
+    rng = np.random.default_rng(7)
+    seqs = [[a] for a in range(1, 700)] + [[a, b] for a in range(1, 40) for b in range(1, 30)]
+    trie = Trie.build(seqs, eos_id=0)
+    n, users = trie.num_items, 12
+    exclude = [rng.choice(n, size=300) for _ in range(users)] if filtered else None
+    allow = rng.random(n) < 0.7 if filtered else None
+    sc = Scenario(trie, 700, users, 5, 4, 0.0, exclude, allow, seed=3)
+    make_rows = random_logprobs(sc.vocab, sc.seed, quantize)
+
+    def rows_with_nan(search, out):
+        rows = make_rows(search, out)
+        rows[:, 5::97] = np.nan
+        return rows
+
+    searches = searches_for(sc)
+    run_lockstep(searches, rows_with_nan)
+    for a, b in zip(searches[1].results(), searches[0].results()):
+        np.testing.assert_array_equal(a, b)
+    check_results(sc, *searches[0].results())
+
+
+@needs_native
 def test_many_users_threaded_backend_agrees():
     seqs = [[a, b, c] for a in range(1, 6) for b in range(1, 6) for c in range(1, 4)] + [[a] for a in range(1, 6)]
     trie = Trie.build(seqs, eos_id=0)
