@@ -73,3 +73,5 @@ def test_smoothing_fields():
         with_overrides(p, {"train.leaf_smoothing": 1.5})
     with pytest.raises(ValueError, match=r"train.label_smoothing must be in \[0, 1\)"):
         with_overrides(p, {"train.label_smoothing": -0.1})
+    with pytest.raises(ValueError, match=r"train.item_aux must be >= 0"):
+        with_overrides(p, {"train.item_aux": -1})

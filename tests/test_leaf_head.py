@@ -103,6 +103,28 @@ def test_leaf_head_loss_is_the_cross_entropy_of_its_logits(smoothing, leaf_smoot
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_item_aux_adds_the_full_item_softmax_at_the_first_step(smoothing):
+    """head_loss(item_aux=a) = head_loss + a x F.cross_entropy(h_0 @ E[1:].T, item) over the targets that
+    reach the last step (values and gradients, the item table's included)."""
+    rec = _rec()
+    m = rec.model.train()
+    torch.manual_seed(1)
+    items = [0, 9, 33, 69, 50]
+    dec_in, labels = pad_targets([rec.tokenizer.target(i, False) for i in items], m.cfg.bos_id)  # (5, 3)
+    labels[4] = -100  # a padded row
+    hidden = torch.randn(5, 3, m.cfg.d_model, requires_grad=True)
+    got = m.head_loss(hidden, labels, smoothing, -100, None, item_aux=0.7)
+    z = hidden[:4, 0] @ m.item_embed.weight[1:].T  # (4, n_items)
+    aux = F.cross_entropy(z, torch.tensor(items[:4]), label_smoothing=smoothing)
+    want = m.head_loss(hidden, labels, smoothing, -100, None) + 0.7 * aux
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, [hidden, m.item_embed.weight]),
+                    torch.autograd.grad(want, [hidden, m.item_embed.weight])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(got, m.head_loss(hidden, labels, smoothing, -100, None))
+
+
 def _data(rng, n_users=200, n_items=80):
     seqs = [rng.integers(0, n_items, int(rng.integers(4, 9))) for _ in range(n_users)]
     seqs[0] = np.arange(n_items)
@@ -143,6 +165,10 @@ def test_leaf_head_refuses_what_it_cannot_score(tmp_path):
     p.train = dataclasses.replace(p.train, leaf_smoothing=0.0)
     with pytest.raises(ValueError, match="train.leaf_smoothing=0.0 smooths the leaf head's softmax"):
         Trainer(_data(np.random.default_rng(0)), tmp_path / "noleaf", p, progress=False)
+    p = preset("tiny")
+    p.train = dataclasses.replace(p.train, item_aux=0.5)
+    with pytest.raises(ValueError, match="train.item_aux=0.5 trains the leaf head's item vectors"):
+        Trainer(_data(np.random.default_rng(0)), tmp_path / "noaux", p, progress=False)
 
 
 def test_leaf_head_ensemble_is_exact():

@@ -83,6 +83,9 @@ class TrainConfig:
     leaf_smoothing: float | None = None  # with model.leaf_head: label smoothing of the leaf softmax over a
     # leaf's items (None = label_smoothing). A flat softmax smoothed by e puts ~e * leaf / catalog on a
     # leaf's other items, so ~0 matches one-token training; the cluster steps keep label_smoothing
+    item_aux: float = 0.0  # with model.leaf_head: weight of an auxiliary softmax over all items at the first
+    # decoder step (h_0 . e_item, the one-token model's task): every step's gradient reaches every item
+    # vector, not only the target leaf's. Costs a catalog-wide softmax per target in training (not decoding)
     eval_every: int = 1  # epochs between validations
     eval_from: int = 0  # epochs trained before the first validation (the last epoch is always validated);
     # skips validations whose checkpoint would not be kept anyway: training itself does not change
@@ -115,6 +118,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"train.{name} must be in [0, 1), got {value!r}")
+        if self.item_aux < 0:
+            raise ValueError(f"train.item_aux must be >= 0 (0 = off), got {self.item_aux!r}")
         if self.num_negatives < 0:
             raise ValueError(f"train.num_negatives must be >= 0, got {self.num_negatives!r}")
 

@@ -378,9 +378,11 @@ class GenRec(nn.Module):
         return out
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, smoothing: float, ignore_index: int,
-                  leaf_smoothing: float | None = None):
+                  leaf_smoothing: float | None = None, item_aux: float = 0.0):
         """Cross-entropy of `logits(hidden, ...)` (B, T, V) against labels (B, T), without the (B, T, V) logits.
-        With a leaf head the leaf softmax is smoothed by leaf_smoothing (None: smoothing)."""
+        With a leaf head the leaf softmax is smoothed by leaf_smoothing (None: smoothing), and item_aux > 0
+        adds item_aux x the cross-entropy of a softmax over ALL items at the first step (`h_0 . e_item`, the
+        one-token model's task on the leaf head's item vectors; smoothed by `smoothing`)."""
         leaves = self._leaves()
         if leaves is None:
             return linear_cross_entropy(hidden.flatten(0, 1), self.shared.weight, self.final_logits_bias[0],
@@ -396,7 +398,13 @@ class GenRec(nn.Module):
         leaf = leaves.loss_terms(hidden[rows, last], labels[rows, :last], labels[rows, last], self.item_embed.weight,
                                  smoothing if leaf_smoothing is None else leaf_smoothing)  # (N,)
         n = n_head + len(rows)
-        return (total + leaf.sum()) / n if n else hidden.new_tensor(float("nan"))
+        loss = (total + leaf.sum()) / n if n else hidden.new_tensor(float("nan"))
+        if item_aux and len(rows):
+            local = labels[rows, last] - leaves.first[-1]  # (N,) leaf-local index
+            items = leaves.items[leaves.keys(labels[rows, :last]), local] - 1  # (N,) item index
+            loss = loss + item_aux * linear_cross_entropy(hidden[rows, 0], self.item_embed.weight[1:], None, items,
+                                                          smoothing, ignore_index)
+        return loss
 
     def forward(self, tokens, user_ids, item_ids, mask, decoder_tokens, attn_mask=None, positions=None,
                 decoder_self_mask=None, cross_mask=None, decoder_positions=None):

@@ -202,6 +202,9 @@ class Trainer:
         if self.tcfg.leaf_smoothing is not None and not mcfg.leaf_head:
             raise ValueError(f"train.leaf_smoothing={self.tcfg.leaf_smoothing!r} smooths the leaf head's softmax: "
                              "it needs model.leaf_head=True (else use train.label_smoothing)")
+        if self.tcfg.item_aux and not mcfg.leaf_head:
+            raise ValueError(f"train.item_aux={self.tcfg.item_aux!r} trains the leaf head's item vectors: it needs "
+                             "model.leaf_head=True")
         torch.manual_seed(self.tcfg.seed)
         self.model = GenRec(mcfg).attach_leaves(self.tokenizer).to(self.device)
         self.group.broadcast_parameters(self.model)
@@ -370,7 +373,7 @@ class Trainer:
             loss = self._sampled_loss(kwargs, labels, batch_targets)
         elif seen is None:  # the fused head + loss: the step's largest cost on a CPU, ~1/4 less
             loss = self.model.head_loss(self.model.hidden(**kwargs), labels, self.tcfg.label_smoothing, IGNORE,
-                                        self.tcfg.leaf_smoothing)
+                                        self.tcfg.leaf_smoothing, self.tcfg.item_aux)
         else:
             loss = item_cross_entropy(self.model(**kwargs), labels, self.tcfg.label_smoothing, seen, IGNORE)
         return loss, labels
