@@ -130,7 +130,7 @@ bool BeamSearch::usable(int64_t user, int32_t node) const {
 
 // ---- step ----
 
-StepOutput BeamSearch::step(const float* logprobs, int64_t rows, int64_t width, int64_t offset) {
+StepOutput BeamSearch::step(const float* logprobs, int64_t rows, int64_t columns, int64_t offset) {
   if (done()) throw std::invalid_argument("step: the search is done (no active user)");
   if (rows != num_rows()) {
     throw std::invalid_argument("logprobs has " + std::to_string(rows) + " rows, expected " +
@@ -139,8 +139,8 @@ StepOutput BeamSearch::step(const float* logprobs, int64_t rows, int64_t width, 
   }
   // Not done: some beam has children, so this step has a window.
   const int32_t lo = trie_->step_lo[num_steps_], hi = trie_->step_hi[num_steps_];
-  if (offset < 0 || offset > lo || offset + width <= hi) {
-    throw std::invalid_argument("logprobs has " + std::to_string(width) + " columns from token " +
+  if (offset < 0 || offset > lo || offset + columns <= hi) {
+    throw std::invalid_argument("logprobs has " + std::to_string(columns) + " columns from token " +
                                 std::to_string(offset) + " but step " + std::to_string(num_steps_) +
                                 " reads tokens " + std::to_string(lo) + ".." + std::to_string(hi));
   }
@@ -151,16 +151,16 @@ StepOutput BeamSearch::step(const float* logprobs, int64_t rows, int64_t width, 
   stays_active_.assign(active_.size(), 0);
   constexpr int64_t kUsersPerThread = 32;  // below this a thread costs more than it saves
   parallel_for(static_cast<int64_t>(active_.size()), threads_, kUsersPerThread, [&](int64_t begin, int64_t end) {
-    step_users(logprobs, width, offset, divisor, begin, end);
+    step_users(logprobs, columns, offset, divisor, begin, end);
   });
   return collect_rows();
 }
 
-void BeamSearch::step_users(const float* logprobs, int64_t width, int64_t offset, float divisor,
+void BeamSearch::step_users(const float* logprobs, int64_t columns, int64_t offset, float divisor,
                             int64_t begin, int64_t end) {
   std::vector<Candidate> candidates;
   for (int64_t local = begin; local < end; ++local) {
-    stays_active_[local] = step_user(local, logprobs, width, offset, divisor, candidates);
+    stays_active_[local] = step_user(local, logprobs, columns, offset, divisor, candidates);
   }
 }
 
@@ -171,7 +171,7 @@ bool BeamSearch::candidate_before(const Candidate& a, const Candidate& b) {
 }
 
 // Steps the user of active_[local]; returns whether it stays active.
-bool BeamSearch::step_user(int64_t local, const float* logprobs, int64_t width, int64_t offset,
+bool BeamSearch::step_user(int64_t local, const float* logprobs, int64_t columns, int64_t offset,
                            float divisor, std::vector<Candidate>& candidates) {
   const Trie& t = *trie_;
   const int64_t user = active_[local];
@@ -188,7 +188,7 @@ bool BeamSearch::step_user(int64_t local, const float* logprobs, int64_t width, 
   float bound = 0.0f;
   candidates.clear();
   for (int32_t slot = 0; slot < num_live_[user]; ++slot) {
-    const float* row = logprobs + (first_row + slot) * width;  // column j: token offset + j
+    const float* row = logprobs + (first_row + slot) * columns;  // column j: token offset + j
     const Beam beam = beams[slot];
     for (int64_t e = t.child_ptr[beam.node]; e < t.child_ptr[beam.node + 1]; ++e) {
       const int32_t token = t.child_token[e];

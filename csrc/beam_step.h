@@ -37,11 +37,11 @@ class BeamSearch {
   // Step number: tokens appended so far (the depth of every live beam).
   int32_t steps() const { return num_steps_; }
 
-  // logprobs: (rows, width) row-major for the current rows, column j = token offset + j; the
+  // logprobs: (rows, columns) row-major for the current rows, column j = token offset + j; the
   // columns must cover the step's window trie.step_lo[steps()]..step_hi[steps()] (offset 0 and
-  // width vocab: every token). Throws std::invalid_argument when done() or when the shape does not
+  // columns = vocab: every token). Throws std::invalid_argument when done() or when the shape does not
   // match the row layout and the window.
-  StepOutput step(const float* logprobs, int64_t rows, int64_t width, int64_t offset = 0);
+  StepOutput step(const float* logprobs, int64_t rows, int64_t columns, int64_t offset = 0);
 
   // items, scores: (num_users, k) row-major; padded with -1 / -inf.
   void results(int64_t* items, float* scores) const;
@@ -77,9 +77,9 @@ class BeamSearch {
   int64_t allowed_count(int64_t user, int32_t lo, int32_t hi) const;
   bool usable(int64_t user, int32_t node) const;
 
-  void step_users(const float* logprobs, int64_t width, int64_t offset, float divisor, int64_t begin,
+  void step_users(const float* logprobs, int64_t columns, int64_t offset, float divisor, int64_t begin,
                   int64_t end);
-  bool step_user(int64_t local, const float* logprobs, int64_t width, int64_t offset, float divisor,
+  bool step_user(int64_t local, const float* logprobs, int64_t columns, int64_t offset, float divisor,
                  std::vector<Candidate>& candidates);
   void offer(int64_t user, int32_t item, float score);
   StepOutput collect_rows();
