@@ -243,7 +243,7 @@ def test_driver_with_step_fn_and_stop_early():
                 assert parent.device == tokens.device == torch.device("cpu")
                 state["users"] = np.repeat(np.arange(U), len(parent) // U)
                 state["prefixes"] = [state["prefixes"][p] + (t,) for p, t in zip(parent.tolist(), tokens.tolist())]
-            return torch.from_numpy(logprobs.rows(state["users"], state["prefixes"], 0))
+            return torch.from_numpy(logprobs.rows(state["users"], state["prefixes"], 0)), 0
 
         items, scores = device_beam_search(step_fn, DeviceTrie.from_trie(trie), U, 5, 3, sc.exclude, sc.allow,
                                            stop_early=stop_early)

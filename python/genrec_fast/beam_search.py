@@ -144,13 +144,21 @@ class Trie:
         return self._native_trie
 
 
+def node_depths(child_ptr, child_node, max_depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR arrays of a trie -> (depth (N,) int64: edges from the root, source (E,) int64: the node each edge
+    leaves), level by level."""
+    n = len(child_ptr) - 1
+    source = np.repeat(np.arange(n), np.diff(child_ptr))  # (E,)
+    depth = np.full(n, -1, dtype=np.int64)
+    depth[0] = 0
+    for d in range(max_depth):
+        depth[child_node[depth[source] == d]] = d + 1
+    return depth, source
+
+
 def _step_windows(child_ptr, child_token, child_node, max_depth: int) -> tuple[np.ndarray, np.ndarray]:
     """(max_depth,) int32 smallest and largest token on the edges out of the nodes of each depth."""
-    n = len(child_ptr) - 1
-    source = np.repeat(np.arange(n), np.diff(child_ptr))  # (E,) the node each edge leaves
-    depth = np.zeros(n, dtype=np.int64)
-    for _ in range(max_depth):  # depth[child] = depth[parent] + 1, settled one level per pass
-        depth[child_node] = depth[source] + 1
+    depth, source = node_depths(child_ptr, child_node, max_depth)
     lo = np.full(max_depth, np.iinfo(np.int32).max, dtype=np.int32)
     hi = np.full(max_depth, -1, dtype=np.int32)
     np.minimum.at(lo, depth[source], child_token)
@@ -281,11 +289,15 @@ class _BeamSearchBase:
                 f"logprobs must have shape ({rows}, vocab) = active users x width {self.width}, "
                 f"got {logprobs.shape}"
             )
-        lo, hi = self.trie.window(self.steps)
-        if not 0 <= operator.index(offset) <= lo or offset + logprobs.shape[1] < hi:
-            raise ValueError(f"logprobs has {logprobs.shape[1]} columns from token {offset}, but step "
-                             f"{self.steps} reads tokens {lo}..{hi - 1}")
+        self._check_window(logprobs.shape[1], offset)
         return logprobs
+
+    def _check_window(self, columns: int, offset) -> None:
+        """The step's logprobs columns (tokens offset .. offset + columns - 1) cover its `Trie.window`."""
+        lo, hi = self.trie.window(self.steps)
+        if not 0 <= operator.index(offset) <= lo or offset + columns < hi:
+            raise ValueError(f"logprobs has {columns} columns from token {offset}, but step {self.steps} reads "
+                             f"tokens {lo}..{hi - 1}")
 
 
 # ---------------------------------------------------------------------------------------------

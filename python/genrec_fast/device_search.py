@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .beam_search import Trie, _BeamSearchBase
+from .beam_search import Trie, _BeamSearchBase, node_depths
 
 __all__ = ["DeviceTrie", "DeviceBeamSearch", "device_beam_search", "device_beam_decode"]
 
@@ -70,7 +70,7 @@ class DeviceTrie:
     def __init__(self, host: Trie, device, arrays: dict, inner: list, branch: list):
         self.host, self.device = host, torch.device(device)
         self.eos_id, self.num_items, self.num_nodes = host.eos_id, host.num_items, host.num_nodes
-        self.max_depth, self.min_vocab = host.max_depth, host.min_vocab
+        self.max_depth = host.max_depth
         for name, array in arrays.items():
             setattr(self, name, torch.as_tensor(array, dtype=torch.int64, device=self.device))
         self.device = self.child_ptr.device  # with its index ("cuda" -> "cuda:0")
@@ -88,7 +88,7 @@ class DeviceTrie:
         arrays = dict(child_ptr=np.concatenate([[0], np.cumsum(degree)]), child_token=trie.child_token[~is_eos],
                       child_node=trie.child_node[~is_eos], eos_child=eos_child, leaf_item=trie.leaf_item,
                       leaf_lo=trie.leaf_lo, leaf_hi=trie.leaf_hi, leaf_order=trie.leaf_order)
-        depth = _depths(trie, parent)
+        depth, _ = node_depths(trie.child_ptr, trie.child_node, trie.max_depth)
         has_children = np.diff(trie.child_ptr) > 0
         inner = [int(np.sum(has_children & (depth == d))) for d in range(trie.max_depth + 1)]
         branch = [int(degree[depth == d].max(initial=0)) for d in range(trie.max_depth + 1)]
@@ -108,16 +108,6 @@ class DeviceTrie:
         out = [1 if self.inner[0] else 0]
         out += [min(num_beams, n) for n in self.inner[1:]]
         return out[:out.index(0) + 1] if 0 in out else out + [0]
-
-
-def _depths(trie: Trie, parent: np.ndarray) -> np.ndarray:
-    """(N,) edges from the root, level by level."""
-    depth = np.full(trie.num_nodes, -1, dtype=np.int64)
-    depth[0] = 0
-    for d in range(trie.max_depth):
-        at_d = depth[parent] == d  # (E,) edges leaving depth d
-        depth[trie.child_node[at_d]] = d + 1
-    return depth
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,10 +238,7 @@ class DeviceBeamSearch(_BeamSearchBase):
         if logprobs.dim() != 2 or logprobs.shape[0] != rows:
             raise ValueError(f"logprobs must have shape ({rows}, vocab) = all {self.num_users} users x width "
                              f"{self.width}, got {tuple(logprobs.shape)}")
-        lo, hi = self.trie.window(self._t)
-        if not 0 <= int(offset) <= lo or offset + logprobs.shape[1] < hi:
-            raise ValueError(f"logprobs has {logprobs.shape[1]} columns from token {offset}, but step {self._t} "
-                             f"reads tokens {lo}..{hi - 1}")
+        self._check_window(logprobs.shape[1], offset)
         return logprobs
 
     def _finish_eos(self, lp: torch.Tensor, offset: int) -> None:
@@ -338,8 +325,8 @@ def device_beam_search(step_fn: StepFn, trie: DeviceTrie, num_users, num_beams, 
                        length_penalty: float = 0.0, stop_early: bool = False):
     """Runs a `DeviceBeamSearch` to the end -> (items, scores) (U, k) device tensors.
 
-    step_fn(parent_rows, tokens) -> logprobs (U * width, V) float32 on the device, or (logprobs (U * width, W),
-    offset): column j is token offset + j, covering the step's `Trie.window`. First called with
+    step_fn(parent_rows, tokens) -> (logprobs (U * width, W) float32 on the device, offset): column j is token
+    offset + j, covering the step's `Trie.window` (offset 0, W = V: the whole vocabulary). First called with
     (None, None) for one row per user (the start token), then with the previous step's outputs (reorder the
     decoder cache with parent_rows, feed tokens). stop_early: check once per step whether every user
     stopped (a host sync) and skip the remaining steps; else run all `trie.max_depth` steps without one.
@@ -347,8 +334,7 @@ def device_beam_search(step_fn: StepFn, trie: DeviceTrie, num_users, num_beams, 
     search = DeviceBeamSearch(trie, num_users, num_beams, k, length_penalty, exclude, allow)
     parent = tokens = None
     while not (search.done() if stop_early else search.exhausted):
-        out = step_fn(parent, tokens)
-        parent, tokens = search.step(*out) if isinstance(out, tuple) else search.step(out)
+        parent, tokens = search.step(*step_fn(parent, tokens))
     return search.device_results()
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import GenRec
+from .model import GenRec, window_log_softmax
 
 # fields every member must share: they fix the input pieces and how the output is read
 SHARED_FIELDS = ("vocab_size", "pad_id", "bos_id", "eos_id", "item_eos", "n_users", "n_items", "max_positions")
@@ -86,7 +86,7 @@ class Ensemble(nn.Module):
                         hi: int | None = None) -> torch.Tensor:
         """`log_softmax(decode_step(tokens, cache))[:, lo:hi]` -> float32 (R, hi - lo): the renormalised mean
         needs every member's whole vocabulary, so only the host copy shrinks to the window."""
-        return F.log_softmax(self.decode_step(tokens, cache), dim=-1)[:, lo:hi].contiguous()
+        return window_log_softmax(self.decode_step(tokens, cache), lo, hi)
 
 
 def check_same_files(paths: Sequence[str | Path], names: Sequence[str]) -> None:

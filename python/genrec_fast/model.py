@@ -242,6 +242,12 @@ class DecoderCache:
         return out
 
 
+def window_log_softmax(z: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """`log_softmax(z, -1)[:, lo:hi]` of z (R, V) -> (R, hi - lo), contiguous, without writing the (R, V)
+    log-softmax: only the window's columns less each row's log-sum-exp."""
+    return z[:, lo:hi] - torch.logsumexp(z, dim=-1, keepdim=True)
+
+
 def _from_end(lengths: torch.Tensor, S: int) -> torch.Tensor:
     """Positions counted back from each row's last valid piece (0 = last, usually EOS): the most recent
     item sits at the same position whatever the history length. Padding gets position 0."""
@@ -444,7 +450,7 @@ class GenRec(nn.Module):
         hidden, at_leaf = self._leaf_aware_step(tokens, cache)  # (R, C)
         if at_leaf:
             return self.leaves.window_logprobs(hidden, cache.leaf_key, self.item_embed.weight, lo, hi)
-        return F.log_softmax(self.lm_head(hidden).float(), dim=-1)[:, lo:hi].contiguous()
+        return window_log_softmax(self.lm_head(hidden).float(), lo, hi)
 
     def _leaf_aware_step(self, tokens: torch.Tensor, cache: DecoderCache) -> tuple[torch.Tensor, bool]:
         """One decoder step -> states (R, C) and whether they feed the leaf head (else the LM head); with a
