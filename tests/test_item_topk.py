@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from genrec_fast.beam_search import check_filters
-from genrec_fast.item_topk import Head, _item_topk_torch, item_topk, item_topk_reference
+from genrec_fast.item_topk import Head, _item_topk_torch, _scores, item_topk, item_topk_reference
 
 
 def heads_and_logits(rng, members, U, V, C, integer=False, zero_bias=False):
@@ -75,7 +75,8 @@ def _torch_path(heads, first, n, k, exclude, allow, chunk):
     """The device loop (GPUs), run here on CPU tensors."""
     U = heads[0].x.shape[0]
     ptr, items, allow = check_filters(exclude, allow, U, n)
-    return _item_topk_torch(heads, first, n, k, ptr, items, allow, chunk)
+    got_i, values, norms = _item_topk_torch(heads, first, n, k, ptr, items, allow, chunk)
+    return got_i, _scores(got_i, values, norms.mean(0))
 
 
 def test_k_beyond_the_allowed_items_pads_and_nan_is_never_chosen():

@@ -33,6 +33,8 @@ class ModelConfig:
     leaf_head: bool = False  # codes without EOS: score the last, unique-making code token with the item's own
     # ID embedding, over the items of its leaf only (leaf_head.py), instead of as a leaf-local index token
     # whose output vector every leaf shares
+    history_bias: bool = False  # one-token items: add learned offsets to the logits of the user's own history
+    # items (a recency term + a pointer score; history_bias.py), so repeats can be ranked up or down
     n_users: int = 0  # rows of the user ID table (0 = padding/unknown user)
     n_items: int = 0  # rows of the item ID table (0 = padding/unknown item)
     pad_id: int = 0
@@ -47,6 +49,9 @@ class ModelConfig:
         if self.leaf_head and (self.item_eos or not self.item_id_embed):
             raise ValueError("model.leaf_head needs model.item_eos=False (the item's last token is the last step) "
                              "and model.item_id_embed=True (the leaf's items are scored with their ID embeddings)")
+
+        if self.history_bias and self.item_eos:
+            raise ValueError("model.history_bias needs model.item_eos=False (items of one token, scored at one step)")
 
     @property
     def head_dim(self) -> int:

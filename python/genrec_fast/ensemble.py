@@ -74,6 +74,16 @@ class Ensemble(nn.Module):
         """Every member's first decoder step from BOS as `item_topk.Head`s (no cache)."""
         return [h for m, x in zip(self.members, memory) for h in m.first_heads(x, mask)]
 
+    @property
+    def history(self):
+        """Truthy when any member has a history bias (`GenRec.history`)."""
+        return any(m.history is not None for m in self.members) or None
+
+    def history_offsets(self, heads: list, memory: list, item_ids: torch.Tensor, mask: torch.Tensor) -> list:
+        """Each member's history bias (zeros for members without one): -> [(U, S)] per member."""
+        return [o for i, (m, x) in enumerate(zip(self.members, memory))
+                for o in m.history_offsets(heads[i:i + 1], x, item_ids, mask)]
+
     def decode_step(self, tokens: torch.Tensor, cache: EnsembleCache) -> torch.Tensor:
         """tokens (R,) -> mean member log-probabilities (R, V)."""
         out = None

@@ -34,7 +34,7 @@ class Head(NamedTuple):
 
 def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, exclude=None, allow=None,
               chunk: int = DEFAULT_CHUNK, threads: int | None = None, fused: bool | None = None,
-              ) -> tuple[np.ndarray, np.ndarray]:
+              history: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Best k allowed items per user by mean log-probability over `heads` (one per ensemble member).
 
     Item i is vocabulary row first_item + i. -> items (U, k) int64 (-1 = none left), scores (U, k) float32
@@ -42,6 +42,10 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
     fused C++ head (`StreamingTopK.add_head`: logits never stored; fused=False forces the other path),
     else the head runs `chunk` rows at a time as matmuls into the C++ scan; other devices run the
     chunked loop in torch ops.
+
+    history: (items (U, S) int64 tensor of item indices, -1 = none; one (U, S) tensor of logit offsets per
+    head) adds each offset to its item's logit, summed over repeats (history_bias.py), exactly: the scan
+    runs without those items and they join afterwards, the normalisers corrected (`_with_history`).
     """
     x0, w0 = heads[0].x, heads[0].weight
     U, V = x0.shape[0], w0.shape[0]
@@ -53,6 +57,18 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
         raise ValueError(f"chunk: expected a positive integer, got {chunk!r}")
     ptr, ex_items, allow = check_filters(exclude, allow, U, num_items)
     heads = _drop_zero_bias(heads)
+    scan = (heads, first_item, num_items, k, chunk, threads, fused)
+    if history is not None:
+        return _with_history(scan, ptr, ex_items, allow, *history)
+    items, values, norms = _scan(*scan, ptr, ex_items, allow)
+    return items, _scores(items, values, norms.mean(0))
+
+
+def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items, allow):
+    """-> items (U, k) int64 (-1 = none), their mean member logits (U, k) float32, and every member's
+    log-sum-exp over the whole vocabulary, filters ignored (M, U) float64."""
+    x0, V = heads[0].x, heads[0].weight.shape[0]
+    U = x0.shape[0]
     if x0.device.type != "cpu":
         return _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chunk)
     threads = torch.get_num_threads() if threads is None else threads
@@ -72,10 +88,93 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
         if is_item:
             _add(top, torch.stack(z).mean(0), lo - first_item, True, False, threads)
     items, values, norm = top.results()
-    if lse is not None:
-        norm = np.mean([acc.results()[2] for acc in lse], axis=0)
-    scores = np.where(items >= 0, values - norm[:, None], -np.inf)  # a NaN logit makes every score NaN
-    return items, scores.astype(np.float32)
+    norms = norm[None] if lse is None else np.stack([acc.results()[2] for acc in lse])
+    return items, values, norms.astype(np.float64)
+
+
+def _scores(items: np.ndarray, values: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """Mean logits (U, k) less the mean normaliser (U,) -> float32 scores, -inf at the padding (a NaN logit
+    makes every score NaN)."""
+    return np.where(items >= 0, values - norm[:, None], -np.inf).astype(np.float32)
+
+
+def _with_history(scan: tuple, ptr, ex_items, allow, hist_items: torch.Tensor, offsets: Sequence[torch.Tensor]):
+    """`item_topk` with offsets o_m(u, i) on the history items H_u (summed over repeats): the scan ranks the
+    other items (H_u excluded; its normalisers still cover every column), then member m's normaliser
+    becomes lse_m + log(1 - sum_H exp(z - lse_m) + sum_H exp(z + o - lse_m)) (float64), and the
+    history items, scored mean_m(z + o - lse'_m), merge with the scan's k by (score desc, item asc)."""
+    heads, first_item, num_items, k = scan[:4]
+    U = heads[0].x.shape[0]
+    if len(offsets) != len(heads):
+        raise ValueError(f"history: expected one offsets tensor per head ({len(heads)}), got {len(offsets)}")
+    u_idx, s_idx = (hist_items >= 0).nonzero(as_tuple=True)  # (N,) history positions
+    key, inv = torch.unique(u_idx * num_items + hist_items[u_idx, s_idx], return_inverse=True)  # (P,) sorted
+    off = torch.zeros(len(heads), len(key), dtype=torch.float64, device=key.device).index_add_(
+        1, inv, torch.stack([o[u_idx, s_idx] for o in offsets]).double())  # (M, P)
+    pu, pi = key // num_items, key % num_items  # (P,) user, item
+    z = torch.stack([_history_logits(h, pu, first_item + pi) for h in heads])  # (M, P) float64
+    hu, hi = pu.cpu().numpy(), pi.cpu().numpy()
+    ptr2, ex2 = _union_csr(ptr, ex_items, hu, hi, U)
+    items, values, norms = _scan(*scan, ptr2, ex2, allow)  # norms (M, U)
+    z, off = z.cpu().numpy(), off.cpu().numpy()
+    shifted = norms[:, hu]  # (M, P)
+    rest = 1.0 - _user_sums(np.exp(z - shifted), hu, U)  # (M, U) the other columns' share of the softmax
+    norms2 = norms + np.log(np.maximum(rest, 0.0) + _user_sums(np.exp(z + off - shifted), hu, U))
+    scores = _scores(items, values, norms2.mean(0))  # (U, k)
+    h_scores = (z + off - norms2[:, hu]).mean(0)  # (P,)
+    keep = _allowed(hu, hi, ptr, ex_items, allow) & ~np.isnan(h_scores)
+    return _merge(items, scores, hu[keep], hi[keep], h_scores[keep].astype(np.float32), k, U, num_items)
+
+
+def _history_logits(h: Head, users: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Logits of (user, vocabulary row) pairs (P,) -> (P,) float64."""
+    z = (h.x[users].double() * h.weight[rows].double()).sum(-1)
+    return z if h.bias is None else z + h.bias[rows].double()
+
+
+def _user_sums(values: np.ndarray, users: np.ndarray, U: int) -> np.ndarray:
+    """(M, P) values of pairs owned by users (P,) -> (M, U) per-user sums."""
+    out = np.zeros((values.shape[0], U))
+    for m in range(values.shape[0]):
+        out[m] = np.bincount(users, weights=values[m], minlength=U)
+    return out
+
+
+def _union_csr(ptr, ex_items, users: np.ndarray, items: np.ndarray, U: int):
+    """The exclude lists (CSR or None) plus the pairs (users, items) -> CSR (ptr (U + 1,), items)."""
+    if ptr is not None:
+        users = np.concatenate([np.repeat(np.arange(U), np.diff(ptr)), users])
+        items = np.concatenate([ex_items, items])
+    order = np.argsort(users, kind="stable")
+    return np.searchsorted(users[order], np.arange(U + 1)).astype(np.int64), items[order].astype(np.int64)
+
+
+def _allowed(users: np.ndarray, items: np.ndarray, ptr, ex_items, allow) -> np.ndarray:
+    """(P,) bool: pair (user, item) passes the filters."""
+    ok = np.ones(len(users), dtype=bool)
+    if allow is not None:
+        ok &= allow[items] if allow.ndim == 1 else allow[users, items]
+    if ptr is not None:
+        n = int(max(items.max(initial=0), ex_items.max(initial=0))) + 1
+        excluded = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr)) * n + ex_items
+        ok &= ~np.isin(users * n + items, excluded)
+    return ok
+
+
+def _merge(items, scores, h_users, h_items, h_scores, k: int, U: int, num_items: int):
+    """The scan's (U, k) candidates plus the history pairs -> the best k per user by (score desc, item asc)."""
+    counts = np.bincount(h_users, minlength=U)
+    width, kk = (int(counts.max()) if len(h_users) else 0), items.shape[1]
+    cand_i = np.full((U, kk + width), num_items, dtype=np.int64)  # num_items: padding, after every item
+    cand_s = np.full((U, kk + width), -np.inf, dtype=np.float32)
+    cand_i[:, :kk] = np.where(items >= 0, items, num_items)
+    cand_s[:, :kk] = scores
+    col = kk + np.arange(len(h_users)) - np.repeat(np.cumsum(counts) - counts, counts)  # pairs are user-sorted
+    cand_i[h_users, col], cand_s[h_users, col] = h_items, h_scores
+    order = np.lexsort((cand_i, -cand_s), axis=1)[:, :k]
+    out_i, out_s = np.take_along_axis(cand_i, order, 1), np.take_along_axis(cand_s, order, 1)
+    pad = out_i == num_items
+    return np.where(pad, -1, out_i), np.where(pad, -np.inf, out_s).astype(np.float32)
 
 
 def _fused(heads: Sequence[Head], top, first_item: int, num_items: int, threads: int):
@@ -92,7 +191,7 @@ def _fused(heads: Sequence[Head], top, first_item: int, num_items: int, threads:
         top.add_head(x.data_ptr(), w.data_ptr() + 4 * lo * C, bias, U, C, hi - lo,
                      lo - first_item if is_item else 0, is_item, True, threads)
     items, values, norm = top.results()
-    return items, np.where(items >= 0, values - norm[:, None], -np.inf).astype(np.float32)
+    return items, values, norm[None].astype(np.float64)
 
 
 def _spans(V: int, first_item: int, num_items: int, chunk: int):
@@ -124,7 +223,8 @@ def _add(acc, z: torch.Tensor, first_item: int, topk: bool, lse: bool, threads: 
 
 
 def _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chunk):
-    """The chunked loop in torch ops on the heads' device (GPUs): running top-k and log-sum-exp."""
+    """The chunked loop in torch ops on the heads' device (GPUs): running top-k and log-sum-exp; returns
+    what `_scan` does."""
     x0 = heads[0].x
     U, V, dev = x0.shape[0], heads[0].weight.shape[0], x0.device
     keep = _keep_mask(U, num_items, ptr, ex_items, allow, dev)  # (U or 1, num_items) bool or None
@@ -143,8 +243,7 @@ def _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chun
         ids = torch.arange(lo - first_item, hi - first_item, device=dev).expand(U, -1)
         best, best_i = _merge_topk(torch.cat([best, s], 1), torch.cat([best_i, ids], 1), k)
     best_i = torch.where(best == float("-inf"), -1, best_i)
-    scores = best - lse.mean(0)[:, None]
-    return best_i.cpu().numpy(), scores.float().cpu().numpy()
+    return best_i.cpu().numpy(), best.float().cpu().numpy(), lse.double().cpu().numpy()
 
 
 def _merge_topk(values: torch.Tensor, ids: torch.Tensor, k: int):

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .history_bias import HistoryBias, biased_logits
 from .item_topk import Head
 from .kernels import attention
 from .leaf_head import LeafHead
@@ -274,6 +275,7 @@ class GenRec(nn.Module):
         self.encoder = Stack(cfg, EncoderLayer, cfg.encoder_layers)
         self.decoder = Stack(cfg, DecoderLayer, cfg.decoder_layers)
         self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size))
+        self.history = HistoryBias(cfg.d_model, cfg.max_positions) if cfg.history_bias else None
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.apply(self._init)
         if not cfg.item_id_embed:  # the table stays zero and out of training (config.py)
@@ -411,6 +413,22 @@ class GenRec(nn.Module):
             loss = loss + item_aux * linear_cross_entropy(hidden[rows, 0], self.item_embed.weight[1:], None, items,
                                                           smoothing, ignore_index)
         return loss
+
+    def history_loss(self, tokens, user_ids, item_ids, mask, decoder_tokens, labels: torch.Tensor, smoothing: float,
+                     ignore_index: int) -> torch.Tensor:
+        """With cfg.history_bias: the cross-entropy of the first step's logits plus the history bias
+        (history_bias.py) against labels (B, 1); the logits (B, V) exist whole (one step per target)."""
+        memory = self.encode(tokens, user_ids, item_ids, mask)  # (B, S, C)
+        hidden = self.decode_hidden(decoder_tokens, memory, mask)[:, 0]  # (B, C)
+        z = biased_logits(self.lm_head(hidden), tokens, self.history.offsets(hidden, memory, item_ids, mask))
+        return F.cross_entropy(z, labels[:, 0], ignore_index=ignore_index, label_smoothing=smoothing)
+
+    def history_offsets(self, heads: list, memory: torch.Tensor, item_ids: torch.Tensor,
+                        mask: torch.Tensor) -> list:
+        """The history bias of `first_heads(memory, mask)`'s states: -> [(U, S)] (zeros without the bias)."""
+        if self.history is None:
+            return [torch.zeros(item_ids.shape, dtype=torch.float32, device=item_ids.device)]
+        return [self.history.offsets(heads[0].x, memory, item_ids, mask).float()]
 
     def forward(self, tokens, user_ids, item_ids, mask, decoder_tokens, attn_mask=None, positions=None,
                 decoder_self_mask=None, cross_mask=None, decoder_positions=None):

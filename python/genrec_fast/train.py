@@ -205,6 +205,10 @@ class Trainer:
         if self.tcfg.item_aux and not mcfg.leaf_head:
             raise ValueError(f"train.item_aux={self.tcfg.item_aux!r} trains the leaf head's item vectors: it needs "
                              "model.leaf_head=True")
+        if mcfg.history_bias and (preset.tokenizer.item_tokens != "whole" or mcfg.encoder_causal or self.sampled
+                                  or self.tcfg.mask_seen):
+            raise ValueError("model.history_bias: needs tokenizer.item_tokens='whole', model.encoder_causal=False, "
+                             "train.softmax='full' and train.mask_seen=False")
         torch.manual_seed(self.tcfg.seed)
         self.model = GenRec(mcfg).attach_leaves(self.tokenizer).to(self.device)
         self.group.broadcast_parameters(self.model)
@@ -371,6 +375,9 @@ class Trainer:
         seen = seen_tokens(part, self.tokenizer, self.device) if self.tcfg.mask_seen else None
         if self.sampled:
             loss = self._sampled_loss(kwargs, labels, batch_targets)
+        elif self.model.history is not None:  # full first-step logits plus the history bias
+            loss = self.model.history_loss(**kwargs, labels=labels, smoothing=self.tcfg.label_smoothing,
+                                           ignore_index=IGNORE)
         elif seen is None:  # the fused head + loss: the step's largest cost on a CPU, ~1/4 less
             loss = self.model.head_loss(self.model.hidden(**kwargs), labels, self.tcfg.label_smoothing, IGNORE,
                                         self.tcfg.leaf_smoothing, self.tcfg.item_aux)

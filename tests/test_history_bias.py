@@ -1,0 +1,233 @@
+"""History bias (history_bias.py): offsets, the exact top-k with offsets, the loss, training and reloading."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from genrec_fast import Recommender, SequenceData, load, preset
+from genrec_fast.beam_search import check_filters
+from genrec_fast.decoding import beam_decode, item_decode
+from genrec_fast.ensemble import Ensemble
+from genrec_fast.history_bias import HistoryBias, biased_logits, history_items
+from genrec_fast.item_topk import Head, _item_topk_torch, _merge, _with_history, item_topk, item_topk_reference
+from genrec_fast.train import Trainer
+
+ITEMS = [f"item{i}" for i in range(60)]
+
+
+def test_offsets_follow_the_definition():
+    torch.manual_seed(0)
+    hb = HistoryBias(8, 5)
+    with torch.no_grad():
+        hb.recency.normal_()
+    hidden, memory = torch.randn(2, 8), torch.randn(2, 6, 8)
+    item_ids = torch.tensor([[0, 4, 7, 4, 0, 0], [3, 1, 2, 5, 6, 9]])  # 0 = user piece / mask / EOS / padding
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    got = hb.offsets(hidden, memory, item_ids, mask)
+    q, key = hb.query(hidden), hb.key(memory)
+    for b in range(2):
+        pos = [j for j in range(6) if item_ids[b, j] > 0 and mask[b, j]]
+        for j in range(6):
+            if j not in pos:
+                assert got[b, j] == 0
+                continue
+            after = sum(1 for i in pos if i > j)
+            want = hb.recency[min(after, 4)] + q[b] @ key[b, j] / 8 ** 0.5
+            torch.testing.assert_close(got[b, j], want)
+    assert history_items(item_ids, mask).tolist() == [[-1, 3, 6, 3, -1, -1], [2, 0, 1, 4, 5, 8]]
+
+
+def test_biased_logits_sum_over_repeats():
+    z = torch.zeros(1, 10)
+    out = biased_logits(z, torch.tensor([[4, 4, 7, 0]]), torch.tensor([[1.0, 0.5, -2.0, 0.0]]))
+    assert out[0].tolist() == [0, 0, 0, 0, 1.5, 0, 0, -2.0, 0, 0]
+
+
+def _heads(rng, users, vocab, members, dim=6, bias=True):
+    return [Head(torch.from_numpy(rng.standard_normal((users, dim)).astype(np.float32)),
+                 torch.from_numpy(rng.standard_normal((vocab, dim)).astype(np.float32)),
+                 torch.from_numpy(rng.standard_normal(vocab).astype(np.float32)) if bias else None)
+            for _ in range(members)]
+
+
+def _reference(heads, first, n, k, hist, offsets, exclude, allow):
+    """The definition: full logits plus the offsets on their tokens, then `item_topk_reference`."""
+    tokens = torch.where(hist >= 0, hist + first, 0)  # token 0 gets offset 0
+    logits = [biased_logits(h.x @ h.weight.T + (0 if h.bias is None else h.bias), tokens, o.masked_fill(hist < 0, 0))
+              for h, o in zip(heads, offsets)]
+    return item_topk_reference(logits, first, n, k, exclude, allow)
+
+
+def _history_case(rng, users, n, members, slots):
+    hist = torch.from_numpy(rng.integers(-1, n, (users, slots)))  # -1 = no item; repeats on purpose
+    offsets = [torch.from_numpy((3 * rng.standard_normal((users, slots))).astype(np.float32)) for _ in range(members)]
+    return hist, offsets
+
+
+PATHS = {
+    "fused": lambda h, *a, **kw: item_topk(h, *a, fused=len(h) == 1, **kw),
+    "scan": lambda h, *a, **kw: item_topk(h, *a, fused=False, **kw),
+}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), users=st.integers(1, 20), members=st.integers(1, 2),
+       k=st.integers(1, 12), filters=st.sampled_from(["none", "exclude", "allow", "both"]))
+def test_item_topk_with_history_equals_the_reference(path, seed, users, members, k, filters):
+    rng = np.random.default_rng(seed)
+    first, n = 3, 25
+    heads = _heads(rng, users, first + n + 2, members, bias=bool(seed % 2))
+    hist, offsets = _history_case(rng, users, n, members, 7)
+    exclude = [rng.choice(n, int(rng.integers(0, 6)), replace=False) for _ in range(users)] \
+        if filters in ("exclude", "both") else None
+    allow = rng.random(n) < 0.7 if filters in ("allow", "both") else None
+    want_i, want_s = _reference(heads, first, n, k, hist, offsets, exclude, allow)
+    got_i, got_s = PATHS[path](heads, first, n, k, exclude, allow, chunk=8, history=(hist, offsets))
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-4)
+
+
+def test_item_topk_with_history_on_the_device_loop():
+    """The torch loop (the GPU path) under `_with_history`, here on CPU tensors, as the C++ scan."""
+    import genrec_fast.item_topk as it
+    rng = np.random.default_rng(5)
+    heads = _heads(rng, 6, 40, 2)
+    hist, offsets = _history_case(rng, 6, 35, 2, 9)
+    want = item_topk(heads, 2, 35, 10, history=(hist, offsets), fused=False)
+    scan = it._scan
+    try:  # the device dispatch inside `_scan`, forced
+        it._scan = lambda heads_, first, n, k, chunk, threads, fused, ptr, ex, allow: _item_topk_torch(
+            heads_, first, n, k, ptr, ex, allow, chunk)
+        got = item_topk(heads, 2, 35, 10, history=(hist, offsets))
+    finally:
+        it._scan = scan
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_merge_breaks_ties_by_the_smaller_item_and_pads():
+    items, scores = np.array([[4, -1]]), np.array([[-1.0, -np.inf]], dtype=np.float32)
+    got_i, got_s = _merge(items, scores, np.array([0, 0]), np.array([2, 9]), np.array([-1.0, -3.0], np.float32),
+                          4, 1, 10)
+    assert got_i.tolist() == [[2, 4, 9, -1]] and got_s[0, 3] == -np.inf
+
+
+def _rec(history_bias=True, seed=0):
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False, history_bias=history_bias)
+    rec = Recommender.random(ITEMS, cfg, vocab_size=200, item_tokens="whole", seed=seed)
+    if history_bias:
+        with torch.no_grad():  # offsets as large as learned ones
+            rec.model.history.recency.normal_(0, 2.0)
+            rec.model.history.query.weight.normal_(0, 0.5)
+    return rec
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_item_decode_with_history_bias_is_exact(ensemble):
+    """recommend's one-step path equals the full-logit definition, with filters and repeated items."""
+    rec = _rec()
+    model = Ensemble([rec.model, _rec(seed=1).model]) if ensemble else rec.model
+    rng = np.random.default_rng(0)
+    hists = [rng.integers(0, 60, int(rng.integers(1, 12))) for _ in range(24)]
+    hists[0] = np.array([5, 5, 5, 9])
+    enc = rec.encode_batch(hists, [None] * 24)
+    first = int(rec.tokenizer.item_flat[0])
+    exclude = [h[:2] for h in hists]
+    allow = rng.random(60) < 0.8
+    got_i, got_s = item_decode(model, enc, first, 60, 15, exclude, allow)
+    with torch.no_grad():
+        members = model.members if ensemble else [model]
+        logits = []
+        for m in members:
+            memory = m.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+            h = m.first_heads(memory, enc["mask"])[0]
+            z = h.x @ h.weight.T + h.bias
+            logits.append(biased_logits(z, enc["tokens"], m.history.offsets(h.x, memory, enc["item_ids"], enc["mask"])))
+    want_i, want_s = item_topk_reference(logits, first, 60, 15, exclude, allow)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)
+    assert (got_i[0][:3] != -1).all()
+
+
+def test_history_bias_moves_repeats():
+    """A large positive recency term puts the most recent items first; a large negative one removes them."""
+    rec = _rec()
+    hist = [["item3", "item17", "item42"]]
+    with torch.no_grad():
+        rec.model.history.recency.fill_(50.0)
+        rec.model.history.query.weight.zero_()
+    assert sorted(rec.recommend(hist, k=3, exclude_seen=False)[0].items) == ["item17", "item3", "item42"]
+    with torch.no_grad():
+        rec.model.history.recency.fill_(-50.0)
+    assert not set(rec.recommend(hist, k=10, exclude_seen=False)[0].items) & {"item3", "item17", "item42"}
+
+
+def test_history_loss_is_the_cross_entropy_of_the_biased_logits():
+    rec = _rec()
+    m = rec.model.train()
+    enc = rec.encode_batch([np.array([1, 2, 2]), np.array([7, 8])], [None, None])
+    labels = torch.tensor([[int(rec.tokenizer.item_flat[2])], [int(rec.tokenizer.item_flat[40])]])
+    dec = torch.full((2, 1), m.cfg.bos_id)
+    torch.manual_seed(3)
+    got = m.history_loss(**enc, decoder_tokens=dec, labels=labels, smoothing=0.2, ignore_index=-100)
+    torch.manual_seed(3)  # the same dropout masks
+    memory = m.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+    hidden = m.decode_hidden(dec, memory, enc["mask"])[:, 0]
+    z = biased_logits(m.lm_head(hidden), enc["tokens"], m.history.offsets(hidden, memory, enc["item_ids"], enc["mask"]))
+    torch.testing.assert_close(got, F.cross_entropy(z, labels[:, 0], label_smoothing=0.2))
+    got.backward()
+    assert m.history.recency.grad[:3].abs().sum() > 0 and m.history.query.weight.grad.abs().sum() > 0
+
+
+def _repeat_data(rng, n_users=300, n_items=40):
+    """Users who return to the item two steps back: a pattern only a history-aware score can learn."""
+    seqs = []
+    for _ in range(n_users):
+        s = list(rng.integers(0, n_items, 2))
+        while len(s) < int(rng.integers(6, 10)):
+            s.append(s[-2] if rng.random() < 0.8 else int(rng.integers(0, n_items)))
+        seqs.append(np.array(s))
+    return SequenceData(list(range(n_users)), list(range(n_items)), seqs, [str(i + 1) for i in range(n_items)])
+
+
+def test_history_bias_trains_saves_and_reloads(tmp_path):
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False, history_bias=True)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=0, finetune_epochs=4, eval_users=0, lr=3e-3)
+    trainer = Trainer(_repeat_data(np.random.default_rng(1)), tmp_path / "run", p, progress=False)
+    trainer.run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["valid"]["HR@10"] > 0.5  # the item two back is the answer 80% of the time
+    rec = load(tmp_path / "run" / "last")
+    assert rec.model.history is not None
+    before = trainer.recommender().recommend([[1, 2, 3, 2]], k=5, exclude_seen=False)[0]
+    after = rec.recommend([[1, 2, 3, 2]], k=5, exclude_seen=False)[0]
+    assert after.items == before.items
+    np.testing.assert_allclose(after.scores, before.scores, atol=1e-5)
+
+
+def test_history_bias_refuses_what_it_cannot_score(tmp_path):
+    with pytest.raises(ValueError, match="history_bias needs model.item_eos=False"):
+        dataclasses.replace(preset("tiny").model, history_bias=True)  # item_eos defaults to True
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False, history_bias=True)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=8)
+    with pytest.raises(ValueError, match="history_bias: needs tokenizer.item_tokens='whole'"):
+        Trainer(_repeat_data(np.random.default_rng(0)), tmp_path / "codes", p, progress=False)
+    rec = _rec()
+    enc = rec.encode_batch([np.array([1, 2])], [None])
+    with pytest.raises(ValueError, match="use item_decode"):
+        beam_decode(rec.model, rec.trie, enc, 5)
+    with pytest.raises(ValueError, match="one offsets tensor per head"):
+        rng = np.random.default_rng(0)
+        item_topk(_heads(rng, 2, 30, 1), 0, 30, 3, history=(torch.zeros(2, 3, dtype=torch.long), []))
