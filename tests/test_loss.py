@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from genrec_fast import load, preset
 from genrec_fast.data import synthetic
+from genrec_fast.history_bias import biased_logits
 from genrec_fast.loss import NegativeSampler, item_cross_entropy, linear_cross_entropy, sampled_cross_entropy
 from genrec_fast.model import GenRec
 from genrec_fast.train import Trainer, seen_tokens, to_batch
@@ -99,6 +100,28 @@ def test_linear_cross_entropy_matches_cross_entropy_of_the_logits(seed, N, V, sm
     torch.testing.assert_close(got, want)
     inputs = [x, w] + ([b] if bias else [])
     for a, e in zip(torch.autograd.grad(2.5 * got, inputs), torch.autograd.grad(2.5 * want, inputs)):
+        torch.testing.assert_close(a, e)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 30), st.integers(2, 40), st.integers(1, 6),
+       st.sampled_from([0.0, 0.3]), st.integers(1, 16))
+def test_linear_cross_entropy_with_offsets_matches_the_biased_logits(seed, N, V, S, smoothing, chunk):
+    """Sparse offsets (history_bias.py) summed onto their tokens, repeats included, values differentiable."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, V, (N, S), generator=g)
+    values = (2 * torch.randn(N, S, generator=g, dtype=torch.float64)).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[torch.rand(N, generator=g) < 0.3] = -100
+    if (labels == -100).all():
+        labels[0] = 0
+    got = linear_cross_entropy(x, w, None, labels, smoothing, chunk=chunk, offsets=(tokens, values))
+    want = F.cross_entropy(biased_logits(F.linear(x, w), tokens, values), labels, ignore_index=-100,
+                           label_smoothing=smoothing)
+    torch.testing.assert_close(got, want)
+    for a, e in zip(torch.autograd.grad(got, [x, w, values]), torch.autograd.grad(want, [x, w, values])):
         torch.testing.assert_close(a, e)
 
 

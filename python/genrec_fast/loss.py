@@ -54,8 +54,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     exist whole and are read a few times instead of a dozen (the LM head is most of a small model's step)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, smoothing, chunk):
+    def forward(ctx, x, weight, bias, labels, smoothing, chunk, tokens=None, offsets=None):
         n, vocab = x.shape[0], weight.shape[0]
+        grad_o = torch.empty_like(offsets) if offsets is not None and ctx.needs_input_grad[7] else None  # (N, S)
         grad_x = torch.empty_like(x)  # (N, C)
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None  # (V, C)
         grad_b = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None  # (V,)
@@ -63,6 +64,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk):
             xs, ys = x[s:s + chunk], labels[s:s + chunk, None]  # (c, C), (c, 1)
             z = xs @ weight.t() if bias is None else torch.addmm(bias, xs, weight.t())  # (c, V) logits
+            if offsets is not None:  # sparse logit offsets (history_bias.py), summed over repeated tokens
+                z.scatter_add_(1, tokens[s:s + chunk], offsets[s:s + chunk].to(z.dtype))
             top = z.amax(1, keepdim=True)  # (c, 1)
             zy, zmean = z.gather(1, ys), z.mean(1, keepdim=True)  # (c, 1) target and mean logit
             e = z.sub_(top).exp_()  # (c, V), in place of the logits
@@ -74,30 +77,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g.sub_(smoothing / vocab)
             g.scatter_add_(1, ys, g.new_full(ys.shape, smoothing - 1))  # softmax - smoothed one-hot
             torch.mm(g, weight, out=grad_x[s:s + chunk])
+            if grad_o is not None:
+                grad_o[s:s + chunk] = g.gather(1, tokens[s:s + chunk])
             if grad_w is not None:
                 grad_w.addmm_(g.t(), xs)
             if grad_b is not None:
                 grad_b += g.sum(0)
-        ctx.save_for_backward(grad_x, grad_w, grad_b)
+        ctx.save_for_backward(grad_x, grad_w, grad_b, grad_o)
         ctx.n = n
         return (total / n).to(x.dtype) if n else x.new_tensor(float("nan"))
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_x, grad_w, grad_b = ctx.saved_tensors
+        grad_x, grad_w, grad_b, grad_o = ctx.saved_tensors
         scale = grad_out / ctx.n
         return (grad_x * scale, None if grad_w is None else grad_w * scale,
-                None if grad_b is None else grad_b * scale, None, None, None)
+                None if grad_b is None else grad_b * scale, None, None, None, None,
+                None if grad_o is None else grad_o * scale)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                         smoothing: float = 0.0, ignore_index: int = -100, chunk: int | None = None) -> torch.Tensor:
+                         smoothing: float = 0.0, ignore_index: int = -100, chunk: int | None = None,
+                         offsets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean cross-entropy of the logits x (N, C) @ weight (V, C).T + bias (V,) against labels (N,),
     `ignore_index` = padding: the value and gradients of
     `F.cross_entropy(F.linear(x, weight, bias), labels, ignore_index=..., label_smoothing=smoothing)`
     (the reference, tested) without materialising the (N, V) logits. `chunk` rows at a time: by default
     32 on a CPU (a 32 x V block stays in cache; measured fastest of 8-128 on Beauty's V = 13,101), 4,096 on
-    a GPU (where small kernels would starve it)."""
+    a GPU (where small kernels would starve it). offsets: (tokens (N, S), values (N, S)) added to the
+    logits first, `history_bias.biased_logits`'s sparse offsets (differentiable in the values)."""
     chunk = chunk if chunk is not None else 32 if x.device.type == "cpu" else 4096
     if x.dim() != 2 or labels.shape != x.shape[:1] or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"expected x (N, C), weight (V, C), labels (N,); got x {tuple(x.shape)}, "
@@ -106,7 +114,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     keep = labels != ignore_index  # (N,)
     rows = keep.nonzero()[:, 0]  # (n,)
-    return _LinearCrossEntropy.apply(x.index_select(0, rows), weight, bias, labels[rows], smoothing, chunk)
+    tokens, values = (None, None) if offsets is None else (t.index_select(0, rows) for t in offsets)
+    return _LinearCrossEntropy.apply(x.index_select(0, rows), weight, bias, labels[rows], smoothing, chunk,
+                                     tokens, values)
 
 
 def sampled_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,

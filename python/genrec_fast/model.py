@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .history_bias import HistoryBias, biased_logits
+from .history_bias import HistoryBias
 from .item_topk import Head
 from .kernels import attention
 from .leaf_head import LeafHead
@@ -417,11 +417,12 @@ class GenRec(nn.Module):
     def history_loss(self, tokens, user_ids, item_ids, mask, decoder_tokens, labels: torch.Tensor, smoothing: float,
                      ignore_index: int) -> torch.Tensor:
         """With cfg.history_bias: the cross-entropy of the first step's logits plus the history bias
-        (history_bias.py) against labels (B, 1); the logits (B, V) exist whole (one step per target)."""
+        (history_bias.py) against labels (B, 1), fused as `head_loss` (the (B, V) logits never whole)."""
         memory = self.encode(tokens, user_ids, item_ids, mask)  # (B, S, C)
         hidden = self.decode_hidden(decoder_tokens, memory, mask)[:, 0]  # (B, C)
-        z = biased_logits(self.lm_head(hidden), tokens, self.history.offsets(hidden, memory, item_ids, mask))
-        return F.cross_entropy(z, labels[:, 0], ignore_index=ignore_index, label_smoothing=smoothing)
+        offsets = self.history.offsets(hidden, memory, item_ids, mask)  # (B, S)
+        return linear_cross_entropy(hidden, self.shared.weight, self.final_logits_bias[0], labels[:, 0], smoothing,
+                                    ignore_index, offsets=(tokens, offsets))
 
     def history_offsets(self, heads: list, memory: torch.Tensor, item_ids: torch.Tensor,
                         mask: torch.Tensor) -> list:
