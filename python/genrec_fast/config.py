@@ -49,7 +49,6 @@ class ModelConfig:
         if self.leaf_head and (self.item_eos or not self.item_id_embed):
             raise ValueError("model.leaf_head needs model.item_eos=False (the item's last token is the last step) "
                              "and model.item_id_embed=True (the leaf's items are scored with their ID embeddings)")
-
         if self.history_bias and self.item_eos:
             raise ValueError("model.history_bias needs model.item_eos=False (items of one token, scored at one step)")
 

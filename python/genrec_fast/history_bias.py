@@ -14,8 +14,9 @@ terms start at ~0, so the model starts as one without the bias, and learns to ra
 to lower them (data without repeats) from the training targets.
 
 `offsets` (B, S) is the bias at each encoder position (0 off the history items); `biased_logits` adds
-it to full logits (B, V), the definition that training and the reference decoding use; decoding ranks
-through `item_topk(..., history=...)` without (users x catalog) logits.
+it to full logits (B, V): the definition the tests hold the fast paths to. Training fuses it into the
+head + loss (`loss.linear_cross_entropy(offsets=...)`), decoding ranks through `item_topk(..., history=...)`;
+neither writes (users x catalog) logits.
 """
 from __future__ import annotations
 

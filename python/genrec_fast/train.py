@@ -375,7 +375,7 @@ class Trainer:
         seen = seen_tokens(part, self.tokenizer, self.device) if self.tcfg.mask_seen else None
         if self.sampled:
             loss = self._sampled_loss(kwargs, labels, batch_targets)
-        elif self.model.history is not None:  # full first-step logits plus the history bias
+        elif self.model.history is not None:  # the fused head + loss with the history bias's sparse offsets
             loss = self.model.history_loss(**kwargs, labels=labels, smoothing=self.tcfg.label_smoothing,
                                            ignore_index=IGNORE)
         elif seen is None:  # the fused head + loss: the step's largest cost on a CPU, ~1/4 less
