@@ -2,12 +2,13 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from genrec_fast import load, preset, train
 from genrec_fast.config import TrainConfig
 from genrec_fast.data import leave_one_out, synthetic
-from genrec_fast.train import Trainer, lr_factor, make_examples, to_batch
+from genrec_fast.train import Trainer, budget_steps, lr_factor, make_examples, to_batch
 
 
 def test_examples_use_training_items_only():
@@ -80,6 +81,30 @@ def test_max_minutes_stops_before_an_epoch_that_would_pass_the_budget(tmp_path):
     assert t._stop_reason(elapsed_s=100, last_epoch_s=0) is None  # the first epoch always runs
     assert t._stop_reason(elapsed_s=60, last_epoch_s=50) is None  # ends at 110 s <= 120 s
     assert t._stop_reason(elapsed_s=71, last_epoch_s=50) == "max_minutes"
+
+
+def test_budget_steps_counts_the_whole_epochs_that_fit():
+    assert budget_steps(100, remaining_s=50.0, s_per_step=0.1, epoch_steps=[200, 200, 200]) == 500  # 20 s each
+    assert budget_steps(100, remaining_s=39.9, s_per_step=0.1, epoch_steps=[200, 200]) == 300  # the 2nd ends late
+    assert budget_steps(100, remaining_s=5.0, s_per_step=0.1, epoch_steps=[200]) == 100  # none fits
+    assert budget_steps(0, remaining_s=1e9, s_per_step=0.1, epoch_steps=[3, 4]) == 7  # the schedule ends first
+
+
+def test_budget_schedule_anneals_within_the_budget(tmp_path):
+    d = synthetic(n_users=60, n_items=20, seed=7)
+    p = preset("tiny")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=30, eval_users=20, max_minutes=10.0)
+    t = Trainer(d, tmp_path / "plan", p, progress=False)
+    assert t.decay_steps == t.total_steps
+    n = t.steps_per_epoch(False)
+    t.epoch, t.step = 3, 3 * n  # after 3 epochs of 60 s, 7 more fit in the 7 minutes left
+    assert t._budget_plan(elapsed_s=180.0, epoch_s=60.0, epoch_steps=n) == 10 * n
+    p.train = dataclasses.replace(p.train, max_minutes=1e-4, budget_schedule=True)
+    t = Trainer(d, tmp_path / "cut", p, progress=False)
+    t.run()  # one epoch runs, then no further one fits: the decay ends where the run did
+    assert t.epoch == 1 and t.decay_steps == t.step < t.total_steps
+    with pytest.raises(ValueError, match="train.budget_schedule"):
+        TrainConfig(budget_schedule=True)
 
 
 def test_eval_from_skips_early_validations_and_leaves_training_unchanged(tmp_path):

@@ -99,6 +99,9 @@ class TrainConfig:
     # e.g. 0.999 averages over ~1,000 steps); training itself runs on the raw weights
     max_minutes: float = 0.0  # time budget of a run (0 = none): after the first epoch, none starts that
     # would end past it, judged by the last epoch's duration (validation and checkpoints included)
+    budget_schedule: bool = False  # with max_minutes: the cosine decay ends where the budget is expected to
+    # end (re-planned after every epoch: the whole epochs that fit at the last epoch's seconds per step),
+    # not after the last scheduled epoch, so a run the budget cuts still anneals its learning rate
     num_beams: int = 20
     seed: int = 0
     threads: int = 0  # torch threads (0 = library default)
@@ -116,6 +119,9 @@ class TrainConfig:
                              f"{self.eval_from!r} and {self.eval_every!r}")
         if self.max_minutes < 0:
             raise ValueError(f"train.max_minutes must be >= 0 (0 = no budget), got {self.max_minutes!r}")
+        if self.budget_schedule and not self.max_minutes:
+            raise ValueError("train.budget_schedule fits the learning-rate decay to train.max_minutes; set "
+                             "train.max_minutes > 0 with it")
         if self.softmax not in SOFTMAXES:
             raise ValueError(f"train.softmax must be one of {SOFTMAXES}, got {self.softmax!r}")
         for name in ("label_smoothing", "leaf_smoothing"):

@@ -167,6 +167,17 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def budget_steps(step: int, remaining_s: float, s_per_step: float, epoch_steps: list[int]) -> int:
+    """The step a time budget is expected to end at: `step` plus the coming epochs (their step counts,
+    in order) that fit whole into remaining_s at s_per_step, as the stop rule judges them."""
+    for n in epoch_steps:
+        remaining_s -= n * s_per_step
+        if remaining_s < 0:
+            break
+        step += n
+    return step
+
+
 class Trainer:
     """One training run. With a `group` of several processes (default: the initialised process group, if
     any) each trains on its share of every batch, and only rank 0 writes to `out_dir`."""
@@ -224,6 +235,7 @@ class Trainer:
         self.rng = np.random.default_rng(self.tcfg.seed)
         self.total_steps = (self.tcfg.pretrain_epochs * self.steps_per_epoch(True)
                             + self.tcfg.finetune_epochs * self.steps_per_epoch(False))  # of the lr schedule
+        self.decay_steps = self.total_steps  # where the cosine ends (train.budget_schedule moves it earlier)
         n_eval = self.tcfg.eval_users or data.n_users
         self.eval_users = np.sort(np.random.default_rng(self.tcfg.seed + 1).permutation(data.n_users)[:n_eval])
 
@@ -289,7 +301,7 @@ class Trainer:
         t0, epoch_s = time.perf_counter(), 0.0
         # rank 0's clock decides for every rank (their clocks, hence time budgets, differ)
         while (stop := self.group.broadcast(self._stop_reason(time.perf_counter() - t0, epoch_s))) is None:
-            start = time.perf_counter()
+            start, first_step = time.perf_counter(), self.step
             pretrain = self.epoch < self.tcfg.pretrain_epochs
             loss = self.train_epoch(pretrain)
             row = {"epoch": self.epoch + 1, "phase": "pretrain" if pretrain else "finetune", "loss": loss,
@@ -300,6 +312,9 @@ class Trainer:
             self._log(row)
             self._save("last", with_state=True)
             epoch_s = time.perf_counter() - start
+            if self.tcfg.budget_schedule and self.tcfg.max_minutes:  # rank 0's plan, as its clock stops the run
+                self.decay_steps = self.group.broadcast(self._budget_plan(time.perf_counter() - t0, epoch_s,
+                                                                          self.step - first_step))
         if self.best < 0:  # stopped (time budget) before any validation: keep the last weights as best
             self._log({"epoch": self.epoch, "phase": "final validation", "valid": self.validate()})
         if stop == "max_minutes" and self.group.is_main:
@@ -307,6 +322,13 @@ class Trainer:
                      self.epoch, epoch_s, self.tcfg.max_minutes)
         return {"epochs": self.epoch, "stopped_by": stop, "train_seconds": round(time.perf_counter() - t0, 1),
                 "best_valid_ndcg10": self.best}
+
+    def _budget_plan(self, elapsed_s: float, epoch_s: float, epoch_steps: int) -> int:
+        """The step train.max_minutes is expected to end the run at (at most the schedule's last step)."""
+        coming = [self.steps_per_epoch(e < self.tcfg.pretrain_epochs) for e in range(self.epoch, self.total_epochs)]
+        planned = budget_steps(self.step, self.tcfg.max_minutes * 60 - elapsed_s, epoch_s / max(1, epoch_steps),
+                               coming)
+        return min(self.total_steps, planned)
 
     def _validates_after(self, epoch: int) -> bool:
         every = epoch > self.tcfg.eval_from and epoch % self.tcfg.eval_every == 0
@@ -344,8 +366,7 @@ class Trainer:
 
     def train_epoch(self, pretrain: bool) -> float:
         self.model.train()
-        total_steps = self.total_steps
-        warmup = min(self.tcfg.warmup_steps, total_steps // 10 + 1)  # short runs still leave warm-up
+        warmup = min(self.tcfg.warmup_steps, self.total_steps // 10 + 1)  # short runs still leave warm-up
         losses = []
         parts = self.epoch_batches(pretrain)
         bar = tqdm(parts, desc=f"epoch {self.epoch + 1}/{self.total_epochs}", disable=None if self.progress else True,
@@ -353,7 +374,7 @@ class Trainer:
         for part in bar:
             for opt in self.optimizers:
                 for g in opt.param_groups:
-                    g["lr"] = self.tcfg.lr * lr_factor(self.step, warmup, total_steps)
+                    g["lr"] = self.tcfg.lr * lr_factor(self.step, warmup, self.decay_steps)
             loss = self._backward_shard(part) if self.group.enabled else self._backward(part)
             if self.sparse_opt is None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.grad_clip)
