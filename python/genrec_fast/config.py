@@ -33,8 +33,9 @@ class ModelConfig:
     leaf_head: bool = False  # codes without EOS: score the last, unique-making code token with the item's own
     # ID embedding, over the items of its leaf only (leaf_head.py), instead of as a leaf-local index token
     # whose output vector every leaf shares
-    history_bias: bool = False  # one-token items: add learned offsets to the logits of the user's own history
-    # items (a recency term + a pointer score; history_bias.py), so repeats can be ranked up or down
+    history_bias: bool = False  # add learned offsets to the logits of the user's own history items (a recency
+    # term + a pointer score; history_bias.py), so repeats can be ranked up or down: one-token items, or
+    # codes with the leaf head (at every code step)
     n_users: int = 0  # rows of the user ID table (0 = padding/unknown user)
     n_items: int = 0  # rows of the item ID table (0 = padding/unknown item)
     pad_id: int = 0

@@ -55,10 +55,12 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
     or collaborative codes): the decoder runs L steps, and EOS, the only token the trie allows after an
     item, adds log 1 = 0 to the item's score.
     """
-    if model.history is not None:
+    if model.history is not None and not model.cfg.leaf_head:
         raise ValueError("beam_decode: a model with model.history_bias ranks its one-token items in one step: "
                          "use item_decode (recommend's backend='auto')")
     if backend == "device":  # the search as device tensors (device_search.py): no host copy per step
+        if model.history is not None:
+            raise ValueError("beam_decode: backend='device' has no history bias yet; use backend='auto'")
         from .device_search import device_beam_decode
         return device_beam_decode(model, trie, enc, k, num_beams, exclude=exclude, allow=allow,
                                   length_penalty=length_penalty, stop_early=True)
@@ -66,7 +68,7 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
     U = enc["tokens"].shape[0]
     # (U, S, C), or one such tensor per member for an Ensemble
     memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
-    cache = model.start_decoding(memory, enc["mask"])
+    cache = model.start_decoding(memory, enc["mask"], enc["item_ids"])
     cache.capacity = trie.max_depth  # the longest decode: the K/V buffers never regrow
     search = make_beam_search(trie, U, num_beams, k, length_penalty=length_penalty, exclude=exclude,
                               allow=allow, backend=backend, threads=torch.get_num_threads())

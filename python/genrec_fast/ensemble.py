@@ -67,8 +67,8 @@ class Ensemble(nn.Module):
         """(B, S) inputs -> one memory (B, S, C_m) per member."""
         return [m.encode(tokens, user_ids, item_ids, mask) for m in self.members]
 
-    def start_decoding(self, memory: list, mask: torch.Tensor) -> EnsembleCache:
-        return EnsembleCache([m.start_decoding(x, mask) for m, x in zip(self.members, memory)])
+    def start_decoding(self, memory: list, mask: torch.Tensor, item_ids: torch.Tensor | None = None) -> EnsembleCache:
+        return EnsembleCache([m.start_decoding(x, mask, item_ids) for m, x in zip(self.members, memory)])
 
     def first_heads(self, memory: list, mask: torch.Tensor) -> list:
         """Every member's first decoder step from BOS as `item_topk.Head`s (no cache)."""

@@ -17,6 +17,11 @@ to lower them (data without repeats) from the training targets.
 it to full logits (B, V): the definition the tests hold the fast paths to. Training fuses it into the
 head + loss (`loss.linear_cross_entropy(offsets=...)`), decoding ranks through `item_topk(..., history=...)`;
 neither writes (users x catalog) logits.
+
+Items as collaborative codes with the leaf head (L tokens: cluster levels, then the item in its leaf) get
+the same bias at every step t, from that step's decoder state h_t: it lands on a history item's t-th
+token in the rows whose tokens so far are the item's first t (`code_offsets`), so the cluster steps
+raise or lower the clusters that hold history items and the leaf step the items themselves.
 """
 from __future__ import annotations
 
@@ -36,18 +41,38 @@ class HistoryBias(nn.Module):
                 mask: torch.Tensor) -> torch.Tensor:
         """hidden (B, C) first decoder states, memory (B, S, C), item_ids (B, S) (0 = no item), mask (B, S)
         -> offsets (B, S): s_j at the history items' pieces, 0 elsewhere."""
+        return self.score(hidden[:, None], self.state(memory, item_ids, mask))[:, 0]
+
+    def state(self, memory: torch.Tensor, item_ids: torch.Tensor, mask: torch.Tensor) -> tuple:
+        """What the offsets need of the encoder, once per user: -> keys (B, S, C) W_k m_j, recency terms
+        (B, S), and which positions are history items (B, S) bool."""
         is_item = (item_ids > 0) & mask  # (B, S)
         after = is_item.flip(1).cumsum(1).flip(1) - 1  # (B, S) items after position j
-        rank = after.clamp(0, len(self.recency) - 1)
-        q = self.query(hidden)  # (B, C)
-        score = torch.einsum("bc,bsc->bs", q, self.key(memory)) / math.sqrt(q.shape[-1])  # (B, S)
-        return (score + self.recency[rank]).masked_fill(~is_item, 0.0)
+        return self.key(memory), self.recency[after.clamp(0, len(self.recency) - 1)], is_item
+
+    def score(self, hidden: torch.Tensor, state: tuple) -> torch.Tensor:
+        """hidden (B, W, C): W decoder states per user (its beams) -> offsets (B, W, S), 0 off the history."""
+        keys, recency, is_item = state
+        q = self.query(hidden)  # (B, W, C)
+        score = torch.einsum("bwc,bsc->bws", q, keys) / math.sqrt(q.shape[-1])  # (B, W, S)
+        return (score + recency[:, None]).masked_fill(~is_item[:, None], 0.0)
 
 
 def biased_logits(logits: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """logits (B, V) + each position's offset (B, S) on its token (B, S), summed over repeats -> (B, V).
     Positions off the history carry 0, so their tokens (PAD, mask, EOS, user pieces) are unchanged."""
     return logits.scatter_add(1, tokens, offsets.to(logits.dtype))
+
+
+def code_offsets(values: torch.Tensor, codes: torch.Tensor, prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items of several tokens (codes): at step t a history item's offset goes to its t-th token, in the rows
+    whose first t tokens are the item's. values (B, W, S) offsets of W rows per user, codes (B, S, L) the
+    tokens of each position's item (-1 off the history), prefix (B, W, t) the rows' tokens so far ->
+    tokens (B, W, S) (0 where no item) and values (B, W, S) (0 where the prefix differs)."""
+    t = prefix.shape[-1]
+    own = codes[:, None, :, t]  # (B, 1, S)
+    match = (codes[:, None, :, :t] == prefix[:, :, None, :]).all(-1) & (own >= 0)  # (B, W, S)
+    return own.clamp(min=0).expand_as(match), values * match
 
 
 def history_items(item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,9 @@ class LeafHead(nn.Module):
         # Python ints for the per-step arithmetic: no device sync inside a decode step
         self.first, self.sizes, self.strides = first.tolist(), sizes.tolist(), strides.tolist()
         self.register_buffer("items", torch.as_tensor(items), persistent=False)  # (n_keys, M)
+        codes = np.full((n + 1, L), -1, np.int64)  # (n_items + 1, L) every item id's tokens (0 = no item: -1)
+        codes[1:] = table + first
+        self.register_buffer("codes", torch.as_tensor(codes), persistent=False)
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "LeafHead":
@@ -108,10 +111,12 @@ class LeafHead(nn.Module):
         return out
 
     def window_logprobs(self, hidden: torch.Tensor, key: torch.Tensor, item_weight: torch.Tensor, lo: int = 0,
-                        hi: int | None = None) -> torch.Tensor:
+                        hi: int | None = None, offsets: tuple | None = None) -> torch.Tensor:
         """`log_softmax(vocab_logits(...))[:, lo:hi]` without the (R, V) tensor: float32 (R, hi - lo), the leaf
-        softmax's log-probabilities at the columns of their tokens inside [lo, hi), -inf elsewhere."""
-        logp = F.log_softmax(self.leaf_logits(hidden, key, item_weight).float(), dim=-1)  # (R, M)
+        softmax's log-probabilities at the columns of their tokens inside [lo, hi), -inf elsewhere.
+        offsets: (tokens (R, S), values (R, S)) added to those tokens' logits first (`_offset`)."""
+        z = self._offset(self.leaf_logits(hidden, key, item_weight).float(), offsets)  # (R, M)
+        logp = F.log_softmax(z, dim=-1)  # (R, M)
         hi = self.vocab_size if hi is None else hi
         out = logp.new_full((logp.shape[0], hi - lo), NEG_INF)
         a, b = max(lo, self.first[-1]), min(hi, self.first[-1] + logp.shape[1])  # the leaf slots inside
@@ -119,12 +124,20 @@ class LeafHead(nn.Module):
             out[:, a - lo:b - lo] = logp[:, a - self.first[-1]:b - self.first[-1]]
         return out
 
+    def _offset(self, z: torch.Tensor, offsets: tuple | None) -> torch.Tensor:
+        """Leaf logits z (R, M) + values (R, S) at the leaf slots of last-column tokens (R, S), summed over
+        repeats. A value must be 0 unless its token is in the row's leaf (`history_bias.code_offsets`)."""
+        if offsets is None:
+            return z
+        tokens, values = offsets
+        return z.scatter_add(1, (tokens - self.first[-1]).clamp(0, z.shape[1] - 1), values.to(z.dtype))
+
     def loss_terms(self, hidden: torch.Tensor, prefix: torch.Tensor, target: torch.Tensor,
-                   item_weight: torch.Tensor, smoothing: float) -> torch.Tensor:
+                   item_weight: torch.Tensor, smoothing: float, offsets: tuple | None = None) -> torch.Tensor:
         """Cross-entropy of the leaf softmax per target: hidden (N, C) at the last step, prefix (N, L - 1)
         its cluster tokens, target (N,) its last token -> (N,). Label smoothing spreads over the leaf's
-        items (the classes the trie allows)."""
-        z = self.leaf_logits(hidden, self.keys(prefix), item_weight)  # (N, M)
+        items (the classes the trie allows). offsets as in `window_logprobs`."""
+        z = self._offset(self.leaf_logits(hidden, self.keys(prefix), item_weight), offsets)  # (N, M)
         y = (target - self.first[-1])[:, None]  # (N, 1) leaf-local index
         logp = F.log_softmax(z, dim=-1)
         nll = -logp.gather(1, y)[:, 0]

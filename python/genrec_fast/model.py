@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .history_bias import HistoryBias
+from .history_bias import HistoryBias, code_offsets
 from .item_topk import Head
 from .kernels import attention
 from .leaf_head import LeafHead
@@ -206,6 +206,8 @@ class DecoderCache:
     step: int = 0
     capacity: int = 8
     leaf_key: torch.Tensor | None = None  # (R,) with a leaf head: the leaf of each row's cluster tokens so far
+    history: tuple | None = None  # with a history bias over codes: (HistoryBias.state, codes (U, S, L)) per user
+    prefix: torch.Tensor | None = None  # (R, t) with `history`: each row's tokens after BOS
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores layer i's new K/V (R, H, 1, hd) at position `step`; -> K/V so far, 2 x (R, H, step + 1, hd)."""
@@ -231,6 +233,12 @@ class DecoderCache:
             self.self_v = [self._gather(v, parent_rows) for v in self.self_v]
         if parent_rows is not None and self.leaf_key is not None:
             self.leaf_key = self.leaf_key.index_select(0, parent_rows)
+        if parent_rows is not None and self.prefix is not None:
+            self.prefix = self.prefix.index_select(0, parent_rows)
+        if users is not None and self.history is not None:
+            (keys, recency, is_item), codes = self.history
+            self.history = (keys.index_select(0, users), recency.index_select(0, users),
+                            is_item.index_select(0, users)), codes.index_select(0, users)
         if users is not None:
             self.cross_k = [k.index_select(0, users) for k in self.cross_k]
             self.cross_v = [v.index_select(0, users) for v in self.cross_v]
@@ -424,6 +432,34 @@ class GenRec(nn.Module):
         return linear_cross_entropy(hidden, self.shared.weight, self.final_logits_bias[0], labels[:, 0], smoothing,
                                     ignore_index, offsets=(tokens, offsets))
 
+    def codes_history_loss(self, tokens, user_ids, item_ids, mask, decoder_tokens, labels: torch.Tensor,
+                           smoothing: float, ignore_index: int, leaf_smoothing: float | None = None) -> torch.Tensor:
+        """With cfg.history_bias and a leaf head: the mean cross-entropy of every code step (`head_loss`), each
+        step's logits plus the history bias of that step's state on the items whose code starts with the
+        target's tokens so far (`history_bias.code_offsets`); fused, the (B, V) logits never whole."""
+        leaves = self._leaves()
+        memory = self.encode(tokens, user_ids, item_ids, mask)  # (B, S, C)
+        hidden = self.decode_hidden(decoder_tokens, memory, mask)  # (B, L, C)
+        values = self.history.score(hidden, self.history.state(memory, item_ids, mask))  # (B, L, S)
+        codes = leaves.codes[item_ids.masked_fill(~mask, 0)]  # (B, S, L) tokens of each position's item
+        last, total, n = leaves.levels - 1, hidden.new_zeros(()), 0
+        for t in range(leaves.levels):
+            rows = (labels[:, t] != ignore_index).nonzero()[:, 0]  # (N,)
+            if not len(rows):
+                continue
+            tok, val = code_offsets(values[rows, t:t + 1], codes[rows], labels[rows, None, :t])  # 2 x (N, 1, S)
+            if t < last:
+                total = total + len(rows) * linear_cross_entropy(
+                    hidden[rows, t], self.shared.weight, self.final_logits_bias[0], labels[rows, t], smoothing,
+                    ignore_index, offsets=(tok[:, 0], val[:, 0]))
+            else:
+                total = total + leaves.loss_terms(hidden[rows, t], labels[rows, :last], labels[rows, t],
+                                                  self.item_embed.weight,
+                                                  smoothing if leaf_smoothing is None else leaf_smoothing,
+                                                  offsets=(tok[:, 0], val[:, 0])).sum()
+            n += len(rows)
+        return total / n if n else hidden.new_tensor(float("nan"))
+
     def history_offsets(self, heads: list, memory: torch.Tensor, item_ids: torch.Tensor,
                         mask: torch.Tensor) -> list:
         """The history bias of `first_heads(memory, mask)`'s states: -> [(U, S)] (zeros without the bias)."""
@@ -443,8 +479,10 @@ class GenRec(nn.Module):
         memory = self.encode(tokens, user_ids, item_ids, mask, attn_mask, positions)
         return self.decode_hidden(decoder_tokens, memory, mask, decoder_self_mask, cross_mask, decoder_positions)
 
-    def start_decoding(self, memory: torch.Tensor, mask: torch.Tensor) -> DecoderCache:
-        """Cross-attention K/V once per user: memory (U, S, C), mask (U, S)."""
+    def start_decoding(self, memory: torch.Tensor, mask: torch.Tensor,
+                       item_ids: torch.Tensor | None = None) -> DecoderCache:
+        """Cross-attention K/V once per user: memory (U, S, C), mask (U, S); item_ids (U, S), needed by a
+        history bias over codes (its offsets at every step: `DecoderCache.history`)."""
         B, S, C = memory.shape
         rows = mask.reshape(-1).nonzero()[:, 0]  # (N,) real pieces: the padding is never attended
         real = memory.reshape(B * S, C)[rows]  # (N, C)
@@ -452,14 +490,23 @@ class GenRec(nn.Module):
             _fused_linear(real, layer.encoder_attn.k_proj, layer.encoder_attn.v_proj), rows, B, S).chunk(2, dim=-1))
               for layer in self.decoder.layers]  # per layer 2 x (B, H, S, hd)
         n = len(kv)
-        return DecoderCache([k for k, _ in kv], [v for _, v in kv], mask.sum(1), [None] * n, [None] * n)
+        cache = DecoderCache([k for k, _ in kv], [v for _, v in kv], mask.sum(1), [None] * n, [None] * n)
+        if self.history is not None and self.cfg.leaf_head:
+            if item_ids is None:
+                raise ValueError("start_decoding: a model with model.history_bias over codes needs the item_ids")
+            cache.history = (self.history.state(memory, item_ids, mask),
+                             self._leaves().codes[item_ids.masked_fill(~mask, 0)])  # (U, S, L)
+        return cache
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """tokens (R,) = one new token per beam (R = users x beams, user-major) -> logits (R, V)."""
         hidden, at_leaf = self._leaf_aware_step(tokens, cache)  # (R, C)
+        offsets = self._step_offsets(tokens, hidden, cache)
         if at_leaf:
-            return self.leaves.vocab_logits(hidden, cache.leaf_key, self.item_embed.weight)  # (R, V)
-        return self.lm_head(hidden)  # (R, V)
+            z = self.leaves.vocab_logits(hidden, cache.leaf_key, self.item_embed.weight)  # (R, V)
+        else:
+            z = self.lm_head(hidden)  # (R, V)
+        return z if offsets is None else z.scatter_add(1, offsets[0], offsets[1].to(z.dtype))
 
     def decode_logprobs(self, tokens: torch.Tensor, cache: DecoderCache, lo: int = 0,
                         hi: int | None = None) -> torch.Tensor:
@@ -467,9 +514,25 @@ class GenRec(nn.Module):
         columns of tokens lo..hi-1 (a search step's `Trie.window`). The leaf head's step computes only its
         leaves' columns, never an (R, V) tensor."""
         hidden, at_leaf = self._leaf_aware_step(tokens, cache)  # (R, C)
+        offsets = self._step_offsets(tokens, hidden, cache)
         if at_leaf:
-            return self.leaves.window_logprobs(hidden, cache.leaf_key, self.item_embed.weight, lo, hi)
-        return window_log_softmax(self.lm_head(hidden).float(), lo, hi)
+            return self.leaves.window_logprobs(hidden, cache.leaf_key, self.item_embed.weight, lo, hi, offsets)
+        z = self.lm_head(hidden).float()  # (R, V)
+        return window_log_softmax(z if offsets is None else z.scatter_add(1, *offsets), lo, hi)
+
+    def _step_offsets(self, tokens: torch.Tensor, hidden: torch.Tensor, cache: DecoderCache) -> tuple | None:
+        """The history bias over codes at the step just run (`cache.step - 1`), whose states are hidden (R, C)
+        after feeding tokens (R,): -> (tokens (R, S), float32 values (R, S)), or None without it."""
+        if cache.history is None:
+            return None
+        t = cache.step - 1
+        # the token fed at step t > 0 is the row's code token of column t - 1 (the rows' parents: `reorder`)
+        cache.prefix = tokens.new_zeros((len(tokens), 0)) if t == 0 else torch.cat([cache.prefix, tokens[:, None]], 1)
+        state, codes = cache.history
+        U, R = codes.shape[0], hidden.shape[0]  # rows: U users x R // U beams, user-major
+        values = self.history.score(hidden.view(U, R // U, -1), state)  # (U, W, S)
+        tok, val = code_offsets(values, codes, cache.prefix.view(U, R // U, t))  # 2 x (U, W, S)
+        return tok.reshape(R, -1), val.reshape(R, -1).float()
 
     def _leaf_aware_step(self, tokens: torch.Tensor, cache: DecoderCache) -> tuple[torch.Tensor, bool]:
         """One decoder step -> states (R, C) and whether they feed the leaf head (else the LM head); with a

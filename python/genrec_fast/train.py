@@ -216,10 +216,13 @@ class Trainer:
         if self.tcfg.item_aux and not mcfg.leaf_head:
             raise ValueError(f"train.item_aux={self.tcfg.item_aux!r} trains the leaf head's item vectors: it needs "
                              "model.leaf_head=True")
-        if mcfg.history_bias and (preset.tokenizer.item_tokens != "whole" or mcfg.encoder_causal or self.sampled
+        tok = preset.tokenizer
+        codes_ok = tok.item_tokens == "codes" and mcfg.leaf_head and tok.code_input == "first" and not self.tcfg.item_aux
+        if mcfg.history_bias and (not (tok.item_tokens == "whole" or codes_ok) or mcfg.encoder_causal or self.sampled
                                   or self.tcfg.mask_seen):
-            raise ValueError("model.history_bias: needs tokenizer.item_tokens='whole', model.encoder_causal=False, "
-                             "train.softmax='full' and train.mask_seen=False")
+            raise ValueError("model.history_bias: needs tokenizer.item_tokens='whole' (or 'codes' with "
+                             "model.leaf_head, tokenizer.code_input='first' and train.item_aux=0), "
+                             "model.encoder_causal=False, train.softmax='full' and train.mask_seen=False")
         torch.manual_seed(self.tcfg.seed)
         self.model = GenRec(mcfg).attach_leaves(self.tokenizer).to(self.device)
         self.group.broadcast_parameters(self.model)
@@ -396,6 +399,9 @@ class Trainer:
         seen = seen_tokens(part, self.tokenizer, self.device) if self.tcfg.mask_seen else None
         if self.sampled:
             loss = self._sampled_loss(kwargs, labels, batch_targets)
+        elif self.model.history is not None and self.model.cfg.leaf_head:  # the same at every code step
+            loss = self.model.codes_history_loss(**kwargs, labels=labels, smoothing=self.tcfg.label_smoothing,
+                                                 ignore_index=IGNORE, leaf_smoothing=self.tcfg.leaf_smoothing)
         elif self.model.history is not None:  # the fused head + loss with the history bias's sparse offsets
             loss = self.model.history_loss(**kwargs, labels=labels, smoothing=self.tcfg.label_smoothing,
                                            ignore_index=IGNORE)
