@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from genrec_fast import Recommender, SequenceData, load, preset
 from genrec_fast.batching import pad_encoder, pad_targets
-from genrec_fast.decoding import beam_decode
 from genrec_fast.ensemble import Ensemble
 from genrec_fast.history_bias import code_offsets
 from genrec_fast.train import Trainer
@@ -95,11 +94,15 @@ def test_beam_search_with_history_bias_over_codes_is_exact(levels):
 
 def test_batched_search_with_filters_matches_one_user_at_a_time():
     """Users of different history lengths in one batch (rows regrouped as beams and users end), the
-    filters pruning subtrees: the same items and scores as each user alone."""
+    filters pruning subtrees: the same items and scores as each user alone, on every search backend."""
     rec = _rec(levels=1)
     rng = np.random.default_rng(3)
     hists = [[ITEMS[j] for j in rng.integers(0, 70, int(rng.integers(1, 9)))] for _ in range(7)]
     together = rec.recommend(hists, k=10, exclude_seen=True)
+    for backend in ("reference", "device"):  # the Python search, and the search as tensors (device_search.py)
+        other = rec.recommend(hists, k=10, exclude_seen=True, backend=backend)
+        assert [r.items for r in other] == [r.items for r in together]
+        np.testing.assert_allclose([r.scores for r in other], [r.scores for r in together], atol=1e-5)
     for h, r in zip(hists, together):
         alone = rec.recommend([h], k=10, exclude_seen=True)[0]
         assert r.items == alone.items and not set(r.items) & set(h)
@@ -174,8 +177,6 @@ def test_codes_history_bias_refusals(tmp_path):
         Trainer(_repeat_data(np.random.default_rng(0)), tmp_path / "all", p, progress=False)
     rec = _rec()
     enc = rec.encode_batch([np.array([1, 2])], [None])
-    with pytest.raises(ValueError, match="backend='device' has no history bias"):
-        beam_decode(rec.model, rec.trie, enc, 5, backend="device")
     with pytest.raises(ValueError, match="needs the item_ids"):
         memory = rec.model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
         rec.model.start_decoding(memory, enc["mask"])

@@ -59,8 +59,6 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
         raise ValueError("beam_decode: a model with model.history_bias ranks its one-token items in one step: "
                          "use item_decode (recommend's backend='auto')")
     if backend == "device":  # the search as device tensors (device_search.py): no host copy per step
-        if model.history is not None:
-            raise ValueError("beam_decode: backend='device' has no history bias yet; use backend='auto'")
         from .device_search import device_beam_decode
         return device_beam_decode(model, trie, enc, k, num_beams, exclude=exclude, allow=allow,
                                   length_penalty=length_penalty, stop_early=True)

@@ -354,7 +354,7 @@ def device_beam_decode(model, trie: Trie, enc: dict, k: int, num_beams: int = 20
     device = enc["tokens"].device
     U = enc["tokens"].shape[0]
     memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])  # (U, S, C) (per member)
-    cache = model.start_decoding(memory, enc["mask"])
+    cache = model.start_decoding(memory, enc["mask"], enc["item_ids"])
     cache.capacity = trie.max_depth  # the longest decode: the K/V buffers never regrow
 
     def step_fn(parent, tokens):
