@@ -191,3 +191,17 @@ def test_codes_history_bias_in_an_ensemble_reaches_every_member():
     want = np.argsort(-_brute(rec, history), kind="stable")
     np.testing.assert_array_equal(got[0], want)
     np.testing.assert_allclose(scores[0], _brute(rec, history)[want], atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_device_search_with_codes_history_bias_equals_the_host():
+    rec = _rec(levels=1)
+    rng = np.random.default_rng(5)
+    hists = [[ITEMS[j] for j in rng.integers(0, 70, int(rng.integers(1, 9)))] for _ in range(9)]
+    host = rec.recommend(hists, k=10, exclude_seen=True)
+    rec.model.to("cuda")
+    for backend in ("auto", "device"):
+        gpu = rec.recommend(hists, k=10, exclude_seen=True, backend=backend)
+        assert [r.items for r in gpu] == [r.items for r in host]
+        np.testing.assert_allclose([r.scores for r in gpu], [r.scores for r in host], atol=1e-4)
