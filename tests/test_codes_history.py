@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genrec_fast import Recommender, SequenceData, load, preset
+from repeat_data import repeat_data
+
+from genrec_fast import Recommender, load, preset
 from genrec_fast.batching import pad_encoder, pad_targets
 from genrec_fast.ensemble import Ensemble
 from genrec_fast.history_bias import code_offsets
@@ -139,24 +141,13 @@ def test_codes_history_loss_is_the_cross_entropy_of_the_biased_logits(smoothing,
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def _repeat_data(rng, n_users=300, n_items=40):
-    """Users who mostly take the item two back again: a task the bias learns and plain codes hardly do."""
-    seqs = []
-    for _ in range(n_users):
-        s = list(rng.integers(0, n_items, 2))
-        while len(s) < int(rng.integers(6, 10)):
-            s.append(s[-2] if rng.random() < 0.8 else int(rng.integers(0, n_items)))
-        seqs.append(np.array(s))
-    return SequenceData(list(range(n_users)), list(range(n_items)), seqs, [str(i + 1) for i in range(n_items)])
-
-
 def test_codes_history_bias_trains_saves_and_reloads(tmp_path):
     p = preset("tiny")
     p.model = dataclasses.replace(p.model, item_eos=False, leaf_head=True, history_bias=True)
     p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=4,
                                       code_input="first")
     p.train = dataclasses.replace(p.train, pretrain_epochs=0, finetune_epochs=4, eval_users=0, lr=3e-3)
-    trainer = Trainer(_repeat_data(np.random.default_rng(1)), tmp_path / "run", p, progress=False)
+    trainer = Trainer(repeat_data(np.random.default_rng(1)), tmp_path / "run", p, progress=False)
     trainer.run()
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows)
@@ -174,7 +165,7 @@ def test_codes_history_bias_refusals(tmp_path):
     p.model = dataclasses.replace(p.model, item_eos=False, leaf_head=True, history_bias=True)
     p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=4)
     with pytest.raises(ValueError, match="code_input='first'"):  # code_input "all": one position per piece
-        Trainer(_repeat_data(np.random.default_rng(0)), tmp_path / "all", p, progress=False)
+        Trainer(repeat_data(np.random.default_rng(0)), tmp_path / "all", p, progress=False)
     rec = _rec()
     enc = rec.encode_batch([np.array([1, 2])], [None])
     with pytest.raises(ValueError, match="needs the item_ids"):

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from genrec_fast import Recommender, SequenceData, load, preset
-from genrec_fast.beam_search import check_filters
+from repeat_data import repeat_data
+
+from genrec_fast import Recommender, load, preset
 from genrec_fast.decoding import beam_decode, item_decode
 from genrec_fast.ensemble import Ensemble
 from genrec_fast.history_bias import HistoryBias, biased_logits, history_items
-from genrec_fast.item_topk import Head, _item_topk_torch, _merge, _with_history, item_topk, item_topk_reference
+from genrec_fast.item_topk import Head, _item_topk_torch, _merge, item_topk, item_topk_reference
 from genrec_fast.train import Trainer
 
 ITEMS = [f"item{i}" for i in range(60)]
@@ -187,23 +188,12 @@ def test_history_loss_is_the_cross_entropy_of_the_biased_logits():
     assert m.history.recency.grad[:3].abs().sum() > 0 and m.history.query.weight.grad.abs().sum() > 0
 
 
-def _repeat_data(rng, n_users=300, n_items=40):
-    """Users who return to the item two steps back: a pattern only a history-aware score can learn."""
-    seqs = []
-    for _ in range(n_users):
-        s = list(rng.integers(0, n_items, 2))
-        while len(s) < int(rng.integers(6, 10)):
-            s.append(s[-2] if rng.random() < 0.8 else int(rng.integers(0, n_items)))
-        seqs.append(np.array(s))
-    return SequenceData(list(range(n_users)), list(range(n_items)), seqs, [str(i + 1) for i in range(n_items)])
-
-
 def test_history_bias_trains_saves_and_reloads(tmp_path):
     p = preset("tiny")
     p.model = dataclasses.replace(p.model, item_eos=False, history_bias=True)
     p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
     p.train = dataclasses.replace(p.train, pretrain_epochs=0, finetune_epochs=4, eval_users=0, lr=3e-3)
-    trainer = Trainer(_repeat_data(np.random.default_rng(1)), tmp_path / "run", p, progress=False)
+    trainer = Trainer(repeat_data(np.random.default_rng(1)), tmp_path / "run", p, progress=False)
     trainer.run()
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows)
@@ -223,7 +213,7 @@ def test_history_bias_refuses_what_it_cannot_score(tmp_path):
     p.model = dataclasses.replace(p.model, item_eos=False, history_bias=True)
     p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=8)
     with pytest.raises(ValueError, match="history_bias: needs tokenizer.item_tokens='whole'"):
-        Trainer(_repeat_data(np.random.default_rng(0)), tmp_path / "codes", p, progress=False)
+        Trainer(repeat_data(np.random.default_rng(0)), tmp_path / "codes", p, progress=False)
     rec = _rec()
     enc = rec.encode_batch([np.array([1, 2])], [None])
     with pytest.raises(ValueError, match="use item_decode"):
