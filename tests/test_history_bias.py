@@ -188,10 +188,14 @@ def test_history_loss_is_the_cross_entropy_of_the_biased_logits():
     assert m.history.recency.grad[:3].abs().sum() > 0 and m.history.query.weight.grad.abs().sum() > 0
 
 
-def test_history_bias_trains_saves_and_reloads(tmp_path):
+@pytest.mark.parametrize("model, tokenizer", [
+    ({}, {"item_tokens": "whole"}),  # one token per item
+    ({"leaf_head": True}, {"item_tokens": "codes", "code_levels": 1, "code_branches": 4, "code_input": "first"}),
+])
+def test_history_bias_trains_saves_and_reloads(tmp_path, model, tokenizer):
     p = preset("tiny")
-    p.model = dataclasses.replace(p.model, item_eos=False, history_bias=True)
-    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    p.model = dataclasses.replace(p.model, item_eos=False, history_bias=True, **model)
+    p.tokenizer = dataclasses.replace(p.tokenizer, **tokenizer)
     p.train = dataclasses.replace(p.train, pretrain_epochs=0, finetune_epochs=4, eval_users=0, lr=3e-3)
     trainer = Trainer(repeat_data(np.random.default_rng(1)), tmp_path / "run", p, progress=False)
     trainer.run()
@@ -199,7 +203,7 @@ def test_history_bias_trains_saves_and_reloads(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["valid"]["HR@10"] > 0.5  # the item two back is the answer 80% of the time
     rec = load(tmp_path / "run" / "last")
-    assert rec.model.history is not None
+    assert rec.model.history is not None and (rec.model.leaves is not None) == bool(model)
     before = trainer.recommender().recommend([[1, 2, 3, 2]], k=5, exclude_seen=False)[0]
     after = rec.recommend([[1, 2, 3, 2]], k=5, exclude_seen=False)[0]
     assert after.items == before.items
