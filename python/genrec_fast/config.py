@@ -36,6 +36,11 @@ class ModelConfig:
     history_bias: bool = False  # add learned offsets to the logits of the user's own history items (a recency
     # term + a pointer score; history_bias.py), so repeats can be ranked up or down: one-token items, or
     # codes with the leaf head (at every code step)
+    transition_bias: bool = False  # add learned offsets to the logits of the items that followed the user's
+    # last `transition_context` items in the training sequences (co-occurrence counts, their
+    # `transition_neighbors` most frequent successors each; transition_bias.py): one-token items
+    transition_context: int = 3
+    transition_neighbors: int = 50
     n_users: int = 0  # rows of the user ID table (0 = padding/unknown user)
     n_items: int = 0  # rows of the item ID table (0 = padding/unknown item)
     pad_id: int = 0
@@ -52,6 +57,12 @@ class ModelConfig:
                              "and model.item_id_embed=True (the leaf's items are scored with their ID embeddings)")
         if self.history_bias and self.item_eos:
             raise ValueError("model.history_bias needs model.item_eos=False (items of one token, scored at one step)")
+        if self.transition_bias and (self.item_eos or self.leaf_head or self.encoder_causal):
+            raise ValueError("model.transition_bias needs one-token items scored at one step: model.item_eos=False, "
+                             "model.leaf_head=False and model.encoder_causal=False")
+        if self.transition_context < 1 or self.transition_neighbors < 1:
+            raise ValueError(f"model.transition_context and model.transition_neighbors: expected >= 1, got "
+                             f"{self.transition_context!r} and {self.transition_neighbors!r}")
 
     @property
     def head_dim(self) -> int:

@@ -19,7 +19,6 @@ import torch
 
 from .beam_search import Trie, make_beam_search
 from .ensemble import Ensemble
-from .history_bias import history_items
 from .item_topk import DEFAULT_CHUNK, item_topk
 from .model import DecoderCache, GenRec
 
@@ -37,10 +36,8 @@ def item_decode(model: GenRec | Ensemble, enc: dict, first_item: int, num_items:
                          "use beam_decode")
     memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
     heads = model.first_heads(memory, enc["mask"])
-    history = None
-    if model.history is not None:  # the history bias: offsets on the users' own items (history_bias.py)
-        history = (history_items(enc["item_ids"], enc["mask"]),
-                   model.history_offsets(heads, memory, enc["item_ids"], enc["mask"]))
+    # the history and transition biases: offsets on the users' own items and their successors
+    history = model.bias_pairs(heads, memory, enc["item_ids"], enc["mask"])
     return item_topk(heads, first_item, num_items, k, exclude, allow, chunk, history=history)
 
 
@@ -55,9 +52,9 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
     or collaborative codes): the decoder runs L steps, and EOS, the only token the trie allows after an
     item, adds log 1 = 0 to the item's score.
     """
-    if model.history is not None and not model.cfg.leaf_head:
-        raise ValueError("beam_decode: a model with model.history_bias ranks its one-token items in one step: "
-                         "use item_decode (recommend's backend='auto')")
+    if (model.history is not None and not model.cfg.leaf_head) or model.transition is not None:
+        raise ValueError("beam_decode: a model with model.history_bias or model.transition_bias ranks its "
+                         "one-token items in one step: use item_decode (recommend's backend='auto')")
     if backend == "device":  # the search as device tensors (device_search.py): no host copy per step
         from .device_search import device_beam_decode
         return device_beam_decode(model, trie, enc, k, num_beams, exclude=exclude, allow=allow,

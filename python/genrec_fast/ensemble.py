@@ -84,6 +84,27 @@ class Ensemble(nn.Module):
         return [o for i, (m, x) in enumerate(zip(self.members, memory))
                 for o in m.history_offsets(heads[i:i + 1], x, item_ids, mask)]
 
+    @property
+    def transition(self):
+        """Truthy when any member has a transition bias (`GenRec.transition`)."""
+        return any(m.transition is not None for m in self.members) or None
+
+    def bias_pairs(self, heads: list, memory: list, item_ids: torch.Tensor, mask: torch.Tensor):
+        """Every member's `GenRec.bias_pairs` side by side: items (U, N_1 + N_2 + ...) and one (U, N) offset
+        tensor per member, zero on the other members' items; None when no member has a bias."""
+        parts = [m.bias_pairs(heads[i:i + 1], x, item_ids, mask) for i, (m, x) in enumerate(zip(self.members, memory))]
+        if all(p is None for p in parts):
+            return None
+        U = item_ids.shape[0]
+        items = [p[0] if p is not None else item_ids.new_full((U, 0), -1) for p in parts]
+        offsets = []
+        for i, p in enumerate(parts):
+            blocks = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in items]
+            if p is not None:
+                blocks[i] = p[1][0]
+            offsets.append(torch.cat(blocks, 1))
+        return torch.cat(items, 1), offsets
+
     def decode_step(self, tokens: torch.Tensor, cache: EnsembleCache) -> torch.Tensor:
         """tokens (R,) -> mean member log-probabilities (R, V)."""
         out = None

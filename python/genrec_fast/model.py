@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .history_bias import HistoryBias, code_offsets
+from .history_bias import HistoryBias, code_offsets, history_items
+from .transition_bias import TransitionBias, context_items
 from .item_topk import Head
 from .kernels import attention
 from .leaf_head import LeafHead
@@ -284,6 +285,8 @@ class GenRec(nn.Module):
         self.decoder = Stack(cfg, DecoderLayer, cfg.decoder_layers)
         self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size))
         self.history = HistoryBias(cfg.d_model, cfg.max_positions) if cfg.history_bias else None
+        self.transition = (TransitionBias(cfg.n_items, cfg.transition_context, cfg.transition_neighbors)
+                           if cfg.transition_bias else None)
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.apply(self._init)
         if not cfg.item_id_embed:  # the table stays zero and out of training (config.py)
@@ -423,14 +426,23 @@ class GenRec(nn.Module):
         return loss
 
     def history_loss(self, tokens, user_ids, item_ids, mask, decoder_tokens, labels: torch.Tensor, smoothing: float,
-                     ignore_index: int) -> torch.Tensor:
-        """With cfg.history_bias: the cross-entropy of the first step's logits plus the history bias
-        (history_bias.py) against labels (B, 1), fused as `head_loss` (the (B, V) logits never whole)."""
+                     ignore_index: int, first_item: int = 0, transition: tuple | None = None) -> torch.Tensor:
+        """With cfg.history_bias and/or cfg.transition_bias: the cross-entropy of the first step's logits plus
+        the biases' offsets (history_bias.py, transition_bias.py) against labels (B, 1), fused as `head_loss`
+        (the (B, V) logits never whole). Item i is token first_item + i; transition: (context (B, R) item
+        indices, own counts (B, R, M) to subtract) of `TransitionBias.pairs`."""
         memory = self.encode(tokens, user_ids, item_ids, mask)  # (B, S, C)
         hidden = self.decode_hidden(decoder_tokens, memory, mask)[:, 0]  # (B, C)
-        offsets = self.history.offsets(hidden, memory, item_ids, mask)  # (B, S)
+        tok, val = [], []
+        if self.history is not None:
+            tok.append(tokens)
+            val.append(self.history.offsets(hidden, memory, item_ids, mask))  # (B, S)
+        if self.transition is not None:
+            items, values = self.transition.pairs(*transition)  # (B, R * M)
+            tok.append(torch.where(items >= 0, first_item + items, self.cfg.pad_id))
+            val.append(values)
         return linear_cross_entropy(hidden, self.shared.weight, self.final_logits_bias[0], labels[:, 0], smoothing,
-                                    ignore_index, offsets=(tokens, offsets))
+                                    ignore_index, offsets=(torch.cat(tok, 1), torch.cat(val, 1)))
 
     def codes_history_loss(self, tokens, user_ids, item_ids, mask, decoder_tokens, labels: torch.Tensor,
                            smoothing: float, ignore_index: int, leaf_smoothing: float | None = None) -> torch.Tensor:
@@ -466,6 +478,20 @@ class GenRec(nn.Module):
         if self.history is None:
             return [torch.zeros(item_ids.shape, dtype=torch.float32, device=item_ids.device)]
         return [self.history.offsets(heads[0].x, memory, item_ids, mask).float()]
+
+    def bias_pairs(self, heads: list, memory: torch.Tensor, item_ids: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[torch.Tensor, list] | None:
+        """The one-step logit offsets of the history and transition biases as `item_topk(history=...)` takes
+        them: (items (U, N) item indices, -1 = none; [offsets (U, N)]), or None without either bias."""
+        items, values = [], []
+        if self.history is not None:
+            items.append(history_items(item_ids, mask))
+            values.append(self.history_offsets(heads, memory, item_ids, mask)[0])
+        if self.transition is not None:
+            t_items, t_values = self.transition.pairs(context_items(item_ids, mask, self.transition.context))
+            items.append(t_items)
+            values.append(t_values.float())
+        return (torch.cat(items, 1), [torch.cat(values, 1)]) if items else None
 
     def forward(self, tokens, user_ids, item_ids, mask, decoder_tokens, attn_mask=None, positions=None,
                 decoder_self_mask=None, cross_mask=None, decoder_positions=None):

@@ -34,6 +34,7 @@ from .model import GenRec
 from .prefix_batch import pack, pad_packed
 from .recommend import Recommender
 from .tokenizer import BOS_ID, PAD_ID, GenRecTokenizer
+from .transition_bias import OwnPairs, context_items, mask_positions
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -45,6 +46,7 @@ class Example:
     items: np.ndarray  # context item indices
     mask_at: int | None  # position of <mask> in items (pretraining) or None (mask after the history)
     target: int  # the masked item
+    owner: int = -1  # the user whose sequence it comes from, even without the user token (transition_bias.OwnPairs)
 
 
 @dataclass
@@ -80,7 +82,7 @@ def make_examples(split: Split, rng: np.random.Generator, pretrain: bool, cfg: T
         for items, mask_at, target in (_pretrain_examples(seq, rng, cfg) if pretrain
                                        else _finetune_examples(seq, cfg, rng, next_items)):
             user = None if rng.random() < cfg.drop_user_prob else u
-            out.append(Example(user, items, mask_at, target))
+            out.append(Example(user, items, mask_at, target, u))
     rng.shuffle(out)
     return out
 
@@ -223,8 +225,19 @@ class Trainer:
             raise ValueError("model.history_bias: needs tokenizer.item_tokens='whole' (or 'codes' with "
                              "model.leaf_head, tokenizer.code_input='first' and train.item_aux=0), "
                              "model.encoder_causal=False, train.softmax='full' and train.mask_seen=False")
+        if mcfg.transition_bias and (tok.item_tokens != "whole" or self.sampled or self.tcfg.mask_seen):
+            raise ValueError("model.transition_bias: needs tokenizer.item_tokens='whole', train.softmax='full' and "
+                             "train.mask_seen=False")
         torch.manual_seed(self.tcfg.seed)
         self.model = GenRec(mcfg).attach_leaves(self.tokenizer).to(self.device)
+        self.own_pairs = None
+        if self.model.transition is not None:  # from the training sequences only, as the codes
+            t0 = time.perf_counter()
+            self.model.transition.fit(self.split.train)
+            self.own_pairs = OwnPairs(self.split.train, data.n_items, self.model.transition.window)
+            self.neighbors = self.model.transition.items.cpu().numpy()  # (n + 1, M)
+            log.info("transition bias: neighbour table of %d x %d built in %.1f s", *self.neighbors.shape,
+                     time.perf_counter() - t0)
         self.group.broadcast_parameters(self.model)
         if self.group.rank:  # dropout: other masks than rank 0's (a single process keeps its generator)
             torch.manual_seed(self.group.torch_seed(self.tcfg.seed))
@@ -402,15 +415,29 @@ class Trainer:
         elif self.model.history is not None and self.model.cfg.leaf_head:  # the same at every code step
             loss = self.model.codes_history_loss(**kwargs, labels=labels, smoothing=self.tcfg.label_smoothing,
                                                  ignore_index=IGNORE, leaf_smoothing=self.tcfg.leaf_smoothing)
-        elif self.model.history is not None:  # the fused head + loss with the history bias's sparse offsets
+        elif self.model.history is not None or self.model.transition is not None:  # fused, with sparse offsets
             loss = self.model.history_loss(**kwargs, labels=labels, smoothing=self.tcfg.label_smoothing,
-                                           ignore_index=IGNORE)
+                                           ignore_index=IGNORE, first_item=self.tokenizer.sp.get_piece_size(),
+                                           transition=self._transition_inputs(part, kwargs))
         elif seen is None:  # the fused head + loss: the step's largest cost on a CPU, ~1/4 less
             loss = self.model.head_loss(self.model.hidden(**kwargs), labels, self.tcfg.label_smoothing, IGNORE,
                                         self.tcfg.leaf_smoothing, self.tcfg.item_aux)
         else:
             loss = item_cross_entropy(self.model(**kwargs), labels, self.tcfg.label_smoothing, seen, IGNORE)
         return loss, labels
+
+    def _transition_inputs(self, part: list, batch: dict) -> tuple | None:
+        """The transition bias's inputs of a batch: the items before each `<mask>` (B, R) and the counts of the
+        example's own user (B, R, M), which its feature must not see (transition_bias.OwnPairs)."""
+        if self.model.transition is None:
+            return None
+        until = mask_positions(batch["tokens"], self.tokenizer.mask_id)  # (B,)
+        context = context_items(batch["item_ids"], batch["mask"], self.model.transition.context, until)  # (B, R)
+        ctx = context.cpu().numpy()
+        nbr = self.neighbors[np.where(ctx >= 0, ctx, len(self.neighbors) - 1)]  # (B, R, M)
+        owner = np.array([e.owner for e in part], dtype=np.int64)
+        own = torch.from_numpy(self.own_pairs.counts(owner, ctx, nbr)).to(self.device)
+        return context, own
 
     def _backward(self, part: list) -> torch.Tensor:
         """Gradients of the batch's mean loss (one process); returns the loss."""

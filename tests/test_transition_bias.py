@@ -1,0 +1,243 @@
+"""Transition bias: the neighbour table, the own-user counts, the context, exact decoding, the fused loss, training."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from genrec_fast import Recommender, SequenceData, load, preset
+from genrec_fast.decoding import beam_decode, item_decode
+from genrec_fast.ensemble import Ensemble
+from genrec_fast.history_bias import biased_logits
+from genrec_fast.item_topk import item_topk_reference
+from genrec_fast.train import Trainer
+from genrec_fast.transition_bias import OwnPairs, context_items, neighbor_table
+
+ITEMS = [f"item{i}" for i in range(60)]
+
+
+def _brute_counts(seqs, window=3, skip_user=None):
+    counts = defaultdict(float)
+    for u, s in enumerate(seqs):
+        if u == skip_user:
+            continue
+        for i in range(len(s)):
+            for d in range(1, window + 1):
+                if i + d < len(s):
+                    counts[int(s[i]), int(s[i + d])] += 1.0 / d
+    return counts
+
+
+def _seqs(draw_lengths, n_items, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, n_items, n) for n in draw_lengths]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=0, max_size=12), st.integers(1, 9), st.integers(1, 4),
+       st.integers(1, 4), st.integers(0, 10 ** 6))
+def test_neighbor_table_keeps_the_largest_counts(lengths, n_items, neighbors, window, seed):
+    seqs = _seqs(lengths, n_items, seed)
+    items, counts = neighbor_table(seqs, n_items, neighbors, window)
+    assert items.shape == counts.shape == (n_items + 1, neighbors)
+    assert (items[n_items] == -1).all()
+    brute = _brute_counts(seqs, window)
+    for a in range(n_items):
+        row = {j: c for (x, j), c in brute.items() if x == a}
+        got = [(j, c) for j, c in zip(items[a].tolist(), counts[a].tolist()) if j >= 0]
+        assert len(got) == min(neighbors, len(row)) and len({j for j, _ in got}) == len(got)
+        for j, c in got:  # the true count of every kept item, largest first ...
+            assert c == pytest.approx(row[j], rel=1e-6)
+        assert all(x >= y - 1e-6 for (_, x), (_, y) in zip(got, got[1:]))
+        dropped = [c for j, c in row.items() if j not in dict(got)]  # ... and none left out is larger
+        assert not dropped or max(dropped) <= got[-1][1] + 1e-6
+        assert (counts[a][items[a] < 0] == 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=8), st.integers(1, 7), st.integers(0, 10 ** 6))
+def test_own_pairs_are_each_users_share_of_the_counts(lengths, n_items, seed):
+    seqs = _seqs(lengths, n_items, seed)
+    own = OwnPairs(seqs, n_items)
+    full = _brute_counts(seqs)
+    a = np.arange(-1, n_items)[None, :].repeat(len(seqs), 0)  # (U, n + 1): every item and "none"
+    j = np.broadcast_to(np.arange(-1, n_items)[None, None, :], (len(seqs), n_items + 1, n_items + 1))
+    got = own.counts(np.arange(len(seqs)), a, np.ascontiguousarray(j))
+    for u in range(len(seqs)):
+        others = _brute_counts(seqs, skip_user=u)
+        for x in range(n_items):
+            for y in range(n_items):
+                assert got[u, x + 1, y + 1] == pytest.approx(full[x, y] - others[x, y], abs=1e-6)
+        assert (got[u, 0] == 0).all() and (got[u, :, 0] == 0).all()
+
+
+def test_context_items_are_the_items_before_the_mask():
+    item_ids = torch.tensor([[0, 5, 6, 7, 0, 0], [3, 0, 9, 0, 4, 0], [8, 0, 0, 0, 0, 0]])  # 0: no item (user, mask)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert context_items(item_ids, mask, 2).tolist() == [[6, 5], [3, 8], [7, -1]]
+    until = torch.tensor([6, 3, 6])  # row 1: its <mask> at 3, the item after it does not count
+    assert context_items(item_ids, mask, 3, until).tolist() == [[6, 5, 4], [8, 2, -1], [7, -1, -1]]
+
+
+def _rec(history_bias=False, seed=0, context=3, neighbors=4):
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False, history_bias=history_bias, transition_bias=True,
+                              transition_context=context, transition_neighbors=neighbors)
+    rec = Recommender.random(ITEMS, cfg, vocab_size=200, item_tokens="whole", seed=seed)
+    rng = np.random.default_rng(seed)
+    rec.model.transition.fit([rng.integers(0, 60, 12) for _ in range(80)])
+    with torch.no_grad():  # offsets as large as learned ones
+        rec.model.transition.weight.normal_(0, 2.0)
+        if history_bias:
+            rec.model.history.recency.normal_(0, 2.0)
+    return rec
+
+
+def _transition_logits(m, z, enc, first):
+    """The definition: z + sum_r a[r] log1p(N[c_r, j]) over the full vocabulary (item j = token first + j), by loops."""
+    ctx = context_items(enc["item_ids"], enc["mask"], m.transition.context)
+    out = z.clone()
+    for b in range(z.shape[0]):
+        for r, a in enumerate(ctx[b].tolist()):
+            if a < 0:
+                continue
+            for j, c in zip(m.transition.items[a].tolist(), m.transition.counts[a].tolist()):
+                if j >= 0:
+                    out[b, first + j] += m.transition.weight[r] * np.log1p(c)
+    return out
+
+
+@pytest.mark.parametrize("history_bias, ensemble", [(False, False), (True, False), (True, True)])
+def test_item_decode_with_transition_bias_is_exact(history_bias, ensemble):
+    rec = _rec(history_bias)
+    model = Ensemble([rec.model, _rec(history_bias, seed=1, context=2, neighbors=3).model]) if ensemble else rec.model
+    rng = np.random.default_rng(0)
+    hists = [rng.integers(0, 60, int(rng.integers(1, 9))) for _ in range(20)]
+    enc = rec.encode_batch(hists, [None] * 20)
+    first = int(rec.tokenizer.item_flat[0])
+    exclude = [h[:1] for h in hists]
+    allow = rng.random(60) < 0.85
+    got_i, got_s = item_decode(model, enc, first, 60, 12, exclude, allow)
+    with torch.no_grad():
+        logits = []
+        for m in (model.members if ensemble else [model]):
+            memory = m.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+            h = m.first_heads(memory, enc["mask"])[0]
+            z = h.x @ h.weight.T + h.bias
+            if history_bias:
+                z = biased_logits(z, enc["tokens"], m.history.offsets(h.x, memory, enc["item_ids"], enc["mask"]))
+            logits.append(_transition_logits(m, z, enc, first))
+    want_i, want_s = item_topk_reference(logits, first, 60, 12, exclude, allow)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)
+
+
+def test_transition_loss_is_the_cross_entropy_of_the_biased_logits():
+    rec = _rec()
+    m = rec.model.train()
+    enc = rec.encode_batch([np.array([1, 2, 2]), np.array([7, 8])], [None, None])
+    first = int(rec.tokenizer.item_flat[0])
+    labels = torch.tensor([[first + 2], [first + 40]])
+    dec = torch.full((2, 1), m.cfg.bos_id)
+    ctx = context_items(enc["item_ids"], enc["mask"], 3)
+    own = torch.rand(2, 3, 4)  # subtracted before log1p, floored at 0
+    torch.manual_seed(3)
+    got = m.history_loss(**enc, decoder_tokens=dec, labels=labels, smoothing=0.2, ignore_index=-100,
+                         first_item=first, transition=(ctx, own))
+    torch.manual_seed(3)  # the same dropout masks
+    memory = m.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+    hidden = m.decode_hidden(dec, memory, enc["mask"])[:, 0]
+    saved = m.transition.counts.clone()
+    with torch.no_grad():
+        want = []
+        for b in range(2):  # the table minus this row's own counts, then the loop definition
+            m.transition.counts.copy_(saved)
+            for r, a in enumerate(ctx[b].tolist()):
+                if a >= 0:
+                    m.transition.counts[a] = (saved[a] - own[b, r]).clamp(min=0)
+            want.append(_transition_logits(m, m.lm_head(hidden[b:b + 1]).detach(), {k: v[b:b + 1] for k, v in enc.items()}, first))
+        m.transition.counts.copy_(saved)
+    bias = torch.cat(want) - m.lm_head(hidden).detach()  # the offsets, then on the live logits for the gradient
+    z = m.lm_head(hidden) + bias
+    torch.testing.assert_close(got.detach(), F.cross_entropy(z, labels[:, 0], label_smoothing=0.2).detach(),
+                               rtol=1e-5, atol=1e-4)
+    got.backward()
+    assert m.transition.weight.grad.abs().sum() > 0
+
+
+def _successor_data(rng, n_users=300, n_items=40):
+    """Users who move to a fixed successor of their last item (80% of steps): co-occurrence knows it."""
+    succ = rng.permutation(n_items)
+    seqs = []
+    for _ in range(n_users):
+        s = [int(rng.integers(0, n_items))]
+        while len(s) < int(rng.integers(6, 10)):
+            s.append(int(succ[s[-1]]) if rng.random() < 0.8 else int(rng.integers(0, n_items)))
+        seqs.append(np.array(s))
+    return SequenceData(list(range(n_users)), list(range(n_items)), seqs, [str(i + 1) for i in range(n_items)]), succ
+
+
+def test_transition_bias_trains_saves_and_reloads(tmp_path):
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False, transition_bias=True, transition_neighbors=5)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=3, eval_users=0, lr=3e-3)
+    data, succ = _successor_data(np.random.default_rng(1))
+    trainer = Trainer(data, tmp_path / "run", p, progress=False)
+    trainer.run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["valid"]["HR@10"] > 0.5
+    assert trainer.model.transition.weight[0] > 0.1  # it learned to trust the last item's successors
+    rec = load(tmp_path / "run" / "last")
+    assert rec.model.transition is not None
+    torch.testing.assert_close(rec.model.transition.counts, trainer.model.transition.counts.cpu())
+    before = trainer.recommender().recommend([[1, 2, 3, 2]], k=5)[0]
+    after = rec.recommend([[1, 2, 3, 2]], k=5)[0]
+    assert after.items == before.items
+    np.testing.assert_allclose(after.scores, before.scores, atol=1e-5)
+
+
+def test_trainer_subtracts_the_examples_own_user(tmp_path):
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False, transition_bias=True, transition_neighbors=40)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    data, _ = _successor_data(np.random.default_rng(2), n_users=60)
+    trainer = Trainer(data, tmp_path / "run", p, progress=False)
+    from genrec_fast.train import make_examples, to_batch
+    for pretrain in (True, False):
+        part = make_examples(trainer.split, np.random.default_rng(0), pretrain, trainer.tcfg)[:50]
+        batch, _ = to_batch(part, trainer.tokenizer, trainer.model.cfg, "cpu")
+        ctx, own = trainer._transition_inputs(part, batch)
+        left = (trainer.model.transition.counts[ctx.clamp(min=0)] - own).numpy()  # (B, R, M)
+        for b, e in enumerate(part):
+            others = _brute_counts(trainer.split.train, skip_user=e.owner)
+            cut = len(e.items) if e.mask_at is None else e.mask_at
+            want_ctx = [int(x) for x in e.items[:cut][::-1][:3]]
+            assert ctx[b].tolist() == want_ctx + [-1] * (3 - len(want_ctx))
+            for r, a in enumerate(want_ctx):
+                for m_, j in enumerate(trainer.model.transition.items[a].tolist()):
+                    if j >= 0:
+                        assert left[b, r, m_] == pytest.approx(others[a, j], abs=1e-5)
+
+
+def test_transition_bias_refuses_what_it_cannot_score(tmp_path):
+    with pytest.raises(ValueError, match="transition_bias needs one-token items"):
+        dataclasses.replace(preset("tiny").model, transition_bias=True)  # item_eos defaults to True
+    with pytest.raises(ValueError, match="transition_context"):
+        dataclasses.replace(preset("tiny").model, item_eos=False, transition_bias=True, transition_context=0)
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False, transition_bias=True)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=8)
+    with pytest.raises(ValueError, match="transition_bias: needs tokenizer.item_tokens='whole'"):
+        Trainer(_successor_data(np.random.default_rng(0))[0], tmp_path / "x", p, progress=False)
+    rec = _rec()
+    enc = rec.encode_batch([np.array([1, 2])], [None])
+    with pytest.raises(ValueError, match="use item_decode"):
+        beam_decode(rec.model, rec.trie, enc, 5)
