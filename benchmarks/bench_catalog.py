@@ -21,7 +21,9 @@ codes of random vectors: the shape of trained ones; one encoder position per ite
 configs/beauty-codes-first-noeos.json) at every size, decoded by the C++ trie search with 20 beams (top 20).
 With `--leaf`, the same codes with the leaf head (model.leaf_head, as configs/beauty-codes-leaf*.json).
 With `--history`, the one-token model with model.history_bias and, with `--leaf`, the leaf-head codes with it
-(the offsets at every code step, as configs/beauty-codes-leaf-l1-history-bias.json).
+(the offsets at every code step, as configs/beauty-codes-leaf-l1-history-bias.json). With `--transition`, the
+one-token model with the history and the transition bias (a full neighbour table: 50 random successors of
+every item, offsets on the 150 successors of each user's last three items).
 
 Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--codes] [--leaf] [--history]
        [--code-levels 2 --leaf-size 16] [--train] [--load] [--quick]
@@ -122,16 +124,26 @@ def build(n_items: int, seed: int = 0, form: str = "whole", levels: int = 2, lea
     decoded by the C++ trie search with 20 beams; form
     "leaf": those codes with the leaf head (model.leaf_head: the last token scored over its leaf's items);
     form "history": the one-token model with model.history_bias (offsets on the users' own items); form
-    "leaf-history": the leaf-head codes with it."""
+    "leaf-history": the leaf-head codes with it; form "transition": the one-token model with the history and the
+    transition bias (model.transition_bias, a full table of random neighbours)."""
     import dataclasses
     from genrec_fast import Recommender, preset
     cfg = dataclasses.replace(preset("small").model, **MODEL, item_eos=False, leaf_head=form in ("leaf", "leaf-history"),
-                              history_bias=form in ("history", "leaf-history"))
+                              history_bias=form in ("history", "leaf-history", "transition"),
+                              transition_bias=form == "transition")
     items = [f"item{i}" for i in range(n_items)]  # string ids, as real catalogs often have
     t0 = time.perf_counter()
-    rec = Recommender.random(items, cfg, item_tokens="whole" if form in ("whole", "history") else "codes", seed=seed,
+    one_token = form in ("whole", "history", "transition")
+    rec = Recommender.random(items, cfg, item_tokens="whole" if one_token else "codes", seed=seed,
                              code_levels=levels, code_branches=code_branches(n_items, levels, leaf),
                              code_input="first")
+    if form == "transition":  # every item with a full row of neighbours: the most pairs a user can bring
+        import torch
+        t, g = rec.model.transition, torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            t.items[:-1] = torch.randint(0, n_items, t.items[:-1].shape, generator=g)
+            t.counts[:-1] = torch.rand(t.counts[:-1].shape, generator=g) * 10
+            t.weight.fill_(0.5)
     return rec, time.perf_counter() - t0
 
 
@@ -233,10 +245,11 @@ def print_report(rows: list, extra: dict, args) -> None:
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
         b = code_branches(r["items"], args.code_levels, args.leaf_size)
-        form = "one token" if r["form"] in ("whole", "history") else \
+        form = "one token" if r["form"] in ("whole", "history", "transition") else \
             f"codes ({b} x {args.code_levels} + unique), 20 beams"
         form += {"leaf": ", leaf head", "history": ", history bias",
-                 "leaf-history": ", leaf head, history bias"}.get(r["form"], "")
+                 "leaf-history": ", leaf head, history bias",
+                 "transition": ", history + transition bias"}.get(r["form"], "")
         print(f"| {r['items']:,} | {form} | {r['build_s']:.1f} | {r['users_per_s']:,.0f} | {r['batch1_ms']:.2f} | "
               f"{r['rss_gb']:.2f} |")
     small = rows[0]
@@ -273,12 +286,15 @@ def main(argv=None) -> None:
                                                    "the GPU's peak allocated GB)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     p.add_argument("--sasrec", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--form", default="whole", choices=("whole", "codes", "leaf", "history", "leaf-history"), help=argparse.SUPPRESS)
+    p.add_argument("--form", default="whole", choices=("whole", "codes", "leaf", "history", "leaf-history", "transition"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--codes", action="store_true",
                    help="also the model over collaborative codes (trie search, 20 beams) at every size")
     p.add_argument("--leaf", action="store_true", help="also the codes model with the leaf head at every size")
     p.add_argument("--history", action="store_true",
                    help="also the one-token model (and with --leaf the leaf-head codes) with model.history_bias")
+    p.add_argument("--transition", action="store_true",
+                   help="also the one-token model with model.history_bias and model.transition_bias")
     p.add_argument("--code-levels", type=int, default=2, help="codes: cluster levels before the last token")
     p.add_argument("--leaf-size", type=int, default=16, help="codes: items per leaf (sets the branching)")
     args = p.parse_args(argv)
@@ -298,6 +314,8 @@ def main(argv=None) -> None:
         rows += [run_size(n, args, "history") for n in sorted(args.sizes)]
     if args.history and args.leaf:
         rows += [run_size(n, args, "leaf-history") for n in sorted(args.sizes)]
+    if args.transition:
+        rows += [run_size(n, args, "transition") for n in sorted(args.sizes)]
     print_report(rows, optional_figures(args), args)
 
 
