@@ -65,7 +65,7 @@ stage pytest_kernels 180 python -m pytest tests/test_kernels.py -q -rs -p no:cac
 tail -5 "$LOGS/pytest_kernels.log" 2>/dev/null
 stage pytest_loss 120 python -m pytest tests/test_loss.py -q -rs -p no:cacheprovider
 tail -3 "$LOGS/pytest_loss.log" 2>/dev/null
-stage pytest_item_topk 150 python -m pytest tests/test_item_topk.py tests/test_device_search.py tests/test_history_bias.py tests/test_codes_history.py -q -rs -p no:cacheprovider
+stage pytest_item_topk 150 python -m pytest tests/test_item_topk.py tests/test_device_search.py tests/test_history_bias.py tests/test_codes_history.py tests/test_transition_bias.py -q -rs -p no:cacheprovider
 stage bench_device_search 150 python benchmarks/bench_device_search.py  # it times the GPU too when torch sees one
 tail -3 "$LOGS/pytest_item_topk.log" 2>/dev/null
 # the one-token model's one-step path on the device (issue 22: >= 100,000 users/s at 1M items)

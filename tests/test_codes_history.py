@@ -1,5 +1,6 @@
 """The history bias over collaborative codes with the leaf head (history_bias.code_offsets): at every code
-step a history item's offset lands on its token in the rows that share its tokens so far. Decoding is exact
+step a history item's offset lands on its token in the rows that share its tokens so far; the transition bias's
+successor items (transition_bias.py) the same way, with offsets that do not depend on the step. Decoding is exact
 against brute-force teacher forcing of the biased logits (every catalog item scored), the fused loss equals
 the cross-entropy of those logits (training, saving and reloading: test_history_bias.py)."""
 import dataclasses
@@ -20,15 +21,21 @@ from genrec_fast.train import Trainer
 ITEMS = [f"item{i}" for i in range(70)]
 
 
-def _rec(levels=1, seed=0):
-    cfg = dataclasses.replace(preset("tiny").model, item_eos=False, leaf_head=True, history_bias=True)
+def _rec(levels=1, seed=0, history=True, transition=False):
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False, leaf_head=True, history_bias=history,
+                              transition_bias=transition, transition_neighbors=6)
     rec = Recommender.random(ITEMS, cfg, vocab_size=200, item_tokens="codes", code_levels=levels,
                              code_branches=4, code_input="first", seed=seed)
     torch.manual_seed(seed)
     with torch.no_grad():  # trained-size item vectors and a bias far from 0
         rec.model.item_embed.weight[1:].normal_(0, 1.0)
-        rec.model.history.recency.normal_(0, 2.0)
-        rec.model.history.query.weight.normal_(0, 1.0)
+        if history:
+            rec.model.history.recency.normal_(0, 2.0)
+            rec.model.history.query.weight.normal_(0, 1.0)
+        if transition:
+            rng = np.random.default_rng(seed)
+            rec.model.transition.fit([rng.integers(0, 70, 15) for _ in range(120)])
+            rec.model.transition.weight.normal_(0, 2.0)
     return rec
 
 
@@ -42,18 +49,25 @@ def _biased_logits(m, enc, dec_in) -> torch.Tensor:
     hidden = m.decode_hidden(dec_in, memory, mask)  # (n, L, C)
     logits = m.logits(hidden, dec_in).clone()  # (n, L, V)
     item_ids = enc["item_ids"].expand(n, -1)
-    values = m.history.score(hidden, m.history.state(memory, item_ids, mask))  # (n, L, S)
     codes = m.leaves.codes
+    pairs = []  # (item id, its offset at each step (n, L))
+    if m.history is not None:
+        values = m.history.score(hidden, m.history.state(memory, item_ids, mask))  # (n, L, S)
+        pairs += [(int(item_ids[0, j]), values[:, :, j]) for j in range(item_ids.shape[1])
+                  if item_ids[0, j] > 0 and mask[0, j]]
+    if m.transition is not None:  # each context item's successors, a[r] log1p(N), the same at every step
+        ctx = [int(x) for x in enc["item_ids"][0][enc["item_ids"][0] > 0].flip(0)[:m.transition.context] - 1]
+        for r, a in enumerate(ctx):
+            for j, c in zip(m.transition.items[a].tolist(), m.transition.counts[a].tolist()):
+                if j >= 0:
+                    pairs.append((j + 1, (m.transition.weight[r] * np.log1p(c)).expand(n, m.leaves.levels)))
     for b in range(n):
         target = dec_in[b, 1:].tolist()  # the target's tokens before the last
-        for j in range(item_ids.shape[1]):
-            item = int(item_ids[0, j])
-            if item == 0 or not mask[0, j]:
-                continue
+        for item, value in pairs:
             code = codes[item].tolist()
             for t in range(m.leaves.levels):
                 if code[:t] == target[:t]:
-                    logits[b, t, code[t]] = logits[b, t, code[t]] + values[b, t, j]
+                    logits[b, t, code[t]] = logits[b, t, code[t]] + value[b, t]
     return logits
 
 
@@ -76,9 +90,10 @@ def test_code_offsets_match_prefixes():
     assert tok.tolist() == [[[20, 21, 0], [20, 21, 0]]] and val.tolist() == [[[1, 0, 0], [0, 0, 0]]]
 
 
-@pytest.mark.parametrize("levels", [1, 2])
-def test_beam_search_with_history_bias_over_codes_is_exact(levels):
-    rec = _rec(levels=levels)
+@pytest.mark.parametrize("levels, history, transition", [(1, True, False), (2, True, False), (1, True, True),
+                                                         (2, False, True)])
+def test_beam_search_with_history_bias_over_codes_is_exact(levels, history, transition):
+    rec = _rec(levels=levels, history=history, transition=transition)
     assert rec.model.leaves.levels == levels + 1
     for history in ([3, 40, 3, 17], [5], [69, 0, 1, 2, 3, 4, 5, 6]):
         brute = _brute(rec, history)
@@ -86,17 +101,18 @@ def test_beam_search_with_history_bias_over_codes_is_exact(levels):
         want = np.argsort(-brute, kind="stable")
         np.testing.assert_array_equal(got[0], want)
         np.testing.assert_allclose(scores[0], brute[want], atol=1e-4)
-    plain = dataclasses.replace(rec.model.cfg, history_bias=False)
+    plain = dataclasses.replace(rec.model.cfg, history_bias=False, transition_bias=False)
     other = Recommender(type(rec.model)(plain).attach_leaves(rec.tokenizer).eval(), rec.tokenizer, rec.catalog)
     other.model.load_state_dict(rec.model.state_dict(), strict=False)
     got_plain, _ = other.decode_batch([other.encode([3, 40, 3, 17], None)], k=70, num_beams=70)
     assert not np.array_equal(got_plain[0], np.argsort(-_brute(rec, [3, 40, 3, 17]), kind="stable"))
 
 
-def test_batched_search_with_filters_matches_one_user_at_a_time():
+@pytest.mark.parametrize("transition", [False, True])
+def test_batched_search_with_filters_matches_one_user_at_a_time(transition):
     """Users of different history lengths in one batch (rows regrouped as beams and users end), the
     filters pruning subtrees: the same items and scores as each user alone, on every search backend."""
-    rec = _rec(levels=1)
+    rec = _rec(levels=1, transition=transition)
     rng = np.random.default_rng(3)
     hists = [[ITEMS[j] for j in rng.integers(0, 70, int(rng.integers(1, 9)))] for _ in range(7)]
     together = rec.recommend(hists, k=10, exclude_seen=True)
@@ -113,17 +129,22 @@ def test_batched_search_with_filters_matches_one_user_at_a_time():
         assert set(r.items) <= set(allowed)
 
 
-@pytest.mark.parametrize("smoothing, leaf_smoothing", [(0.0, None), (0.3, None), (0.3, 0.1)])
-def test_codes_history_loss_is_the_cross_entropy_of_the_biased_logits(smoothing, leaf_smoothing):
-    rec = _rec(levels=1)
+@pytest.mark.parametrize("smoothing, leaf_smoothing, transition", [(0.0, None, False), (0.3, None, False),
+                                                                 (0.3, 0.1, False), (0.3, 0.1, True)])
+def test_codes_history_loss_is_the_cross_entropy_of_the_biased_logits(smoothing, leaf_smoothing, transition):
+    rec = _rec(levels=1, transition=transition)
     m = rec.model.eval()  # no dropout: the two computations see the same states
     history, targets = [3, 40, 3, 17, 8], [0, 9, 33, 69]
     enc = pad_encoder([rec.encode(history, None)])
     dec_in, labels = pad_targets([rec.tokenizer.target(i, False) for i in targets], m.cfg.bos_id)  # (4, 2)
     n = len(targets)
     batch = {k: v.expand(n, *v.shape[1:]) for k, v in enc.items()}
+    ctx = None
+    if transition:
+        from genrec_fast.transition_bias import context_items
+        ctx = (context_items(batch["item_ids"], batch["mask"], m.transition.context), None)
     got = m.codes_history_loss(**batch, decoder_tokens=dec_in, labels=labels, smoothing=smoothing,
-                               ignore_index=-100, leaf_smoothing=leaf_smoothing)
+                               ignore_index=-100, leaf_smoothing=leaf_smoothing, transition=ctx)
     logits = _biased_logits(m, enc, dec_in)  # (4, 2, V)
     terms = []
     for b in range(n):
@@ -136,6 +157,7 @@ def test_codes_history_loss_is_the_cross_entropy_of_the_biased_logits(smoothing,
     want = torch.stack(terms).mean()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     params = [m.history.query.weight, m.history.recency, m.item_embed.weight, m.shared.weight]
+    params += [m.transition.weight] if transition else []
     for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -153,9 +175,10 @@ def test_codes_history_bias_refusals(tmp_path):
         rec.model.start_decoding(memory, enc["mask"])
 
 
-def test_codes_history_bias_in_an_ensemble_reaches_every_member():
+@pytest.mark.parametrize("transition", [False, True])
+def test_codes_history_bias_in_an_ensemble_reaches_every_member(transition):
     """An ensemble of a model with itself scores as the model (each member's cache carries the bias)."""
-    rec = _rec()
+    rec = _rec(transition=transition)
     ens = Recommender(Ensemble([rec.model, rec.model]).eval(), rec.tokenizer, rec.catalog)
     history = [3, 40, 3, 17]
     got, scores = ens.decode_batch([ens.encode(history, None)], k=70, num_beams=70)
@@ -166,8 +189,9 @@ def test_codes_history_bias_in_an_ensemble_reaches_every_member():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_cuda_device_search_with_codes_history_bias_equals_the_host():
-    rec = _rec(levels=1)
+@pytest.mark.parametrize("transition", [False, True])
+def test_cuda_device_search_with_codes_history_bias_equals_the_host(transition):
+    rec = _rec(levels=1, transition=transition)
     rng = np.random.default_rng(5)
     hists = [[ITEMS[j] for j in rng.integers(0, 70, int(rng.integers(1, 9)))] for _ in range(9)]
     host = rec.recommend(hists, k=10, exclude_seen=True)

@@ -183,10 +183,15 @@ def _successor_data(rng, n_users=300, n_items=40):
     return SequenceData(list(range(n_users)), list(range(n_items)), seqs, [str(i + 1) for i in range(n_items)]), succ
 
 
-def test_transition_bias_trains_saves_and_reloads(tmp_path):
+@pytest.mark.parametrize("model, tokenizer", [
+    ({}, {"item_tokens": "whole"}),  # one token per item
+    ({"leaf_head": True, "history_bias": True},
+     {"item_tokens": "codes", "code_levels": 1, "code_branches": 4, "code_input": "first"}),
+])
+def test_transition_bias_trains_saves_and_reloads(tmp_path, model, tokenizer):
     p = preset("tiny")
-    p.model = dataclasses.replace(p.model, item_eos=False, transition_bias=True, transition_neighbors=5)
-    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    p.model = dataclasses.replace(p.model, item_eos=False, transition_bias=True, transition_neighbors=5, **model)
+    p.tokenizer = dataclasses.replace(p.tokenizer, **tokenizer)
     p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=3, eval_users=0, lr=3e-3)
     data, succ = _successor_data(np.random.default_rng(1))
     trainer = Trainer(data, tmp_path / "run", p, progress=False)
@@ -228,7 +233,7 @@ def test_trainer_subtracts_the_examples_own_user(tmp_path):
 
 
 def test_transition_bias_refuses_what_it_cannot_score(tmp_path):
-    with pytest.raises(ValueError, match="transition_bias needs one-token items"):
+    with pytest.raises(ValueError, match="transition_bias needs items without an EOS step"):
         dataclasses.replace(preset("tiny").model, transition_bias=True)  # item_eos defaults to True
     with pytest.raises(ValueError, match="transition_context"):
         dataclasses.replace(preset("tiny").model, item_eos=False, transition_bias=True, transition_context=0)
@@ -241,3 +246,16 @@ def test_transition_bias_refuses_what_it_cannot_score(tmp_path):
     enc = rec.encode_batch([np.array([1, 2])], [None])
     with pytest.raises(ValueError, match="use item_decode"):
         beam_decode(rec.model, rec.trie, enc, 5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_item_decode_with_transition_bias_equals_the_host():
+    rec = _rec(history_bias=True)
+    rng = np.random.default_rng(5)
+    hists = [[ITEMS[j] for j in rng.integers(0, 60, int(rng.integers(1, 9)))] for _ in range(40)]
+    host = rec.recommend(hists, k=10, exclude_seen=True)
+    rec.model.to("cuda")
+    gpu = rec.recommend(hists, k=10, exclude_seen=True)
+    assert [r.items for r in gpu] == [r.items for r in host]
+    np.testing.assert_allclose([r.scores for r in gpu], [r.scores for r in host], atol=1e-4)

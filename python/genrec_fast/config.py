@@ -38,7 +38,8 @@ class ModelConfig:
     # codes with the leaf head (at every code step)
     transition_bias: bool = False  # add learned offsets to the logits of the items that followed the user's
     # last `transition_context` items in the training sequences (co-occurrence counts, their
-    # `transition_neighbors` most frequent successors each; transition_bias.py): one-token items
+    # `transition_neighbors` most frequent successors each; transition_bias.py): one-token items, or codes with
+    # the leaf head (at every code step, as the history bias)
     transition_context: int = 3
     transition_neighbors: int = 50
     n_users: int = 0  # rows of the user ID table (0 = padding/unknown user)
@@ -57,9 +58,9 @@ class ModelConfig:
                              "and model.item_id_embed=True (the leaf's items are scored with their ID embeddings)")
         if self.history_bias and self.item_eos:
             raise ValueError("model.history_bias needs model.item_eos=False (items of one token, scored at one step)")
-        if self.transition_bias and (self.item_eos or self.leaf_head or self.encoder_causal):
-            raise ValueError("model.transition_bias needs one-token items scored at one step: model.item_eos=False, "
-                             "model.leaf_head=False and model.encoder_causal=False")
+        if self.transition_bias and (self.item_eos or self.encoder_causal):
+            raise ValueError("model.transition_bias needs items without an EOS step (one token each, or codes with "
+                             "the leaf head): model.item_eos=False and model.encoder_causal=False")
         if self.transition_context < 1 or self.transition_neighbors < 1:
             raise ValueError(f"model.transition_context and model.transition_neighbors: expected >= 1, got "
                              f"{self.transition_context!r} and {self.transition_neighbors!r}")

@@ -52,7 +52,7 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
     or collaborative codes): the decoder runs L steps, and EOS, the only token the trie allows after an
     item, adds log 1 = 0 to the item's score.
     """
-    if (model.history is not None and not model.cfg.leaf_head) or model.transition is not None:
+    if (model.history is not None or model.transition is not None) and not model.cfg.leaf_head:
         raise ValueError("beam_decode: a model with model.history_bias or model.transition_bias ranks its "
                          "one-token items in one step: use item_decode (recommend's backend='auto')")
     if backend == "device":  # the search as device tensors (device_search.py): no host copy per step

@@ -208,7 +208,8 @@ class DecoderCache:
     capacity: int = 8
     leaf_key: torch.Tensor | None = None  # (R,) with a leaf head: the leaf of each row's cluster tokens so far
     history: tuple | None = None  # with a history bias over codes: (HistoryBias.state, codes (U, S, L)) per user
-    prefix: torch.Tensor | None = None  # (R, t) with `history`: each row's tokens after BOS
+    transition: tuple | None = None  # with a transition bias over codes: the successors' codes (U, N, L), offsets (U, N)
+    prefix: torch.Tensor | None = None  # (R, t) with `history` or `transition`: each row's tokens after BOS
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores layer i's new K/V (R, H, 1, hd) at position `step`; -> K/V so far, 2 x (R, H, step + 1, hd)."""
@@ -240,6 +241,8 @@ class DecoderCache:
             (keys, recency, is_item), codes = self.history
             self.history = (keys.index_select(0, users), recency.index_select(0, users),
                             is_item.index_select(0, users)), codes.index_select(0, users)
+        if users is not None and self.transition is not None:
+            self.transition = tuple(t.index_select(0, users) for t in self.transition)
         if users is not None:
             self.cross_k = [k.index_select(0, users) for k in self.cross_k]
             self.cross_v = [v.index_select(0, users) for v in self.cross_v]
@@ -445,15 +448,24 @@ class GenRec(nn.Module):
                                     ignore_index, offsets=(torch.cat(tok, 1), torch.cat(val, 1)))
 
     def codes_history_loss(self, tokens, user_ids, item_ids, mask, decoder_tokens, labels: torch.Tensor,
-                           smoothing: float, ignore_index: int, leaf_smoothing: float | None = None) -> torch.Tensor:
-        """With cfg.history_bias and a leaf head: the mean cross-entropy of every code step (`head_loss`), each
-        step's logits plus the history bias of that step's state on the items whose code starts with the
-        target's tokens so far (`history_bias.code_offsets`); fused, the (B, V) logits never whole."""
+                           smoothing: float, ignore_index: int, leaf_smoothing: float | None = None,
+                           transition: tuple | None = None) -> torch.Tensor:
+        """With a leaf head and cfg.history_bias and/or cfg.transition_bias: the mean cross-entropy of every code
+        step (`head_loss`), each step's logits plus the biases' offsets on the items whose code starts with the
+        target's tokens so far (`history_bias.code_offsets`); fused, the (B, V) logits never whole.
+        transition: as in `history_loss`."""
         leaves = self._leaves()
         memory = self.encode(tokens, user_ids, item_ids, mask)  # (B, S, C)
         hidden = self.decode_hidden(decoder_tokens, memory, mask)  # (B, L, C)
-        values = self.history.score(hidden, self.history.state(memory, item_ids, mask))  # (B, L, S)
-        codes = leaves.codes[item_ids.masked_fill(~mask, 0)]  # (B, S, L) tokens of each position's item
+        values, codes = [], []
+        if self.history is not None:
+            values.append(self.history.score(hidden, self.history.state(memory, item_ids, mask)))  # (B, L, S)
+            codes.append(leaves.codes[item_ids.masked_fill(~mask, 0)])  # (B, S, L) tokens of each position's item
+        if self.transition is not None:
+            items, t_values = self.transition.pairs(*transition)  # (B, N)
+            values.append(t_values[:, None].expand(-1, hidden.shape[1], -1))  # (B, L, N)
+            codes.append(leaves.codes[items + 1])  # (B, N, L)
+        values, codes = torch.cat(values, -1), torch.cat(codes, 1)
         last, total, n = leaves.levels - 1, hidden.new_zeros(()), 0
         for t in range(leaves.levels):
             rows = (labels[:, t] != ignore_index).nonzero()[:, 0]  # (N,)
@@ -517,11 +529,16 @@ class GenRec(nn.Module):
               for layer in self.decoder.layers]  # per layer 2 x (B, H, S, hd)
         n = len(kv)
         cache = DecoderCache([k for k, _ in kv], [v for _, v in kv], mask.sum(1), [None] * n, [None] * n)
-        if self.history is not None and self.cfg.leaf_head:
+        if (self.history is not None or self.transition is not None) and self.cfg.leaf_head:
             if item_ids is None:
-                raise ValueError("start_decoding: a model with model.history_bias over codes needs the item_ids")
-            cache.history = (self.history.state(memory, item_ids, mask),
-                             self._leaves().codes[item_ids.masked_fill(~mask, 0)])  # (U, S, L)
+                raise ValueError("start_decoding: a model with model.history_bias or model.transition_bias over "
+                                 "codes needs the item_ids")
+            codes = self._leaves().codes  # (n_items + 1, L) by item id, row 0 (no item) all -1
+            if self.history is not None:
+                cache.history = (self.history.state(memory, item_ids, mask), codes[item_ids.masked_fill(~mask, 0)])
+            if self.transition is not None:
+                items, values = self.transition.pairs(context_items(item_ids, mask, self.transition.context))
+                cache.transition = (codes[items + 1], values.float())  # (U, N, L), (U, N)
         return cache
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
@@ -547,17 +564,25 @@ class GenRec(nn.Module):
         return window_log_softmax(z if offsets is None else z.scatter_add(1, *offsets), lo, hi)
 
     def _step_offsets(self, tokens: torch.Tensor, hidden: torch.Tensor, cache: DecoderCache) -> tuple | None:
-        """The history bias over codes at the step just run (`cache.step - 1`), whose states are hidden (R, C)
-        after feeding tokens (R,): -> (tokens (R, S), float32 values (R, S)), or None without it."""
-        if cache.history is None:
+        """The history and transition biases over codes at the step just run (`cache.step - 1`), whose states
+        are hidden (R, C) after feeding tokens (R,): -> (tokens (R, N), float32 values (R, N)), or None."""
+        if cache.history is None and cache.transition is None:
             return None
         t = cache.step - 1
         # the token fed at step t > 0 is the row's code token of column t - 1 (the rows' parents: `reorder`)
         cache.prefix = tokens.new_zeros((len(tokens), 0)) if t == 0 else torch.cat([cache.prefix, tokens[:, None]], 1)
-        state, codes = cache.history
-        U, R = codes.shape[0], hidden.shape[0]  # rows: U users x R // U beams, user-major
-        values = self.history.score(hidden.view(U, R // U, -1), state)  # (U, W, S)
-        tok, val = code_offsets(values, codes, cache.prefix.view(U, R // U, t))  # 2 x (U, W, S)
+        U = (cache.history[1] if cache.history is not None else cache.transition[0]).shape[0]
+        R = hidden.shape[0]  # rows: U users x R // U beams, user-major
+        values, codes = [], []
+        if cache.history is not None:
+            state, h_codes = cache.history
+            values.append(self.history.score(hidden.view(U, R // U, -1), state))  # (U, W, S)
+            codes.append(h_codes)
+        if cache.transition is not None:
+            t_codes, t_values = cache.transition
+            values.append(t_values[:, None].expand(U, R // U, -1))  # (U, W, N): the same for every beam
+            codes.append(t_codes)
+        tok, val = code_offsets(torch.cat(values, -1), torch.cat(codes, 1), cache.prefix.view(U, R // U, t))
         return tok.reshape(R, -1), val.reshape(R, -1).float()
 
     def _leaf_aware_step(self, tokens: torch.Tensor, cache: DecoderCache) -> tuple[torch.Tensor, bool]:

@@ -225,9 +225,11 @@ class Trainer:
             raise ValueError("model.history_bias: needs tokenizer.item_tokens='whole' (or 'codes' with "
                              "model.leaf_head, tokenizer.code_input='first' and train.item_aux=0), "
                              "model.encoder_causal=False, train.softmax='full' and train.mask_seen=False")
-        if mcfg.transition_bias and (tok.item_tokens != "whole" or self.sampled or self.tcfg.mask_seen):
-            raise ValueError("model.transition_bias: needs tokenizer.item_tokens='whole', train.softmax='full' and "
-                             "train.mask_seen=False")
+        if mcfg.transition_bias and (not (tok.item_tokens == "whole" or codes_ok) or self.sampled
+                                     or self.tcfg.mask_seen):
+            raise ValueError("model.transition_bias: needs tokenizer.item_tokens='whole' (or 'codes' with "
+                             "model.leaf_head, tokenizer.code_input='first' and train.item_aux=0), "
+                             "train.softmax='full' and train.mask_seen=False")
         torch.manual_seed(self.tcfg.seed)
         self.model = GenRec(mcfg).attach_leaves(self.tokenizer).to(self.device)
         self.own_pairs = None
@@ -410,12 +412,14 @@ class Trainer:
         candidates when `part` is one rank's shard of a larger batch (default: part's own targets)."""
         kwargs, labels = to_batch(part, self.tokenizer, self.model.cfg, self.device)
         seen = seen_tokens(part, self.tokenizer, self.device) if self.tcfg.mask_seen else None
+        biased = self.model.history is not None or self.model.transition is not None
         if self.sampled:
             loss = self._sampled_loss(kwargs, labels, batch_targets)
-        elif self.model.history is not None and self.model.cfg.leaf_head:  # the same at every code step
+        elif biased and self.model.cfg.leaf_head:  # the same at every code step
             loss = self.model.codes_history_loss(**kwargs, labels=labels, smoothing=self.tcfg.label_smoothing,
-                                                 ignore_index=IGNORE, leaf_smoothing=self.tcfg.leaf_smoothing)
-        elif self.model.history is not None or self.model.transition is not None:  # fused, with sparse offsets
+                                                 ignore_index=IGNORE, leaf_smoothing=self.tcfg.leaf_smoothing,
+                                                 transition=self._transition_inputs(part, kwargs))
+        elif biased:  # the fused head + loss with the biases' sparse offsets
             loss = self.model.history_loss(**kwargs, labels=labels, smoothing=self.tcfg.label_smoothing,
                                            ignore_index=IGNORE, first_item=self.tokenizer.sp.get_piece_size(),
                                            transition=self._transition_inputs(part, kwargs))
