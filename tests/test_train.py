@@ -65,6 +65,18 @@ def test_logs_plot_and_resume(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # resumed after epoch 2, not from scratch
 
 
+def test_patience_counts_finetuning_epochs_only(tmp_path):
+    """With lr 0 every validation equals the first: pretraining epochs 1-2 never count, finetuning epoch 3 is
+    finetuning's best, 4 and 5 are two without a gain: patience 2 stops there and `best` stays epoch 1's."""
+    d = synthetic(n_users=60, n_items=20, seed=7)
+    p = preset("tiny")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=2, finetune_epochs=6, eval_users=20, patience=2, lr=0.0)
+    summary = Trainer(d, tmp_path, p, progress=False).run()
+    assert (summary["epochs"], summary["stopped_by"]) == (5, "patience")
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len({r["valid"]["NDCG@10"] for r in rows}) == 1
+
+
 def test_max_minutes_stops_before_an_epoch_that_would_pass_the_budget(tmp_path):
     d = synthetic(n_users=60, n_items=20, seed=7)
     p = preset("tiny")

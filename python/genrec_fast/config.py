@@ -107,7 +107,8 @@ class TrainConfig:
     eval_from: int = 0  # epochs trained before the first validation (the last epoch is always validated);
     # skips validations whose checkpoint would not be kept anyway: training itself does not change
     eval_users: int = 2000  # validation users sampled for periodic validation (0 = all)
-    patience: int = 3  # epochs without validation NDCG@10 gain before stopping
+    patience: int = 3  # finetuning epochs without a validation NDCG@10 gain over the best finetuning epoch before
+    # stopping (pretraining epochs never count; the kept `best` is the best validated epoch of either phase)
     ema_decay: float = 0.0  # validate and keep an exponential moving average of the weights (0 = off;
     # e.g. 0.999 averages over ~1,000 steps); training itself runs on the raw weights
     max_minutes: float = 0.0  # time budget of a run (0 = none): after the first epoch, none starts that

@@ -250,6 +250,7 @@ class Trainer:
         self.sampler = self._negative_sampler() if self.sampled else None
         self.ema = WeightAverage(self.model, self.tcfg.ema_decay) if self.tcfg.ema_decay else None
         self.epoch, self.step, self.best, self.bad_epochs = 0, 0, -1.0, 0
+        self.best_finetune = -1.0  # patience counts finetuning epochs since finetuning's own best (`validate`)
         self.rng = np.random.default_rng(self.tcfg.seed)
         self.total_steps = (self.tcfg.pretrain_epochs * self.steps_per_epoch(True)
                             + self.tcfg.finetune_epochs * self.steps_per_epoch(False))  # of the lr schedule
@@ -480,10 +481,15 @@ class Trainer:
         with self._kept_weights():
             m = self._evaluate_valid(model_ranker(self.recommender(), self.tcfg.num_beams))
             if m["NDCG@10"] > self.best:  # every rank holds the same m: the same decision everywhere
-                self.best, self.bad_epochs = m["NDCG@10"], 0
+                self.best = m["NDCG@10"]
                 self._save("best")
-            else:
-                self.bad_epochs += 1
+            # Patience: finetuning epochs since the best finetuning one. A pretraining epoch can hold the best
+            # validation (Yelp peaks in its first) and `best` keeps it, but it never stops finetuning early.
+            if self.epoch >= self.tcfg.pretrain_epochs:  # the 0-based epoch just trained was a finetuning one
+                if m["NDCG@10"] > self.best_finetune:
+                    self.best_finetune, self.bad_epochs = m["NDCG@10"], 0
+                else:
+                    self.bad_epochs += 1
         return m
 
     def _evaluate_valid(self, ranker) -> dict:
@@ -506,7 +512,8 @@ class Trainer:
         state = None
         if with_state:
             state = {"optimizer": self.opt.state_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
-                     "bad_epochs": self.bad_epochs, "rng": json.dumps(self.rng.bit_generator.state)}
+                     "bad_epochs": self.bad_epochs, "best_finetune": self.best_finetune,
+                     "rng": json.dumps(self.rng.bit_generator.state)}
             if self.sparse_opt is not None:
                 state["sparse_optimizer"] = self.sparse_opt.state_dict()
             if self.ema is not None:
@@ -542,6 +549,7 @@ class Trainer:
             self.sparse_opt.load_state_dict(state["sparse_optimizer"])
         self.epoch, self.step, self.best, self.bad_epochs = (state["epoch"], state["step"], state["best"],
                                                              state["bad_epochs"])
+        self.best_finetune = state.get("best_finetune", self.best)  # states written before it: the old rule
         self.rng.bit_generator.state = json.loads(state["rng"])
         if self.ema is not None:
             if "ema" not in state:
