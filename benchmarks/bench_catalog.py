@@ -23,7 +23,8 @@ With `--leaf`, the same codes with the leaf head (model.leaf_head, as configs/be
 With `--history`, the one-token model with model.history_bias and, with `--leaf`, the leaf-head codes with it
 (the offsets at every code step, as configs/beauty-codes-leaf-l1-history-bias.json). With `--transition`, the
 one-token model with the history and the transition bias (a full neighbour table: 50 random successors of
-every item, offsets on the 150 successors of each user's last three items).
+every item, offsets on the 150 successors of each user's last three items) and, with `--leaf`, the leaf-head
+codes with both (as configs/beauty-codes-leaf-l1-history-transition-bias.json).
 
 Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--codes] [--leaf] [--history]
        [--code-levels 2 --leaf-size 16] [--train] [--load] [--quick]
@@ -125,19 +126,20 @@ def build(n_items: int, seed: int = 0, form: str = "whole", levels: int = 2, lea
     "leaf": those codes with the leaf head (model.leaf_head: the last token scored over its leaf's items);
     form "history": the one-token model with model.history_bias (offsets on the users' own items); form
     "leaf-history": the leaf-head codes with it; form "transition": the one-token model with the history and the
-    transition bias (model.transition_bias, a full table of random neighbours)."""
+    transition bias (model.transition_bias, a full table of random neighbours); form "leaf-transition": the
+    leaf-head codes with both biases."""
     import dataclasses
     from genrec_fast import Recommender, preset
-    cfg = dataclasses.replace(preset("small").model, **MODEL, item_eos=False, leaf_head=form in ("leaf", "leaf-history"),
-                              history_bias=form in ("history", "leaf-history", "transition"),
-                              transition_bias=form == "transition")
+    cfg = dataclasses.replace(preset("small").model, **MODEL, item_eos=False, leaf_head=form.startswith("leaf"),
+                              history_bias=form not in ("whole", "codes", "leaf"),
+                              transition_bias=form.endswith("transition"))
     items = [f"item{i}" for i in range(n_items)]  # string ids, as real catalogs often have
     t0 = time.perf_counter()
     one_token = form in ("whole", "history", "transition")
     rec = Recommender.random(items, cfg, item_tokens="whole" if one_token else "codes", seed=seed,
                              code_levels=levels, code_branches=code_branches(n_items, levels, leaf),
                              code_input="first")
-    if form == "transition":  # every item with a full row of neighbours: the most pairs a user can bring
+    if form.endswith("transition"):  # every item with a full row of neighbours: the most pairs a user can bring
         import torch
         t, g = rec.model.transition, torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -249,7 +251,8 @@ def print_report(rows: list, extra: dict, args) -> None:
             f"codes ({b} x {args.code_levels} + unique), 20 beams"
         form += {"leaf": ", leaf head", "history": ", history bias",
                  "leaf-history": ", leaf head, history bias",
-                 "transition": ", history + transition bias"}.get(r["form"], "")
+                 "transition": ", history + transition bias",
+                 "leaf-transition": ", leaf head, history + transition bias"}.get(r["form"], "")
         print(f"| {r['items']:,} | {form} | {r['build_s']:.1f} | {r['users_per_s']:,.0f} | {r['batch1_ms']:.2f} | "
               f"{r['rss_gb']:.2f} |")
     small = rows[0]
@@ -286,7 +289,8 @@ def main(argv=None) -> None:
                                                    "the GPU's peak allocated GB)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     p.add_argument("--sasrec", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--form", default="whole", choices=("whole", "codes", "leaf", "history", "leaf-history", "transition"),
+    p.add_argument("--form", default="whole", choices=("whole", "codes", "leaf", "history", "leaf-history", "transition",
+                                                         "leaf-transition"),
                    help=argparse.SUPPRESS)
     p.add_argument("--codes", action="store_true",
                    help="also the model over collaborative codes (trie search, 20 beams) at every size")
@@ -294,7 +298,8 @@ def main(argv=None) -> None:
     p.add_argument("--history", action="store_true",
                    help="also the one-token model (and with --leaf the leaf-head codes) with model.history_bias")
     p.add_argument("--transition", action="store_true",
-                   help="also the one-token model with model.history_bias and model.transition_bias")
+                   help="also the one-token model with model.history_bias and model.transition_bias (with --leaf: "
+                        "the leaf-head codes with both)")
     p.add_argument("--code-levels", type=int, default=2, help="codes: cluster levels before the last token")
     p.add_argument("--leaf-size", type=int, default=16, help="codes: items per leaf (sets the branching)")
     args = p.parse_args(argv)
@@ -316,6 +321,8 @@ def main(argv=None) -> None:
         rows += [run_size(n, args, "leaf-history") for n in sorted(args.sizes)]
     if args.transition:
         rows += [run_size(n, args, "transition") for n in sorted(args.sizes)]
+    if args.transition and args.leaf:
+        rows += [run_size(n, args, "leaf-transition") for n in sorted(args.sizes)]
     print_report(rows, optional_figures(args), args)
 
 
