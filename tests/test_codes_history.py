@@ -1,6 +1,6 @@
 """The history bias over collaborative codes with the leaf head (history_bias.code_offsets): at every code
 step a history item's offset lands on its token in the rows that share its tokens so far; the transition bias's
-successor items (transition_bias.py) the same way, with offsets that do not depend on the step. Decoding is exact
+successor items (transition_bias.py) the same way, with weights of their own at the cluster steps. Decoding is exact
 against brute-force teacher forcing of the biased logits (every catalog item scored), the fused loss equals
 the cross-entropy of those logits (training, saving and reloading: test_history_bias.py)."""
 import dataclasses
@@ -36,6 +36,7 @@ def _rec(levels=1, seed=0, history=True, transition=False):
             rng = np.random.default_rng(seed)
             rec.model.transition.fit([rng.integers(0, 70, 15) for _ in range(120)])
             rec.model.transition.weight.normal_(0, 2.0)
+            rec.model.transition.cluster_weight.normal_(0, 2.0)  # differs from the leaf step's
     return rec
 
 
@@ -55,12 +56,14 @@ def _biased_logits(m, enc, dec_in) -> torch.Tensor:
         values = m.history.score(hidden, m.history.state(memory, item_ids, mask))  # (n, L, S)
         pairs += [(int(item_ids[0, j]), values[:, :, j]) for j in range(item_ids.shape[1])
                   if item_ids[0, j] > 0 and mask[0, j]]
-    if m.transition is not None:  # each context item's successors, a[r] log1p(N), the same at every step
+    if m.transition is not None:  # each context item's successors, a[r] log1p(N), a of the cluster or leaf step
         ctx = [int(x) for x in enc["item_ids"][0][enc["item_ids"][0] > 0].flip(0)[:m.transition.context] - 1]
+        last = m.leaves.levels - 1
         for r, a in enumerate(ctx):
             for j, c in zip(m.transition.items[a].tolist(), m.transition.counts[a].tolist()):
                 if j >= 0:
-                    pairs.append((j + 1, (m.transition.weight[r] * np.log1p(c)).expand(n, m.leaves.levels)))
+                    w = torch.stack([m.transition.cluster_weight[r]] * last + [m.transition.weight[r]])  # (L,)
+                    pairs.append((j + 1, (w * np.log1p(c)).expand(n, -1)))
     for b in range(n):
         target = dec_in[b, 1:].tolist()  # the target's tokens before the last
         for item, value in pairs:
@@ -157,7 +160,7 @@ def test_codes_history_loss_is_the_cross_entropy_of_the_biased_logits(smoothing,
     want = torch.stack(terms).mean()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     params = [m.history.query.weight, m.history.recency, m.item_embed.weight, m.shared.weight]
-    params += [m.transition.weight] if transition else []
+    params += [m.transition.weight, m.transition.cluster_weight] if transition else []
     for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -200,3 +203,13 @@ def test_cuda_device_search_with_codes_history_bias_equals_the_host(transition):
         gpu = rec.recommend(hists, k=10, exclude_seen=True, backend=backend)
         assert [r.items for r in gpu] == [r.items for r in host]
         np.testing.assert_allclose([r.scores for r in gpu], [r.scores for r in host], atol=1e-4)
+
+
+def test_codes_checkpoint_without_cluster_weight_loads_with_one_weight_for_every_step():
+    """Codes checkpoints from before `cluster_weight` used the transition weight at every code step."""
+    rec = _rec(transition=True)
+    state = {k: v for k, v in rec.model.state_dict().items() if k != "transition.cluster_weight"}
+    other = _rec(seed=1, transition=True).model
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.transition.cluster_weight, rec.model.transition.weight)
+    assert "cluster_weight" not in dict(_rec(history=True).model.named_parameters())  # no transition bias

@@ -208,7 +208,8 @@ class DecoderCache:
     capacity: int = 8
     leaf_key: torch.Tensor | None = None  # (R,) with a leaf head: the leaf of each row's cluster tokens so far
     history: tuple | None = None  # with a history bias over codes: (HistoryBias.state, codes (U, S, L)) per user
-    transition: tuple | None = None  # with a transition bias over codes: the successors' codes (U, N, L), offsets (U, N)
+    transition: tuple | None = None  # with a transition bias over codes: the successors' codes (U, N, L), offsets
+    # (U, 2, N) of a cluster step and of the leaf step
     prefix: torch.Tensor | None = None  # (R, t) with `history` or `transition`: each row's tokens after BOS
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +289,8 @@ class GenRec(nn.Module):
         self.decoder = Stack(cfg, DecoderLayer, cfg.decoder_layers)
         self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size))
         self.history = HistoryBias(cfg.d_model, cfg.max_positions) if cfg.history_bias else None
-        self.transition = (TransitionBias(cfg.n_items, cfg.transition_context, cfg.transition_neighbors)
+        self.transition = (TransitionBias(cfg.n_items, cfg.transition_context, cfg.transition_neighbors,
+                                          clusters=cfg.leaf_head)
                            if cfg.transition_bias else None)
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.apply(self._init)
@@ -462,8 +464,9 @@ class GenRec(nn.Module):
             values.append(self.history.score(hidden, self.history.state(memory, item_ids, mask)))  # (B, L, S)
             codes.append(leaves.codes[item_ids.masked_fill(~mask, 0)])  # (B, S, L) tokens of each position's item
         if self.transition is not None:
-            items, t_values = self.transition.pairs(*transition)  # (B, N)
-            values.append(t_values[:, None].expand(-1, hidden.shape[1], -1))  # (B, L, N)
+            items, t_values = self.transition.code_pairs(*transition)  # (B, N), (B, 2, N): cluster, leaf step
+            leaf_step = (torch.arange(hidden.shape[1], device=items.device) >= leaves.levels - 1).long()
+            values.append(t_values[:, leaf_step])  # (B, L, N)
             codes.append(leaves.codes[items + 1])  # (B, N, L)
         values, codes = torch.cat(values, -1), torch.cat(codes, 1)
         last, total, n = leaves.levels - 1, hidden.new_zeros(()), 0
@@ -537,8 +540,8 @@ class GenRec(nn.Module):
             if self.history is not None:
                 cache.history = (self.history.state(memory, item_ids, mask), codes[item_ids.masked_fill(~mask, 0)])
             if self.transition is not None:
-                items, values = self.transition.pairs(context_items(item_ids, mask, self.transition.context))
-                cache.transition = (codes[items + 1], values.float())  # (U, N, L), (U, N)
+                items, values = self.transition.code_pairs(context_items(item_ids, mask, self.transition.context))
+                cache.transition = (codes[items + 1], values.float())  # (U, N, L), (U, 2, N): cluster, leaf step
         return cache
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
@@ -580,7 +583,8 @@ class GenRec(nn.Module):
             codes.append(h_codes)
         if cache.transition is not None:
             t_codes, t_values = cache.transition
-            values.append(t_values[:, None].expand(U, R // U, -1))  # (U, W, N): the same for every beam
+            leaf_step = int(t >= self._leaves().levels - 1)
+            values.append(t_values[:, leaf_step, None].expand(U, R // U, -1))  # (U, W, N): the same for every beam
             codes.append(t_codes)
         tok, val = code_offsets(torch.cat(values, -1), torch.cat(codes, 1), cache.prefix.view(U, R // U, t))
         return tok.reshape(R, -1), val.reshape(R, -1).float()

@@ -17,7 +17,9 @@ users never get). Serving uses N as built.
 
 The table is derived from the training sequences once (`TransitionBias.fit`) and saved in the state dict.
 `pairs` gives (B, context * neighbors) items and offsets, the form `item_topk(history=...)` and the fused
-loss take (summed over repeats): decoding stays exact without (users x catalog) logits.
+loss take (summed over repeats): decoding stays exact without (users x catalog) logits. Over codes with
+the leaf head (`code_pairs`) the cluster steps weigh the same features with a second vector, `cluster_weight`
+(history_bias.code_offsets puts each successor's offset on its token at every step).
 """
 from __future__ import annotations
 
@@ -112,10 +114,16 @@ def mask_positions(tokens: torch.Tensor, mask_id: int) -> torch.Tensor:
 
 
 class TransitionBias(nn.Module):
-    def __init__(self, n_items: int, context: int, neighbors: int, window: int = 3):
+    """With `clusters` (codes with a leaf head) the cluster steps get weights of their own, `cluster_weight`:
+    there every successor's offset lands on its cluster token and the ~150 of a user sum per cluster, where
+    the leaf step scores each item alone. One weight for both learned a[0] = .05 on Beauty (the one-token
+    model 1.16) and no gain (docs/codes.md)."""
+
+    def __init__(self, n_items: int, context: int, neighbors: int, window: int = 3, clusters: bool = False):
         super().__init__()
         self.window = window
-        self.weight = nn.Parameter(torch.zeros(context))  # (R,) a[r]
+        self.weight = nn.Parameter(torch.zeros(context))  # (R,) a[r]: the one step, or the leaf step
+        self.cluster_weight = nn.Parameter(torch.zeros(context)) if clusters else None  # (R,) the cluster steps
         # int32 ids: a million items x 50 neighbours take 400 MB with the counts
         self.register_buffer("items", torch.full((n_items + 1, neighbors), -1, dtype=torch.int32))
         self.register_buffer("counts", torch.zeros(n_items + 1, neighbors))
@@ -131,13 +139,30 @@ class TransitionBias(nn.Module):
     def context(self) -> int:
         return self.weight.shape[0]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a codes checkpoint from before `cluster_weight` used `weight` at every step: so it still does
+        if self.cluster_weight is not None and prefix + "weight" in state_dict:
+            state_dict.setdefault(prefix + "cluster_weight", state_dict[prefix + "weight"].clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def pairs(self, context: torch.Tensor, own: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """context (B, R) item indices (-1 = none), own (B, R, M) counts to subtract (training) ->
         items (B, R * M) int64 (-1 = none) and offsets (B, R * M) float, 0 where no item."""
+        items, values = self._pairs(context, own, self.weight[None])
+        return items, values[:, 0]
+
+    def code_pairs(self, context: torch.Tensor, own: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `pairs`, with the offsets of a cluster step and of the leaf step: -> items (B, N), values (B, 2, N)."""
+        if self.cluster_weight is None:
+            raise ValueError("TransitionBias.code_pairs: built without clusters (model.leaf_head)")
+        return self._pairs(context, own, torch.stack([self.cluster_weight, self.weight]))
+
+    def _pairs(self, context: torch.Tensor, own: torch.Tensor | None, weight: torch.Tensor):
+        """weight (K, R) -> items (B, R * M), values (B, K, R * M)."""
         rows = torch.where(context >= 0, context, self.items.shape[0] - 1)  # (B, R); the last row holds no item
         items, counts = self.items[rows].long(), self.counts[rows]  # (B, R, M)
         if own is not None:
             counts = (counts - own).clamp(min=0)
-        values = self.weight[:, None] * torch.log1p(counts)  # (B, R, M)
-        values = values.masked_fill(items < 0, 0.0)
-        return items.flatten(1), values.flatten(1)
+        feature = torch.log1p(counts).masked_fill(items < 0, 0.0)  # (B, R, M)
+        values = weight[None, :, :, None] * feature[:, None]  # (B, K, R, M)
+        return items.flatten(1), values.flatten(2)
