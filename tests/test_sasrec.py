@@ -91,6 +91,11 @@ def test_cli_trains_sasrec_and_names_bad_settings(tmp_path, capsys):
                  "--no-report", "--quiet"]) == 0
     rep = json.loads((tmp_path / "explore" / "metrics.json").read_text())
     assert "test" not in rep and "sasrec" in rep["valid"]  # --no-report: the test items stay unseen
+    # its test afterwards, once, by `report` (the same numbers a reporting run prints)
+    assert main(["report", str(tmp_path / "explore" / "best"), "--out", str(tmp_path / "later.json"), "--quiet"]) == 0
+    later = json.loads((tmp_path / "later.json").read_text())
+    assert later["valid"]["sasrec"] == rep["valid"]["sasrec"] | {"seconds": later["valid"]["sasrec"]["seconds"]}
+    assert {"sasrec", "sasrec+exclude_seen"} <= set(later["test"])
     assert main(["train", "--model", "sasrec", "--set", "train.lr=0.1"]) == 2
     assert "sasrec.FIELD=VALUE" in capsys.readouterr().err
     assert main(["train", "--model", "sasrec", "--set", "sasrec.depth=3"]) == 2

@@ -143,9 +143,12 @@ def cmd_evaluate(args) -> int:
 def cmd_report(args) -> int:
     """The full report `train` writes (valid, test, excluding seen items, no user token, baselines)."""
     from .evaluate import format_table, report
-    rec = _load_checkpoints(args)
-    data = _load_matching_data(args, rec)
-    rep = report(rec, leave_one_out(data), data.item_codes, args.num_beams, progress=not args.quiet)
+    if len(args.checkpoint) == 1 and (Path(args.checkpoint[0]) / "sasrec.json").is_file():
+        rep = _report_sasrec(args)  # a SASRec peer trained with --no-report: its test, afterwards
+    else:
+        rec = _load_checkpoints(args)
+        data = _load_matching_data(args, rec)
+        rep = report(rec, leave_one_out(data), data.item_codes, args.num_beams, progress=not args.quiet)
     rep["checkpoints"] = [str(p) for p in args.checkpoint]
     seconds = [_train_seconds(Path(p)) for p in args.checkpoint]
     if all(s is not None for s in seconds):  # members' own training times, summed (not wall-clock if parallel)
@@ -155,6 +158,17 @@ def cmd_report(args) -> int:
     print(format_table({k: v for k, v in rep.items() if k in ("valid", "test")}))
     print(f"metrics {args.out}")
     return 0
+
+
+def _report_sasrec(args) -> dict:
+    """`report` of a SASRec checkpoint (`train --model sasrec`): validation, test and test without seen items."""
+    from .sasrec import load, report_sasrec
+    model, data = load(args.checkpoint[0]), load_data(args)
+    catalog = json.loads((Path(args.checkpoint[0]) / "catalog.json").read_text())
+    if data.item_ids != catalog["item_ids"]:
+        raise ValueError("--data does not match the checkpoint's catalog (train and evaluate on the same file "
+                         "with the same --id-order/--seed)")
+    return report_sasrec(model, leave_one_out(data))
 
 
 def _train_seconds(checkpoint: Path) -> float | None:
