@@ -120,9 +120,10 @@ def _load_checkpoints(args):
     return load(paths[0] if len(paths) == 1 else paths, args.device)
 
 
-def _load_matching_data(args, rec):
+def _load_matching_data(args, catalog):
+    """--data, checked against a checkpoint's catalog (`rec.catalog`, or a SASRec checkpoint's catalog.json)."""
     data = load_data(args)
-    if data.item_ids != rec.catalog.item_ids or data.user_ids != rec.catalog.user_ids:
+    if data.item_ids != catalog.item_ids or data.user_ids != catalog.user_ids:
         raise ValueError("--data does not match the checkpoint's catalog (train and evaluate on the same file "
                          "with the same --id-order/--seed)")
     return data
@@ -131,7 +132,7 @@ def _load_matching_data(args, rec):
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, model_ranker
     rec = _load_checkpoints(args)
-    data = _load_matching_data(args, rec)
+    data = _load_matching_data(args, rec.catalog)
     split = leave_one_out(data)
     users = None if not args.users else list(range(min(args.users, data.n_users)))
     m = evaluate(model_ranker(rec, args.num_beams, use_user=not args.no_user), split, args.part, users,
@@ -147,7 +148,7 @@ def cmd_report(args) -> int:
         rep = _report_sasrec(args)  # a SASRec peer trained with --no-report: its test, afterwards
     else:
         rec = _load_checkpoints(args)
-        data = _load_matching_data(args, rec)
+        data = _load_matching_data(args, rec.catalog)
         rep = report(rec, leave_one_out(data), data.item_codes, args.num_beams, progress=not args.quiet)
     rep["checkpoints"] = [str(p) for p in args.checkpoint]
     seconds = [_train_seconds(Path(p)) for p in args.checkpoint]
@@ -163,12 +164,9 @@ def cmd_report(args) -> int:
 def _report_sasrec(args) -> dict:
     """`report` of a SASRec checkpoint (`train --model sasrec`): validation, test and test without seen items."""
     from .sasrec import load, report_sasrec
-    model, data = load(args.checkpoint[0]), load_data(args)
-    catalog = json.loads((Path(args.checkpoint[0]) / "catalog.json").read_text())
-    if data.item_ids != catalog["item_ids"]:
-        raise ValueError("--data does not match the checkpoint's catalog (train and evaluate on the same file "
-                         "with the same --id-order/--seed)")
-    return report_sasrec(model, leave_one_out(data))
+    from .data import Catalog
+    data = _load_matching_data(args, Catalog(**json.loads((Path(args.checkpoint[0]) / "catalog.json").read_text())))
+    return report_sasrec(load(args.checkpoint[0]), leave_one_out(data))
 
 
 def _train_seconds(checkpoint: Path) -> float | None:
