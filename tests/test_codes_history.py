@@ -21,9 +21,9 @@ from genrec_fast.train import Trainer
 ITEMS = [f"item{i}" for i in range(70)]
 
 
-def _rec(levels=1, seed=0, history=True, transition=False):
+def _rec(levels=1, seed=0, history=True, transition=False, reverse=False):
     cfg = dataclasses.replace(preset("tiny").model, item_eos=False, leaf_head=True, history_bias=history,
-                              transition_bias=transition, transition_neighbors=6)
+                              transition_bias=transition, transition_neighbors=6, transition_reverse=reverse)
     rec = Recommender.random(ITEMS, cfg, vocab_size=200, item_tokens="codes", code_levels=levels,
                              code_branches=4, code_input="first", seed=seed)
     torch.manual_seed(seed)
@@ -37,6 +37,9 @@ def _rec(levels=1, seed=0, history=True, transition=False):
             rec.model.transition.fit([rng.integers(0, 70, 15) for _ in range(120)])
             rec.model.transition.weight.normal_(0, 2.0)
             rec.model.transition.cluster_weight.normal_(0, 2.0)  # differs from the leaf step's
+            if reverse:
+                rec.model.transition.reverse_weight.normal_(0, 2.0)
+                rec.model.transition.reverse_cluster_weight.normal_(0, 2.0)
     return rec
 
 
@@ -57,12 +60,15 @@ def _biased_logits(m, enc, dec_in) -> torch.Tensor:
         pairs += [(int(item_ids[0, j]), values[:, :, j]) for j in range(item_ids.shape[1])
                   if item_ids[0, j] > 0 and mask[0, j]]
     if m.transition is not None:  # each context item's successors, a[r] log1p(N), a of the cluster or leaf step
-        ctx = [int(x) for x in enc["item_ids"][0][enc["item_ids"][0] > 0].flip(0)[:m.transition.context] - 1]
+        t = m.transition  # (and with reverse its predecessors, weighed by the reverse vectors)
+        ctx = [int(x) for x in enc["item_ids"][0][enc["item_ids"][0] > 0].flip(0)[:t.context] - 1]
         last = m.leaves.levels - 1
         for r, a in enumerate(ctx):
-            for j, c in zip(m.transition.items[a].tolist(), m.transition.counts[a].tolist()):
+            for col, (j, c) in enumerate(zip(t.items[a].tolist(), t.counts[a].tolist())):
                 if j >= 0:
-                    w = torch.stack([m.transition.cluster_weight[r]] * last + [m.transition.weight[r]])  # (L,)
+                    cw, lw = ((t.cluster_weight, t.weight) if col < t.neighbors
+                              else (t.reverse_cluster_weight, t.reverse_weight))
+                    w = torch.stack([cw[r]] * last + [lw[r]])  # (L,)
                     pairs.append((j + 1, (w * np.log1p(c)).expand(n, -1)))
     for b in range(n):
         target = dec_in[b, 1:].tolist()  # the target's tokens before the last
@@ -93,10 +99,11 @@ def test_code_offsets_match_prefixes():
     assert tok.tolist() == [[[20, 21, 0], [20, 21, 0]]] and val.tolist() == [[[1, 0, 0], [0, 0, 0]]]
 
 
-@pytest.mark.parametrize("levels, history, transition", [(1, True, False), (2, True, False), (1, True, True),
-                                                         (2, False, True)])
-def test_beam_search_with_history_bias_over_codes_is_exact(levels, history, transition):
-    rec = _rec(levels=levels, history=history, transition=transition)
+@pytest.mark.parametrize("levels, history, transition, reverse", [
+    (1, True, False, False), (2, True, False, False), (1, True, True, False), (2, False, True, False),
+    (1, True, True, True)])
+def test_beam_search_with_history_bias_over_codes_is_exact(levels, history, transition, reverse):
+    rec = _rec(levels=levels, history=history, transition=transition, reverse=reverse)
     assert rec.model.leaves.levels == levels + 1
     for history in ([3, 40, 3, 17], [5], [69, 0, 1, 2, 3, 4, 5, 6]):
         brute = _brute(rec, history)
@@ -104,7 +111,7 @@ def test_beam_search_with_history_bias_over_codes_is_exact(levels, history, tran
         want = np.argsort(-brute, kind="stable")
         np.testing.assert_array_equal(got[0], want)
         np.testing.assert_allclose(scores[0], brute[want], atol=1e-4)
-    plain = dataclasses.replace(rec.model.cfg, history_bias=False, transition_bias=False)
+    plain = dataclasses.replace(rec.model.cfg, history_bias=False, transition_bias=False, transition_reverse=False)
     other = Recommender(type(rec.model)(plain).attach_leaves(rec.tokenizer).eval(), rec.tokenizer, rec.catalog)
     other.model.load_state_dict(rec.model.state_dict(), strict=False)
     got_plain, _ = other.decode_batch([other.encode([3, 40, 3, 17], None)], k=70, num_beams=70)
@@ -132,10 +139,12 @@ def test_batched_search_with_filters_matches_one_user_at_a_time(transition):
         assert set(r.items) <= set(allowed)
 
 
-@pytest.mark.parametrize("smoothing, leaf_smoothing, transition", [(0.0, None, False), (0.3, None, False),
-                                                                 (0.3, 0.1, False), (0.3, 0.1, True)])
-def test_codes_history_loss_is_the_cross_entropy_of_the_biased_logits(smoothing, leaf_smoothing, transition):
-    rec = _rec(levels=1, transition=transition)
+@pytest.mark.parametrize("smoothing, leaf_smoothing, transition, reverse", [
+    (0.0, None, False, False), (0.3, None, False, False), (0.3, 0.1, False, False), (0.3, 0.1, True, False),
+    (0.3, 0.1, True, True)])
+def test_codes_history_loss_is_the_cross_entropy_of_the_biased_logits(smoothing, leaf_smoothing, transition,
+                                                                      reverse):
+    rec = _rec(levels=1, transition=transition, reverse=reverse)
     m = rec.model.eval()  # no dropout: the two computations see the same states
     history, targets = [3, 40, 3, 17, 8], [0, 9, 33, 69]
     enc = pad_encoder([rec.encode(history, None)])
@@ -161,6 +170,7 @@ def test_codes_history_loss_is_the_cross_entropy_of_the_biased_logits(smoothing,
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     params = [m.history.query.weight, m.history.recency, m.item_embed.weight, m.shared.weight]
     params += [m.transition.weight, m.transition.cluster_weight] if transition else []
+    params += [m.transition.reverse_weight, m.transition.reverse_cluster_weight] if reverse else []
     for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 

@@ -42,6 +42,8 @@ class ModelConfig:
     # the leaf head (at every code step, as the history bias)
     transition_context: int = 3
     transition_neighbors: int = 50
+    transition_reverse: bool = False  # with transition_bias: also the `transition_neighbors` most frequent
+    # predecessors of each context item, with weights of their own (orderless visits: Yelp)
     n_users: int = 0  # rows of the user ID table (0 = padding/unknown user)
     n_items: int = 0  # rows of the item ID table (0 = padding/unknown item)
     pad_id: int = 0
@@ -61,6 +63,8 @@ class ModelConfig:
         if self.transition_bias and (self.item_eos or self.encoder_causal):
             raise ValueError("model.transition_bias needs items without an EOS step (one token each, or codes with "
                              "the leaf head): model.item_eos=False and model.encoder_causal=False")
+        if self.transition_reverse and not self.transition_bias:
+            raise ValueError("model.transition_reverse needs model.transition_bias=True")
         if self.transition_context < 1 or self.transition_neighbors < 1:
             raise ValueError(f"model.transition_context and model.transition_neighbors: expected >= 1, got "
                              f"{self.transition_context!r} and {self.transition_neighbors!r}")

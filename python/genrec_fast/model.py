@@ -290,7 +290,7 @@ class GenRec(nn.Module):
         self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size))
         self.history = HistoryBias(cfg.d_model, cfg.max_positions) if cfg.history_bias else None
         self.transition = (TransitionBias(cfg.n_items, cfg.transition_context, cfg.transition_neighbors,
-                                          clusters=cfg.leaf_head)
+                                          clusters=cfg.leaf_head, reverse=cfg.transition_reverse)
                            if cfg.transition_bias else None)
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.apply(self._init)

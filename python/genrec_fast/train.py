@@ -237,7 +237,7 @@ class Trainer:
             t0 = time.perf_counter()
             self.model.transition.fit(self.split.train)
             self.own_pairs = OwnPairs(self.split.train, data.n_items, self.model.transition.window)
-            self.neighbors = self.model.transition.items.cpu().numpy()  # (n + 1, M)
+            self.neighbors = self.model.transition.items.cpu().numpy()  # (n + 1, W)
             log.info("transition bias: neighbour table of %d x %d built in %.1f s", *self.neighbors.shape,
                      time.perf_counter() - t0)
         self.group.broadcast_parameters(self.model)
@@ -433,7 +433,7 @@ class Trainer:
 
     def _transition_inputs(self, part: list, batch: dict) -> tuple | None:
         """The transition bias's inputs of a batch: the items before each `<mask>` (B, R) and the counts of the
-        example's own user (B, R, M), which its feature must not see (transition_bias.OwnPairs)."""
+        example's own user (B, R, W), which its feature must not see (transition_bias.OwnPairs)."""
         if self.model.transition is None:
             return None
         until = mask_positions(batch["tokens"], self.tokenizer.mask_id)  # (B,)
@@ -441,7 +441,8 @@ class Trainer:
         ctx = context.cpu().numpy()
         nbr = self.neighbors[np.where(ctx >= 0, ctx, len(self.neighbors) - 1)]  # (B, R, M)
         owner = np.array([e.owner for e in part], dtype=np.int64)
-        own = torch.from_numpy(self.own_pairs.counts(owner, ctx, nbr)).to(self.device)
+        own = self.own_pairs.table_counts(owner, ctx, nbr, self.model.transition.neighbors)  # (B, R, W)
+        own = torch.from_numpy(own).to(self.device)
         return context, own
 
     def _backward(self, part: list) -> torch.Tensor:

@@ -16,7 +16,12 @@ transition, and the user's later items, would otherwise be counted in its featur
 users never get). Serving uses N as built.
 
 The table is derived from the training sequences once (`TransitionBias.fit`) and saved in the state dict.
-`pairs` gives (B, context * neighbors) items and offsets, the form `item_topk(history=...)` and the fused
+With `reverse` a second table holds each item's most frequent *predecessors* (N[j, a]: the items that came
+before it), weighed by a second vector `reverse_weight`: on Yelp, where visits to businesses follow no fixed
+order, re-ranking the top 200 of a trained model with them gained 6% validation NDCG@10, and nothing on
+Beauty, where the learned weight can stay ~0 (docs/experiments/datasets.md).
+
+`pairs` gives (B, context * width) items and offsets (width = neighbors, twice that with `reverse`), the form `item_topk(history=...)` and the fused
 loss take (summed over repeats): decoding stays exact without (users x catalog) logits. Over codes with
 the leaf head (`code_pairs`) the cluster steps weigh the same features with a second vector, `cluster_weight`
 (history_bias.code_offsets puts each successor's offset on its token at every step).
@@ -50,12 +55,16 @@ def _sum_by_key(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.n
     return uniq, np.bincount(inv.reshape(-1), weights, minlength=len(uniq))
 
 
-def neighbor_table(train: Sequence[np.ndarray], n_items: int, neighbors: int, window: int = 3):
+def neighbor_table(train: Sequence[np.ndarray], n_items: int, neighbors: int, window: int = 3,
+                   reverse: bool = False):
     """-> items (n_items + 1, neighbors) int64 (-1 = none; the last row: no item) and counts (same shape) float32:
-    each item's `neighbors` successors with the largest N[a, j] (ties: smaller j first), largest first."""
+    each item's `neighbors` successors with the largest N[a, j] (ties: smaller j first), largest first;
+    `reverse`: its predecessors, by N[j, a]."""
     if neighbors < 1 or window < 1:
         raise ValueError(f"neighbors and window: expected >= 1, got {neighbors!r} and {window!r}")
     _, a, b, w = _pairs(train, window)
+    if reverse:
+        a, b = b, a
     keys, counts = _sum_by_key(a * n_items + b, w)
     rows, cols = keys // n_items, keys % n_items
     order = np.lexsort((cols, -counts, rows))  # by row, then count down, then item up
@@ -81,14 +90,24 @@ class OwnPairs:
         owner, a, b, w = _pairs(train, window)
         self.keys, self.weights = _sum_by_key((owner * n_items + a) * n_items + b, w)
 
-    def counts(self, owner: np.ndarray, a: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """owner (B,), a (B, R), j (B, R, M) item indices (-1 = none) -> (B, R, M) float32."""
+    def counts(self, owner: np.ndarray, a: np.ndarray, j: np.ndarray, reverse: bool = False) -> np.ndarray:
+        """owner (B,), a (B, R), j (B, R, M) item indices (-1 = none) -> (B, R, M) float32: the pairs (a, j), or
+        with `reverse` (j, a)."""
         if not len(self.keys):
             return np.zeros(j.shape, dtype=np.float32)
-        q = (owner[:, None, None] * self.n + a[:, :, None]) * self.n + j  # (B, R, M)
+        first, second = (j, a[:, :, None]) if reverse else (a[:, :, None], j)
+        q = (owner[:, None, None] * self.n + first) * self.n + second  # (B, R, M)
         pos = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
         hit = (self.keys[pos] == q) & (a[:, :, None] >= 0) & (j >= 0) & (owner[:, None, None] >= 0)
         return np.where(hit, self.weights[pos], 0.0).astype(np.float32)
+
+    def table_counts(self, owner: np.ndarray, a: np.ndarray, j: np.ndarray, neighbors: int) -> np.ndarray:
+        """As `counts` for the rows of a `TransitionBias` table j (B, R, W): its first `neighbors` columns are
+        successors of a, any further ones (`reverse`) predecessors."""
+        own = self.counts(owner, a, j[..., :neighbors])
+        if j.shape[-1] == neighbors:
+            return own
+        return np.concatenate([own, self.counts(owner, a, j[..., neighbors:], reverse=True)], -1)
 
 
 def context_items(item_ids: torch.Tensor, mask: torch.Tensor, context: int,
@@ -119,20 +138,27 @@ class TransitionBias(nn.Module):
     the leaf step scores each item alone. One weight for both learned a[0] = .05 on Beauty (the one-token
     model 1.16) and no gain (docs/codes.md)."""
 
-    def __init__(self, n_items: int, context: int, neighbors: int, window: int = 3, clusters: bool = False):
+    def __init__(self, n_items: int, context: int, neighbors: int, window: int = 3, clusters: bool = False,
+                 reverse: bool = False):
         super().__init__()
-        self.window = window
+        self.window, self.neighbors = window, neighbors
         self.weight = nn.Parameter(torch.zeros(context))  # (R,) a[r]: the one step, or the leaf step
         self.cluster_weight = nn.Parameter(torch.zeros(context)) if clusters else None  # (R,) the cluster steps
+        # (R,) the same for the predecessor columns
+        self.reverse_weight = nn.Parameter(torch.zeros(context)) if reverse else None
+        self.reverse_cluster_weight = nn.Parameter(torch.zeros(context)) if reverse and clusters else None
+        width = neighbors * (2 if reverse else 1)  # successors, then predecessors
         # int32 ids: a million items x 50 neighbours take 400 MB with the counts
-        self.register_buffer("items", torch.full((n_items + 1, neighbors), -1, dtype=torch.int32))
-        self.register_buffer("counts", torch.zeros(n_items + 1, neighbors))
+        self.register_buffer("items", torch.full((n_items + 1, width), -1, dtype=torch.int32))
+        self.register_buffer("counts", torch.zeros(n_items + 1, width))
 
     def fit(self, train: Sequence[np.ndarray]) -> "TransitionBias":
         """The neighbour table of the training sequences (item indices 0..n_items - 1)."""
-        items, counts = neighbor_table(train, self.items.shape[0] - 1, self.items.shape[1], self.window)
-        self.items.copy_(items)
-        self.counts.copy_(counts)
+        n = self.items.shape[0] - 1
+        tables = [neighbor_table(train, n, self.neighbors, self.window, reverse=r)
+                  for r in ((False, True) if self.reverse_weight is not None else (False,))]
+        self.items.copy_(torch.cat([t[0] for t in tables], 1))
+        self.counts.copy_(torch.cat([t[1] for t in tables], 1))
         return self
 
     @property
@@ -148,21 +174,28 @@ class TransitionBias(nn.Module):
     def pairs(self, context: torch.Tensor, own: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """context (B, R) item indices (-1 = none), own (B, R, M) counts to subtract (training) ->
         items (B, R * M) int64 (-1 = none) and offsets (B, R * M) float, 0 where no item."""
-        items, values = self._pairs(context, own, self.weight[None])
+        items, values = self._pairs(context, own, self._columns(self.weight, self.reverse_weight)[None])
         return items, values[:, 0]
 
     def code_pairs(self, context: torch.Tensor, own: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """As `pairs`, with the offsets of a cluster step and of the leaf step: -> items (B, N), values (B, 2, N)."""
         if self.cluster_weight is None:
             raise ValueError("TransitionBias.code_pairs: built without clusters (model.leaf_head)")
-        return self._pairs(context, own, torch.stack([self.cluster_weight, self.weight]))
+        return self._pairs(context, own, torch.stack([self._columns(self.cluster_weight, self.reverse_cluster_weight),
+                                                      self._columns(self.weight, self.reverse_weight)]))
+
+    def _columns(self, weight: torch.Tensor, reverse: torch.Tensor | None) -> torch.Tensor:
+        """(R,) weights of the successor columns (+ (R,) of the predecessor ones) -> (R, W), one per table column."""
+        R, M = weight.shape[0], self.neighbors
+        cols = [weight[:, None].expand(R, M)] + ([reverse[:, None].expand(R, M)] if reverse is not None else [])
+        return torch.cat(cols, 1)
 
     def _pairs(self, context: torch.Tensor, own: torch.Tensor | None, weight: torch.Tensor):
-        """weight (K, R) -> items (B, R * M), values (B, K, R * M)."""
+        """weight (K, R, W) -> items (B, R * W), values (B, K, R * W)."""
         rows = torch.where(context >= 0, context, self.items.shape[0] - 1)  # (B, R); the last row holds no item
-        items, counts = self.items[rows].long(), self.counts[rows]  # (B, R, M)
+        items, counts = self.items[rows].long(), self.counts[rows]  # (B, R, W)
         if own is not None:
             counts = (counts - own).clamp(min=0)
-        feature = torch.log1p(counts).masked_fill(items < 0, 0.0)  # (B, R, M)
-        values = weight[None, :, :, None] * feature[:, None]  # (B, K, R, M)
+        feature = torch.log1p(counts).masked_fill(items < 0, 0.0)  # (B, R, W)
+        values = weight[None] * feature[:, None]  # (B, K, R, W)
         return items.flatten(1), values.flatten(2)
