@@ -56,3 +56,22 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "missing config.json" in capsys.readouterr().err
     assert main(["train", "--data", str(bad), "--set", "train.epochs=3", "--quiet"]) == 2
     assert "train has no field 'epochs'" in capsys.readouterr().err
+
+
+def test_calibrate_writes_a_checkpoint_that_scores_as_it_reports(p5_file, tmp_path, capsys):
+    out, cfg = tmp_path / "run", tmp_path / "biased.json"
+    cfg.write_text(json.dumps({"preset": "tiny", "tokenizer": {"item_tokens": "whole"},
+                               "model": {"item_eos": False, "history_bias": True, "transition_bias": True}}))
+    assert main(["train", "--data", str(p5_file), "--config", str(cfg), "--pretrain-epochs", "1",
+                 "--set", "train.finetune_epochs=1", "--out", str(out), "--quiet", "--no-report"]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", str(out / "best"), "--data", str(p5_file), "--out", str(out / "cal"), "--quiet"]) == 0
+    got = json.loads(capsys.readouterr().out.split("\ncalibrated checkpoint")[0])
+    assert set(got["scales"]) == {"history", "transition"}
+    info = json.loads((out / "cal" / "config.json").read_text())["info"]["calibration"]
+    assert info["scales"] == got["scales"] and info["source"] == str(out / "best")
+    assert main(["evaluate", str(out / "cal"), "--data", str(p5_file), "--part", "valid", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["NDCG@10"] == pytest.approx(got["valid_ndcg10"]["after" if got["applied"] else "before"], abs=1e-6)
+    assert main(["calibrate", str(out / "best"), "--data", str(p5_file), "--out", str(out / "x"), "--users", "1"]) == 2
+    assert "calibrate needs at least 2 validation users" in capsys.readouterr().err

@@ -141,6 +141,23 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    """Fit the bias factors on the validation targets (calibrate.py) and write the calibrated checkpoint."""
+    from . import checkpoint
+    from .calibrate import calibrate
+    from .recommend import _recommender
+    model, tokenizer, catalog, train_cfg, cfg = checkpoint.load_parts(args.checkpoint, args.device)
+    rec = _recommender(model, tokenizer, catalog, train_cfg)
+    data = _load_matching_data(args, catalog)
+    users = None if not args.users else list(range(min(args.users, data.n_users)))
+    out = calibrate(rec, leave_one_out(data), users, progress=not args.quiet)
+    info = dict(cfg.get("info") or {}, calibration=dict(out, source=str(args.checkpoint)))
+    checkpoint.save(args.out, rec.model, tokenizer, catalog, train_cfg, info=info)
+    print(json.dumps(out, indent=2))
+    print(f"calibrated checkpoint {args.out}")
+    return 0
+
+
 def cmd_report(args) -> int:
     """The full report `train` writes (valid, test, excluding seen items, no user token, baselines)."""
     from .evaluate import format_table, report
@@ -254,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+    c = sub.add_parser("calibrate", help="fit the history/transition biases' weights on the validation targets "
+                                         "(one factor each) and write the calibrated checkpoint")
+    c.add_argument("checkpoint", help="a one-token checkpoint with model.history_bias or model.transition_bias")
+    _add_data_args(c)
+    c.add_argument("--out", required=True, help="checkpoint directory to write")
+    c.add_argument("--users", type=int, default=0, help="fit on the first N users' validation targets (0 = all)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_calibrate)
     f = sub.add_parser("report", help="the full report of train (valid, test, excluding seen, baselines) "
                                       "for a checkpoint or an ensemble")
     f.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)

@@ -225,6 +225,9 @@ class Trainer:
             raise ValueError("model.history_bias: needs tokenizer.item_tokens='whole' (or 'codes' with "
                              "model.leaf_head, tokenizer.code_input='first' and train.item_aux=0), "
                              "model.encoder_causal=False, train.softmax='full' and train.mask_seen=False")
+        if self.tcfg.calibrate and not ((mcfg.history_bias or mcfg.transition_bias) and tok.item_tokens == "whole"):
+            raise ValueError("train.calibrate: needs model.history_bias or model.transition_bias with "
+                             "tokenizer.item_tokens='whole' (the factors scale those biases' weights)")
         if mcfg.transition_bias and (not (tok.item_tokens == "whole" or codes_ok) or self.sampled
                                      or self.tcfg.mask_seen):
             raise ValueError("model.transition_bias: needs tokenizer.item_tokens='whole' (or 'codes' with "
@@ -637,8 +640,25 @@ def train(data: SequenceData, out_dir: str | Path, preset: Preset, device: str =
             summary = trainer.run()
     if not group.is_main:
         return None
+    from .recommend import load
+    if preset.train.calibrate:  # the kept model's bias weights, fitted on the validation targets
+        summary["calibration"] = _calibrate_best(trainer, load(Path(out_dir) / "best", device), progress)
     (Path(out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(out_dir)
-    from .recommend import load
     return load(Path(out_dir) / "best", device)
+
+
+def _calibrate_best(trainer: Trainer, rec: Recommender, progress: bool) -> dict:
+    from .calibrate import calibrate
+    t0 = time.perf_counter()
+    out = calibrate(rec, trainer.split, progress=progress)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    if out["applied"]:
+        checkpoint.save(trainer.out / "best", rec.model, trainer.tokenizer, trainer.catalog, trainer.tcfg,
+                        info={"data": trainer.data.name, "n_users": trainer.data.n_users,
+                              "n_items": trainer.data.n_items, "calibration": out})
+    log.info("calibration: factors %s (%s), held-out validation NDCG@10 %.4f -> %.4f", out["scales"],
+             "applied" if out["applied"] else "not applied: no held-out gain", out["heldout_ndcg10"]["before"],
+             out["heldout_ndcg10"]["after"])
+    return out
 

@@ -1,0 +1,121 @@
+"""Bias calibration: its NDCG@10 of any factors is the evaluator's NDCG@10 of the model with its bias weights scaled
+by them; the fit never loses on the users it fits; it runs after training and its checkpoint reloads."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from genrec_fast import Recommender, SequenceData, load, preset
+from genrec_fast.calibrate import bias_groups, calibrate, candidates, fit, scale_biases
+from genrec_fast.data import leave_one_out
+from genrec_fast.evaluate import evaluate, model_ranker
+from genrec_fast.train import Trainer, train
+
+N_ITEMS = 50
+
+
+def _data(seed=0, n_users=120):
+    """Users who mostly move to a fixed successor of their last item, and sometimes repeat an earlier one."""
+    rng = np.random.default_rng(seed)
+    succ = rng.permutation(N_ITEMS)
+    seqs = []
+    for _ in range(n_users):
+        s = [int(rng.integers(0, N_ITEMS))]
+        while len(s) < int(rng.integers(5, 10)):
+            r = rng.random()
+            s.append(int(succ[s[-1]]) if r < 0.6 else int(rng.choice(s)) if r < 0.75 else int(rng.integers(0, N_ITEMS)))
+        seqs.append(np.array(s))
+    return SequenceData(list(range(n_users)), list(range(N_ITEMS)), seqs, [str(i + 1) for i in range(N_ITEMS)])
+
+
+def _rec(data, history=True, transition=True, reverse=False, seed=0):
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False, history_bias=history, transition_bias=transition,
+                              transition_neighbors=6, transition_reverse=reverse)
+    rec = Recommender.random(list(range(N_ITEMS)), cfg, vocab_size=200, n_users=data.n_users, item_tokens="whole",
+                             seed=seed)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # offsets of a trained model's size
+        if history:
+            rec.model.history.recency.normal_(0, 1.0)
+            rec.model.history.query.weight.normal_(0, 0.5)
+        if transition:
+            rec.model.transition.fit(leave_one_out(data).train)
+            rec.model.transition.weight.normal_(0, 1.0)
+            if reverse:
+                rec.model.transition.reverse_weight.normal_(0, 1.0)
+    return rec
+
+
+@pytest.mark.parametrize("history, transition, reverse", [(True, True, True), (True, False, False),
+                                                          (False, True, False)])
+def test_candidate_ndcg_is_the_evaluators_ndcg_of_the_scaled_model(history, transition, reverse):
+    data = _data()
+    split = leave_one_out(data)
+    rec = _rec(data, history, transition, reverse)
+    groups = bias_groups(rec.model)
+    assert len(groups) == history + transition + reverse
+    cands = candidates(rec, split, np.arange(data.n_users), batch_size=32, progress=False)
+    rng = np.random.default_rng(1)
+    for scales in [np.ones(len(groups)), np.zeros(len(groups))] + [rng.uniform(0, 4, len(groups)) for _ in range(4)]:
+        other = copy.deepcopy(rec)
+        scale_biases(other.model, dict(zip(groups, scales)))
+        want = evaluate(model_ranker(other), split, "valid", progress=False)["NDCG@10"]
+        assert cands.ndcg(torch.tensor(scales)) == pytest.approx(want, abs=1e-9)
+
+
+def test_fit_never_loses_on_its_users_and_calibrate_applies_only_a_held_out_gain():
+    data = _data(2, n_users=200)
+    split = leave_one_out(data)
+    rec = _rec(data, reverse=True, seed=3)
+    groups = bias_groups(rec.model)
+    cands = candidates(rec, split, np.arange(data.n_users), progress=False)
+    half = torch.arange(100)
+    scales = fit(cands, groups, half)
+    assert cands.ndcg(torch.tensor([scales[g] for g in groups]), half) >= cands.ndcg(torch.ones(3), half)
+    before = rec.model.transition.weight.clone()
+    out = calibrate(rec, split, progress=False)
+    held = out["heldout_ndcg10"]
+    assert out["applied"] == (held["after"] > held["before"])
+    if out["applied"]:
+        torch.testing.assert_close(rec.model.transition.weight, before * out["scales"]["transition"])
+    else:
+        assert out["scales"] == {g: 1.0 for g in groups}
+        torch.testing.assert_close(rec.model.transition.weight, before)
+    got = evaluate(model_ranker(rec), split, "valid", progress=False)["NDCG@10"]
+    assert got == pytest.approx(out["valid_ndcg10"]["after" if out["applied"] else "before"], abs=1e-9)
+
+
+def test_calibrate_refuses_models_it_cannot_scale():
+    data = _data()
+    rec = _rec(data, history=False, transition=False)
+    with pytest.raises(ValueError, match="neither model.history_bias nor model.transition_bias"):
+        calibrate(rec, leave_one_out(data), progress=False)
+    with pytest.raises(ValueError, match="unknown group 'pointer'"):
+        scale_biases(_rec(data).model, {"pointer": 2.0})
+
+
+def test_train_calibrates_the_kept_model(tmp_path):
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False, history_bias=True, transition_bias=True,
+                                  transition_neighbors=5, transition_reverse=True)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=2, eval_users=0, lr=3e-3,
+                                  calibrate=True)
+    data = _data(4, n_users=150)
+    rec = train(data, tmp_path / "run", p, progress=False)
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    cal = summary["calibration"]
+    assert set(cal["scales"]) == {"history", "transition", "reverse"}
+    got = evaluate(model_ranker(load(tmp_path / "run" / "best")), leave_one_out(data), "valid", progress=False)
+    assert got["NDCG@10"] == pytest.approx(cal["valid_ndcg10"]["after" if cal["applied"] else "before"], abs=1e-6)
+    assert rec is not None
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=4,
+                                      code_input="first")
+    p.model = dataclasses.replace(p.model, leaf_head=True)
+    with pytest.raises(ValueError, match="train.calibrate: needs"):
+        Trainer(data, tmp_path / "codes", p, progress=False)
