@@ -24,9 +24,12 @@ With `--history`, the one-token model with model.history_bias and, with `--leaf`
 (the offsets at every code step, as configs/beauty-codes-leaf-l1-history-bias.json). With `--transition`, the
 one-token model with the history and the transition bias (a full neighbour table: 50 random successors of
 every item, offsets on the 150 successors of each user's last three items) and, with `--leaf`, the leaf-head
-codes with both (as configs/beauty-codes-leaf-l1-history-transition-bias.json).
+codes with both (as configs/beauty-codes-leaf-l1-history-transition-bias.json). With `--both`, the one-token
+model with the transition bias in both directions (50 successors and 50 predecessors a context item: 300 pairs a
+user, as configs/whole-history-transition-both-calibrated.json).
 
 Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--codes] [--leaf] [--history]
+       [--transition] [--both]
        [--code-levels 2 --leaf-size 16] [--train] [--load] [--quick]
 Last line: catalog_bench ratio_vs_sasrec=<x> batch1_ms=<y> users_per_s_1m=<z> rss_gb_1m=<w> train_rss_gb_1m=<v> load_5m_s=<s> codes_users_per_s_1m=<c> leaf_users_per_s_1m=<l>
 """
@@ -118,6 +121,9 @@ def sasrec_batch(histories: list) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+ONE_TOKEN = ("whole", "history", "transition", "transition-both")
+
+
 def build(n_items: int, seed: int = 0, form: str = "whole", levels: int = 2, leaf: int = 16):
     """The one-token model, or (form "codes") the same model over collaborative codes: `levels` levels of
     code_branches(n) values (leaves of ~`leaf` items) and a unique last token, in the form of
@@ -126,26 +132,29 @@ def build(n_items: int, seed: int = 0, form: str = "whole", levels: int = 2, lea
     "leaf": those codes with the leaf head (model.leaf_head: the last token scored over its leaf's items);
     form "history": the one-token model with model.history_bias (offsets on the users' own items); form
     "leaf-history": the leaf-head codes with it; form "transition": the one-token model with the history and the
-    transition bias (model.transition_bias, a full table of random neighbours); form "leaf-transition": the
+    transition bias (model.transition_bias, a full table of random neighbours); form "transition-both": that with
+    the predecessor table too (model.transition_reverse: twice the pairs); form "leaf-transition": the
     leaf-head codes with both biases."""
     import dataclasses
     from genrec_fast import Recommender, preset
     cfg = dataclasses.replace(preset("small").model, **MODEL, item_eos=False, leaf_head=form.startswith("leaf"),
                               history_bias=form not in ("whole", "codes", "leaf"),
-                              transition_bias=form.endswith("transition"))
+                              transition_bias="transition" in form, transition_reverse=form == "transition-both")
     items = [f"item{i}" for i in range(n_items)]  # string ids, as real catalogs often have
     t0 = time.perf_counter()
-    one_token = form in ("whole", "history", "transition")
+    one_token = form in ONE_TOKEN
     rec = Recommender.random(items, cfg, item_tokens="whole" if one_token else "codes", seed=seed,
                              code_levels=levels, code_branches=code_branches(n_items, levels, leaf),
                              code_input="first")
-    if form.endswith("transition"):  # every item with a full row of neighbours: the most pairs a user can bring
+    if "transition" in form:  # every item with a full row of neighbours: the most pairs a user can bring
         import torch
         t, g = rec.model.transition, torch.Generator().manual_seed(seed)
         with torch.no_grad():
             t.items[:-1] = torch.randint(0, n_items, t.items[:-1].shape, generator=g)
             t.counts[:-1] = torch.rand(t.counts[:-1].shape, generator=g) * 10
             t.weight.fill_(0.5)
+            if t.reverse_weight is not None:
+                t.reverse_weight.fill_(0.5)
     return rec, time.perf_counter() - t0
 
 
@@ -247,11 +256,12 @@ def print_report(rows: list, extra: dict, args) -> None:
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
         b = code_branches(r["items"], args.code_levels, args.leaf_size)
-        form = "one token" if r["form"] in ("whole", "history", "transition") else \
+        form = "one token" if r["form"] in ONE_TOKEN else \
             f"codes ({b} x {args.code_levels} + unique), 20 beams"
         form += {"leaf": ", leaf head", "history": ", history bias",
                  "leaf-history": ", leaf head, history bias",
                  "transition": ", history + transition bias",
+                 "transition-both": ", history + transition bias, both directions",
                  "leaf-transition": ", leaf head, history + transition bias"}.get(r["form"], "")
         print(f"| {r['items']:,} | {form} | {r['build_s']:.1f} | {r['users_per_s']:,.0f} | {r['batch1_ms']:.2f} | "
               f"{r['rss_gb']:.2f} |")
@@ -290,7 +300,7 @@ def main(argv=None) -> None:
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     p.add_argument("--sasrec", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--form", default="whole", choices=("whole", "codes", "leaf", "history", "leaf-history", "transition",
-                                                         "leaf-transition"),
+                                                         "transition-both", "leaf-transition"),
                    help=argparse.SUPPRESS)
     p.add_argument("--codes", action="store_true",
                    help="also the model over collaborative codes (trie search, 20 beams) at every size")
@@ -300,6 +310,9 @@ def main(argv=None) -> None:
     p.add_argument("--transition", action="store_true",
                    help="also the one-token model with model.history_bias and model.transition_bias (with --leaf: "
                         "the leaf-head codes with both)")
+    p.add_argument("--both", action="store_true",
+                   help="also the one-token model with both biases, the transition bias in both directions "
+                        "(model.transition_reverse: configs/whole-history-transition-both-calibrated.json)")
     p.add_argument("--code-levels", type=int, default=2, help="codes: cluster levels before the last token")
     p.add_argument("--leaf-size", type=int, default=16, help="codes: items per leaf (sets the branching)")
     args = p.parse_args(argv)
@@ -321,6 +334,8 @@ def main(argv=None) -> None:
         rows += [run_size(n, args, "leaf-history") for n in sorted(args.sizes)]
     if args.transition:
         rows += [run_size(n, args, "transition") for n in sorted(args.sizes)]
+    if args.both:
+        rows += [run_size(n, args, "transition-both") for n in sorted(args.sizes)]
     if args.transition and args.leaf:
         rows += [run_size(n, args, "leaf-transition") for n in sorted(args.sizes)]
     print_report(rows, optional_figures(args), args)
