@@ -13,6 +13,7 @@ import torch
 from genrec_fast import Recommender, SequenceData, load, preset
 from genrec_fast.calibrate import bias_groups, calibrate, candidates, fit, scale_biases
 from genrec_fast.data import leave_one_out
+from genrec_fast.ensemble import Ensemble
 from genrec_fast.evaluate import evaluate, model_ranker
 from genrec_fast.train import Trainer, train
 
@@ -97,6 +98,10 @@ def test_calibrate_refuses_models_it_cannot_scale():
         calibrate(rec, leave_one_out(data), progress=False)
     with pytest.raises(ValueError, match="unknown group 'pointer'"):
         scale_biases(_rec(data).model, {"pointer": 2.0})
+    biased = _rec(data)
+    ens = Recommender(Ensemble([biased.model, biased.model]).eval(), biased.tokenizer, biased.catalog)
+    with pytest.raises(ValueError, match="not an ensemble"):
+        calibrate(ens, leave_one_out(data), progress=False)
 
 
 def test_train_calibrates_the_kept_model(tmp_path):

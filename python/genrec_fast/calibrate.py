@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Split
+from .ensemble import Ensemble
 from .history_bias import history_items
 from .transition_bias import context_items
 
@@ -38,8 +39,8 @@ TOP = 10  # NDCG@10
 
 def bias_groups(model) -> list[str]:
     """The model's calibratable groups, in the order `calibrate` fits them."""
-    groups = ["history"] if getattr(model, "history", None) is not None else []
-    t = getattr(model, "transition", None)
+    groups = ["history"] if model.history is not None else []
+    t = model.transition
     if t is not None:
         groups.append("transition")
         if t.reverse_weight is not None:
@@ -47,8 +48,22 @@ def bias_groups(model) -> list[str]:
     return groups
 
 
+def _groups(rec) -> list[str]:
+    """`bias_groups` of a model `calibrate` can scale; a clear error for any other."""
+    if isinstance(rec.model, Ensemble) or not rec.one_step:
+        raise ValueError("calibrate: needs one model (not an ensemble) with one token per item "
+                         "(tokenizer.item_tokens='whole')")
+    groups = bias_groups(rec.model)
+    if not groups:
+        raise ValueError("calibrate: the model has neither model.history_bias nor model.transition_bias")
+    return groups
+
+
 def scale_biases(model, scales: dict) -> None:
     """Multiply each group's parameters in place by its factor (a one-token model's offsets scale with them)."""
+    unknown = sorted(set(scales) - set(bias_groups(model)))
+    if unknown:
+        raise ValueError(f"scales: unknown group {unknown[0]!r}, expected one of {bias_groups(model)}")
     with torch.no_grad():
         for g, s in scales.items():
             if g == "history":
@@ -56,12 +71,10 @@ def scale_biases(model, scales: dict) -> None:
             elif g == "transition":
                 params = [model.transition.weight] + ([model.transition.cluster_weight]
                                                       if model.transition.cluster_weight is not None else [])
-            elif g == "reverse":
+            else:  # "reverse"
                 params = [model.transition.reverse_weight] + ([model.transition.reverse_cluster_weight]
                                                               if model.transition.reverse_cluster_weight is not None
                                                               else [])
-            else:
-                raise ValueError(f"scales: unknown group {g!r}, expected one of {bias_groups(model)}")
             for p in params:
                 p.mul_(float(s))
 
@@ -88,13 +101,7 @@ class Candidates:
 @torch.inference_mode()
 def candidates(rec, split: Split, users: Sequence[int], batch_size: int = 256, progress: bool = True) -> Candidates:
     """The validation `Candidates` of a one-token model with biases (`Recommender`)."""
-    model = rec.model
-    groups = bias_groups(model)
-    if not groups:
-        raise ValueError("calibrate: the model has neither model.history_bias nor model.transition_bias")
-    if not rec.one_step or not hasattr(model, "first_heads"):
-        raise ValueError("calibrate: needs one model (not an ensemble) with one token per item "
-                         "(tokenizer.item_tokens='whole')")
+    model, groups = rec.model, _groups(rec)
     model.eval()
     first, n = int(rec.tokenizer.item_flat[0]), len(rec.catalog.item_ids)
     batch_size = max(1, min(batch_size, 2 ** 25 // max(1, n * (len(groups) + 1))))  # dense (G + 1, B, n) per batch
@@ -180,7 +187,7 @@ def calibrate(rec, split: Split, users: Sequence[int] | None = None, seed: int =
     users = np.arange(len(split.train)) if users is None else np.asarray(users)
     if len(users) < 2:
         raise ValueError(f"users: calibrate needs at least 2 validation users, got {len(users)}")
-    groups = bias_groups(rec.model)
+    groups = _groups(rec)
     cands = candidates(rec, split, users, progress=progress)
     ones = torch.ones(len(groups), dtype=torch.float64)
     perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(users)))
