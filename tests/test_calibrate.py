@@ -116,9 +116,11 @@ def test_train_calibrates_the_kept_model(tmp_path):
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     cal = summary["calibration"]
     assert set(cal["scales"]) == {"history", "transition", "reverse"}
-    got = evaluate(model_ranker(load(tmp_path / "run" / "best")), leave_one_out(data), "valid", progress=False)
+    best = load(tmp_path / "run" / "best")
+    got = evaluate(model_ranker(best), leave_one_out(data), "valid", progress=False)
     assert got["NDCG@10"] == pytest.approx(cal["valid_ndcg10"]["after" if cal["applied"] else "before"], abs=1e-6)
-    assert rec is not None
+    torch.testing.assert_close(rec.model.transition.reverse_weight, best.model.transition.reverse_weight)
+    torch.testing.assert_close(rec.model.history.recency, best.model.history.recency)  # train returns what it kept
     p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=4,
                                       code_input="first")
     p.model = dataclasses.replace(p.model, leaf_head=True)

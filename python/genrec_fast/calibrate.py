@@ -30,8 +30,6 @@ from tqdm.auto import tqdm
 
 from .data import Split
 from .ensemble import Ensemble
-from .history_bias import history_items
-from .transition_bias import context_items
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
 TOP = 10  # NDCG@10
@@ -126,7 +124,7 @@ def _batch(model, enc, target, first: int, n: int, groups: list):
     B = z.shape[0]
     off = z.new_zeros(len(groups), B, n)  # (G, B, n)
     member = torch.zeros(B, n, dtype=torch.bool, device=z.device)
-    for g, (items, values) in zip(range(len(groups)), _group_pairs(model, h.x, memory, enc, groups)):
+    for g, (items, values) in enumerate(_group_pairs(model, h, memory, enc, groups)):
         on = items >= 0  # (B, N)
         off[g].scatter_add_(1, items.clamp(min=0), values.double() * on)
         member |= z.new_zeros(B, n).scatter_add_(1, items.clamp(min=0), on.double()) > 0
@@ -144,15 +142,13 @@ def _batch(model, enc, target, first: int, n: int, groups: list):
     return t_z.cpu(), t_off.cpu(), rest.cpu(), mz.cpu(), moff.cpu()
 
 
-def _group_pairs(model, hidden, memory, enc, groups):
-    """Per group: (items (B, N) item indices, -1 = none; offsets (B, N)) at the model's own weights."""
-    item_ids, mask = enc["item_ids"], enc["mask"]
-    out = []
-    if "history" in groups:
-        out.append((history_items(item_ids, mask), model.history.offsets(hidden, memory, item_ids, mask)))
+def _group_pairs(model, head, memory, enc, groups):
+    """Per group: (items (B, N) item indices, -1 = none; offsets (B, N)) at the model's own weights: the model's
+    `bias_parts`, the transition bias's split into its successor and predecessor columns."""
+    parts = model.bias_parts([head], memory, enc["item_ids"], enc["mask"])
+    out = [parts["history"]] if "history" in groups else []
     if "transition" in groups:
-        t = model.transition
-        items, values = t.pairs(context_items(item_ids, mask, t.context))  # (B, R * W)
+        t, (items, values) = model.transition, parts["transition"]  # (B, R * W)
         col = torch.arange(items.shape[1], device=items.device) % t.items.shape[1]  # the table column of each
         out.append((items, values * (col < t.neighbors)))
         if "reverse" in groups:

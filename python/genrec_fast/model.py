@@ -494,19 +494,23 @@ class GenRec(nn.Module):
             return [torch.zeros(item_ids.shape, dtype=torch.float32, device=item_ids.device)]
         return [self.history.offsets(heads[0].x, memory, item_ids, mask).float()]
 
-    def bias_pairs(self, heads: list, memory: torch.Tensor, item_ids: torch.Tensor,
-                   mask: torch.Tensor) -> tuple[torch.Tensor, list] | None:
-        """The one-step logit offsets of the history and transition biases as `item_topk(history=...)` takes
-        them: (items (U, N) item indices, -1 = none; [offsets (U, N)]), or None without either bias."""
-        items, values = [], []
+    def bias_parts(self, heads: list, memory: torch.Tensor, item_ids: torch.Tensor, mask: torch.Tensor) -> dict:
+        """Each bias's one-step logit offsets: {"history" / "transition": (items (U, N) item indices, -1 = none;
+        offsets (U, N) float32)} for the biases the model has."""
+        parts = {}
         if self.history is not None:
-            items.append(history_items(item_ids, mask))
-            values.append(self.history_offsets(heads, memory, item_ids, mask)[0])
+            parts["history"] = (history_items(item_ids, mask), self.history_offsets(heads, memory, item_ids, mask)[0])
         if self.transition is not None:
             t_items, t_values = self.transition.pairs(context_items(item_ids, mask, self.transition.context))
-            items.append(t_items)
-            values.append(t_values.float())
-        return (torch.cat(items, 1), [torch.cat(values, 1)]) if items else None
+            parts["transition"] = (t_items, t_values.float())
+        return parts
+
+    def bias_pairs(self, heads: list, memory: torch.Tensor, item_ids: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[torch.Tensor, list] | None:
+        """`bias_parts` side by side, as `item_topk(history=...)` takes them: (items (U, N) item indices,
+        -1 = none; [offsets (U, N)]), or None without either bias."""
+        parts = list(self.bias_parts(heads, memory, item_ids, mask).values())
+        return (torch.cat([p[0] for p in parts], 1), [torch.cat([p[1] for p in parts], 1)]) if parts else None
 
     def forward(self, tokens, user_ids, item_ids, mask, decoder_tokens, attn_mask=None, positions=None,
                 decoder_self_mask=None, cross_mask=None, decoder_positions=None):

@@ -442,7 +442,7 @@ class Trainer:
         until = mask_positions(batch["tokens"], self.tokenizer.mask_id)  # (B,)
         context = context_items(batch["item_ids"], batch["mask"], self.model.transition.context, until)  # (B, R)
         ctx = context.cpu().numpy()
-        nbr = self.neighbors[np.where(ctx >= 0, ctx, len(self.neighbors) - 1)]  # (B, R, M)
+        nbr = self.neighbors[np.where(ctx >= 0, ctx, len(self.neighbors) - 1)]  # (B, R, W)
         owner = np.array([e.owner for e in part], dtype=np.int64)
         own = self.own_pairs.table_counts(owner, ctx, nbr, self.model.transition.neighbors)  # (B, R, W)
         own = torch.from_numpy(own).to(self.device)
@@ -522,8 +522,11 @@ class Trainer:
                 state["sparse_optimizer"] = self.sparse_opt.state_dict()
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
-        checkpoint.save(self.out / name, self.model, self.tokenizer, self.catalog, self.tcfg, state,
-                        info={"data": self.data.name, "n_users": self.data.n_users, "n_items": self.data.n_items})
+        checkpoint.save(self.out / name, self.model, self.tokenizer, self.catalog, self.tcfg, state, info=self.info())
+
+    def info(self) -> dict:
+        """What a checkpoint records of the data it was trained on."""
+        return {"data": self.data.name, "n_users": self.data.n_users, "n_items": self.data.n_items}
 
     def _log(self, row: dict) -> None:
         if not self.group.is_main:
@@ -641,11 +644,12 @@ def train(data: SequenceData, out_dir: str | Path, preset: Preset, device: str =
     if not group.is_main:
         return None
     from .recommend import load
-    if preset.train.calibrate:  # the kept model's bias weights, fitted on the validation targets
-        summary["calibration"] = _calibrate_best(trainer, load(Path(out_dir) / "best", device), progress)
+    rec = load(Path(out_dir) / "best", device)
+    if preset.train.calibrate:  # the kept model's bias weights, fitted on the validation targets (in place)
+        summary["calibration"] = _calibrate_best(trainer, rec, progress)
     (Path(out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(out_dir)
-    return load(Path(out_dir) / "best", device)
+    return rec
 
 
 def _calibrate_best(trainer: Trainer, rec: Recommender, progress: bool) -> dict:
@@ -655,8 +659,7 @@ def _calibrate_best(trainer: Trainer, rec: Recommender, progress: bool) -> dict:
     out["seconds"] = round(time.perf_counter() - t0, 1)
     if out["applied"]:
         checkpoint.save(trainer.out / "best", rec.model, trainer.tokenizer, trainer.catalog, trainer.tcfg,
-                        info={"data": trainer.data.name, "n_users": trainer.data.n_users,
-                              "n_items": trainer.data.n_items, "calibration": out})
+                        info=dict(trainer.info(), calibration=out))
     log.info("calibration: factors %s (%s), held-out validation NDCG@10 %.4f -> %.4f", out["scales"],
              "applied" if out["applied"] else "not applied: no held-out gain", out["heldout_ndcg10"]["before"],
              out["heldout_ndcg10"]["after"])

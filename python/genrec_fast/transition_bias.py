@@ -21,8 +21,8 @@ before it), weighed by a second vector `reverse_weight`: on Yelp, where visits t
 order, re-ranking the top 200 of a trained model with them gained 6% validation NDCG@10, and nothing on
 Beauty, where the learned weight can stay ~0 (docs/experiments/datasets.md).
 
-`pairs` gives (B, context * width) items and offsets (width = neighbors, twice that with `reverse`), the form `item_topk(history=...)` and the fused
-loss take (summed over repeats): decoding stays exact without (users x catalog) logits. Over codes with
+`pairs` gives (B, context * width) items and offsets (width = neighbors, twice that with `reverse`), the form
+`item_topk(history=...)` and the fused loss take (summed over repeats): decoding stays exact without (users x catalog) logits. Over codes with
 the leaf head (`code_pairs`) the cluster steps weigh the same features with a second vector, `cluster_weight`
 (history_bias.code_offsets puts each successor's offset on its token at every step).
 """
@@ -172,8 +172,8 @@ class TransitionBias(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def pairs(self, context: torch.Tensor, own: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """context (B, R) item indices (-1 = none), own (B, R, M) counts to subtract (training) ->
-        items (B, R * M) int64 (-1 = none) and offsets (B, R * M) float, 0 where no item."""
+        """context (B, R) item indices (-1 = none), own (B, R, W) counts to subtract (training) ->
+        items (B, R * W) int64 (-1 = none) and offsets (B, R * W) float, 0 where no item."""
         items, values = self._pairs(context, own, self._columns(self.weight, self.reverse_weight)[None])
         return items, values[:, 0]
 
