@@ -65,12 +65,19 @@ stage pytest_kernels 180 python -m pytest tests/test_kernels.py -q -rs -p no:cac
 tail -5 "$LOGS/pytest_kernels.log" 2>/dev/null
 stage pytest_loss 120 python -m pytest tests/test_loss.py -q -rs -p no:cacheprovider
 tail -3 "$LOGS/pytest_loss.log" 2>/dev/null
-stage pytest_item_topk 150 python -m pytest tests/test_item_topk.py tests/test_device_search.py tests/test_history_bias.py tests/test_codes_history.py tests/test_transition_bias.py -q -rs -p no:cacheprovider
+stage pytest_item_topk 150 python -m pytest tests/test_item_topk.py tests/test_head_topk.py tests/test_device_search.py tests/test_history_bias.py tests/test_codes_history.py tests/test_transition_bias.py -q -rs -p no:cacheprovider
 stage bench_device_search 150 python benchmarks/bench_device_search.py  # it times the GPU too when torch sees one
 tail -3 "$LOGS/pytest_item_topk.log" 2>/dev/null
+# the CUDA head + top-k against torch matmul + topk (issue 22: >= 2x at 1M items)
+stage bench_head_topk 120 python benchmarks/bench_head_topk.py
+tail -14 "$LOGS/bench_head_topk.log" 2>/dev/null
 # the one-token model's one-step path on the device (issue 22: >= 100,000 users/s at 1M items)
 stage bench_catalog_cuda 240 python benchmarks/bench_catalog.py --device cuda --threads 4
 tail -8 "$LOGS/bench_catalog_cuda.log" 2>/dev/null
+# the same at 1M items with the CUDA head + top-k kernel as item_topk's GPU path
+GENREC_CUDA_HEAD_TOPK=1 stage bench_catalog_cuda_kernel 150 python benchmarks/bench_catalog.py --device cuda \
+  --threads 4 --sizes 12101,1000000
+tail -6 "$LOGS/bench_catalog_cuda_kernel.log" 2>/dev/null
 stage bench_recommend_gpu 120 python benchmarks/bench_recommend_gpu.py
 stage bench_recommend_vs_hf_cuda 150 python benchmarks/bench_recommend.py --device cuda --threads 4 --repeats 20
 stage profile_recommend_cuda 90 python benchmarks/profile_recommend.py --device cuda

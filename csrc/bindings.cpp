@@ -21,6 +21,8 @@ void bind_beam_search(py::module_& m);
 void bind_topk(py::module_& m);
 // ---- CUDA attention bindings (owner: CUDA kernels) ----
 void bind_attention(py::module_& m);
+// ---- CUDA LM head + top-k ----
+void bind_head_topk(py::module_& m);
 
 void bind_leaf_scores(py::module_& m);
 
@@ -37,6 +39,7 @@ PYBIND11_MODULE(_core, m) {
   bind_topk(m);
   bind_leaf_scores(m);
   bind_attention(m);
+  bind_head_topk(m);
 }
 
 // ======================= trie + beam search (C++ beam search owner edits below) ==================
@@ -316,6 +319,64 @@ void bind_attention(py::module_& m) {
       "Fused attention forward on raw device pointers (see cuda/attention.h); launches on the "
       "given stream without synchronising. key_lengths_ptr = 0: no padding. dtype_code: 0 fp32, "
       "1 fp16, 2 bf16. Strides in elements, ordered (batch, head, seq, dim).");
+#else
+  (void)m;
+#endif
+}
+
+// ======================= CUDA LM head + top-k =====================================================
+#ifdef GENREC_WITH_CUDA
+#include "head_topk.h"
+#endif
+
+void bind_head_topk(py::module_& m) {
+#ifdef GENREC_WITH_CUDA
+  m.def("head_topk_splits", &genrec::head_topk_splits, py::arg("users"), py::arg("vocab"), py::arg("device"),
+        "The vocabulary split count head_topk_forward's outputs are sized for on this device.");
+  m.def(
+      "head_topk_forward",
+      [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, int dtype_code, int64_t users, int64_t dim,
+         int64_t vocab, int64_t first_item, int64_t num_items, int64_t k, std::uintptr_t exclude_ptr,
+         std::uintptr_t exclude_items, std::uintptr_t allow, int64_t allow_stride, int64_t splits,
+         std::uintptr_t out_values, std::uintptr_t out_items, std::uintptr_t out_max, std::uintptr_t out_sum,
+         std::uintptr_t stream) {
+        if (dtype_code < 0 || dtype_code > 2) {
+          throw py::value_error("dtype_code: expected 0 (fp32), 1 (fp16) or 2 (bf16), got " +
+                                std::to_string(dtype_code));
+        }
+        genrec::HeadTopKParams p;
+        p.x = reinterpret_cast<const void*>(x);
+        p.weight = reinterpret_cast<const void*>(weight);
+        p.bias = reinterpret_cast<const float*>(bias);
+        p.dtype = static_cast<genrec::HeadDType>(dtype_code);
+        p.users = users;
+        p.dim = dim;
+        p.vocab = vocab;
+        p.first_item = first_item;
+        p.num_items = num_items;
+        p.k = k;
+        p.exclude_ptr = reinterpret_cast<const int64_t*>(exclude_ptr);
+        p.exclude_items = reinterpret_cast<const int64_t*>(exclude_items);
+        p.allow = reinterpret_cast<const uint8_t*>(allow);
+        p.allow_stride = allow_stride;
+        p.splits = splits;
+        p.out_values = reinterpret_cast<float*>(out_values);
+        p.out_items = reinterpret_cast<int32_t*>(out_items);
+        p.out_max = reinterpret_cast<float*>(out_max);
+        p.out_sum = reinterpret_cast<float*>(out_sum);
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = genrec::head_topk_forward(p, reinterpret_cast<void*>(stream));
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("dtype_code"), py::arg("users"), py::arg("dim"),
+      py::arg("vocab"), py::arg("first_item"), py::arg("num_items"), py::arg("k"), py::arg("exclude_ptr"),
+      py::arg("exclude_items"), py::arg("allow"), py::arg("allow_stride"), py::arg("splits"),
+      py::arg("out_values"), py::arg("out_items"), py::arg("out_max"), py::arg("out_sum"), py::arg("stream"),
+      "LM head + constrained top-k on raw device pointers (see cuda/head_topk.h); launches on the given "
+      "stream without synchronising. 0 for an absent bias / filter. dtype_code: 0 fp32, 1 fp16, 2 bf16.");
 #else
   (void)m;
 #endif

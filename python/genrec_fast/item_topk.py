@@ -12,6 +12,7 @@ the fast path returns the same items and scores (to float rounding), ties by sma
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -20,6 +21,10 @@ import torch
 from .beam_search import check_filters
 from .native import core
 
+# On a GPU, fused=None takes the CUDA head + top-k kernel (kernels/head_topk.py) only when this is True
+# (environment: GENREC_CUDA_HEAD_TOPK=1): it is compiled and tested on CPU threads (tests/cuda_emu) but not
+# yet run on a GPU (benchmarks/README.md), so the torch loop stays the default there.
+CUDA_FUSED_DEFAULT = os.environ.get("GENREC_CUDA_HEAD_TOPK", "0") == "1"
 FUSED_MIN_USERS = 16  # a tile of the fused head holds 16 users; fewer run as matmuls (BLAS splits the catalog)
 DEFAULT_CHUNK = 8192  # vocabulary rows per matmul: (256 users x 8192) fp32 = 8 MB, measured fastest on CPU
 
@@ -41,7 +46,8 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
     (-inf padding). exclude / allow as in `beam_search.check_filters`. On a CPU one model with >= 16 users runs the
     fused C++ head (`StreamingTopK.add_head`: logits never stored; fused=False forces the other path),
     else the head runs `chunk` rows at a time as matmuls into the C++ scan; other devices run the
-    chunked loop in torch ops.
+    chunked loop in torch ops, or with fused=True (default: `CUDA_FUSED_DEFAULT`) the CUDA head + top-k
+    kernel (one model; a clear error where it cannot run).
 
     history: (items (U, S) int64 tensor of item indices, -1 = none; one (U, S) tensor of logit offsets per
     head) adds each offset to its item's logit, summed over repeats (history_bias.py), exactly: the scan
@@ -70,6 +76,8 @@ def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items,
     x0, V = heads[0].x, heads[0].weight.shape[0]
     U = x0.shape[0]
     if x0.device.type != "cpu":
+        if CUDA_FUSED_DEFAULT if fused is None else fused:
+            return _fused_cuda(heads, first_item, num_items, k, ptr, ex_items, allow)
         return _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chunk)
     threads = torch.get_num_threads() if threads is None else threads
     top = core().StreamingTopK(U, k, num_items, ptr, ex_items, allow)
@@ -194,6 +202,19 @@ def _fused(heads: Sequence[Head], top, first_item: int, num_items: int, threads:
                      lo - first_item if is_item else 0, is_item, True, threads)
     items, values, norm = top.results()
     return items, values, norm[None].astype(np.float64)
+
+
+def _fused_cuda(heads: Sequence[Head], first_item, num_items, k, ptr, ex_items, allow):
+    """One model's head fused with the top-k in the CUDA kernel (kernels/head_topk.py); returns what `_scan`
+    does."""
+    from .kernels.head_topk import head_topk, head_topk_unusable
+
+    h = heads[0]
+    why = "an ensemble has several heads" if len(heads) != 1 else head_topk_unusable(h.x, h.weight, k)
+    if why:
+        raise ValueError(f"fused: the CUDA head + top-k cannot run: {why}; pass fused=False")
+    items, values, lse = head_topk(h.x, h.weight, h.bias, first_item, num_items, k, ptr, ex_items, allow)
+    return items.cpu().numpy(), values.cpu().numpy(), lse.double().cpu().numpy()[None]
 
 
 def _spans(V: int, first_item: int, num_items: int, chunk: int):
