@@ -286,7 +286,8 @@ std::string check(const HeadTopKParams& p) {
   if (p.x == nullptr || p.weight == nullptr || p.out_values == nullptr || p.out_items == nullptr ||
       p.out_max == nullptr || p.out_sum == nullptr)
     return pre + "x, weight and the four outputs must be device pointers, got a null one";
-  if (p.dim < 16 || p.dim % 16 != 0) return pre + "dim: expected a positive multiple of 16, got " + std::to_string(p.dim);
+  if (p.dim < 16 || p.dim % 16 != 0)
+    return pre + "dim: expected a positive multiple of 16, got " + std::to_string(p.dim);
   if (p.vocab < 1 || p.users < 0) return pre + "vocab: expected >= 1 and users >= 0";
   if (p.first_item < 0 || p.num_items < 0 || p.first_item + p.num_items > p.vocab || p.num_items >= INT_MAX)
     return pre + "items [" + std::to_string(p.first_item) + ", " + std::to_string(p.first_item + p.num_items) +

@@ -1,9 +1,10 @@
 """The CUDA LM head + top-k (cuda/head_topk.cu, kernels/head_topk.py) against `item_topk_reference`.
 
-Without a GPU the kernel's fp32 path runs on CPU threads: the same .cu compiled by g++ against
-tests/cuda_emu/include (one std::thread per CUDA thread, shared memory and __syncthreads emulated). It
-checks the tiling, the vocabulary splits, the row phase (log-sum-exp, exclusions, allow mask, ties) and the
-merge; the tensor-core (fp16/bf16) path and real-GPU behaviour need the GPU tests below.
+Without a GPU the kernel runs on CPU threads: the same .cu compiled by g++ against tests/cuda_emu/include
+(one std::thread per CUDA thread; shared memory, __syncthreads and wmma emulated by their documented
+semantics). It checks the tiling, the wmma operand layouts and pointers, the vocabulary splits, the row
+phase (log-sum-exp, exclusions, allow mask, ties) and the merge, for fp32, fp16 and bf16 inputs; timing,
+the real tensor-core register layout and memory alignment faults need the GPU tests below.
 """
 from __future__ import annotations
 
@@ -41,11 +42,30 @@ def _p(a):
     return None if a is None else a.ctypes.data_as(ctypes.c_void_p)
 
 
-def run_emu(emu, x, w, b, first_item, num_items, k, ptr=None, ex_items=None, allow=None, splits=None):
-    """The kernel on CPU threads, then `merge_splits`: -> items (U, k), logits (U, k), lse (U,)."""
+def to_dtype(a: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """float32 a -> (the stored array the kernel reads, its values as float32): fp32, fp16 or bf16 (as uint16,
+    rounded to nearest even)."""
+    a = np.ascontiguousarray(a, np.float32)
+    if dtype == "float32":
+        return a, a
+    if dtype == "float16":
+        h = a.astype(np.float16)
+        return h, h.astype(np.float32)
+    u = a.view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return bits, (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def run_emu(emu, x, w, b, first_item, num_items, k, ptr=None, ex_items=None, allow=None, splits=None,
+            dtype="float32"):
+    """The kernel on CPU threads, then `merge_splits`: -> items (U, k), logits (U, k), lse (U,). x and w are
+    the stored arrays of `dtype` (`to_dtype`)."""
     U, C = x.shape
     V = w.shape[0]
-    x, w = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(w, np.float32)
+    x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
     b = None if b is None else np.ascontiguousarray(b, np.float32)
     if splits is None:
         splits = emu.emu_head_topk_splits(ctypes.c_longlong(U), ctypes.c_longlong(V))
@@ -61,7 +81,7 @@ def run_emu(emu, x, w, b, first_item, num_items, k, ptr=None, ex_items=None, all
     maxes, sums = np.empty((U, splits), np.float32), np.empty((U, splits), np.float32)
     err = ctypes.create_string_buffer(256)
     ll = ctypes.c_longlong
-    rc = emu.emu_head_topk(_p(x), _p(w), _p(b), ll(U), ll(C), ll(V), ll(first_item), ll(num_items), ll(k), _p(ptr),
+    rc = emu.emu_head_topk(_p(x), _p(w), ctypes.c_int(DTYPE_CODES[dtype]), _p(b), ll(U), ll(C), ll(V), ll(first_item), ll(num_items), ll(k), _p(ptr),
                            _p(ex_items), _p(allow_u8), ll(0 if allow is None or allow.ndim == 1 else num_items),
                            ll(splits), _p(values), _p(items), _p(maxes), _p(sums), err, ll(256))
     if rc:
@@ -95,13 +115,15 @@ def problems(draw):
     return U, C, V, first_item, num_items, k, splits, filters, draw(st.integers(0, 2**31 - 1))
 
 
-@given(problems())
-@settings(max_examples=25, deadline=None)
-def test_emulated_kernel_matches_reference(emu, problem):
+@given(problems(), st.sampled_from(["float32", "float16", "bfloat16"]))
+@settings(max_examples=30, deadline=None)
+def test_emulated_kernel_matches_reference(emu, problem, dtype):
+    """Every dtype: the 16-bit inputs through the (emulated) wmma tiles, against the reference on the same
+    rounded inputs in float64."""
     U, C, V, first_item, num_items, k, splits, filters, seed = problem
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((U, C)).astype(np.float32)
-    w = rng.standard_normal((V, C)).astype(np.float32) / np.sqrt(C)
+    x_in, x = to_dtype(rng.standard_normal((U, C)), dtype)
+    w_in, w = to_dtype(rng.standard_normal((V, C)) / np.sqrt(C), dtype)
     b = rng.standard_normal(V).astype(np.float32) if seed % 2 else None
     exclude = allow = None
     if filters in ("exclude", "both"):
@@ -111,7 +133,7 @@ def test_emulated_kernel_matches_reference(emu, problem):
     if filters == "allow2":
         allow = rng.random((U, num_items)) < 0.5
     ptr, ex_items, allow_a = check_filters(exclude, allow, U, num_items)
-    got = run_emu(emu, x, w, b, first_item, num_items, k, ptr, ex_items, allow_a, splits)
+    got = run_emu(emu, x_in, w_in, b, first_item, num_items, k, ptr, ex_items, allow_a, splits, dtype)
     check_against_reference(got, x, w, b, first_item, num_items, k, exclude, allow)
 
 
@@ -119,11 +141,12 @@ def test_emulated_kernel_breaks_ties_by_item(emu):
     """Equal logits across tiles and splits (repeated W rows): the smaller item wins, as in the reference."""
     rng = np.random.default_rng(0)
     U, C, V = 70, 32, 200
-    x = rng.standard_normal((U, C)).astype(np.float32)
-    w = np.tile(rng.standard_normal((10, C)).astype(np.float32), (V // 10, 1))  # 20 copies of each row
-    for splits in (1, 3):
-        got = run_emu(emu, x, w, None, 3, 190, 25, splits=splits)
-        check_against_reference(got, x, w, None, 3, 190, 25)
+    for dtype in DTYPE_CODES:
+        x_in, x = to_dtype(rng.standard_normal((U, C)), dtype)
+        w_in, w = to_dtype(np.tile(rng.standard_normal((10, C)), (V // 10, 1)), dtype)  # 20 copies of each row
+        for splits in (1, 3):
+            got = run_emu(emu, x_in, w_in, None, 3, 190, 25, splits=splits, dtype=dtype)
+            check_against_reference(got, x, w, None, 3, 190, 25)
 
 
 def test_emulated_kernel_nan_and_empty(emu):

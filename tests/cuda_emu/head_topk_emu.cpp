@@ -8,7 +8,7 @@ extern "C" {
 long long emu_head_topk_splits(long long users, long long vocab) { return genrec::head_topk_splits(users, vocab, 0); }
 
 // Returns 0 and fills the outputs, or 1 and copies the error message into err (err_len bytes).
-int emu_head_topk(const float* x, const float* weight, const float* bias, long long users, long long dim,
+int emu_head_topk(const void* x, const void* weight, int dtype_code, const float* bias, long long users, long long dim,
                   long long vocab, long long first_item, long long num_items, long long k,
                   const int64_t* exclude_ptr, const int64_t* exclude_items, const uint8_t* allow,
                   long long allow_stride, long long splits, float* out_values, int32_t* out_items, float* out_max,
@@ -17,6 +17,7 @@ int emu_head_topk(const float* x, const float* weight, const float* bias, long l
   p.x = x;
   p.weight = weight;
   p.bias = bias;
+  p.dtype = static_cast<genrec::HeadDType>(dtype_code);
   p.users = users;
   p.dim = dim;
   p.vocab = vocab;

@@ -1,4 +1,9 @@
-// CUDA emulation for tests: a placeholder half type (the emulated device refuses 16-bit inputs).
+// CUDA emulation for tests: fp16 storage (2 bytes) and its conversion to float, via the compiler's _Float16.
 #pragma once
+#include <cstring>
 struct __half { unsigned short bits = 0; };
-inline float __half2float(__half) { return 0.f; }
+inline float __half2float(__half v) {
+  _Float16 h;
+  std::memcpy(&h, &v.bits, 2);
+  return static_cast<float>(h);
+}

@@ -1,17 +1,18 @@
 // CUDA emulation for tests (tests/cuda_emu/README.md): just enough of the runtime to run a kernel's
-// fp32 path on the CPU, one std::thread per CUDA thread, blocks one after another. Not a CUDA.
+// fp32, fp16 and bf16 paths on the CPU, one std::thread per CUDA thread, blocks one after another. Not a CUDA.
 #pragma once
 
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <thread>
 #include <vector>
 
 #define GENREC_CUDA_EMU 1
-#define __CUDA_ARCH__ 700  // below 800: the kernels' tensor-core paths compile to __trap() and are refused
+#define __CUDA_ARCH__ 800  // an sm_80 device: the kernels' wmma paths run on the emulated wmma (mma.h)
 #define __global__
 #define __device__
 #define __host__
@@ -24,11 +25,14 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct uint4 { unsigned x, y, z, w; };
-struct float4 { float x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 template <typename T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p) {
+  if (reinterpret_cast<std::uintptr_t>(p) % alignof(T) != 0) std::abort();  // a GPU faults on it
+  return *p;
+}
 [[noreturn]] inline void __trap() { std::abort(); }
 
 namespace genrec_emu {
@@ -71,6 +75,6 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t) { return "no error"; }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
-  *v = attr == cudaDevAttrMultiProcessorCount ? 4 : 7;  // a small device of compute capability 7.x
+  *v = attr == cudaDevAttrMultiProcessorCount ? 4 : 8;  // a small device of compute capability 8.x
   return cudaSuccess;
 }
