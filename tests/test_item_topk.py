@@ -170,3 +170,18 @@ def test_device_loop_on_cuda_equals_reference(members):
     got = item_topk(cuda, 1000, 8000, 20, exclude, allow, chunk=3000)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 12), st.integers(1, 40), st.integers(1, 45))
+@settings(max_examples=60, deadline=None)
+def test_best_k_orders_as_lexsort(seed, R, W, k):
+    """The one-key selection of the history merge against the two-key lexsort it replaced: ties, +-0.0,
+    +-inf, NaN last, items up to 2**31 - 1."""
+    from genrec_fast.item_topk import _best_k
+
+    rng = np.random.default_rng(seed)
+    pool = np.array([-np.inf, np.inf, np.nan, 0.0, -0.0, 1.5, -2.0, 3.25], dtype=np.float32)
+    s = rng.choice(pool, (R, W)) if seed % 2 else rng.standard_normal((R, W)).astype(np.float32).round(1)
+    high = 2**31 - 1 if seed % 3 == 0 else 10 * W
+    items = np.stack([rng.choice(high, W, replace=False) for _ in range(R)]).astype(np.int64)
+    np.testing.assert_array_equal(_best_k(s, items, k), np.lexsort((items, -s), axis=1)[:, :k])

@@ -138,8 +138,24 @@ def _history_logits(h: Head, users: torch.Tensor, rows: torch.Tensor) -> torch.T
     """Logits of (user, vocabulary row) pairs (P,) -> (P,) float64, computed in float32 as the scan's are
     (a (P, C) float64 product was most of a batch's time with the transition bias's ~150 pairs per user)."""
     x, w = h.x.float(), h.weight
-    z = torch.einsum("pc,pc->p", x[users], w[rows].float())  # (P,)
+    if x.device.type == "cpu" and w.dtype == torch.float32 and len(rows) and int(rows.min()) > 0:
+        z = _pair_dots_cpu(x, w, users, rows)
+    else:
+        z = (x.index_select(0, users) * w.index_select(0, rows).float()).sum(1)  # (P,)
     return (z if h.bias is None else z + h.bias[rows].float()).double()
+
+
+def _pair_dots_cpu(x: torch.Tensor, w: torch.Tensor, users: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[users] . w[rows] for user-sorted pairs (P,) by the C++ gather-and-dot (`leaf_scores`, slot 0 = empty,
+    so rows > 0): the (P, C) gathered vectors are never written (5x faster than materialising them at ~300
+    pairs per user; einsum was slower still)."""
+    from .leaf_head import leaf_scores
+
+    counts = torch.bincount(users, minlength=x.shape[0])  # (U,)
+    col = torch.arange(len(users)) - (counts.cumsum(0) - counts)[users]  # (P,) position within its user
+    slots = torch.zeros(x.shape[0], int(counts.max()), dtype=torch.long)  # (U, width) vocabulary rows, 0 = empty
+    slots[users, col] = rows
+    return leaf_scores(w, slots, x)[users, col]  # (P,)
 
 
 def _user_sums(values: np.ndarray, users: np.ndarray, U: int) -> np.ndarray:
@@ -173,6 +189,9 @@ def _allowed(users: np.ndarray, items: np.ndarray, ptr, ex_items, allow) -> np.n
 
 def _merge(items, scores, h_users, h_items, h_scores, k: int, U: int, num_items: int):
     """The scan's (U, k) candidates plus the history pairs -> the best k per user by (score desc, item asc)."""
+    kth = scores[:, -1]  # (U,) the scan's k-th score (-inf when it has fewer): a pair below it cannot enter
+    sel = h_scores >= np.where(np.isnan(kth), -np.inf, kth)[h_users]
+    h_users, h_items, h_scores = h_users[sel], h_items[sel], h_scores[sel]
     counts = np.bincount(h_users, minlength=U)
     width, kk = (int(counts.max()) if len(h_users) else 0), items.shape[1]
     cand_i = np.full((U, kk + width), num_items, dtype=np.int64)  # num_items: padding, after every item
@@ -181,10 +200,25 @@ def _merge(items, scores, h_users, h_items, h_scores, k: int, U: int, num_items:
     cand_s[:, :kk] = scores
     col = kk + np.arange(len(h_users)) - np.repeat(np.cumsum(counts) - counts, counts)  # pairs are user-sorted
     cand_i[h_users, col], cand_s[h_users, col] = h_items, h_scores
-    order = np.lexsort((cand_i, -cand_s), axis=1)[:, :k]
+    order = _best_k(cand_s, cand_i, k)
     out_i, out_s = np.take_along_axis(cand_i, order, 1), np.take_along_axis(cand_s, order, 1)
     pad = out_i == num_items
     return np.where(pad, -1, out_i), np.where(pad, -np.inf, out_s).astype(np.float32)
+
+
+def _best_k(scores: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's best k of float32 scores (R, W) by (score desc, item asc; NaN last), in
+    order; items (R, W) in [0, 2**31). One int64 key per candidate, a partition and a sort of k: the order of
+    `np.lexsort((items, -scores))[:, :k]` (-0.0 == 0.0), 3-4x faster."""
+    s = scores.astype(np.float32) + np.float32(0.0)  # -0.0 -> +0.0
+    b = s.view(np.int32).astype(np.int64)
+    m = np.where(b < 0, -(b & 0x7FFFFFFF), b)  # increases with the float: -inf -0x7F800000 .. +inf 0x7F800000
+    rank = np.where(np.isnan(s), 0x7F800001, -m) + 0x7F800000  # 0 = +inf .. 0xFF000000 = -inf, then NaN
+    key = (rank << 31) | items  # < 2**63
+    k = min(k, key.shape[1])
+    part = np.argpartition(key, k - 1, axis=1)[:, :k] if k < key.shape[1] else np.broadcast_to(
+        np.arange(key.shape[1]), key.shape)
+    return np.take_along_axis(part, np.argsort(np.take_along_axis(key, part, 1), axis=1), 1)
 
 
 def _fused(heads: Sequence[Head], top, first_item: int, num_items: int, threads: int):
