@@ -1,6 +1,7 @@
 // LM head + constrained top-k (see head_topk.h). A block of 64 threads owns 64 users and one split of
 // the vocabulary; per tile of 64 vocabulary rows it
-//   1. forms the (64 users x 64 rows) logits in shared memory, `dim` in chunks of 64: tensor-core wmma
+//   1. forms the (64 users x 64 rows) logits in shared memory, `dim` in chunks of 64 (a single chunk of
+//      the users' states is loaded once per block and stays): tensor-core wmma
 //      (16x16x16, fp32 accumulation) for fp16/bf16, CUDA-core float4 FMAs for fp32;
 //   2. then each thread walks its own user's row of the tile: the running log-sum-exp (every vocabulary
 //      row), its sorted exclusion list (marks excluded columns), the allow mask, and a running top-k
@@ -36,11 +37,12 @@ __host__ __device__ constexpr int max_int(int a, int b) { return a > b ? a : b; 
 // Shared-memory rows of a chunk: 16-byte aligned, and a multiple of 8 elements for wmma's 16-bit loads.
 template <typename T>
 __host__ __device__ constexpr int chunk_ld() { return kChunk + (sizeof(T) == 4 ? 4 : 8); }
-// The x chunk and the W chunk; the score tile reuses the same bytes once the products are formed.
+// Shared memory: the x chunk, then the W chunk, whose bytes the score tile reuses once the products are
+// formed. With dim <= kChunk the x chunk stays there for every tile of the block.
 template <typename T>
-__host__ __device__ constexpr int smem_bytes() {
-  return max_int(2 * kRows * chunk_ld<T>() * static_cast<int>(sizeof(T)), kScoreBytes);
-}
+__host__ __device__ constexpr int chunk_bytes() { return kRows * chunk_ld<T>() * static_cast<int>(sizeof(T)); }
+template <typename T>
+__host__ __device__ constexpr int smem_bytes() { return chunk_bytes<T>() + max_int(chunk_bytes<T>(), kScoreBytes); }
 
 struct Args {
   const void* x;
@@ -79,12 +81,13 @@ __device__ void load_chunk(const T* src, int64_t n_rows, int64_t row0, int64_t d
   }
 }
 
-// Loads chunk c0 of the block's users and of the tile's W rows (and the tile's bias with the first chunk).
+// Loads chunk c0 of the tile's W rows, of the block's users unless their single chunk is already there
+// (x_resident), and the tile's bias with the first chunk.
 template <typename T>
 __device__ void load_tile_chunk(const Args& a, int64_t user0, int64_t t0, int64_t t_end, int64_t c0, T* xs, T* ws,
-                                float* bias_s) {
+                                float* bias_s, bool x_resident) {
   const int width = static_cast<int>(min64(kChunk, a.dim - c0));
-  load_chunk(static_cast<const T*>(a.x), a.users, user0, a.dim, c0, width, xs);
+  if (!x_resident) load_chunk(static_cast<const T*>(a.x), a.users, user0, a.dim, c0, width, xs);
   load_chunk(static_cast<const T*>(a.weight), t_end, t0, a.dim, c0, width, ws);
   if (c0 == 0 && threadIdx.x < kTile) {
     const int64_t v = t0 + threadIdx.x;
@@ -94,16 +97,16 @@ __device__ void load_tile_chunk(const Args& a, int64_t user0, int64_t t0, int64_
 
 // fp32: thread r forms row r of the tile, kTile accumulators in registers; W is read as a broadcast.
 __device__ void score_tile(const Args& a, int64_t user0, int64_t t0, int64_t t_end, unsigned char* smem,
-                           float* bias_s, float /*tag*/) {
+                           float* bias_s, bool x_resident, float /*tag*/) {
   constexpr int kLd = chunk_ld<float>();
   float* xs = reinterpret_cast<float*>(smem);
-  float* ws = xs + kRows * kLd;
+  float* ws = reinterpret_cast<float*>(smem + chunk_bytes<float>());
   float acc[kTile];
 #pragma unroll
   for (int j = 0; j < kTile; ++j) acc[j] = 0.f;
   for (int64_t c0 = 0; c0 < a.dim; c0 += kChunk) {
     __syncthreads();  // the previous chunk's products, or the previous tile's row phase, are done
-    load_tile_chunk(a, user0, t0, t_end, c0, xs, ws, bias_s);
+    load_tile_chunk(a, user0, t0, t_end, c0, xs, ws, bias_s, x_resident);
     __syncthreads();
     const int width = static_cast<int>(min64(kChunk, a.dim - c0));
     const float* xr = xs + threadIdx.x * kLd;
@@ -117,7 +120,7 @@ __device__ void score_tile(const Args& a, int64_t user0, int64_t t0, int64_t t_e
     }
   }
   __syncthreads();  // every thread is done with the chunks before the score tile overwrites them
-  float* row = reinterpret_cast<float*>(smem) + threadIdx.x * kScoreLd;
+  float* row = reinterpret_cast<float*>(smem + chunk_bytes<float>()) + threadIdx.x * kScoreLd;
 #pragma unroll
   for (int j = 0; j < kTile; ++j) row[j] = acc[j];
   __syncthreads();
@@ -126,14 +129,14 @@ __device__ void score_tile(const Args& a, int64_t user0, int64_t t0, int64_t t_e
 // fp16 / bf16: warp w forms rows [32w, 32w + 32) of the tile as 2 x 4 wmma accumulators (fp32).
 template <typename T>
 __device__ void score_tile(const Args& a, int64_t user0, int64_t t0, int64_t t_end, unsigned char* smem,
-                           float* bias_s, T /*tag*/) {
+                           float* bias_s, bool x_resident, T /*tag*/) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // the host refuses 16-bit inputs below compute capability 8.0
 #else
   namespace wmma = nvcuda::wmma;
   constexpr int kLd = chunk_ld<T>();
   T* xs = reinterpret_cast<T*>(smem);
-  T* ws = xs + kRows * kLd;
+  T* ws = reinterpret_cast<T*>(smem + chunk_bytes<T>());
   const int warp = threadIdx.x / 32;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
 #pragma unroll
@@ -142,7 +145,7 @@ __device__ void score_tile(const Args& a, int64_t user0, int64_t t0, int64_t t_e
     for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   for (int64_t c0 = 0; c0 < a.dim; c0 += kChunk) {
     __syncthreads();
-    load_tile_chunk(a, user0, t0, t_end, c0, xs, ws, bias_s);
+    load_tile_chunk(a, user0, t0, t_end, c0, xs, ws, bias_s, x_resident);
     __syncthreads();
     const int width = static_cast<int>(min64(kChunk, a.dim - c0));
     for (int c = 0; c < width; c += 16) {
@@ -159,7 +162,7 @@ __device__ void score_tile(const Args& a, int64_t user0, int64_t t0, int64_t t_e
     }
   }
   __syncthreads();
-  float* scores = reinterpret_cast<float*>(smem);
+  float* scores = reinterpret_cast<float*>(smem + chunk_bytes<T>());
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -260,11 +263,11 @@ __global__ void __launch_bounds__(kRows) head_topk_kernel(Args a) {
     st.ex = lo;
   }
   for (int64_t t0 = v_begin; t0 < v_end; t0 += kTile) {
-    score_tile(a, user0, t0, v_end, smem, bias_s, T());
+    score_tile(a, user0, t0, v_end, smem, bias_s, a.dim <= kChunk && t0 != v_begin, T());
     if (live) {
       const int len = static_cast<int>(min64(kTile, v_end - t0));
-      row_phase(a, user, t0, len, reinterpret_cast<float*>(smem) + threadIdx.x * kScoreLd, bias_s, st, values,
-                items);
+      float* z = reinterpret_cast<float*>(smem + chunk_bytes<T>()) + threadIdx.x * kScoreLd;
+      row_phase(a, user, t0, len, z, bias_s, st, values, items);
     }
   }
   if (!live) return;
