@@ -13,11 +13,13 @@ random items. Batches of 1 and 32 users; median of --repeats calls after warm-up
                 cpp          decoding.beam_decode(backend="cpp") (the model on that device, the search on the host)
                 device       device_search.device_beam_decode (stop_early=False: no host sync per step)
                 device stop_early   the same, one sync per step (a bool) to skip steps once every user stopped
+                device graph the device decode with its steps and search replayed as a CUDA graph (GPU only)
 
 On CPU the device search is expected to be slower than the C++ one (tens of small torch ops per step
 instead of one parallel C++ loop); it exists for GPUs, where it removes the per-step copy and wait.
 
 Usage: python benchmarks/bench_device_search.py [--threads 2] [--repeats 10] [--items 12000] [--quick]
+       [--devices cuda] [--dtype bfloat16] [--batches 1 32 256]
 """
 from __future__ import annotations
 
@@ -123,21 +125,31 @@ def search_rows(trie: Trie, devices: list, batches: list, repeats: int) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_rows(rec: Recommender, devices: list, batches: list, repeats: int) -> tuple[list, list]:
+def decode_rows(rec: Recommender, devices: list, batches: list, repeats: int,
+                dtype: torch.dtype = torch.float32) -> tuple[list, list]:
+    """On a GPU also "device graph": the decoder steps and the search replayed as one CUDA graph per batch
+    shape (cuda_graphs.py; captured in the warm-up calls)."""
     rows, checks = [], []
     for device in devices:
-        rec.model.to(device)
+        rec.model.to(device, dtype if device != "cpu" else torch.float32)
         encs = {users: encoder_batch(rec, users, device) for users in batches}
         paths = {"cpp": lambda enc: beam_decode(rec.model, rec.trie, enc, TOP_K, BEAMS, backend="cpp"),
-                 "device": lambda enc: device_beam_decode(rec.model, rec.trie, enc, TOP_K, BEAMS),
+                 "device": lambda enc: device_beam_decode(rec.model, rec.trie, enc, TOP_K, BEAMS, graphs=False),
                  "device stop_early": lambda enc: device_beam_decode(rec.model, rec.trie, enc, TOP_K, BEAMS,
-                                                                     stop_early=True)}
+                                                                     stop_early=True, graphs=False)}
+        if device != "cpu":
+            paths["device graph"] = lambda enc: device_beam_decode(rec.model, rec.trie, enc, TOP_K, BEAMS, graphs=True)
         for name, fn in paths.items():
             rows.append(("decode", name, device, [median_ms(lambda: fn(encs[u]), repeats) for u in batches]))
         want, got = paths["cpp"](encs[batches[-1]]), paths["device"](encs[batches[-1]])
         checks.append(f"{device}: device items == cpp items: {np.array_equal(want[0], got[0])}, "
                       f"max |score diff| {np.nanmax(np.abs(want[1] - got[1]), initial=0.0):.2e}")
-    rec.model.to("cpu")
+        if "device graph" in paths:
+            from genrec_fast.cuda_graphs import captured_count
+            graph = paths["device graph"](encs[batches[-1]])
+            checks.append(f"{device}: graph items == eager device items: {np.array_equal(graph[0], got[0])}, "
+                          f"graphs captured: {captured_count(rec.model)} (one per batch size; 0 = capture failed)")
+    rec.model.to("cpu", torch.float32)
     return rows, checks
 
 
@@ -174,6 +186,9 @@ def main(argv=None) -> None:
     p.add_argument("--vocab", type=int, default=1000, help="sentencepiece vocabulary (default 1000)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="users per call (default 1 32)")
     p.add_argument("--no-decode", action="store_true", help="time the search only")
+    p.add_argument("--devices", nargs="+", help="cpu and/or cuda (default: cpu, and cuda when present)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the model's dtype on a GPU (the CPU runs float32)")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke test (seconds)")
     args = p.parse_args(argv)
     dims = DIMS
@@ -182,11 +197,11 @@ def main(argv=None) -> None:
         args.batches = [min(b, 4) for b in args.batches]
     torch.set_num_threads(args.threads)
     rec = build(args.items, args.vocab, dims)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = search_rows(rec.trie, devices, args.batches, args.repeats)
     checks: list = []
     if not args.no_decode:
-        more, checks = decode_rows(rec, devices, args.batches, args.repeats)
+        more, checks = decode_rows(rec, devices, args.batches, args.repeats, getattr(torch, args.dtype))
         rows += more
     print_report(rec, args, rows, checks)
 

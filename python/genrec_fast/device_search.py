@@ -31,6 +31,7 @@ GenRec decoding loop (as `decoding.beam_decode`) on top of it.
 """
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Callable
 
@@ -332,6 +333,12 @@ def device_beam_search(step_fn: StepFn, trie: DeviceTrie, num_users, num_beams, 
     stopped (a host sync) and skip the remaining steps; else run all `trie.max_depth` steps without one.
     """
     search = DeviceBeamSearch(trie, num_users, num_beams, k, length_penalty, exclude, allow)
+    return run_search(search, step_fn, stop_early)
+
+
+def run_search(search: DeviceBeamSearch, step_fn: StepFn, stop_early: bool = False):
+    """Steps `search` to the end with `step_fn` (as `device_beam_search`) -> (items, scores) (U, k) device
+    tensors. Without stop_early it never synchronises with the host (cuda_graphs.py captures it)."""
     parent = tokens = None
     while not (search.done() if stop_early else search.exhausted):
         parent, tokens = search.step(*step_fn(parent, tokens))
@@ -340,22 +347,43 @@ def device_beam_search(step_fn: StepFn, trie: DeviceTrie, num_users, num_beams, 
 
 @torch.inference_mode()
 def device_beam_decode(model, trie: Trie, enc: dict, k: int, num_beams: int = 20, exclude=None, allow=None,
-                       length_penalty: float = 0.0, stop_early: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                       length_penalty: float = 0.0, stop_early: bool = False,
+                       graphs: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`decoding.beam_decode` with the search on the model's device: enc: padded encoder batch of U users ->
     items (U, k) int64 (-1 = none), scores (U, k) float32, the same as beam_decode's (to float rounding).
 
     The decoder runs all U users x `width` rows each step (done users' rows are dead, never compacted),
     so no step waits for the host. For a model without EOS (item_eos=False; items of one length L) the
     logprobs of step L are zeros: EOS, the only token the trie allows after an item, counts as certain (as
-    beam_decode)."""
+    beam_decode). graphs (default `graphs_default()`): the decoder steps and the search replay as one CUDA
+    graph per batch shape (cuda_graphs.py; stop_early is then moot: every step runs, inside the graph)."""
     from .decoding import decoder_steps
     model_steps = decoder_steps(model, trie, "device_beam_decode")
-    steps = [0]
     device = enc["tokens"].device
     U = enc["tokens"].shape[0]
     memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])  # (U, S, C) (per member)
     cache = model.start_decoding(memory, enc["mask"], enc["item_ids"])
     cache.capacity = trie.max_depth  # the longest decode: the K/V buffers never regrow
+    search = DeviceBeamSearch(DeviceTrie.for_device(trie, device), U, num_beams, k, length_penalty, exclude, allow)
+    if graphs if graphs is not None else graphs_default():
+        from .cuda_graphs import graphed_search
+        items, scores = graphed_search(model, trie, cache, search, model_steps)
+    else:
+        items, scores = run_search(search, decode_step_fn(model, trie, cache, U, model_steps), stop_early)
+    return items.cpu().numpy(), scores.cpu().numpy()
+
+
+def graphs_default() -> bool:
+    """`device_beam_decode(graphs=None)`: CUDA graphs only with GENREC_CUDA_GRAPHS=1, until they are run on a
+    GPU (they are tested on CPU by re-running the captured function: tests/test_cuda_graphs.py)."""
+    return os.environ.get("GENREC_CUDA_GRAPHS", "0") == "1"
+
+
+def decode_step_fn(model, trie: Trie, cache, U: int, model_steps: int) -> StepFn:
+    """The decoder as a `run_search` step_fn: step t feeds the chosen tokens (the start token at t = 0),
+    reorders the cache by the parent rows, and returns the logprobs of the step's `Trie.window`."""
+    steps = [0]
+    device = cache.lengths.device
 
     def step_fn(parent, tokens):
         lo, hi = trie.window(steps[0])  # the only tokens this step can extend a beam by
@@ -368,6 +396,4 @@ def device_beam_decode(model, trie: Trie, enc: dict, k: int, num_beams: int = 20
             cache.reorder(parent)
         return model.decode_logprobs(tokens, cache, lo, hi), lo  # (U * width, hi - lo)
 
-    dtrie = DeviceTrie.for_device(trie, device)
-    items, scores = device_beam_search(step_fn, dtrie, U, num_beams, k, exclude, allow, length_penalty, stop_early)
-    return items.cpu().numpy(), scores.cpu().numpy()
+    return step_fn
