@@ -3,9 +3,10 @@
 //   1. forms the (64 users x 64 rows) logits in shared memory, `dim` in chunks of 64 (a single chunk of
 //      the users' states is loaded once per block and stays): tensor-core wmma
 //      (16x16x16, fp32 accumulation) for fp16/bf16, CUDA-core float4 FMAs for fp32;
-//   2. then each thread walks its own user's row of the tile: the running log-sum-exp (every vocabulary
-//      row), its sorted exclusion list (marks excluded columns), the allow mask, and a running top-k
-//      kept sorted in its slot of the output (an insert only when a logit beats the k-th best).
+//   2. then each thread walks its own user's row of the tile once: the online log-sum-exp (every
+//      vocabulary row), its sorted exclusion list (as a 64-bit mask of the tile's columns), the allow
+//      mask, and a running top-k kept sorted in its slot of the output (an insert only when a logit beats
+//      the k-th best).
 // Threads read their rows with a per-thread rotation, (q + thread) mod 64, so the 32 lanes of a warp hit
 // 32 different banks; the order of a row does not matter, since ties are broken by item index.
 #include "head_topk.h"
@@ -185,39 +186,32 @@ struct RowState {
 };
 
 // The row phase of one tile for this thread's user: log-sum-exp, exclusions, allow mask, top-k.
-__device__ void row_phase(const Args& a, int64_t user, int64_t t0, int len, float* z, const float* bias_s,
+__device__ void row_phase(const Args& a, int64_t user, int64_t t0, int len, const float* z, const float* bias_s,
                           RowState& st, float* values, int32_t* items) {
+  const int64_t item0 = t0 - a.first_item;  // item index of column 0
+  const bool has_items = item0 + len > 0 && item0 < a.num_items;
+  uint64_t excluded = 0;  // bit j: column j is excluded for this user
+  for (; has_items && st.ex < st.ex_end && a.exclude_items[st.ex] < item0 + len; ++st.ex) {
+    const int64_t j = a.exclude_items[st.ex] - item0;
+    if (j >= 0) excluded |= uint64_t{1} << j;
+  }
   const int rot = threadIdx.x;
-  float tmax = -INFINITY;
   for (int q = 0; q < kTile; ++q) {
     const int j = (q + rot) & (kTile - 1);
     if (j >= len) continue;
     const float v = z[j] + bias_s[j];
-    if (v != v) st.nan = true;
-    else tmax = fmaxf(tmax, v);
-  }
-  if (tmax > st.max) {
-    st.sum *= expf(st.max - tmax);
-    st.max = tmax;
-  }
-  if (st.max > -INFINITY) {
-    for (int q = 0; q < kTile; ++q) {
-      const int j = (q + rot) & (kTile - 1);
-      const float v = j < len ? z[j] + bias_s[j] : -INFINITY;
-      if (v == v) st.sum += expf(v - st.max);
+    if (v != v) {  // NaN: the normaliser becomes NaN; never chosen
+      st.nan = true;
+      continue;
     }
-  }
-  const int64_t item0 = t0 - a.first_item;  // item index of column 0
-  if (item0 + len <= 0 || item0 >= a.num_items) return;  // no item column in this tile
-  for (; st.ex < st.ex_end && a.exclude_items[st.ex] < item0 + len; ++st.ex) {
-    const int64_t j = a.exclude_items[st.ex] - item0;
-    if (j >= 0) z[j] = -INFINITY;
-  }
-  for (int q = 0; q < kTile; ++q) {
-    const int j = (q + rot) & (kTile - 1);
+    if (v > st.max) {  // online log-sum-exp: one exp per logit, one more when the max moves
+      st.sum = st.sum * expf(st.max - v) + 1.f;
+      st.max = v;
+    } else if (v > -INFINITY) {
+      st.sum += expf(v - st.max);
+    }
     const int64_t item = item0 + j;
-    if (j >= len || item < 0 || item >= a.num_items) continue;
-    const float v = z[j] + bias_s[j];
+    if (!has_items || item < 0 || item >= a.num_items || ((excluded >> j) & 1)) continue;
     const int it = static_cast<int>(item);
     if (!(v > -INFINITY) || (st.n == a.k && !better(v, it, st.worst, st.worst_item))) continue;
     if (a.allow != nullptr && !a.allow[user * a.allow_stride + item]) continue;
