@@ -234,3 +234,15 @@ def test_cuda_head_topk_with_history_offsets():
     b = item_topk([Head(x, w, None)], 0, V, 10, history=(hist, [off]), fused=False)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_allclose(a[1], b[1], rtol=1e-4, atol=1e-4)
+
+
+@gpu
+def test_cuda_head_topk_takes_misaligned_and_strided_inputs():
+    """A view 4 bytes past an aligned address, and a non-contiguous one: copied, not refused."""
+    torch.manual_seed(1)
+    flat = torch.randn(33 * 64 + 1, device="cuda")
+    x = flat[1:].view(33, 64)  # contiguous, 4 bytes off a 16-byte boundary
+    w = torch.randn(2000, 128, device="cuda")[:, ::2]  # (2000, 64), stride 2
+    got = item_topk([Head(x, w, None)], 0, 2000, 10, fused=True)
+    want = item_topk_reference([x @ w.t()], 0, 2000, 10)
+    np.testing.assert_array_equal(got[0], want[0])

@@ -49,7 +49,7 @@ def capture_cuda(run: Callable[[], tuple]):
         run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' CUDA work may go on
         out = run()
     return graph.replay, out
 

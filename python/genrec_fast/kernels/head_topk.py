@@ -58,7 +58,8 @@ def head_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     if why:
         raise ValueError(f"head_topk: {why}")
     U, V, dev = x.shape[0], weight.shape[0], x.device
-    x, weight = x.contiguous(), weight.contiguous()
+    x, weight = (t.contiguous() if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(
+        memory_format=torch.contiguous_format) for t in (x, weight))  # the kernel reads 16-byte aligned rows
     bias = None if bias is None else bias.float().contiguous()
     splits = int(_native().head_topk_splits(U, V, dev.index if dev.index is not None else torch.cuda.current_device()))
     values = torch.empty(U, splits, k, device=dev)  # (U, S, k)
