@@ -176,7 +176,11 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kDecThreads) attn_decode_kernel(const Args a) {
   constexpr int kLdk = dec_ldk<D>();
   constexpr int kDk = D / 32;  // output dims per lane
+#ifdef GENREC_CUDA_EMU  // tests/cuda_emu: the block's dynamic shared memory
+  float4* smem_raw = genrec_emu::dynamic_smem<float4>();
+#else
   extern __shared__ float4 smem_raw[];
+#endif
   float* q_s = reinterpret_cast<float*>(smem_raw);  // (kDecRows, D), scaled queries
   float* k_s = q_s + kDecRows * D;                  // (kDecKeys, kLdk)
   float* v_s = k_s + kDecKeys * kLdk;               // (kDecKeys, D)
@@ -298,7 +302,12 @@ std::string launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStrea
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return cuda_error("cudaFuncSetAttribute", err);
   }
+#ifdef GENREC_CUDA_EMU  // tests/cuda_emu: the same kernel on CPU threads
+  (void)stream;
+  genrec_emu::launch(grid, dim3(threads), [&] { kernel(a); }, smem);
+#else
   kernel<<<grid, threads, smem, stream>>>(a);
+#endif
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? std::string() : cuda_error("kernel launch", err);
 }

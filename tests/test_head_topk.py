@@ -9,9 +9,6 @@ the real tensor-core register layout and memory alignment faults need the GPU te
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,19 +20,14 @@ from genrec_fast.beam_search import check_filters
 from genrec_fast.item_topk import Head, item_topk, item_topk_reference
 from genrec_fast.kernels.head_topk import head_topk_available, merge_splits
 
-EMU_DIR = Path(__file__).parent / "cuda_emu"
+from emu import build  # tests/emu.py
+
 CUDA = torch.cuda.is_available() and head_topk_available()
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the CUDA emulation")
-    lib = tmp_path_factory.mktemp("emu") / "head_topk_emu.so"
-    subprocess.run([cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", f"-I{EMU_DIR / 'include'}", "-x", "c++",
-                    str(EMU_DIR / "head_topk_emu.cpp"), "-o", str(lib)], check=True, capture_output=True)
-    return ctypes.CDLL(str(lib))
+    return build("head_topk_emu.cpp", tmp_path_factory)
 
 
 def _p(a):

@@ -1,4 +1,5 @@
-"""Attention backends against the fp32 reference: the PyTorch path on CPU, the CUDA kernel on a GPU."""
+"""Attention backends against the fp32 reference: the PyTorch path on CPU, the CUDA kernel on a GPU and, in CI,
+on CPU threads through the CUDA emulation (tests/cuda_emu)."""
 import importlib
 import pytest
 import torch
@@ -250,3 +251,67 @@ def test_recommend_on_cuda_matches_cpu(item_tokens):
     for c, g in zip(cpu, gpu):
         assert c.items == g.items
         torch.testing.assert_close(torch.tensor(g.scores), torch.tensor(c.scores), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the kernel on CPU threads (tests/cuda_emu)
+# cuda/attention.cu compiled by g++ against the CUDA emulation (shared memory, __syncthreads, warp shuffles):
+# the decode kernel's indexing, tiling, online softmax and output casts, checked in CI without a GPU.
+
+_EMU_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@pytest.fixture(scope="module")
+def attn_emu(tmp_path_factory):
+    from emu import build  # tests/emu.py
+
+    return build("attention_emu.cpp", tmp_path_factory)
+
+
+def _emulated(lib, q, k, v, lengths, kv_group, scale):
+    """The kernel on CPU threads: q, k, v CPU tensors of any strides (dim stride 1) -> out (Bq, H, Lq, D)."""
+    import ctypes
+
+    out = torch.empty(q.shape, dtype=q.dtype)
+    lens = None if lengths is None else lengths.to(torch.int32).contiguous()
+    strides = (ctypes.c_longlong * 16)(*[s for t in (q, k, v, out) for s in t.stride()])
+    err = ctypes.create_string_buffer(256)
+    ll = ctypes.c_longlong
+    rc = lib.emu_attention(
+        ctypes.c_void_p(q.data_ptr()), ctypes.c_void_p(k.data_ptr()), ctypes.c_void_p(v.data_ptr()),
+        ctypes.c_void_p(out.data_ptr()), None if lens is None else ctypes.c_void_p(lens.data_ptr()),
+        ctypes.c_int(_EMU_DTYPES[q.dtype]), ll(k.shape[0]), ll(q.shape[1]), ll(q.shape[2]), ll(k.shape[2]),
+        ll(q.shape[3]), strides, ll(kv_group), ctypes.c_float(scale), err, ll(256))
+    if rc:
+        raise RuntimeError(err.value.decode())
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("kv_group, Lq, Lk, padded", [(1, 1, 1, False), (20, 1, 7, True), (3, 2, 97, True),
+                                                      (1, 40, 33, False)])
+def test_emulated_kernel_matches_reference(attn_emu, kv_group, Lq, Lk, padded, dtype, D):
+    """Error against the fp32 reference on the same rounded inputs: at most 2x the torch backend's own in
+    that dtype (fp32: 1e-5), as the GPU tests ask."""
+    q, k, v, lengths = make_inputs(2, kv_group, 2, Lq, Lk, D, dtype, padded=padded, seed=D + Lk)
+    out = _emulated(attn_emu, q, k, v, lengths, kv_group, D ** -0.5)
+    ref = attention_reference(q.float(), k.float(), v.float(), lengths, kv_group=kv_group)
+    err = _max_err(out, ref)
+    if dtype == torch.float32:
+        assert err <= 1e-5, err
+    else:
+        base = attention(q.float(), k.float(), v.float(), lengths, kv_group=kv_group, backend="torch").to(dtype)
+        assert err <= 2 * _max_err(base, ref) + 1e-6, (err, _max_err(base, ref))
+
+
+def test_emulated_kernel_strided_views_and_empty_keys(attn_emu):
+    """(B, L, H, D) storage passed as transposed views; a batch with key length 0 gets zeros."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1, 2, 64, generator=g)  # (B, L, H, D)
+    kv = torch.randn(2, 9, 2, 2, 64, generator=g)  # (B, L, 2, H, D)
+    q, k, v = x.transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    lengths = torch.tensor([9, 0])
+    out = _emulated(attn_emu, q, k, v, lengths, 3, 0.125)
+    ref = attention_reference(q, k, v, torch.tensor([9, 1]), kv_group=3, scale=0.125)
+    assert _max_err(out[:3], ref[:3]) <= 1e-5
+    assert (out[3:] == 0).all()

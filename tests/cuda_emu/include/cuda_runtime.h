@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -39,17 +40,25 @@ namespace genrec_emu {
 inline thread_local dim3 thread_idx, block_idx;
 inline dim3 block_dim, grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
+inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;  // one per warp of the running block
+inline std::vector<uint64_t> shfl_slots;                            // one per thread: shuffle exchange
+inline std::vector<unsigned char> dynamic_smem_bytes;               // the block's dynamic shared memory
 
-// Runs kernel() for every thread of every block of the grid.
-inline void launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
+// Runs kernel() for every thread of every block of the grid, with `smem` bytes of dynamic shared memory.
+inline void launch(dim3 grid, dim3 block, const std::function<void()>& kernel, size_t smem = 0) {
   block_dim = block;
   grid_dim = grid;
   const unsigned n = block.x * block.y * block.z;
+  if (n % 32 != 0) std::abort();  // the emulated warps are whole
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         std::barrier<> bar(n);
         block_barrier = &bar;
+        warp_barriers.clear();
+        for (unsigned w = 0; w < n / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+        shfl_slots.assign(n, 0);
+        dynamic_smem_bytes.assign(smem + 16, 0);
         std::vector<std::thread> threads;
         for (unsigned t = 0; t < n; ++t)
           threads.emplace_back([&, t] {
@@ -60,7 +69,38 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
         for (auto& th : threads) th.join();
       }
 }
+
+// The dynamic shared memory of the running block (16-byte aligned), for `extern __shared__ T name[]`.
+template <typename T>
+T* dynamic_smem() {
+  auto p = reinterpret_cast<std::uintptr_t>(dynamic_smem_bytes.data());
+  return reinterpret_cast<T*>((p + 15) / 16 * 16);
+}
+
+// A warp shuffle: every lane of the warp publishes v, then reads lane src's (1-D blocks).
+template <typename T>
+T shuffle(T v, unsigned src) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "a shuffled value fits 8 bytes");
+  const unsigned t = thread_idx.x, warp = t / 32;
+  std::memcpy(&shfl_slots[t], &v, sizeof(T));
+  warp_barriers[warp]->arrive_and_wait();
+  T out;
+  std::memcpy(&out, &shfl_slots[warp * 32 + (src & 31)], sizeof(T));
+  warp_barriers[warp]->arrive_and_wait();  // nobody overwrites a slot before every lane has read it
+  return out;
+}
 }  // namespace genrec_emu
+
+template <typename T>
+T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
+  return genrec_emu::shuffle(v, (genrec_emu::thread_idx.x % 32) ^ static_cast<unsigned>(lane_mask));
+}
+template <typename T>
+T __shfl_sync(unsigned /*mask*/, T v, int src_lane) {
+  return genrec_emu::shuffle(v, static_cast<unsigned>(src_lane));
+}
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
 
 #define threadIdx (genrec_emu::thread_idx)
 #define blockIdx (genrec_emu::block_idx)
@@ -70,6 +110,9 @@ inline void __syncthreads() { genrec_emu::block_barrier->arrive_and_wait(); }
 
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+template <typename F>
+inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrComputeCapabilityMajor };
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t) { return "no error"; }
