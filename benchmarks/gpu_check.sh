@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # All GPU checks in one run: build with CUDA, kernel tests (incl. recommend() on the GPU vs the CPU),
-# loss tests (the fused head loss on the GPU), item top-k tests and the catalog benchmark (the one-token
-# model's one-step path at 12,101 / 100,000 / 1,000,000 items on the device), attention benchmark, recommend() GPU vs CPU, recommend()
+# loss tests (the fused head loss on the GPU), item top-k tests (with the CUDA head + top-k kernel and the
+# CUDA-graph decode), the head + top-k kernel against torch, the device decode with CUDA graphs, the catalog
+# benchmark (the one-token model's one-step path at 12,101 / 100,000 / 1,000,000 items on the device, also
+# with the kernel), attention benchmark, recommend() GPU vs CPU, recommend()
 # vs Hugging Face generate on the GPU, a profile of recommend() (where batch 1 spends its time), and,
 # when the Beauty data is found, the fused-vs-reference head-loss benchmark and (with GENREC_TRAIN_MINUTES
 # set) one time-capped training of configs/beauty-base-gpu.json (or GENREC_BASE_CONFIG). Every stage has
