@@ -238,3 +238,14 @@ def test_cuda_head_topk_takes_misaligned_and_strided_inputs():
     got = item_topk([Head(x, w, None)], 0, 2000, 10, fused=True)
     want = item_topk_reference([x @ w.t()], 0, 2000, 10)
     np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_emulated_kernel_at_the_largest_k(emu):
+    """k = MAX_K (256) over a few splits shorter than k: every split returns all its items, the merge the best."""
+    from genrec_fast.kernels.head_topk import MAX_K
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    w = rng.standard_normal((700, 32)).astype(np.float32)
+    got = run_emu(emu, x, w, None, 0, 700, MAX_K, splits=5)
+    check_against_reference(got, x, w, None, 0, 700, MAX_K)
