@@ -17,6 +17,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .beam_search import check_filters
 from .native import core
@@ -281,10 +282,15 @@ def _add(acc, z: torch.Tensor, first_item: int, topk: bool, lse: bool, threads: 
 
 def _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chunk):
     """The chunked loop in torch ops on the heads' device (GPUs): running top-k and log-sum-exp; returns
-    what `_scan` does."""
+    what `_scan` does. The filters go to the device once, as given (exclusions as (user, item) pairs, never
+    a dense (users x catalog) mask), and no step waits for the host."""
     x0 = heads[0].x
     U, V, dev = x0.shape[0], heads[0].weight.shape[0], x0.device
-    keep = _keep_mask(U, num_items, ptr, ex_items, allow, dev)  # (U or 1, num_items) bool or None
+    allow_t = None if allow is None else torch.from_numpy(np.ascontiguousarray(allow)).to(dev)  # (N,) or (U, N)
+    ex_rows = ex_cols = None
+    if ptr is not None:  # (E,) user and item of every exclusion
+        ex_rows = torch.from_numpy(np.repeat(np.arange(U), np.diff(ptr))).to(dev)
+        ex_cols = torch.from_numpy(np.asarray(ex_items, dtype=np.int64)).to(dev)
     best = torch.full((U, k), float("-inf"), device=dev)
     best_i = torch.full((U, k), -1, dtype=torch.long, device=dev)
     lse = torch.full((len(heads), U), float("-inf"), device=dev)
@@ -293,34 +299,29 @@ def _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chun
         lse = torch.logaddexp(lse, torch.stack([zm.logsumexp(1) for zm in z]))
         if not is_item:
             continue
+        i0, c = lo - first_item, hi - lo
         s = torch.stack(z).mean(0)  # (U, c)
-        if keep is not None:
-            s = s.masked_fill(~keep[:, lo - first_item:hi - first_item], float("-inf"))
+        if allow_t is not None:
+            s = s.masked_fill(~allow_t[..., i0:i0 + c], float("-inf"))
+        if ex_rows is not None:  # exclusions outside this chunk land on a spare column, dropped after
+            col = ex_cols - i0
+            col = torch.where((col >= 0) & (col < c), col, c)
+            s = F.pad(s, (0, 1)).index_put_((ex_rows, col), s.new_tensor(float("-inf")))[:, :c]
         s = s.masked_fill(s.isnan(), float("-inf"))  # NaN is never chosen
-        ids = torch.arange(lo - first_item, hi - first_item, device=dev).expand(U, -1)
+        ids = torch.arange(i0, i0 + c, device=dev).expand(U, -1)
         best, best_i = _merge_topk(torch.cat([best, s], 1), torch.cat([best_i, ids], 1), k)
     best_i = torch.where(best == float("-inf"), -1, best_i)
     return best_i.cpu().numpy(), best.float().cpu().numpy(), lse.double().cpu().numpy()
 
 
 def _merge_topk(values: torch.Tensor, ids: torch.Tensor, k: int):
-    """Best k of each row by (value desc, id asc): a stable sort of the ids-ordered candidates."""
-    order = torch.argsort(ids, dim=1)
-    values, ids = values.gather(1, order), ids.gather(1, order)
-    top = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
+    """Best k of each row of float32 values (no NaN) by (value desc, id asc; ids in [-1, 2**31)): one topk of
+    an int64 key per candidate (device_search's rank key) instead of two sorts."""
+    from .device_search import _TIE_LIMIT, _rank_key
+
+    key = _rank_key(values, torch.ones_like(values, dtype=torch.bool)) * _TIE_LIMIT + ids  # (U, W)
+    top = torch.topk(key, k, dim=1, largest=False, sorted=True).indices  # (U, k)
     return values.gather(1, top), ids.gather(1, top)
-
-
-def _keep_mask(U, num_items, ptr, ex_items, allow, device):
-    if ptr is None and allow is None:
-        return None
-    keep = np.ones((U, num_items), dtype=bool) if allow is None or allow.ndim == 1 else allow.copy()
-    if allow is not None and allow.ndim == 1:
-        keep &= allow
-    if ptr is not None:
-        rows = np.repeat(np.arange(U), np.diff(ptr))
-        keep[rows, ex_items] = False
-    return torch.from_numpy(keep).to(device)
 
 
 def item_topk_reference(logits: Sequence[torch.Tensor], first_item: int, num_items: int, k: int, exclude=None,
