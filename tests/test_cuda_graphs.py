@@ -142,3 +142,73 @@ def test_cuda_graph_replays_equal_eager(filters):
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
     assert captured_count(rec.model) == 1  # captured (not fallen back) and reused
+
+
+class _NoHostReads:
+    """While active, any Python-level read of tensor data by the host, or an op whose output shape depends on
+    the data, raises: the operations a CUDA graph capture cannot contain (they synchronise)."""
+
+    METHODS = ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__", "__index__",
+               "masked_select", "unique")
+    FUNCTIONS = ("nonzero", "unique", "masked_select", "argwhere")
+
+    def __enter__(self):
+        self.saved = [(torch.Tensor, n, getattr(torch.Tensor, n)) for n in self.METHODS]
+        self.saved += [(torch, n, getattr(torch, n)) for n in self.FUNCTIONS]
+        self.saved.append((torch.Tensor, "__getitem__", torch.Tensor.__getitem__))
+        for owner, name, _ in self.saved[:-1]:
+            setattr(owner, name, self._refuse(name))
+        getitem = torch.Tensor.__getitem__
+
+        def checked_getitem(t, index):
+            parts = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+                raise AssertionError("boolean-mask indexing (a data-dependent shape) inside the decode loop")
+            return getitem(t, index)
+
+        torch.Tensor.__getitem__ = checked_getitem
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, fn in self.saved:
+            setattr(owner, name, fn)
+
+    @staticmethod
+    def _refuse(name):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{name} inside the decode loop: a host sync a CUDA graph cannot capture")
+        return refuse
+
+
+@pytest.mark.parametrize("filters", ["none", "both"])
+def test_decode_loop_never_reads_device_data(pieces_rec, filters, monkeypatch):
+    """The loop `graphed_search` captures (decoder steps + device search), run on a CPU with every host read
+    of tensor data refused: on a GPU it then has nothing a capture would reject. The eager prefix (encoder,
+    start_decoding, the search's filters) may read; the loop may not. (attention's key-length range check
+    runs on CPU tensors only, so it is switched off here, as on a GPU; the CPU attention itself is a
+    different code path than the GPU's kernel / SDPA, so this is a proxy, not the capture.)"""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("genrec_fast.kernels.attention"), "_check_key_lengths",
+                        lambda *args: None)
+    rec = pieces_rec
+    enc, exclude, allow = requests(rec, 4, 7, filters)
+    model, trie = rec.model, rec.trie
+    with torch.inference_mode():
+        memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+        cache = model.start_decoding(memory, enc["mask"], enc["item_ids"])
+        cache.capacity = trie.max_depth
+        search = DeviceBeamSearch(DeviceTrie.for_device(trie, "cpu"), 4, 12, 10, 0.0, exclude, allow)
+        step_fn = cuda_graphs.decode_step_fn(model, trie, cache, 4, decoder_steps(model, trie, "test"))
+        with _NoHostReads():
+            items, scores = cuda_graphs.run_search(search, step_fn, stop_early=False)
+    want = device_beam_decode(rec.model, rec.trie, enc, 10, 12, exclude, allow, graphs=False)
+    np.testing.assert_array_equal(items.numpy(), want[0])
+
+
+def test_no_host_reads_guard_catches_a_sync():
+    with _NoHostReads(), pytest.raises(AssertionError, match="item inside the decode loop"):
+        torch.ones(2).sum().item()
+    with _NoHostReads(), pytest.raises(AssertionError, match="boolean-mask"):
+        torch.ones(3)[torch.tensor([True, False, True])]
+    assert torch.ones(2).sum().item() == 2.0  # restored
