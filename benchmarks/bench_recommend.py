@@ -9,6 +9,8 @@ length_penalty 0 in both (GenRec's default).
   genrec_fast reference  the same with the pure Python/numpy trie step (backend="reference")
   hf generate            generate(num_beams=20, num_return_sequences=20, prefix_allowed_tokens_fn=...) with the
                          usual nested-dict trie: the callback walks each beam's prefix at every step
+  genrec_fast device     (GPU only) backend="device": the trie search as device tensors, no host copy per step
+  genrec_fast device graphs  the same with its decode loop replayed as CUDA graphs (GENREC_CUDA_GRAPHS=1)
 
 Batch 1: median latency over --repeats calls after warm-up. Batch 32: users/s (median call time).
 Also printed: the FLOP floor of the search (matmul FLOPs / the measured fp32 matmul rate, same threads) and
@@ -203,11 +205,28 @@ def trie_step_share(s: Setup, histories: list, repeats: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def with_graphs(fn):
+    """fn() with `device_beam_decode`'s CUDA graphs on (GENREC_CUDA_GRAPHS=1 for the call)."""
+    import os
+    before = os.environ.get("GENREC_CUDA_GRAPHS")
+    os.environ["GENREC_CUDA_GRAPHS"] = "1"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["GENREC_CUDA_GRAPHS"]
+        else:
+            os.environ["GENREC_CUDA_GRAPHS"] = before
+
+
 def measure(s: Setup, args) -> dict:
     """Seconds per call: {(path, batch): seconds}."""
     paths = {"genrec_fast cpp": lambda h: ours(s, h, "cpp"),
              "genrec_fast reference": lambda h: ours(s, h, "reference"),
              "hf generate": lambda h: hf_generate(s, h)}
+    if args.device != "cpu":  # the trie search as device tensors, eager and replayed as CUDA graphs
+        paths["genrec_fast device"] = lambda h: ours(s, h, "device")
+        paths["genrec_fast device graphs"] = lambda h: with_graphs(lambda: ours(s, h, "device"))
     res = {}
     for name, fn in paths.items():
         one, batch = s.histories[:1], s.histories[:args.batch]
@@ -227,7 +246,7 @@ def print_report(s: Setup, args, res: dict, floor_s: float, rate: float, share: 
     col = f"batch {B} users/s"
     print(f"| {'path':<22} | {'batch 1 p50 ms':>14} | {col:>16} |")
     print(f"|{'-' * 24}|{'-' * 16}|{'-' * 18}|")
-    for name in ("genrec_fast cpp", "genrec_fast reference", "hf generate"):
+    for name in [p for p, b in res if b == 1]:
         print(f"| {name:<22} | {res[name, 1] * 1e3:>14.2f} | {B / res[name, B]:>16.1f} |")
     ours_user = res["genrec_fast cpp", B] / B
     print(f"FLOP floor: {floor_s * 1e3:.3f} ms/user at {rate / 1e9:.1f} GFLOP/s (fp32 mm, {args.device}); "
