@@ -174,14 +174,16 @@ def test_device_loop_on_cuda_equals_reference(members):
 
 @given(st.integers(0, 2**32 - 1), st.integers(1, 12), st.integers(1, 40), st.integers(1, 45))
 @settings(max_examples=60, deadline=None)
-def test_best_k_orders_as_lexsort(seed, R, W, k):
-    """The one-key selection of the history merge against the two-key lexsort it replaced: ties, +-0.0,
-    +-inf, NaN last, items up to 2**31 - 1."""
-    from genrec_fast.item_topk import _best_k
+def test_top_by_score_orders_as_lexsort(seed, R, W, k):
+    """The one-key selection every top-k merge uses (history pairs, the torch loop, the CUDA kernel's splits)
+    against numpy's two-key lexsort: ties, +-0.0, +-inf, NaN last, ids from -1 up to 2**31 - 1."""
+    from genrec_fast.device_search import top_by_score
 
     rng = np.random.default_rng(seed)
     pool = np.array([-np.inf, np.inf, np.nan, 0.0, -0.0, 1.5, -2.0, 3.25], dtype=np.float32)
     s = rng.choice(pool, (R, W)) if seed % 2 else rng.standard_normal((R, W)).astype(np.float32).round(1)
     high = 2**31 - 1 if seed % 3 == 0 else 10 * W
-    items = np.stack([rng.choice(high, W, replace=False) for _ in range(R)]).astype(np.int64)
-    np.testing.assert_array_equal(_best_k(s, items, k), np.lexsort((items, -s), axis=1)[:, :k])
+    items = np.stack([rng.choice(high, W, replace=False) - 1 for _ in range(R)]).astype(np.int64)
+    k = min(k, W)
+    got = top_by_score(torch.from_numpy(s), torch.from_numpy(items), k).numpy()
+    np.testing.assert_array_equal(got, np.lexsort((items, -s), axis=1)[:, :k])

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .beam_search import Trie, _BeamSearchBase, node_depths
 
-__all__ = ["DeviceTrie", "DeviceBeamSearch", "device_beam_search", "device_beam_decode"]
+__all__ = ["DeviceTrie", "DeviceBeamSearch", "device_beam_search", "device_beam_decode", "top_by_score"]
 
 # _rank_key: float32 bits made monotone span [-_INF_BITS, _INF_BITS] (-inf .. +inf); NaN and invalid after them
 _INF_BITS = 0x7F800000
@@ -126,8 +126,15 @@ def _rank_key(score: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def _best(key: torch.Tensor, tie: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices (rows, n) of the n smallest (key, tie) per row, in that order (tie < 2**31, unique per row)."""
+    """Indices (rows, n) of the n smallest (key, tie) per row, in that order (tie in [-1, 2**31))."""
     return torch.topk(key * _TIE_LIMIT + tie, n, dim=1, largest=False, sorted=True).indices
+
+
+def top_by_score(scores: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices (rows, n) of each row's best n float32 scores (rows, W) by (score desc, id asc; -0.0 == 0.0,
+    NaN last), ids in [-1, 2**31): the order of numpy's lexsort((ids, -scores)), one topk of an int64 key.
+    item_topk's merges rank by it too."""
+    return _best(_rank_key(scores, torch.ones_like(scores, dtype=torch.bool)), ids, n)
 
 
 # ---------------------------------------------------------------------------------------------

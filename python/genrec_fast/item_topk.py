@@ -20,12 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .beam_search import check_filters
+from .device_search import top_by_score
 from .native import core
 
-# On a GPU, fused=None takes the CUDA head + top-k kernel (kernels/head_topk.py) only when this is True
-# (environment: GENREC_CUDA_HEAD_TOPK=1): it is compiled and tested on CPU threads (tests/cuda_emu) but not
-# yet run on a GPU (benchmarks/README.md), so the torch loop stays the default there.
-CUDA_FUSED_DEFAULT = os.environ.get("GENREC_CUDA_HEAD_TOPK", "0") == "1"
 FUSED_MIN_USERS = 16  # a tile of the fused head holds 16 users; fewer run as matmuls (BLAS splits the catalog)
 DEFAULT_CHUNK = 8192  # vocabulary rows per matmul: (256 users x 8192) fp32 = 8 MB, measured fastest on CPU
 
@@ -47,7 +44,7 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
     (-inf padding). exclude / allow as in `beam_search.check_filters`. On a CPU one model with >= 16 users runs the
     fused C++ head (`StreamingTopK.add_head`: logits never stored; fused=False forces the other path),
     else the head runs `chunk` rows at a time as matmuls into the C++ scan; other devices run the
-    chunked loop in torch ops, or with fused=True (default: `CUDA_FUSED_DEFAULT`) the CUDA head + top-k
+    chunked loop in torch ops, or with fused=True (default: `cuda_fused_default()`) the CUDA head + top-k
     kernel (one model; a clear error where it cannot run).
 
     history: (items (U, S) int64 tensor of item indices, -1 = none; one (U, S) tensor of logit offsets per
@@ -77,7 +74,7 @@ def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items,
     x0, V = heads[0].x, heads[0].weight.shape[0]
     U = x0.shape[0]
     if x0.device.type != "cpu":
-        if CUDA_FUSED_DEFAULT if fused is None else fused:
+        if cuda_fused_default() if fused is None else fused:
             return _fused_cuda(heads, first_item, num_items, k, ptr, ex_items, allow)
         return _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chunk)
     threads = torch.get_num_threads() if threads is None else threads
@@ -201,25 +198,10 @@ def _merge(items, scores, h_users, h_items, h_scores, k: int, U: int, num_items:
     cand_s[:, :kk] = scores
     col = kk + np.arange(len(h_users)) - np.repeat(np.cumsum(counts) - counts, counts)  # pairs are user-sorted
     cand_i[h_users, col], cand_s[h_users, col] = h_items, h_scores
-    order = _best_k(cand_s, cand_i, k)
+    order = top_by_score(torch.from_numpy(cand_s), torch.from_numpy(cand_i), min(k, cand_s.shape[1])).numpy()
     out_i, out_s = np.take_along_axis(cand_i, order, 1), np.take_along_axis(cand_s, order, 1)
     pad = out_i == num_items
     return np.where(pad, -1, out_i), np.where(pad, -np.inf, out_s).astype(np.float32)
-
-
-def _best_k(scores: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of each row's best k of float32 scores (R, W) by (score desc, item asc; NaN last), in
-    order; items (R, W) in [0, 2**31). One int64 key per candidate, a partition and a sort of k: the order of
-    `np.lexsort((items, -scores))[:, :k]` (-0.0 == 0.0), 3-4x faster."""
-    s = scores.astype(np.float32) + np.float32(0.0)  # -0.0 -> +0.0
-    b = s.view(np.int32).astype(np.int64)
-    m = np.where(b < 0, -(b & 0x7FFFFFFF), b)  # increases with the float: -inf -0x7F800000 .. +inf 0x7F800000
-    rank = np.where(np.isnan(s), 0x7F800001, -m) + 0x7F800000  # 0 = +inf .. 0xFF000000 = -inf, then NaN
-    key = (rank << 31) | items  # < 2**63
-    k = min(k, key.shape[1])
-    part = np.argpartition(key, k - 1, axis=1)[:, :k] if k < key.shape[1] else np.broadcast_to(
-        np.arange(key.shape[1]), key.shape)
-    return np.take_along_axis(part, np.argsort(np.take_along_axis(key, part, 1), axis=1), 1)
 
 
 def _fused(heads: Sequence[Head], top, first_item: int, num_items: int, threads: int):
@@ -250,6 +232,12 @@ def _fused_cuda(heads: Sequence[Head], first_item, num_items, k, ptr, ex_items, 
         raise ValueError(f"fused: the CUDA head + top-k cannot run: {why}; pass fused=False")
     items, values, lse = head_topk(h.x, h.weight, h.bias, first_item, num_items, k, ptr, ex_items, allow)
     return items.cpu().numpy(), values.cpu().numpy(), lse.double().cpu().numpy()[None]
+
+
+def cuda_fused_default() -> bool:
+    """`item_topk(fused=None)` on a GPU: the CUDA head + top-k kernel only with GENREC_CUDA_HEAD_TOPK=1, until it
+    is run on a GPU (it is tested on CPU threads: tests/cuda_emu); else the torch loop."""
+    return os.environ.get("GENREC_CUDA_HEAD_TOPK", "0") == "1"
 
 
 def _spans(V: int, first_item: int, num_items: int, chunk: int):
@@ -315,12 +303,8 @@ def _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chun
 
 
 def _merge_topk(values: torch.Tensor, ids: torch.Tensor, k: int):
-    """Best k of each row of float32 values (no NaN) by (value desc, id asc; ids in [-1, 2**31)): one topk of
-    an int64 key per candidate (device_search's rank key) instead of two sorts."""
-    from .device_search import _TIE_LIMIT, _rank_key
-
-    key = _rank_key(values, torch.ones_like(values, dtype=torch.bool)) * _TIE_LIMIT + ids  # (U, W)
-    top = torch.topk(key, k, dim=1, largest=False, sorted=True).indices  # (U, k)
+    """Best k of each row by (value desc, id asc; ids in [-1, 2**31)) -> (values, ids) (U, k)."""
+    top = top_by_score(values, ids, k)  # (U, k)
     return values.gather(1, top), ids.gather(1, top)
 
 

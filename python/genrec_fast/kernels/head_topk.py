@@ -98,18 +98,14 @@ def merge_splits(values: torch.Tensor, items: torch.Tensor, maxes: torch.Tensor,
 
     values / items (U, S, k): each split's best k, -inf / -1 padding; maxes / sums (U, S): each split's
     max logit and sum of exp(logit - max) (NaN: a NaN logit). Ranked by (logit desc, item asc)."""
+    from ..device_search import top_by_score
+
     U = values.shape[0]
-    v = values.reshape(U, -1).float()  # (U, S * k)
+    v = values.reshape(U, -1).float()  # (U, S * k), S * k >= k
     i = items.reshape(U, -1).long()
     i = torch.where(i < 0, num_items, i)  # padding ranks after every item at equal value
-    order = torch.argsort(i, dim=1, stable=True)
-    v, i = v.gather(1, order), i.gather(1, order)
-    top = torch.argsort(v, dim=1, descending=True, stable=True)[:, :k]  # (U, k)
+    top = top_by_score(v, i, k)  # (U, k)
     best, best_i = v.gather(1, top), i.gather(1, top)
-    if best.shape[1] < k:  # fewer candidates than k (one split with k' < k cannot happen; kept for safety)
-        pad = k - best.shape[1]
-        best = torch.cat([best, best.new_full((U, pad), float("-inf"))], 1)
-        best_i = torch.cat([best_i, best_i.new_full((U, pad), num_items)], 1)
     none = (best == float("-inf")) | (best_i >= num_items)
     best_i = torch.where(none, -1, best_i)
     best = best.masked_fill(none, float("-inf"))
