@@ -220,6 +220,20 @@ void bind_topk(py::module_& m) {
     h.topk->add_head(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w),
                      reinterpret_cast<const float*>(bias), dim, cols, first_item, topk, lse, threads);
   };
+  const auto add_offsets = [](TopKHolder& h, std::uintptr_t items, std::uintptr_t offsets, int64_t rows, int64_t n,
+                              std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, int64_t dim, int threads) {
+    if (rows != h.topk->num_users()) {
+      throw py::value_error("items has " + std::to_string(rows) + " rows, expected num_users=" +
+                            std::to_string(h.topk->num_users()));
+    }
+    if (rows * n > 0 && (items == 0 || offsets == 0 || x == 0 || w == 0)) {
+      throw py::value_error("items, offsets, x or w pointer is null");
+    }
+    py::gil_scoped_release release;
+    h.topk->add_offsets(reinterpret_cast<const int64_t*>(items), reinterpret_cast<const float*>(offsets), n,
+                        reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w),
+                        reinterpret_cast<const float*>(bias), dim, threads);
+  };
   const auto results = [](const TopKHolder& h) {
     const auto U = static_cast<py::ssize_t>(h.topk->num_users());
     py::array_t<int64_t> items({U, static_cast<py::ssize_t>(h.topk->k())});
@@ -240,6 +254,12 @@ void bind_topk(py::module_& m) {
            py::arg("cols"), py::arg("first_item"), py::arg("topk"), py::arg("lse"), py::arg("threads"),
            "`add` of the scores x @ w.T + bias, fused: x (rows, dim), w (cols, dim) float32 C-contiguous and "
            "bias (cols,) at raw host pointers (bias 0 = none); never stores the scores.")
+      .def("add_offsets", add_offsets, py::arg("items"), py::arg("offsets"), py::arg("rows"), py::arg("n"),
+           py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("dim"), py::arg("threads"),
+           "Offsets on (user, item) logits, once, before any top-k add: items (rows, n) int64 (-1 = none; repeats "
+           "sum), offsets (rows, n) float32, x (rows, dim), w (num_items, dim) float32 (row i = item i), bias "
+           "(num_items,) or 0, all C-contiguous at raw host pointers. The biased logits enter the top-k now, the "
+           "adds skip those items, and the lse counts them biased.")
       .def("results", results, "(items int64 (U, k), raw scores float32 (U, k), lse float32 (U,)).");
 }
 

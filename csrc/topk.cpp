@@ -7,6 +7,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "parallel.h"
 
@@ -122,6 +123,32 @@ void head_tile(const float* __restrict xt, const float* __restrict w, int64_t di
   }
 }
 
+// z[i] = bias[ids[i]] + x . w[ids[i]] for n rows of w scattered over the table (bias may be nullptr); the sum
+// over dim runs in vector lanes, so it equals a matmul's to float rounding, not bit for bit.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void gather_dots(const float* __restrict x, const float* __restrict w, const float* bias, const int64_t* ids,
+                 int64_t n, int64_t dim, float* __restrict z) {
+  for (int64_t i = 0; i < n; ++i) {
+#if defined(__GNUC__)
+    if (i + 4 < n) __builtin_prefetch(w + ids[i + 4] * dim);  // rows are scattered over the table
+#endif
+    const float* wi = w + ids[i] * dim;
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t c = 0; c < dim; ++c) acc += x[c] * wi[c];
+    z[i] = bias != nullptr ? acc + bias[ids[i]] : acc;
+  }
+}
+
+// sum of exp(x[i] - ref) over x[0:n] <= ref (NaN propagates), the terms in float as the scan's lse has them
+__attribute__((target_clones("avx512f", "avx2", "default")))
+double sum_exp(const float* x, int64_t n, float ref) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += exp_nonpositive(x[i] - ref);
+  return s;
+}
+
 }  // namespace
 
 StreamingTopK::StreamingTopK(int64_t num_users, int32_t k, int64_t num_items, const ItemFilter& filter)
@@ -169,6 +196,7 @@ void StreamingTopK::add(const float* scores, int64_t ld, int64_t cols, int64_t f
                                 " ld=" + std::to_string(ld));
   }
   if (topk) check_items("add", first_item, cols);
+  offered_ = offered_ || topk;
   if (cols == 0 || num_users_ == 0) return;
   // ~16k columns per thread at least: below that a thread costs more than it saves
   const int64_t min_users = std::max<int64_t>(1, (1 << 14) / cols);
@@ -239,6 +267,72 @@ void StreamingTopK::fold_lse(int64_t u, float lane_max, float lane_sum) {
   run_max_[u] = new_max;
 }
 
+// ---- offsets on (user, item) pairs: offered before the scan, which then skips them ----
+
+void StreamingTopK::add_offsets(const int64_t* items, const float* offsets, int64_t n, const float* x,
+                                const float* w, const float* bias, int64_t dim, int threads) {
+  if (n < 0 || dim < 1) {
+    throw std::invalid_argument("add_offsets: expected n >= 0 and dim >= 1, got n=" + std::to_string(n) +
+                                " dim=" + std::to_string(dim));
+  }
+  if (offered_) throw std::invalid_argument("add_offsets: must come once, before any add to the top-k");
+  offered_ = true;
+  off_ref_.assign(num_users_, kNegInf);
+  off_sub_.assign(num_users_, 0.0);
+  off_add_.assign(num_users_, 0.0);
+  parallel_for(num_users_, threads, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) offsets_user(u, items, offsets, n, x, w, bias, dim);
+  });
+}
+
+void StreamingTopK::offsets_user(int64_t u, const int64_t* items, const float* offsets, int64_t n, const float* x,
+                                 const float* w, const float* bias, int64_t dim) {
+  thread_local std::vector<uint64_t> keys;  // item * n + column: sorted, the repeats of an item side by side
+  thread_local std::vector<int64_t> ids;    // the distinct items, ascending
+  thread_local std::vector<double> o;       // their offsets, summed in column order
+  thread_local std::vector<float> z, v;     // their logits, biased logits
+  keys.clear();
+  const int64_t* row = items + u * n;
+  for (int64_t j = 0; j < n; ++j) {
+    if (row[j] < 0) continue;
+    if (row[j] >= num_items_) {
+      throw std::invalid_argument("add_offsets: item " + std::to_string(row[j]) + " outside the catalog [0, " +
+                                  std::to_string(num_items_) + ")");
+    }
+    keys.push_back(static_cast<uint64_t>(row[j]) * static_cast<uint64_t>(n) + static_cast<uint64_t>(j));
+  }
+  std::sort(keys.begin(), keys.end());
+  ids.clear();
+  o.clear();
+  for (const uint64_t key : keys) {
+    const auto item = static_cast<int64_t>(key / static_cast<uint64_t>(n));
+    if (ids.empty() || ids.back() != item) {
+      ids.push_back(item);
+      o.push_back(0.0);
+    }
+    o.back() += offsets[u * n + static_cast<int64_t>(key % static_cast<uint64_t>(n))];
+  }
+  const auto m = static_cast<int64_t>(ids.size());
+  z.resize(m);
+  v.resize(m);
+  gather_dots(x + u * dim, w, bias, ids.data(), m, dim, z.data());
+  float ref = kNegInf;  // NaN ignored here: the scan's lse of that column is NaN already
+  for (int64_t i = 0; i < m; ++i) {
+    v[i] = static_cast<float>(z[i] + o[i]);
+    ref = std::max(ref, std::max(z[i], v[i]));
+  }
+  if (ref != kNegInf) {
+    off_ref_[u] = ref;
+    off_sub_[u] = sum_exp(z.data(), m, ref);
+    off_add_[u] = sum_exp(v.data(), m, ref);
+  }
+  for (int64_t i = 0; i < m; ++i) offer(u, v[i], static_cast<int32_t>(ids[i]));
+  auto& ex = exclude_[u];  // the scan skips them from now on (offer's `allowed`)
+  const auto old = static_cast<std::ptrdiff_t>(ex.size());
+  ex.insert(ex.end(), ids.begin(), ids.end());
+  if (old > 0) std::inplace_merge(ex.begin(), ex.begin() + old, ex.end());
+}
+
 // ---- the fused head: scores of 16 users x 8 columns per tile, never stored ----
 
 void StreamingTopK::add_head(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols,
@@ -248,6 +342,7 @@ void StreamingTopK::add_head(const float* x, const float* w, const float* bias, 
                                 " cols=" + std::to_string(cols));
   }
   if (topk) check_items("add_head", first_item, cols);
+  offered_ = offered_ || topk;
   if (cols == 0 || num_users_ == 0) return;
   const int64_t blocks = (num_users_ + kLanes - 1) / kLanes;
   parallel_for(blocks, threads, 1, [&](int64_t begin, int64_t end) {
@@ -318,8 +413,14 @@ void StreamingTopK::results(int64_t* items, float* values, float* lse) const {
       items[u * k_ + j] = found ? sorted[j].item : -1;
       values[u * k_ + j] = found ? sorted[j].value : kNegInf;
     }
-    lse[u] = run_max_[u] == kNegInf ? kNegInf
-                                    : static_cast<float>(run_max_[u] + std::log(run_sum_[u]));
+    double norm = run_max_[u] == kNegInf ? -std::numeric_limits<double>::infinity()
+                                         : run_max_[u] + std::log(run_sum_[u]);
+    if (!off_ref_.empty() && off_ref_[u] != kNegInf) {  // the pairs' columns: z + o instead of z
+      const double r = off_ref_[u], m = std::max(norm, r);
+      const double rest = std::max(std::exp(norm - m) - off_sub_[u] * std::exp(r - m), 0.0);
+      norm = m + std::log(rest + off_add_[u] * std::exp(r - m));
+    }
+    lse[u] = static_cast<float>(norm);
   }
 }
 

@@ -36,6 +36,15 @@ class StreamingTopK {
   void add_head(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols, int64_t first_item,
                 bool topk, bool lse, int threads);
 
+  // Offsets o on some logits, before any add with topk: items (num_users, n) row-major item indices (-1 =
+  // none; repeats sum their offsets), offsets (num_users, n); x (num_users, dim), w (num_items, dim) row-major
+  // (row i = item i), bias (num_items,) or nullptr. Each distinct pair's biased logit z + o (z = x_u . w_i +
+  // b_i, summed over dim in order, as add_head does) is offered now (filters applied; NaN never enters), the
+  // later adds skip those items in the top-k, and results() corrects the log-sum-exp: those columns count as
+  // z + o instead of the z the adds fold in. Once per object; throws on items outside the catalog.
+  void add_offsets(const int64_t* items, const float* offsets, int64_t n, const float* x, const float* w,
+                   const float* bias, int64_t dim, int threads);
+
   // items, values: (num_users, k) best first, padded with -1 / -inf; lse: (num_users,) the
   // log-sum-exp of every column added with lse=true (-inf if none).
   void results(int64_t* items, float* values, float* lse) const;
@@ -52,6 +61,8 @@ class StreamingTopK {
   void offer(int64_t u, float v, int32_t item);
   float threshold(int64_t u) const;
   void fold_lse(int64_t u, float lane_max, float lane_sum);
+  void offsets_user(int64_t u, const int64_t* items, const float* offsets, int64_t n, const float* x,
+                    const float* w, const float* bias, int64_t dim);
   void head_users(int64_t block_begin, int64_t block_end, const float* x, const float* w, const float* bias,
                   int64_t dim, int64_t cols, int64_t first_item, bool topk, bool lse);
 
@@ -65,6 +76,10 @@ class StreamingTopK {
   std::vector<int32_t> size_;    // (num_users,)
   std::vector<float> run_max_;   // (num_users,) running max of the lse columns
   std::vector<double> run_sum_;  // (num_users,) sum of exp(score - run_max)
+  bool offered_ = false;          // add_offsets ran (once), or an add offered to the top-k (then it may not)
+  std::vector<float> off_ref_;    // (num_users,) add_offsets: max of the pairs' z and z + o (-inf: none)
+  std::vector<double> off_sub_;   // (num_users,) sum of exp(z - off_ref) over the pairs: out of the lse
+  std::vector<double> off_add_;   // (num_users,) sum of exp(z + o - off_ref): into it
 };
 
 }  // namespace genrec

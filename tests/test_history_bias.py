@@ -66,27 +66,41 @@ def _reference(heads, first, n, k, hist, offsets, exclude, allow):
     return item_topk_reference(logits, first, n, k, exclude, allow)
 
 
-def _history_case(rng, users, n, members, slots):
+def _history_case(rng, users, n, members, slots, scale=3.0):
     hist = torch.from_numpy(rng.integers(-1, n, (users, slots)))  # -1 = no item; repeats on purpose
-    offsets = [torch.from_numpy((3 * rng.standard_normal((users, slots))).astype(np.float32)) for _ in range(members)]
+    offsets = [torch.from_numpy((scale * rng.standard_normal((users, slots))).astype(np.float32))
+               for _ in range(members)]
     return hist, offsets
 
 
-PATHS = {
+def _after_the_scan(h, *a, **kw):
+    """`_with_history` (the scan without the pairs, merged after; ensembles and GPUs) for any number of heads."""
+    import genrec_fast.item_topk as it
+    first, n, k, exclude, allow = a
+    ptr, ex_items, allow = it.check_filters(exclude, allow, h[0].x.shape[0], n)
+    scan = (it._drop_zero_bias(h), first, n, k, kw["chunk"], None, None)
+    return it._with_history(scan, ptr, ex_items, allow, *kw["history"])
+
+
+PATHS = {  # one model on a CPU: the pairs go into the C++ top-k before the scan (StreamingTopK.add_offsets)
     "fused": lambda h, *a, **kw: item_topk(h, *a, fused=len(h) == 1, **kw),
     "scan": lambda h, *a, **kw: item_topk(h, *a, fused=False, **kw),
+    "after-the-scan": _after_the_scan,
 }
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), users=st.integers(1, 20), members=st.integers(1, 2),
-       k=st.integers(1, 12), filters=st.sampled_from(["none", "exclude", "allow", "both"]))
-def test_item_topk_with_history_equals_the_reference(path, seed, users, members, k, filters):
+       k=st.integers(1, 12), filters=st.sampled_from(["none", "exclude", "allow", "both"]),
+       scale=st.sampled_from([3.0, 60.0]))
+def test_item_topk_with_history_equals_the_reference(path, seed, users, members, k, filters, scale):
+    """Offsets of learned size (3) and ones that swamp the logits (60: the pairs hold nearly all of a user's
+    softmax, or nearly none, so the normaliser's correction must not cancel badly)."""
     rng = np.random.default_rng(seed)
     first, n = 3, 25
     heads = _heads(rng, users, first + n + 2, members, bias=bool(seed % 2))
-    hist, offsets = _history_case(rng, users, n, members, 7)
+    hist, offsets = _history_case(rng, users, n, members, 7, scale)
     exclude = [rng.choice(n, int(rng.integers(0, 6)), replace=False) for _ in range(users)] \
         if filters in ("exclude", "both") else None
     allow = rng.random(n) < 0.7 if filters in ("allow", "both") else None
@@ -112,6 +126,37 @@ def test_item_topk_with_history_on_the_device_loop():
         it._scan = scan
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_native_offsets_come_once_before_the_scan_and_inside_the_catalog():
+    from genrec_fast.native import core
+    x, w = torch.randn(2, 4), torch.randn(10, 4)
+    items, off = torch.tensor([[1, -1], [3, 3]]), torch.ones(2, 2)
+
+    def offsets(top, it=items):
+        top.add_offsets(it.data_ptr(), off.data_ptr(), 2, 2, x.data_ptr(), w.data_ptr(), 0, 4, 1)
+
+    top = core().StreamingTopK(2, 3, 10)
+    offsets(top)
+    with pytest.raises(ValueError, match="once, before any add"):
+        offsets(top)
+    top = core().StreamingTopK(2, 3, 10)
+    top.add_head(x.data_ptr(), w.data_ptr(), 0, 2, 4, 10, 0, True, True, 1)
+    with pytest.raises(ValueError, match="once, before any add"):
+        offsets(top)
+    with pytest.raises(ValueError, match=r"item 10 outside the catalog \[0, 10\)"):
+        offsets(core().StreamingTopK(2, 3, 10), torch.tensor([[1, 10], [0, 0]]))
+    top = core().StreamingTopK(2, 3, 10)  # one item per user offset by +1 (user 1's twice: +2), then the scan
+    offsets(top)
+    top.add_head(x.data_ptr(), w.data_ptr(), 0, 2, 4, 10, 0, True, True, 1)
+    got_i, got_v, got_lse = top.results()
+    z = x @ w.T
+    z[0, 1] += 1
+    z[1, 3] += 2
+    want_v, want_i = z.topk(3)
+    np.testing.assert_array_equal(got_i, want_i.numpy())
+    np.testing.assert_allclose(got_v, want_v.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(got_lse, z.logsumexp(1).numpy(), rtol=1e-5)
 
 
 def test_merge_breaks_ties_by_the_smaller_item_and_pads():

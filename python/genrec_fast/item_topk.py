@@ -48,8 +48,10 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
     kernel (one model; a clear error where it cannot run).
 
     history: (items (U, S) int64 tensor of item indices, -1 = none; one (U, S) tensor of logit offsets per
-    head) adds each offset to its item's logit, summed over repeats (history_bias.py), exactly: the scan
-    runs without those items and they join afterwards, the normalisers corrected (`_with_history`).
+    head) adds each offset to its item's logit, summed over repeats (history_bias.py), exactly: one model on a
+    CPU offers the biased pairs to the C++ top-k before the scan, which then skips them, and its normaliser
+    counts them biased (`StreamingTopK.add_offsets`); otherwise the scan runs without those items and they
+    join afterwards, the normalisers corrected (`_with_history`).
     """
     x0, w0 = heads[0].x, heads[0].weight
     U, V = x0.shape[0], w0.shape[0]
@@ -62,15 +64,19 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
     ptr, ex_items, allow = check_filters(exclude, allow, U, num_items)
     heads = _drop_zero_bias(heads)
     scan = (heads, first_item, num_items, k, chunk, threads, fused)
+    offsets = None
     if history is not None:
-        return _with_history(scan, ptr, ex_items, allow, *history)
-    items, values, norms = _scan(*scan, ptr, ex_items, allow)
+        if x0.device.type != "cpu" or len(heads) != 1:
+            return _with_history(scan, ptr, ex_items, allow, *history)
+        offsets = _check_offsets(*history, U, len(heads))
+    items, values, norms = _scan(*scan, ptr, ex_items, allow, offsets)
     return items, _scores(items, values, norms.mean(0))
 
 
-def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items, allow):
+def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items, allow, offsets=None):
     """-> items (U, k) int64 (-1 = none), their mean member logits (U, k) float32, and every member's
-    log-sum-exp over the whole vocabulary, filters ignored (M, U) float64."""
+    log-sum-exp over the whole vocabulary, filters ignored (M, U) float64. offsets (CPU, one model): (items
+    (U, S) int64, offsets (U, S) float32) added to those logits (`StreamingTopK.add_offsets`)."""
     x0, V = heads[0].x, heads[0].weight.shape[0]
     U = x0.shape[0]
     if x0.device.type != "cpu":
@@ -79,6 +85,8 @@ def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items,
         return _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chunk)
     threads = torch.get_num_threads() if threads is None else threads
     top = core().StreamingTopK(U, k, num_items, ptr, ex_items, allow)
+    if offsets is not None:
+        _add_offsets(top, heads, first_item, *offsets, threads)
     if fused is None:
         fused = len(heads) == 1 and U >= FUSED_MIN_USERS
     if fused:
@@ -96,6 +104,29 @@ def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items,
     items, values, norm = top.results()
     norms = norm[None] if lse is None else np.stack([acc.results()[2] for acc in lse])
     return items, values, norms.astype(np.float64)
+
+
+def _check_offsets(hist_items: torch.Tensor, offsets: Sequence[torch.Tensor], U: int, members: int):
+    """`item_topk`'s history argument for one model on a CPU -> (items (U, S) int64, offsets (U, S) float32),
+    C-contiguous."""
+    if len(offsets) != members:
+        raise ValueError(f"history: expected one offsets tensor per head ({members}), got {len(offsets)}")
+    items, off = hist_items.long().contiguous(), offsets[0].float().contiguous()
+    if items.dim() != 2 or items.shape[0] != U or off.shape != items.shape:
+        raise ValueError(f"history: expected items and offsets of one shape (U={U}, S), got {tuple(items.shape)} "
+                         f"and {tuple(off.shape)}")
+    return items, off
+
+
+def _add_offsets(top, heads: Sequence[Head], first_item: int, items: torch.Tensor, offsets: torch.Tensor,
+                 threads: int) -> None:
+    """The offsets on one model's (user, item) logits, into the C++ top-k before its scan."""
+    h = heads[0]
+    x, w = h.x.float().contiguous(), h.weight.float().contiguous()  # (U, C), (V, C)
+    b = None if h.bias is None else h.bias.float().contiguous()  # (V,); kept alive over the call
+    C = x.shape[1]
+    top.add_offsets(items.data_ptr(), offsets.data_ptr(), items.shape[0], items.shape[1], x.data_ptr(),
+                    w.data_ptr() + 4 * first_item * C, 0 if b is None else b.data_ptr() + 4 * first_item, C, threads)
 
 
 def _scores(items: np.ndarray, values: np.ndarray, norm: np.ndarray) -> np.ndarray:
