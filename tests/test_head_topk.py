@@ -239,17 +239,22 @@ def test_cuda_head_topk_matches_reference(dtype, U, C, V):
 
 
 @gpu
-def test_cuda_head_topk_with_history_offsets():
-    """The history path (exact offsets on a few items per user) through the kernel equals the torch path."""
+def test_cuda_head_topk_refuses_offsets_and_the_default_runs_the_torch_loop(monkeypatch):
+    """The kernel takes no logit offsets: fused=True with a history says so; the opt-in default (fused=None) then
+    runs the torch loop, which adds the offsets on the device and equals the definition."""
     torch.manual_seed(0)
     U, C, V = 64, 64, 5000
     x, w = torch.randn(U, C, device="cuda"), torch.randn(V, C, device="cuda") / 8
     hist = torch.randint(0, V, (U, 6), device="cuda")
     off = torch.randn(U, 6, device="cuda")
-    a = item_topk([Head(x, w, None)], 0, V, 10, history=(hist, [off]), fused=True)
-    b = item_topk([Head(x, w, None)], 0, V, 10, history=(hist, [off]), fused=False)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_allclose(a[1], b[1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="takes no logit offsets"):
+        item_topk([Head(x, w, None)], 0, V, 10, history=(hist, [off]), fused=True)
+    monkeypatch.setenv("GENREC_CUDA_HEAD_TOPK", "1")
+    got = item_topk([Head(x, w, None)], 0, V, 10, history=(hist, [off]))
+    z = (x @ w.t()).index_put_((torch.arange(U, device="cuda")[:, None], hist), off, accumulate=True)
+    want = item_topk_reference([z], 0, V, 10)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
 
 
 @gpu

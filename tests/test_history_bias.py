@@ -17,7 +17,7 @@ from genrec_fast import Recommender, load, preset
 from genrec_fast.decoding import beam_decode, item_decode
 from genrec_fast.ensemble import Ensemble
 from genrec_fast.history_bias import HistoryBias, biased_logits, history_items
-from genrec_fast.item_topk import Head, _item_topk_torch, _merge, item_topk, item_topk_reference
+from genrec_fast.item_topk import Head, _item_topk_torch, _scores, item_topk, item_topk_reference
 from genrec_fast.train import Trainer
 
 ITEMS = [f"item{i}" for i in range(60)]
@@ -73,19 +73,21 @@ def _history_case(rng, users, n, members, slots, scale=3.0):
     return hist, offsets
 
 
-def _after_the_scan(h, *a, **kw):
-    """`_with_history` (the scan without the pairs, merged after; ensembles and GPUs) for any number of heads."""
+def _torch_loop(h, first, n, k, exclude, allow, chunk, history):
+    """The torch loop (GPUs; ensembles with a bias on a CPU) for any number of heads, here on CPU tensors."""
     import genrec_fast.item_topk as it
-    first, n, k, exclude, allow = a
-    ptr, ex_items, allow = it.check_filters(exclude, allow, h[0].x.shape[0], n)
-    scan = (it._drop_zero_bias(h), first, n, k, kw["chunk"], None, None)
-    return it._with_history(scan, ptr, ex_items, allow, *kw["history"])
+    U = h[0].x.shape[0]
+    ptr, ex_items, allow = it.check_filters(exclude, allow, U, n)
+    offsets = it._check_offsets(*history, U, len(h))
+    items, values, norms = _item_topk_torch(it._drop_zero_bias(h), first, n, k, ptr, ex_items, allow, chunk, offsets)
+    return items, _scores(items, values, norms.mean(0))
 
 
-PATHS = {  # one model on a CPU: the pairs go into the C++ top-k before the scan (StreamingTopK.add_offsets)
+PATHS = {  # one model on a CPU: the pairs go into the C++ top-k before the scan (StreamingTopK.add_offsets);
+    # an ensemble on a CPU: the torch loop
     "fused": lambda h, *a, **kw: item_topk(h, *a, fused=len(h) == 1, **kw),
     "scan": lambda h, *a, **kw: item_topk(h, *a, fused=False, **kw),
-    "after-the-scan": _after_the_scan,
+    "torch-loop": _torch_loop,
 }
 
 
@@ -108,24 +110,6 @@ def test_item_topk_with_history_equals_the_reference(path, seed, users, members,
     got_i, got_s = PATHS[path](heads, first, n, k, exclude, allow, chunk=8, history=(hist, offsets))
     np.testing.assert_array_equal(got_i, want_i)
     np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-4)
-
-
-def test_item_topk_with_history_on_the_device_loop():
-    """The torch loop (the GPU path) under `_with_history`, here on CPU tensors, as the C++ scan."""
-    import genrec_fast.item_topk as it
-    rng = np.random.default_rng(5)
-    heads = _heads(rng, 6, 40, 2)
-    hist, offsets = _history_case(rng, 6, 35, 2, 9)
-    want = item_topk(heads, 2, 35, 10, history=(hist, offsets), fused=False)
-    scan = it._scan
-    try:  # the device dispatch inside `_scan`, forced
-        it._scan = lambda heads_, first, n, k, chunk, threads, fused, ptr, ex, allow: _item_topk_torch(
-            heads_, first, n, k, ptr, ex, allow, chunk)
-        got = item_topk(heads, 2, 35, 10, history=(hist, offsets))
-    finally:
-        it._scan = scan
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
 
 
 def test_native_offsets_come_once_before_the_scan_and_inside_the_catalog():
@@ -157,13 +141,6 @@ def test_native_offsets_come_once_before_the_scan_and_inside_the_catalog():
     np.testing.assert_array_equal(got_i, want_i.numpy())
     np.testing.assert_allclose(got_v, want_v.numpy(), rtol=1e-5)
     np.testing.assert_allclose(got_lse, z.logsumexp(1).numpy(), rtol=1e-5)
-
-
-def test_merge_breaks_ties_by_the_smaller_item_and_pads():
-    items, scores = np.array([[4, -1]]), np.array([[-1.0, -np.inf]], dtype=np.float32)
-    got_i, got_s = _merge(items, scores, np.array([0, 0]), np.array([2, 9]), np.array([-1.0, -3.0], np.float32),
-                          4, 1, 10)
-    assert got_i.tolist() == [[2, 4, 9, -1]] and got_s[0, 3] == -np.inf
 
 
 def _rec(history_bias=True, seed=0):
