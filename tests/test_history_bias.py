@@ -130,6 +130,12 @@ def test_native_offsets_come_once_before_the_scan_and_inside_the_catalog():
         offsets(top)
     with pytest.raises(ValueError, match=r"item 10 outside the catalog \[0, 10\)"):
         offsets(core().StreamingTopK(2, 3, 10), torch.tensor([[1, 10], [0, 0]]))
+    # thrown inside a worker's chunk (users 20-39 of 40 on the second of 2 threads): rethrown here, once
+    bad, x40 = torch.zeros(40, 2, dtype=torch.long), torch.randn(40, 4)
+    bad[35, 1] = 12
+    with pytest.raises(ValueError, match="item 12 outside the catalog"):
+        core().StreamingTopK(40, 3, 10).add_offsets(bad.data_ptr(), torch.ones(40, 2).data_ptr(), 40, 2,
+                                                    x40.data_ptr(), w.data_ptr(), 0, 4, 2)
     top = core().StreamingTopK(2, 3, 10)  # one item per user offset by +1 (user 1's twice: +2), then the scan
     offsets(top)
     top.add_head(x.data_ptr(), w.data_ptr(), 0, 2, 4, 10, 0, True, True, 1)
