@@ -170,15 +170,16 @@ class DecoderLayer(nn.Module):
         U, S, C = memory.shape
         H = ca.n_heads
         hd = C // H
-        q = ca.q_proj(x).expand(U, 1, C).reshape(U, H, hd)  # (U, H, hd)
+        q = ca.q_proj(x).reshape(-1, H, hd)  # (1 or U, H, hd)
         wk = ca.k_proj.weight.view(H, hd, C)  # head h's rows of W_k
-        qk = torch.einsum("uhd,hdc->uch", q, wk) * hd ** -0.5  # (U, C, H): W_k,h^T q_h, scaled
-        scores = torch.bmm(memory, qk)  # (U, S, H)
+        qk = torch.bmm(q.transpose(0, 1), wk).permute(1, 2, 0) * hd ** -0.5  # (1 or U, C, H): W_k,h^T q_h, scaled
+        # (U, S, H); the first layer's query is every user's: one matmul over all memory rows
+        scores = memory @ qk[0] if qk.shape[0] == 1 else torch.bmm(memory, qk)
         pad = torch.arange(S, device=memory.device)[None, :, None] >= lengths[:, None, None]
         p = scores.masked_fill(pad, float("-inf")).softmax(dim=1)  # (U, S, H)
         ctx = torch.bmm(p.transpose(1, 2), memory)  # (U, H, C): sum_s p m per head
         wv = ca.v_proj.weight.view(H, hd, C)
-        y = torch.einsum("uhc,hdc->uhd", ctx, wv).reshape(U, 1, C) + ca.v_proj.bias  # (U, 1, C)
+        y = torch.bmm(ctx.transpose(0, 1), wv.transpose(1, 2)).transpose(0, 1).reshape(U, 1, C) + ca.v_proj.bias
         x = self.encoder_attn_layer_norm(x + ca.out_proj(y))
         return self.final_layer_norm(x + self.ffn(x))
 
