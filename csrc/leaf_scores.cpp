@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "dot.h"
 #include "parallel.h"
 
 namespace genrec {
@@ -30,14 +31,8 @@ void leaf_scores(const float* weight, int64_t weight_rows, int64_t dim, const in
           out[r * width + m] = kNegInf;
           continue;
         }
-#if defined(__GNUC__)
-        if (m + 4 < width) __builtin_prefetch(weight + s[m + 4] * dim);  // rows are scattered over the table
-#endif
-        const float* w = weight + s[m] * dim;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t c = 0; c < dim; ++c) acc += w[c] * h[c];
-        out[r * width + m] = acc;
+        if (m + 4 < width) prefetch(weight + s[m + 4] * dim);  // rows are scattered over the table
+        out[r * width + m] = dot(weight + s[m] * dim, h, dim);
       }
     }
   });

@@ -9,6 +9,7 @@
 #include <string>
 #include <utility>
 
+#include "dot.h"
 #include "parallel.h"
 
 namespace genrec {
@@ -129,13 +130,8 @@ __attribute__((target_clones("avx512f", "avx2", "default")))
 void gather_dots(const float* __restrict x, const float* __restrict w, const float* bias, const int64_t* ids,
                  int64_t n, int64_t dim, float* __restrict z) {
   for (int64_t i = 0; i < n; ++i) {
-#if defined(__GNUC__)
-    if (i + 4 < n) __builtin_prefetch(w + ids[i + 4] * dim);  // rows are scattered over the table
-#endif
-    const float* wi = w + ids[i] * dim;
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t c = 0; c < dim; ++c) acc += x[c] * wi[c];
+    if (i + 4 < n) prefetch(w + ids[i + 4] * dim);  // rows are scattered over the table
+    const float acc = dot(x, w + ids[i] * dim, dim);
     z[i] = bias != nullptr ? acc + bias[ids[i]] : acc;
   }
 }
