@@ -148,16 +148,21 @@ def build(n_items: int, seed: int = 0, form: str = "whole", levels: int = 2, lea
     rec = Recommender.random(items, cfg, item_tokens="whole" if one_token else "codes", seed=seed,
                              code_levels=levels, code_branches=code_branches(n_items, levels, leaf),
                              code_input="first")
-    if "transition" in form:  # every item with a full row of neighbours: the most pairs a user can bring
-        import torch
-        t, g = rec.model.transition, torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            t.items[:-1] = torch.randint(0, n_items, t.items[:-1].shape, generator=g)
-            t.counts[:-1] = torch.rand(t.counts[:-1].shape, generator=g) * 10
-            t.weight.fill_(0.5)
-            if t.reverse_weight is not None:
-                t.reverse_weight.fill_(0.5)
+    if "transition" in form:
+        fill_transition(rec.model, n_items, seed)
     return rec, time.perf_counter() - t0
+
+
+def fill_transition(model, n_items: int, seed: int = 0) -> None:
+    """A random-weight model's transition table, full: every item with a whole row of random neighbours
+    (the most pairs a user can bring), counts in [0, 10), weights 0.5."""
+    t, g = model.transition, torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        t.items[:-1] = torch.randint(0, n_items, t.items[:-1].shape, generator=g)
+        t.counts[:-1] = torch.rand(t.counts[:-1].shape, generator=g) * 10
+        t.weight.fill_(0.5)
+        if t.reverse_weight is not None:
+            t.reverse_weight.fill_(0.5)
 
 
 def histories(n_items: int, users: int, seed: int = 1) -> list:

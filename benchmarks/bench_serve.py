@@ -14,9 +14,10 @@ even against an empty FastAPI endpoint, where aiohttp reaches ~5,000. Next to it
                        (not a strict bound: on this CPU it measured below the model's server; the cause
                        was not isolated)
 
-Model: the README's best single configuration (configs/beauty-whole-narrow-pre3-ls3-noeos-hdrop3.json: one
-token per item, d_model 64, 2+2 layers) with --checkpoint, else the same architecture with RANDOM weights
-over a 12,101-item catalog (Beauty's size; speed does not depend on the weights). The loop and the batch
+Model: --checkpoint, else `--config`'s architecture (default: the README's recommended
+configs/whole-history-transition-both-calibrated.json: one token per item, d_model 64, 2+2 layers, history
+and transition bias in both directions, with a full random neighbour table) with RANDOM weights over a
+12,101-item catalog (Beauty's size; speed does not depend on the weights). The loop and the batch
 use --threads torch threads, as the server's worker does. The last line is machine-readable:
   serve_bench users_per_s_c64=<x> per_request_loop_users_per_s=<y> p99_ms_c64=<z>
 
@@ -47,17 +48,22 @@ from genrec_fast.serve import run, server
 from genrec_fast.serve_api import API_PATH, RecommendRequest
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "beauty-whole-narrow-pre3-ls3-noeos-hdrop3.json"
+CONFIG = ROOT / "configs" / "whole-history-transition-both-calibrated.json"  # the README's recommended one
 N_ITEMS = 12101  # Amazon Beauty's catalog
 K = 10
 
 
-def random_checkpoint(out: Path) -> Path:
-    """The best single configuration's model with random weights over N_ITEMS items, saved to `out`."""
+def random_checkpoint(out: Path, config: Path = CONFIG) -> Path:
+    """`config`'s model with random weights over N_ITEMS items (a full random transition table where it has the
+    bias, as bench_catalog.py's), saved to `out`."""
     from genrec_fast import Recommender
     from genrec_fast.checkpoint import save
     from genrec_fast.config import load_config
-    rec = Recommender.random(list(range(N_ITEMS)), load_config(str(CONFIG)).model, item_tokens="whole")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_catalog import fill_transition
+    rec = Recommender.random(list(range(N_ITEMS)), load_config(str(config)).model, item_tokens="whole")
+    if rec.model.transition is not None:
+        fill_transition(rec.model, N_ITEMS)
     return save(out, rec.model, rec.tokenizer, rec.catalog)
 
 
@@ -260,6 +266,8 @@ def row(name: str, m: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", nargs="+", help="checkpoint dir(s) (default: random weights, see above)")
+    ap.add_argument("--config", type=Path, default=CONFIG, help="without --checkpoint: the architecture (a config "
+                                                                 "JSON; default: the README's recommended one)")
     ap.add_argument("--requests", type=int, default=2000, help="requests per concurrency level at most")
     ap.add_argument("--seconds", type=float, default=30, help="time limit per level")
     ap.add_argument("--concurrency", default="1,16,64")
@@ -289,7 +297,7 @@ def main() -> None:
     busy0, own0, wall0 = busy_cpu_s(), own_cpu_s(), time.perf_counter()
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.checkpoint or [random_checkpoint(Path(tmp) / "random")]
+        ckpt = args.checkpoint or [random_checkpoint(Path(tmp) / "random", args.config)]
         rec = genrec_fast.load(ckpt[0] if len(ckpt) == 1 else ckpt)
         hists = histories(rec.catalog.item_ids, args.requests)
         bodies = [{"history": h, "k": K} for h in hists]
