@@ -76,9 +76,10 @@ tail -3 "$LOGS/pytest_item_topk.log" 2>/dev/null
 # the CUDA head + top-k against torch matmul + topk (issue 22: >= 2x at 1M items)
 stage bench_head_topk 120 python benchmarks/bench_head_topk.py
 tail -14 "$LOGS/bench_head_topk.log" 2>/dev/null
-# the one-token model's one-step path on the device (issue 22: >= 100,000 users/s at 1M items)
-stage bench_catalog_cuda 240 python benchmarks/bench_catalog.py --device cuda --threads 4
-tail -8 "$LOGS/bench_catalog_cuda.log" 2>/dev/null
+# the one-token model's one-step path on the device (issue 22: >= 100,000 users/s at 1M items), without biases
+# and in the recommended configuration (history + transition bias both ways: the offsets added on the device)
+stage bench_catalog_cuda 240 python benchmarks/bench_catalog.py --device cuda --threads 4 --sizes 12101,1000000 --both
+tail -9 "$LOGS/bench_catalog_cuda.log" 2>/dev/null
 # the same at 1M items with the CUDA head + top-k kernel as item_topk's GPU path
 GENREC_CUDA_HEAD_TOPK=1 stage bench_catalog_cuda_kernel 150 python benchmarks/bench_catalog.py --device cuda \
   --threads 4 --sizes 12101,1000000
