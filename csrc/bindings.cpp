@@ -10,6 +10,7 @@
 
 #include "beam_step.h"
 #include "leaf_scores.h"
+#include "packed_attention.h"
 #include "topk.h"
 #include "trie.h"
 
@@ -25,6 +26,7 @@ void bind_attention(py::module_& m);
 void bind_head_topk(py::module_& m);
 
 void bind_leaf_scores(py::module_& m);
+void bind_packed_attention(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "genrec_fast native core: trie-constrained beam search and CUDA attention";
@@ -38,6 +40,7 @@ PYBIND11_MODULE(_core, m) {
   bind_beam_search(m);
   bind_topk(m);
   bind_leaf_scores(m);
+  bind_packed_attention(m);
   bind_attention(m);
   bind_head_topk(m);
 }
@@ -281,6 +284,24 @@ void bind_leaf_scores(py::module_& m) {
       "host pointers that the caller keeps alive during the call.");
 }
 
+// ======================= packed self-attention ===================================================
+void bind_packed_attention(py::module_& m) {
+  m.def(
+      "packed_attention",
+      [](std::uintptr_t qkv, int64_t rows, std::uintptr_t offsets, int64_t num_seqs, int64_t heads, int64_t head_dim,
+         float scale, std::uintptr_t out, int threads) {
+        if (rows > 0 && (qkv == 0 || out == 0)) throw py::value_error("qkv or out pointer is null");
+        if (offsets == 0) throw py::value_error("offsets pointer is null");
+        py::gil_scoped_release release;
+        genrec::packed_attention(reinterpret_cast<const float*>(qkv), rows, reinterpret_cast<const int64_t*>(offsets),
+                                 num_seqs, heads, head_dim, scale, reinterpret_cast<float*>(out), threads);
+      },
+      py::arg("qkv"), py::arg("rows"), py::arg("offsets"), py::arg("num_seqs"), py::arg("heads"), py::arg("head_dim"),
+      py::arg("scale"), py::arg("out"), py::arg("threads"),
+      "Self-attention of sequences stored back to back: qkv (rows, 3 * heads * head_dim) float32, offsets "
+      "(num_seqs + 1,) int64, out (rows, heads * head_dim) float32, all C-contiguous at raw host pointers.");
+}
+
 // ======================= CUDA attention (CUDA owner edits below) ================================
 #ifdef GENREC_WITH_CUDA
 #include <array>
@@ -401,3 +422,4 @@ void bind_head_topk(py::module_& m) {
   (void)m;
 #endif
 }
+

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "dot.h"
+#include "fast_exp.h"
 #include "parallel.h"
 
 namespace genrec {
@@ -23,28 +24,6 @@ constexpr int64_t kChunk = 512; // columns of w per pass over the users: 512 x 6
 
 // Heap order: `a` ranks after `b` (lower score, or equal score and larger item).
 bool worse(float av, int32_t ai, float bv, int32_t bi) { return av < bv || (av == bv && ai > bi); }
-
-// exp(x) for x <= 0 (Cephes' expf polynomial, rel. error ~1e-7). Below -87.3 it returns
-// exp(-87.3) ~ 1e-38 instead of a smaller number: each call is added to a sum >= 1 (the max
-// term), so the difference never shows. Plain arithmetic, so the loops calling it vectorise.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.3f);
-  const float t = x * 1.44269504088896341f;
-  const int32_t n = -static_cast<int32_t>(0.5f - t);  // round(t) for t <= 0
-  const float nf = static_cast<float>(n);
-  const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (n + 127) << 23;  // 2^n, n >= -126
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
-}
 
 // One pass over row[0:n] in blocks of kBlock: block_max[b] = max of block b (NaN ignored, -inf if all
 // NaN) and, if lse, the running (max, sum of exp(x - max)) updated block by block, so each block is read

@@ -19,6 +19,7 @@ from .history_bias import HistoryBias, code_offsets, history_items
 from .transition_bias import TransitionBias, context_items
 from .item_topk import Head
 from .kernels import attention
+from .kernels.packed_attention import packed_attention
 from .leaf_head import LeafHead
 from .loss import linear_cross_entropy
 
@@ -94,35 +95,21 @@ class EncoderLayer(nn.Module):
         return self.final_layer_norm(x + self.ffn(x))
 
     def packed(self, x, rows, slots, B: int, S: int, lengths):
-        """Inference over the real pieces only: x (N, C) holds rows `rows` of the padded (B * S, C) input;
-        projections, norms and FFN skip the padding, attention runs padded: `slots` (B * S,) names the
-        packed row each padded slot copies (any real row for the padding, whose keys are masked and whose
-        outputs are dropped). -> (N, C)."""
+        """Inference over the real pieces only: x (N, C) holds rows `rows` of the padded (B * S, C) input, each
+        sequence's rows in order; projections, norms and FFN skip the padding. On a CPU the attention too
+        (`kernels.packed_attention`, C++); elsewhere it runs padded: `slots` (B * S,) names the packed row each
+        padded slot copies (any real row for the padding, whose keys are masked and whose outputs are
+        dropped). -> (N, C)."""
         a = self.self_attn
-        qkv = _fused_linear(x, a.q_proj, a.k_proj, a.v_proj).index_select(0, slots)  # (B * S, 3C)
+        qkv = _fused_linear(x, a.q_proj, a.k_proj, a.v_proj)  # (N, 3C)
         if x.device.type == "cpu":
-            y = _packed_attention_cpu(qkv, rows, B, S, a.n_heads, lengths)  # (N, C)
+            y = packed_attention(qkv, lengths, a.n_heads)  # (N, C)
         else:
+            qkv = qkv.index_select(0, slots)  # (B * S, 3C)
             q, k, v = (_heads(t, a.n_heads) for t in qkv.view(B, S, -1).chunk(3, dim=-1))  # 3 x (B, H, S, hd)
             y = _merge(attention(q, k, v, key_lengths=lengths)).reshape(B * S, -1)[rows]  # (N, C)
         x = self.self_attn_layer_norm(a.out_proj(y).add_(x))
         return self.final_layer_norm(self.ffn(x).add_(x))
-
-
-def _packed_attention_cpu(qkv: torch.Tensor, rows: torch.Tensor, B: int, S: int, H: int, lengths) -> torch.Tensor:
-    """Padded self-attention as batched matmuls on strided per-head views (no layout copies): qkv
-    (B * S, 3C) -> the outputs of the real pieces (N, C)."""
-    C = qkv.shape[1] // 3
-    hd = C // H
-    t = qkv.view(B, S, 3, H, hd)
-    bias = torch.zeros(B, 1, S, dtype=qkv.dtype, device=qkv.device).masked_fill_(
-        (torch.arange(S, device=qkv.device) >= lengths[:, None])[:, None, :], float("-inf"))  # (B, 1, S)
-    out = []
-    for h in range(H):
-        q, k, v = t[:, :, 0, h], t[:, :, 1, h], t[:, :, 2, h]  # 3 x (B, S, hd), row stride 3C
-        p = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=hd ** -0.5).softmax(dim=-1)  # (B, S, S)
-        out.append(torch.bmm(p, v).view(B * S, hd)[rows])  # (N, hd)
-    return torch.cat(out, dim=1)  # (N, C)
 
 
 def _fused_linear(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
@@ -368,8 +355,10 @@ class GenRec(nn.Module):
         if bool(users.any()):  # models served without user tokens pass none
             x = x + self.user_embed(users)
         x = self.encoder.layernorm_embedding(x)
-        slots = torch.zeros(B * S, dtype=torch.long, device=tokens.device)
-        slots[rows] = torch.arange(len(rows), device=tokens.device)  # padded slot -> packed row (padding: 0)
+        slots = None  # padded slot -> packed row (padding: 0), for the padded attention off the CPU
+        if tokens.device.type != "cpu":
+            slots = torch.zeros(B * S, dtype=torch.long, device=tokens.device)
+            slots[rows] = torch.arange(len(rows), device=tokens.device)
         for layer in self.encoder.layers:
             x = layer.packed(x, rows, slots, B, S, lengths)
         return _unpack(x, rows, B, S)
