@@ -84,7 +84,7 @@ def _torch_loop(h, first, n, k, exclude, allow, chunk, history):
 
 
 PATHS = {  # one model on a CPU: the pairs go into the C++ top-k before the scan (StreamingTopK.add_offsets);
-    # an ensemble on a CPU: the torch loop
+    # an ensemble: into each chunk's member logits (_ChunkOffsets) of the C++ scan, or of the torch loop
     "fused": lambda h, *a, **kw: item_topk(h, *a, fused=len(h) == 1, **kw),
     "scan": lambda h, *a, **kw: item_topk(h, *a, fused=False, **kw),
     "torch-loop": _torch_loop,

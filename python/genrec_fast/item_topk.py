@@ -50,8 +50,8 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
     history: (items (U, S) int64 tensor of item indices, -1 = none; one (U, S) tensor of logit offsets per
     head) adds each offset to its item's logit, summed over repeats (history_bias.py), exactly: one model on a
     CPU offers the biased pairs to the C++ top-k before the scan, which then skips them, and its normaliser
-    counts them biased (`StreamingTopK.add_offsets`); the torch loop (GPUs, and ensembles on a CPU) adds them
-    to each chunk's logits on the device. The CUDA head + top-k kernel takes no offsets.
+    counts them biased (`StreamingTopK.add_offsets`); an ensemble's C++ scan and the torch loop (GPUs) add them
+    to each chunk's member logits (`_ChunkOffsets`). The CUDA head + top-k kernel takes no offsets.
     """
     x0, w0 = heads[0].x, heads[0].weight
     U, V = x0.shape[0], w0.shape[0]
@@ -82,12 +82,13 @@ def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items,
             raise ValueError("fused: the CUDA head + top-k takes no logit offsets (a history or transition "
                              "bias); pass fused=None")
         return _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chunk, offsets)
-    if offsets is not None and len(heads) > 1:  # an ensemble's biased logits: the torch loop, on the CPU
-        return _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chunk, offsets)
     threads = torch.get_num_threads() if threads is None else threads
     top = core().StreamingTopK(U, k, num_items, ptr, ex_items, allow)
-    if offsets is not None:
+    chunk_offsets = None
+    if offsets is not None and len(heads) == 1:  # into the C++ top-k before the scan
         _add_offsets(top, heads[0], first_item, offsets[0], offsets[1][0], threads)
+    elif offsets is not None:  # an ensemble: into each chunk's member logits
+        chunk_offsets = _ChunkOffsets(*offsets, len(heads), x0.device)
     if fused is None:
         fused = len(heads) == 1 and U >= FUSED_MIN_USERS
     if fused:
@@ -95,6 +96,8 @@ def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items,
     lse = [core().StreamingTopK(U, 1, 0) for _ in heads] if len(heads) > 1 else None
     for lo, hi, is_item in _spans(V, first_item, num_items, chunk):
         z = _logits(heads, lo, hi)  # (U, hi - lo) member logits (mean logit for an ensemble: see below)
+        if chunk_offsets is not None and is_item:
+            z = list(chunk_offsets.add(torch.stack(z), lo - first_item))
         if lse is None:  # one model: one pass for both the top-k and its normaliser
             _add(top, z[0], lo - first_item if is_item else 0, is_item, True, threads)
             continue
@@ -209,20 +212,15 @@ def _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chun
     if ptr is not None:  # (E,) user and item of every exclusion
         ex_rows = torch.from_numpy(np.repeat(np.arange(U), np.diff(ptr))).to(dev)
         ex_cols = torch.from_numpy(np.asarray(ex_items, dtype=np.int64)).to(dev)
-    if offsets is not None:  # (U, S) users and items of the offsets, (M, U, S) their values
-        o_items, o_vals = offsets[0].to(dev), offsets[1].to(dev)
-        o_users = torch.arange(U, device=dev)[:, None]  # (U, 1)
-        o_members = torch.arange(len(heads), device=dev)[:, None, None]  # (M, 1, 1)
+    chunk_offsets = None if offsets is None else _ChunkOffsets(*offsets, len(heads), dev)
     best = torch.full((U, k), float("-inf"), device=dev)
     best_i = torch.full((U, k), -1, dtype=torch.long, device=dev)
     lse = torch.full((len(heads), U), float("-inf"), device=dev)
     for lo, hi, is_item in _spans(V, first_item, num_items, chunk):
         z = torch.stack(_logits(heads, lo, hi))  # (M, U, c)
         i0, c = lo - first_item, hi - lo
-        if offsets is not None and is_item:  # offsets outside this chunk (or none, -1) land on a spare column
-            col = o_items - i0
-            col = torch.where((col >= 0) & (col < c), col, c)
-            z = F.pad(z, (0, 1)).index_put_((o_members, o_users, col), o_vals, accumulate=True)[..., :c]
+        if chunk_offsets is not None and is_item:
+            z = chunk_offsets.add(z, i0)
         lse = torch.logaddexp(lse, z.logsumexp(2))
         if not is_item:
             continue
@@ -238,6 +236,24 @@ def _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chun
         best, best_i = _merge_topk(torch.cat([best, s], 1), torch.cat([best_i, ids], 1), k)
     best_i = torch.where(best == float("-inf"), -1, best_i)
     return best_i.cpu().numpy(), best.float().cpu().numpy(), lse.double().cpu().numpy()
+
+
+class _ChunkOffsets:
+    """Offsets (items (U, S), -1 = none; values (M, U, S)) added to the member logits of one chunk of items at a
+    time, on the logits' device, summed over repeats (the torch loop; an ensemble's C++ scan)."""
+
+    def __init__(self, items: torch.Tensor, values: torch.Tensor, members: int, device):
+        self.items, self.values = items.to(device), values.to(device)  # (U, S), (M, U, S)
+        self.users = torch.arange(items.shape[0], device=device)[:, None]  # (U, 1)
+        self.members = torch.arange(members, device=device)[:, None, None]  # (M, 1, 1)
+
+    def add(self, z: torch.Tensor, i0: int) -> torch.Tensor:
+        """z (M, U, c): logits of items [i0, i0 + c) -> with the offsets landing there (the rest, and -1, go to a
+        spare column, dropped)."""
+        c = z.shape[2]
+        col = self.items - i0
+        col = torch.where((col >= 0) & (col < c), col, c)
+        return F.pad(z, (0, 1)).index_put_((self.members, self.users, col), self.values, accumulate=True)[..., :c]
 
 
 def _merge_topk(values: torch.Tensor, ids: torch.Tensor, k: int):
