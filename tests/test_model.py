@@ -141,9 +141,14 @@ def test_hf_bart_conversion_matches_hugging_face():
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["cpp", "padded"])
 @pytest.mark.parametrize("positions", ["start", "end"])
-def test_packed_encoder_equals_the_padded_one(positions):
-    """Inference skips the padding in the encoder layers: the real pieces get the same memory."""
+def test_packed_encoder_equals_the_padded_one(positions, attention, monkeypatch):
+    """Inference skips the padding in the encoder layers: the real pieces get the same memory, with the packed
+    self-attention in C++ (CPUs) or padded around `kernels.attention` (other devices; forced here)."""
+    import genrec_fast.model as model_module
+    if attention == "padded":
+        monkeypatch.setattr(model_module, "_cpp_packed_attention", lambda t: False)
     m = tiny_model(encoder_positions=positions)
     g = torch.Generator().manual_seed(4)
     lengths = torch.tensor([11, 3, 7, 1, 9])

@@ -102,7 +102,7 @@ class EncoderLayer(nn.Module):
         dropped). -> (N, C)."""
         a = self.self_attn
         qkv = _fused_linear(x, a.q_proj, a.k_proj, a.v_proj)  # (N, 3C)
-        if x.device.type == "cpu":
+        if _cpp_packed_attention(x):
             y = packed_attention(qkv, lengths, a.n_heads)  # (N, C)
         else:
             qkv = qkv.index_select(0, slots)  # (B * S, 3C)
@@ -110,6 +110,11 @@ class EncoderLayer(nn.Module):
             y = _merge(attention(q, k, v, key_lengths=lengths)).reshape(B * S, -1)[rows]  # (N, C)
         x = self.self_attn_layer_norm(a.out_proj(y).add_(x))
         return self.final_layer_norm(self.ffn(x).add_(x))
+
+
+def _cpp_packed_attention(t: torch.Tensor) -> bool:
+    """Whether the encoder's packed self-attention runs as the C++ op (CPU tensors) rather than padded."""
+    return t.device.type == "cpu"
 
 
 def _fused_linear(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
@@ -356,7 +361,7 @@ class GenRec(nn.Module):
             x = x + self.user_embed(users)
         x = self.encoder.layernorm_embedding(x)
         slots = None  # padded slot -> packed row (padding: 0), for the padded attention off the CPU
-        if tokens.device.type != "cpu":
+        if not _cpp_packed_attention(tokens):
             slots = torch.zeros(B * S, dtype=torch.long, device=tokens.device)
             slots[rows] = torch.arange(len(rows), device=tokens.device)
         for layer in self.encoder.layers:
