@@ -58,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    print(f"| users | rows | packed C++ ms | padded bmm ms | padded SDPA ms | bmm / C++ |")
+    print("| users | rows | packed C++ ms | padded bmm ms | padded SDPA ms | bmm / C++ |")
     print("|---:|---:|---:|---:|---:|---:|")
     for B in (1, 32, 256):
         lengths = torch.randint(6, 22, (B,), generator=g)
