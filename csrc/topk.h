@@ -36,12 +36,12 @@ class StreamingTopK {
   void add_head(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols, int64_t first_item,
                 bool topk, bool lse, int threads);
 
-  // Offsets o on some logits, before any add with topk: items (num_users, n) row-major item indices (-1 =
-  // none; repeats sum their offsets), offsets (num_users, n); x (num_users, dim), w (num_items, dim) row-major
-  // (row i = item i), bias (num_items,) or nullptr. Each distinct pair's biased logit z + o (z = x_u . w_i +
-  // b_i, summed over dim in order, as add_head does) is offered now (filters applied; NaN never enters), the
-  // later adds skip those items in the top-k, and results() corrects the log-sum-exp: those columns count as
-  // z + o instead of the z the adds fold in. Once per object; throws on items outside the catalog.
+  // Offsets o on some logits, before any add with topk: items (num_users, n) row-major item indices (-1 = none;
+  // repeats sum their offsets), offsets (num_users, n); x (num_users, dim), w (num_items, dim) row-major (row i =
+  // item i), bias (num_items,) or nullptr. Each distinct pair's biased logit z + o (z = x_u . w_i + b_i, summed in
+  // vector lanes: add_head's value to float rounding) is offered now (filters applied; NaN never enters), the later
+  // adds skip those items in the top-k, and results() corrects the log-sum-exp: those columns count as z + o
+  // instead of the z the adds fold in. Once per object; throws on items outside the catalog.
   void add_offsets(const int64_t* items, const float* offsets, int64_t n, const float* x, const float* w,
                    const float* bias, int64_t dim, int threads);
 
