@@ -96,15 +96,16 @@ def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items,
     lse = [core().StreamingTopK(U, 1, 0) for _ in heads] if len(heads) > 1 else None
     for lo, hi, is_item in _spans(V, first_item, num_items, chunk):
         z = _logits(heads, lo, hi)  # (U, hi - lo) member logits (mean logit for an ensemble: see below)
-        if chunk_offsets is not None and is_item:
-            z = list(chunk_offsets.add(torch.stack(z), lo - first_item))
         if lse is None:  # one model: one pass for both the top-k and its normaliser
             _add(top, z[0], lo - first_item if is_item else 0, is_item, True, threads)
             continue
+        z = torch.stack(z)  # (M, U, c)
+        if chunk_offsets is not None and is_item:
+            z = chunk_offsets.add(z, lo - first_item)
         for acc, zm in zip(lse, z):
             _add(acc, zm, 0, False, True, threads)
         if is_item:
-            _add(top, torch.stack(z).mean(0), lo - first_item, True, False, threads)
+            _add(top, z.mean(0), lo - first_item, True, False, threads)
     items, values, norm = top.results()
     norms = norm[None] if lse is None else np.stack([acc.results()[2] for acc in lse])
     return items, values, norms.astype(np.float64)
@@ -227,10 +228,9 @@ def _item_topk_torch(heads, first_item, num_items, k, ptr, ex_items, allow, chun
         s = z.mean(0)  # (U, c)
         if allow_t is not None:
             s = s.masked_fill(~allow_t[..., i0:i0 + c], float("-inf"))
-        if ex_rows is not None:  # exclusions outside this chunk land on a spare column, dropped after
-            col = ex_cols - i0
-            col = torch.where((col >= 0) & (col < c), col, c)
-            s = F.pad(s, (0, 1)).index_put_((ex_rows, col), s.new_tensor(float("-inf")))[:, :c]
+        if ex_rows is not None:
+            s = F.pad(s, (0, 1)).index_put_((ex_rows, _chunk_columns(ex_cols, i0, c)), s.new_tensor(float("-inf")))
+            s = s[:, :c]
         s = s.masked_fill(s.isnan(), float("-inf"))  # NaN is never chosen
         ids = torch.arange(i0, i0 + c, device=dev).expand(U, -1)
         best, best_i = _merge_topk(torch.cat([best, s], 1), torch.cat([best_i, ids], 1), k)
@@ -251,9 +251,15 @@ class _ChunkOffsets:
         """z (M, U, c): logits of items [i0, i0 + c) -> with the offsets landing there (the rest, and -1, go to a
         spare column, dropped)."""
         c = z.shape[2]
-        col = self.items - i0
-        col = torch.where((col >= 0) & (col < c), col, c)
+        col = _chunk_columns(self.items, i0, c)
         return F.pad(z, (0, 1)).index_put_((self.members, self.users, col), self.values, accumulate=True)[..., :c]
+
+
+def _chunk_columns(items: torch.Tensor, i0: int, c: int) -> torch.Tensor:
+    """Item indices -> their columns in the chunk of items [i0, i0 + c), or c (a spare column, dropped after) for
+    items outside it and -1 (none)."""
+    col = items - i0
+    return torch.where((col >= 0) & (col < c), col, c)
 
 
 def _merge_topk(values: torch.Tensor, ids: torch.Tensor, k: int):
