@@ -47,6 +47,18 @@ def test_train_without_report_leaves_a_checkpoint_and_no_metrics(p5_file, tmp_pa
     assert {"genrec", "popularity"} <= set(json.loads((out / "metrics.json").read_text())["test"])
 
 
+def test_train_defaults_to_the_recommended_preset(p5_file, tmp_path, capsys):
+    from genrec_fast.config import preset
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(p5_file), "--pretrain-epochs", "0", "--finetune-epochs", "1",
+                 "--set", "train.calibrate=false", "--out", str(out), "--quiet", "--no-report"]) == 0
+    saved = json.loads((out / "best" / "config.json").read_text())
+    assert {k: saved["model"][k] for k in ("d_model", "history_bias", "transition_bias", "transition_reverse")} == \
+        {k: getattr(preset("recommended").model, k) for k in ("d_model", "history_bias", "transition_bias",
+                                                               "transition_reverse")}
+    assert json.loads((out / "best" / "tokenizer.json").read_text())["item_tokens"] == "whole"
+
+
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_text("1 2 3\n2 x 4\n")

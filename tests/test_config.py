@@ -55,6 +55,15 @@ def test_shipped_configs_load():
             assert key in spec, f"{f.name} lacks {key!r}"
 
 
+def test_the_recommended_preset_is_the_recorded_recommended_config():
+    from pathlib import Path
+    recorded = Path(__file__).resolve().parents[1] / "configs" / "whole-history-transition-both-calibrated.json"
+    assert load_config("recommended") == load_config(str(recorded))
+    p = preset("recommended")
+    assert (p.tokenizer.item_tokens, p.model.item_eos, p.model.transition_reverse, p.train.calibrate) == \
+        ("whole", False, True, True)
+
+
 def test_sampled_softmax_fields():
     p = with_overrides(preset("small"), dict([parse_override("train.softmax=sampled"),
                                               parse_override("train.num_negatives=256")]))

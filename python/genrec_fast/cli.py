@@ -38,12 +38,13 @@ def cmd_train(args) -> int:
     flags["model.dropout"] = args.dropout
     overrides = dict(parse_override(x) for x in args.set)
     overrides.update({k: v for k, v in flags.items() if v is not None})  # explicit flags win over --set
-    p = with_overrides(load_config(args.config), overrides)
+    p = with_overrides(load_config(args.config or "recommended"), overrides)
     data = load_data(args)
     main_rank = env_rank() == 0
     if main_rank:
         print(data.summary(), flush=True)
-    out = Path(args.out or f"runs/{'synthetic' if args.data is None else Path(args.data).name}-{Path(args.config).stem}")
+    config = Path(args.config or "recommended").stem
+    out = Path(args.out or f"runs/{'synthetic' if args.data is None else Path(args.data).name}-{config}")
     t0 = time.perf_counter()
     rec = train(data, out, p, device=args.device, resume=args.resume, progress=not args.quiet)
     train_s = time.perf_counter() - t0
@@ -71,7 +72,7 @@ def cmd_train_sasrec(args) -> int:
     from .sasrec import SASRecConfig, report_sasrec, train_sasrec
     fields = {f.name for f in dataclasses.fields(SASRecConfig)}
     spec = {}
-    if args.config != "small":  # the GenRec default preset: no file given
+    if args.config is not None:
         spec = json.loads(Path(args.config).read_text()).get("sasrec", {}) if Path(args.config).is_file() else None
         if spec is None:
             raise ValueError(f"config: {args.config!r} is not a JSON file (with --model sasrec: a file with a "
@@ -241,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     t.add_argument("--model", default="genrec", choices=("genrec", "sasrec"),
                    help="genrec (default) or the SASRec peer (sasrec.py; settings: --set sasrec.FIELD=VALUE)")
-    t.add_argument("--config", default="small",
-                   help="preset (tiny, small, base) or a JSON file such as configs/beauty-whole-small-nouser.json (default small)")
+    t.add_argument("--config", help="preset (recommended, tiny, small, base) or a JSON file such as "
+                   "configs/beauty-whole-small-nouser.json (default recommended: one token per item with the history "
+                   "and transition biases; small: the paper's sub-word pieces)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one config field, e.g. --set tokenizer.item_tokens=whole (repeatable)")
     t.add_argument("--out", help="run directory (default runs/<data>-<config>)")

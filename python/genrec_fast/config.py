@@ -192,11 +192,26 @@ class Preset:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 
-PRESETS = ("tiny", "small", "base")
+PRESETS = ("tiny", "small", "base", "recommended")
+
+# `small` plus these: the configuration the README recommends, as configs/whole-history-transition-both-calibrated.json
+# records it with its measured numbers (tests/test_config.py keeps the two equal). One token per item, no EOS step,
+# the history and transition biases (both directions), calibrated on the validation targets after training.
+RECOMMENDED = {
+    "model.d_model": 64, "model.ffn_dim": 256, "model.n_heads": 2, "model.dropout": 0.2,
+    "model.encoder_positions": "end", "model.item_eos": False, "model.history_bias": True,
+    "model.transition_bias": True, "model.transition_reverse": True,
+    "train.pretrain_epochs": 3, "train.finetune_epochs": 30, "train.drop_user_prob": 1.0, "train.patience": 8,
+    "train.label_smoothing": 0.3, "train.eval_users": 6000, "train.history_drop": 0.3, "train.calibrate": True,
+    "tokenizer.item_tokens": "whole",
+}
 
 
 def preset(name: str) -> Preset:
-    """Named configurations: `tiny` (tests), `small` (CPU), `base` (BART-base dimensions)."""
+    """Named configurations: `tiny` (tests), `small` (CPU; items as sub-word pieces, the paper's form), `base`
+    (BART-base dimensions), `recommended` (`small` + RECOMMENDED: one token per item with the biases)."""
+    if name == "recommended":
+        return with_overrides(preset("small"), RECOMMENDED)
     if name == "tiny":
         return Preset(
             ModelConfig(d_model=32, encoder_layers=1, decoder_layers=1, n_heads=2, ffn_dim=64, max_positions=128),
