@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+import genrec_fast
+
 from genrec_fast.cli import main
 
 
@@ -34,6 +36,16 @@ def test_train_evaluate_recommend(p5_file, tmp_path, capsys, monkeypatch):
     assert main(["recommend", str(out / "best"), "--with-user", "-k", "4"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["user"] for x in lines] == [1, 2] and all(len(x["items"]) == 4 for x in lines)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("3 5\n\n3 99999\n"))  # errors name the input line
+    assert main(["recommend", str(out / "best"), "-k", "4"]) == 2
+    assert "line 3: unknown item ids [99999] (--skip-unknown drops them)" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("3 5\n3 99999 88888\n"))
+    monkeypatch.setattr("genrec_fast.cli.RECOMMEND_CHUNK", 1)  # streamed a line at a time: the same answers
+    assert main(["recommend", str(out / "best"), "-k", "4", "--skip-unknown"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 2 unknown item ids on 1 lines" in captured.err
+    streamed = [json.loads(x)["items"] for x in captured.out.splitlines()]
+    assert streamed == [r.items for r in genrec_fast.load(out / "best").recommend([[3, 5], [3]], k=4)]
 
 
 def test_train_without_report_leaves_a_checkpoint_and_no_metrics(p5_file, tmp_path, capsys):

@@ -193,22 +193,55 @@ def _train_seconds(checkpoint: Path) -> float | None:
     return json.loads(f.read_text()).get("train_seconds") if f.is_file() else None
 
 
+RECOMMEND_CHUNK = 1024  # lines a `recommend()` call: a large file streams out chunk by chunk
+
+
 def cmd_recommend(args) -> int:
+    """One JSON line of recommendations per history line, written as each chunk of lines is ranked."""
     rec = _load_checkpoints(args)
     stream = sys.stdin if args.input in (None, "-") else open(args.input)
-    users, hists = [], []
+    skipped = [0, 0]  # unknown ids dropped (--skip-unknown), lines they were on
+    rows = []  # (user, history of known ids)
     for n, line in enumerate(stream, 1):
         tokens = line.split()
         if not tokens:
             continue
         parse = [_id(t) for t in tokens]
-        users.append(parse[0] if args.with_user else None)
-        hists.append(parse[1:] if args.with_user else parse)
-    recs = rec.recommend(hists, k=args.k, users=users, exclude_seen=True if args.exclude_seen else None,
-                         unknown_items="skip" if args.skip_unknown else "error")
+        user, history = (parse[0], parse[1:]) if args.with_user else (None, parse)
+        rows.append((user, _known_items(rec.catalog.item_index, history, n, args.skip_unknown, skipped)))
+        if len(rows) == RECOMMEND_CHUNK:
+            _print_recommendations(rec, rows, args)
+            rows = []
+    _print_recommendations(rec, rows, args)
+    if skipped[0]:
+        print(f"skipped {skipped[0]} unknown item ids on {skipped[1]} lines (--skip-unknown)", file=sys.stderr)
+    return 0
+
+
+def _known_items(index: dict, history: list, line: int, skip: bool, skipped: list) -> list:
+    """The history's ids that the catalog knows; unknown ones are an error naming the line, or (skip) dropped
+    and counted in skipped = [ids, lines]."""
+    bad = [x for x in history if x not in index]
+    if bad and not skip:
+        raise ValueError(f"line {line}: unknown item ids {bad[:5]} (--skip-unknown drops them)")
+    if bad:
+        history = [x for x in history if x in index]
+        skipped[0] += len(bad)
+        skipped[1] += 1
+    if not history:
+        raise ValueError(f"line {line}: " + ("no known item ids" if bad else "no item ids") + " in the history")
+    return history
+
+
+def _print_recommendations(rec, rows: list, args) -> None:
+    if not rows:
+        return
+    users = [u for u, _ in rows]
+    recs = rec.recommend([h for _, h in rows], k=args.k, users=users,
+                         exclude_seen=True if args.exclude_seen else None)
     for u, r in zip(users, recs):
         print(json.dumps({"user": u, "items": r.items, "scores": [round(s, 5) for s in r.scores]}))
-    return 0
+    sys.stdout.flush()
 
 
 def cmd_serve(args) -> int:
