@@ -1,4 +1,4 @@
-"""Model and training configuration: dataclasses and the named presets (tiny, small, base)."""
+"""Model and training configuration: dataclasses and the named presets (recommended, tiny, small, base)."""
 from __future__ import annotations
 
 import dataclasses
