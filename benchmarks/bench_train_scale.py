@@ -241,6 +241,39 @@ def time_steps(items: int, users: int, threads: int, steps: int, modes=("full", 
     return rows
 
 
+def time_recommended_steps(items: int, users: int, threads: int, steps: int) -> list:
+    """Median ms per step of the recommended configuration (preset "recommended": history + transition bias,
+    both directions) with the full and the sampled softmax, through the trainer's own step (`_backward`, clip,
+    optimizers), and each trainer's set-up (the transition bias's neighbour table is built there)."""
+    import torch
+    from genrec_fast.config import preset
+    from genrec_fast.train import Trainer, clip_grad_norm
+    torch.set_num_threads(threads)
+    data = synthetic_catalog(items, users)
+    rows = []
+    for softmax in ("full", "sampled"):
+        p = preset("recommended")
+        p.train = dataclasses.replace(p.train, pretrain_epochs=0, finetune_epochs=1, eval_users=100, calibrate=False,
+                                      softmax=softmax, num_negatives=1024, threads=threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            tr = Trainer(data, tmp, p, progress=False)
+            init_s = time.perf_counter() - t0
+            tr.model.train()
+            times = []
+            for part in tr.epoch_batches(False)[:steps + 2]:
+                t0 = time.perf_counter()
+                tr._backward(part)
+                clip_grad_norm(tr.params, tr.tcfg.grad_clip)
+                for o in tr.optimizers:
+                    o.step()
+                times.append(time.perf_counter() - t0)
+            rows.append({"items": items, "mode": f"recommended, {softmax}", "step_ms": round(
+                1000 * statistics.median(times[2:]), 1), "trainer_init_s": round(init_s, 1),
+                "steps_per_epoch": tr.steps_per_epoch(False)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", type=int, nargs="+", default=[1_000_000])
@@ -250,6 +283,8 @@ def main() -> None:
     ap.add_argument("--eval-users", type=int, default=500)
     ap.add_argument("--steps", type=int, default=0, help="time this many steps per mode instead of an epoch")
     ap.add_argument("--checkpoint", action="store_true", help="time checkpoint save/load instead of an epoch")
+    ap.add_argument("--recommended", action="store_true",
+                    help="with --steps: the recommended configuration (both biases), full vs sampled softmax")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -261,6 +296,13 @@ def main() -> None:
     if args.checkpoint:
         for n in args.items:
             print(json.dumps(time_checkpoint(n, args.users), indent=1))
+        return
+    if args.steps and args.recommended:
+        print("| items | configuration, softmax | step ms | trainer set-up s | steps an epoch |\n|---|---|---|---|---|")
+        for n in args.items:
+            for r in time_recommended_steps(n, args.users, args.threads, args.steps):
+                print(f"| {r['items']:,} | {r['mode']} | {r['step_ms']} | {r['trainer_init_s']} | "
+                      f"{r['steps_per_epoch']:,} |", flush=True)
         return
     if args.steps:
         print("| items | softmax | fwd+bwd ms | clip+optimizer ms | step ms |\n|---|---|---|---|---|")

@@ -226,6 +226,79 @@ def test_sampled_cross_entropy_over_every_class_is_the_full_softmax(smoothing):
     torch.testing.assert_close(linear_cross_entropy(x, w, b, labels, smoothing), want)
 
 
+def sampled_offsets_reference(x, weight, bias, labels, candidates, log_q, smoothing, tokens, values):
+    """Per row: F.cross_entropy over the row's own offset tokens (logit + summed offsets, no log_q; the label's
+    class if it is one of them) and the shared candidates that are neither one of them nor a repeat of the label."""
+    terms = []
+    for n in range(len(labels)):
+        y = int(labels[n])
+        if y < 0:
+            continue
+        own = {}
+        for t, v in zip(tokens[n].tolist(), values[n]):
+            if t >= 0:
+                own[t] = own.get(t, 0) + v
+        shared = [m for m in range(len(candidates)) if int(candidates[m]) not in own]
+        first = [m for m in shared if int(candidates[m]) == y][:1]
+        shared = [m for m in shared if int(candidates[m]) != y or m in first]
+        z_shared = F.linear(x[n], weight[candidates[shared]], None if bias is None else bias[candidates[shared]])
+        if log_q is not None:
+            z_shared = z_shared - log_q[shared]
+        z_own = torch.stack([x[n] @ weight[t] + (0 if bias is None else bias[t]) + v for t, v in own.items()]) \
+            if own else z_shared[:0]
+        z = torch.cat([z_shared, z_own])
+        target = list(own).index(y) + len(shared) if y in own else shared.index(first[0])
+        terms.append(F.cross_entropy(z[None], torch.tensor([target]), label_smoothing=smoothing))
+    return torch.stack(terms).mean()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 10), st.integers(0, 12), st.integers(1, 6),
+       st.sampled_from([0.0, 0.3]), st.booleans())
+def test_sampled_cross_entropy_with_offsets_matches_the_per_row_reference(seed, N, K, S, smoothing, bias):
+    """The biases' offset tokens are each row's own classes (repeats summed, -1 = none), shared candidates
+    equal to them leave the row, and the label takes its offset column when it has one."""
+    g = torch.Generator().manual_seed(seed)
+    V = 12
+    x = torch.randn(N, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[torch.rand(N, generator=g) < 0.2] = -100
+    tokens = torch.randint(-1, V, (N, S), generator=g)  # repeats, -1 = none, labels among them at times
+    values = (2 * torch.randn(N, S, generator=g, dtype=torch.float64)).requires_grad_()
+    candidates = torch.cat([labels[labels >= 0].unique(), torch.randint(0, V, (K,), generator=g)])
+    log_q = torch.randn(len(candidates), generator=g, dtype=torch.float64)
+    got = sampled_cross_entropy(x, w, b, labels, candidates, log_q, smoothing, offsets=(tokens, values))
+    if (labels < 0).all():
+        assert got.isnan()
+        return
+    want = sampled_offsets_reference(x, w, b, labels, candidates, log_q, smoothing, tokens, values)
+    torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad(f, [x, w, values], allow_unused=True, materialize_grads=True) for f in (got, want)]
+    for a, e in zip(*grads):  # (values unused where no row has an offset token)
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_sampled_cross_entropy_with_offsets_over_every_class_is_the_biased_full_softmax(smoothing):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 30, (9, 7), generator=g)
+    values = torch.randn(9, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = tokens[:, 0].clone()  # the label among the offset tokens ...
+    labels[::2] = torch.randint(0, 30, (5,), generator=g)  # ... or anywhere
+    got = sampled_cross_entropy(x, w, None, labels, torch.randperm(30, generator=g), None, smoothing, sparse=True,
+                                offsets=(tokens, values))
+    want = linear_cross_entropy(x, w, None, labels, smoothing, offsets=(tokens, values))
+    torch.testing.assert_close(got, want)
+    (gx, gw, gv), (wx, ww, wv) = torch.autograd.grad(got, [x, w, values]), torch.autograd.grad(want, [x, w, values])
+    torch.testing.assert_close(gx, wx)
+    torch.testing.assert_close(gw.to_dense(), ww)
+    torch.testing.assert_close(gv, wv)
+
+
 def test_sampled_cross_entropy_names_a_label_missing_from_the_candidates():
     with pytest.raises(ValueError, match="candidates"):
         sampled_cross_entropy(torch.randn(2, 3), torch.randn(5, 3), None, torch.tensor([1, 4]), torch.tensor([1, 2]))

@@ -375,6 +375,25 @@ def test_sampled_softmax_step_updates_only_the_rows_it_touches(tmp_path):
         assert not torch.equal(w[rows], before[k][rows]), k
 
 
+def test_sampled_softmax_trains_the_history_and_transition_biases(tmp_path):
+    """The biases' items are classes of each row's sampled softmax (loss.sampled_cross_entropy(offsets=...)):
+    their weights get gradients, and the model learns the planted chains."""
+    d = synthetic(n_users=150, n_items=30, seed=6, follow_prob=0.9)
+    p = _sampled_preset(pretrain_epochs=0, finetune_epochs=3, eval_users=60, lr=5e-3, drop_user_prob=1.0)
+    p.model = dataclasses.replace(p.model, history_bias=True, transition_bias=True, transition_reverse=True)
+    t = Trainer(d, tmp_path, p, progress=False)
+    part = t.epoch_batches(pretrain=False)[0]
+    loss, _ = t._loss(part)
+    loss.backward()
+    m = t.model
+    for name, w in [("transition.weight", m.transition.weight), ("transition.reverse_weight",
+                                                                  m.transition.reverse_weight),
+                    ("history.recency", m.history.recency)]:
+        assert w.grad is not None and bool(w.grad.abs().sum() > 0), name
+    summary = t.run()
+    assert summary["best_valid_ndcg10"] > 0.3  # popularity is ~0.05 here
+
+
 def test_clip_grad_norm_takes_sparse_gradients_as_their_dense_equivalent():
     from genrec_fast.train import clip_grad_norm
     g = torch.Generator().manual_seed(0)

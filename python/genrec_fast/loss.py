@@ -121,7 +121,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 def sampled_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                           candidates: torch.Tensor, log_q: torch.Tensor | None = None, smoothing: float = 0.0,
-                          ignore_index: int = -100, sparse: bool = False) -> torch.Tensor:
+                          ignore_index: int = -100, sparse: bool = False,
+                          offsets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean cross-entropy of x (N, C) against labels (N,) over the classes `candidates` (M,) instead of all V:
     logits x @ weight[candidates].T + bias[candidates] - log_q (N, M), log_q (M,) = log of each candidate's
     expected count in the sample (the correction that makes a sampled softmax estimate the full one).
@@ -132,6 +133,12 @@ def sampled_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     `F.cross_entropy(F.linear(x, weight, bias), labels, label_smoothing=smoothing)` (tested), as is the
     per-row reference in tests/test_loss.py. sparse=True: weight's gradient is sparse (the M candidate
     rows), for torch.optim.SparseAdam.
+
+    offsets: (tokens (N, S), values (N, S)), the biases' sparse logit offsets (`linear_cross_entropy`'s; token
+    -1 = none, values summed over a row's repeats). Each row's offset tokens are classes of that row's softmax
+    always (included with probability 1: no log_q), with their offsets added; a shared candidate equal to one
+    of them leaves the row (so no class counts twice), and the label's class is its offset column if it has
+    one. With all V classes as candidates this is `linear_cross_entropy(..., offsets=...)` (tested).
     """
     if (x.dim() != 2 or labels.shape != x.shape[:1] or candidates.dim() != 1 or weight.dim() != 2
             or weight.shape[1] != x.shape[1]):
@@ -143,7 +150,9 @@ def sampled_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         return x.new_tensor(float("nan"))  # as the mean of no rows (linear_cross_entropy, F.cross_entropy)
     x, labels = x.index_select(0, rows), labels[rows]  # (n, C), (n,)
     hit = candidates[None, :] == labels[:, None]  # (n, M)
-    if not bool(hit.any(1).all()):
+    extra = None if offsets is None else _row_classes(x, weight, bias, labels, rows, *offsets, sparse)
+    has_label = hit.any(1) if extra is None else hit.any(1) | extra.label_col.ge(0)
+    if not bool(has_label.all()):
         raise ValueError("candidates: every label must be one of the candidates")
     pos = hit.byte().argmax(1, keepdim=True)  # (n, 1) the first column holding the label
     removed = hit.scatter(1, pos, False)  # (n, M) accidental hits
@@ -152,11 +161,59 @@ def sampled_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         z = z + bias[candidates]
     if log_q is not None:
         z = z - log_q.to(z.dtype)
+    if extra is not None:  # the rows' offset classes after the shared ones; duplicates of them leave the row
+        removed = removed | extra.holds(candidates)  # (the label's shared columns too, if it has one)
+        pos = torch.where(extra.label_col.ge(0), z.shape[1] + extra.label_col, pos[:, 0])[:, None]
+        z = torch.cat([z, extra.z], 1)  # (n, M + W)
+        removed = torch.cat([removed, extra.pad], 1)
     z = z.masked_fill(removed, float("-inf"))
     lse = z.logsumexp(1)  # (n,)
     kept_mean = z.masked_fill(removed, 0.0).sum(1) / (~removed).sum(1)  # (n,) mean logit of the row's classes
     loss = (1 - smoothing) * (lse - z.gather(1, pos)[:, 0]) + smoothing * (lse - kept_mean)  # (n,)
     return loss.mean()
+
+
+@dataclass
+class _RowClasses:
+    """Each row's own offset classes, padded: logits z (n, W) (-inf at the padding), pad (n, W) bool, the label's
+    column among them (n,) (-1 = none), and `holds(candidates)` -> (n, M) whether a row has that class."""
+
+    z: torch.Tensor
+    pad: torch.Tensor
+    label_col: torch.Tensor
+    keys: torch.Tensor  # (Q,) sorted row * V + token of every (row, class)
+    vocab: int
+
+    def holds(self, candidates: torch.Tensor) -> torch.Tensor:
+        n = self.z.shape[0]
+        keys = torch.arange(n, device=candidates.device)[:, None] * self.vocab + candidates[None, :]  # (n, M)
+        at = torch.searchsorted(self.keys, keys).clamp_max(len(self.keys) - 1)
+        return self.keys[at] == keys if len(self.keys) else torch.zeros_like(keys, dtype=torch.bool)
+
+
+def _row_classes(x, weight, bias, labels, rows, tokens, values, sparse: bool) -> _RowClasses:
+    """`sampled_cross_entropy`'s offset classes of the kept rows (x (n, C) = the input's rows `rows`)."""
+    n, V = x.shape[0], weight.shape[0]
+    tokens, values = tokens.index_select(0, rows), values.index_select(0, rows)  # (n, S)
+    valid = tokens >= 0
+    key = (torch.arange(n, device=x.device)[:, None] * V + tokens)[valid]  # (E,)
+    keys, inverse = torch.unique(key, return_inverse=True)  # (Q,) sorted: each row's classes together
+    summed = values.new_zeros(len(keys)).index_add(0, inverse, values[valid])  # (Q,) offsets summed over repeats
+    row, token = keys // V, keys % V  # (Q,)
+    z = (x.index_select(0, row) * F.embedding(token, weight, sparse=sparse)).sum(1) + summed.to(x.dtype)  # (Q,)
+    if bias is not None:
+        z = z + bias[token]
+    count = torch.bincount(row, minlength=n)  # (n,)
+    start = torch.cumsum(count, 0) - count  # (n,)
+    col = torch.arange(len(keys), device=x.device) - start[row]  # (Q,) column within the row
+    W = int(count.max()) if len(keys) else 0
+    z_pad = z.new_full((n, W), float("-inf")).index_put((row, col), z)  # (n, W)
+    pad = torch.ones(n, W, dtype=torch.bool, device=x.device).index_put((row, col), torch.zeros_like(row, dtype=torch.bool))
+    label_key = torch.arange(n, device=x.device) * V + labels  # (n,)
+    at = torch.searchsorted(keys, label_key).clamp_max(max(len(keys) - 1, 0))
+    found = keys[at] == label_key if len(keys) else torch.zeros(n, dtype=torch.bool, device=x.device)
+    label_col = torch.where(found, col[at] if len(keys) else at, torch.full_like(at, -1))
+    return _RowClasses(z_pad, pad, label_col, keys, V)
 
 
 @dataclass

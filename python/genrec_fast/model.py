@@ -433,16 +433,24 @@ class GenRec(nn.Module):
         indices, own counts (B, R, M) to subtract) of `TransitionBias.pairs`."""
         memory = self.encode(tokens, user_ids, item_ids, mask)  # (B, S, C)
         hidden = self.decode_hidden(decoder_tokens, memory, mask)[:, 0]  # (B, C)
+        tok, val = self.bias_offsets(hidden, memory, tokens, item_ids, mask, first_item, transition)
+        return linear_cross_entropy(hidden, self.shared.weight, self.final_logits_bias[0], labels[:, 0], smoothing,
+                                    ignore_index, offsets=(tok.masked_fill(tok < 0, self.cfg.pad_id), val))
+
+    def bias_offsets(self, hidden, memory, tokens, item_ids, mask, first_item: int,
+                     transition: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The biases' sparse offsets on the first step's logits in training (`history_loss`, and the sampled
+        softmax's per-row classes): hidden (B, C), memory (B, S, C), the encoder input (B, S) -> (tokens (B, N),
+        -1 where there is no item; offsets (B, N), 0 there)."""
         tok, val = [], []
         if self.history is not None:
-            tok.append(tokens)
+            tok.append(tokens.masked_fill(~((item_ids > 0) & mask), -1))  # the history items' own tokens
             val.append(self.history.offsets(hidden, memory, item_ids, mask))  # (B, S)
         if self.transition is not None:
             items, values = self.transition.pairs(*transition)  # (B, R * M)
-            tok.append(torch.where(items >= 0, first_item + items, self.cfg.pad_id))
+            tok.append(torch.where(items >= 0, first_item + items, -1))
             val.append(values)
-        return linear_cross_entropy(hidden, self.shared.weight, self.final_logits_bias[0], labels[:, 0], smoothing,
-                                    ignore_index, offsets=(torch.cat(tok, 1), torch.cat(val, 1)))
+        return torch.cat(tok, 1), torch.cat(val, 1)
 
     def codes_history_loss(self, tokens, user_ids, item_ids, mask, decoder_tokens, labels: torch.Tensor,
                            smoothing: float, ignore_index: int, leaf_smoothing: float | None = None,

@@ -220,19 +220,18 @@ class Trainer:
                              "model.leaf_head=True")
         tok = preset.tokenizer
         codes_ok = tok.item_tokens == "codes" and mcfg.leaf_head and tok.code_input == "first" and not self.tcfg.item_aux
-        if mcfg.history_bias and (not (tok.item_tokens == "whole" or codes_ok) or mcfg.encoder_causal or self.sampled
+        if mcfg.history_bias and (not (tok.item_tokens == "whole" or codes_ok) or mcfg.encoder_causal
                                   or self.tcfg.mask_seen):
             raise ValueError("model.history_bias: needs tokenizer.item_tokens='whole' (or 'codes' with "
                              "model.leaf_head, tokenizer.code_input='first' and train.item_aux=0), "
-                             "model.encoder_causal=False, train.softmax='full' and train.mask_seen=False")
+                             "model.encoder_causal=False and train.mask_seen=False")
         if self.tcfg.calibrate and not ((mcfg.history_bias or mcfg.transition_bias) and tok.item_tokens == "whole"):
             raise ValueError("train.calibrate: needs model.history_bias or model.transition_bias with "
                              "tokenizer.item_tokens='whole' (the factors scale those biases' weights)")
-        if mcfg.transition_bias and (not (tok.item_tokens == "whole" or codes_ok) or self.sampled
-                                     or self.tcfg.mask_seen):
+        if mcfg.transition_bias and (not (tok.item_tokens == "whole" or codes_ok) or self.tcfg.mask_seen):
             raise ValueError("model.transition_bias: needs tokenizer.item_tokens='whole' (or 'codes' with "
-                             "model.leaf_head, tokenizer.code_input='first' and train.item_aux=0), "
-                             "train.softmax='full' and train.mask_seen=False")
+                             "model.leaf_head, tokenizer.code_input='first' and train.item_aux=0) and "
+                             "train.mask_seen=False")
         torch.manual_seed(self.tcfg.seed)
         self.model = GenRec(mcfg).attach_leaves(self.tokenizer).to(self.device)
         self.own_pairs = None
@@ -418,7 +417,7 @@ class Trainer:
         seen = seen_tokens(part, self.tokenizer, self.device) if self.tcfg.mask_seen else None
         biased = self.model.history is not None or self.model.transition is not None
         if self.sampled:
-            loss = self._sampled_loss(kwargs, labels, batch_targets)
+            loss = self._sampled_loss(kwargs, labels, batch_targets, self._transition_inputs(part, kwargs))
         elif biased and self.model.cfg.leaf_head:  # the same at every code step
             loss = self.model.codes_history_loss(**kwargs, labels=labels, smoothing=self.tcfg.label_smoothing,
                                                  ignore_index=IGNORE, leaf_smoothing=self.tcfg.leaf_smoothing,
@@ -471,14 +470,22 @@ class Trainer:
         loss.backward()
         return self.group.reduce_gradients(self.params, n_targets, loss)
 
-    def _sampled_loss(self, kwargs: dict, labels: torch.Tensor,
-                      batch_targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Softmax over the batch's targets and `num_negatives` drawn items (one decoder step per target)."""
-        hidden = self.model.hidden(**kwargs)[:, 0]  # (B, C)
+    def _sampled_loss(self, kwargs: dict, labels: torch.Tensor, batch_targets: torch.Tensor | None = None,
+                      transition: tuple | None = None) -> torch.Tensor:
+        """Softmax over the batch's targets and `num_negatives` drawn items (one decoder step per target); with
+        the history / transition bias, each row's biased items are classes of its softmax too, with their offsets
+        (`sampled_cross_entropy(offsets=...)`)."""
+        m = self.model
+        memory = m.encode(kwargs["tokens"], kwargs["user_ids"], kwargs["item_ids"], kwargs["mask"])  # (B, S, C)
+        hidden = m.decode_hidden(kwargs["decoder_tokens"], memory, kwargs["mask"])[:, 0]  # (B, C)
+        offsets = None
+        if m.history is not None or m.transition is not None:
+            offsets = m.bias_offsets(hidden, memory, kwargs["tokens"], kwargs["item_ids"], kwargs["mask"],
+                                     self.sampler.first_item, transition)
         y = labels[:, 0]  # (B,) item tokens
         candidates, log_q = self.sampler.draw(y if batch_targets is None else batch_targets, self.rng)  # (M,), (M,)
-        return sampled_cross_entropy(hidden, self.model.shared.weight, self.model.final_logits_bias[0], y,
-                                     candidates, log_q, self.tcfg.label_smoothing, IGNORE, sparse=True)
+        return sampled_cross_entropy(hidden, m.shared.weight, m.final_logits_bias[0], y, candidates, log_q,
+                                     self.tcfg.label_smoothing, IGNORE, sparse=True, offsets=offsets)
 
     def validate(self) -> dict:
         """Validation NDCG@10 of the weights the run keeps (the average with train.ema_decay); saves `best`."""
