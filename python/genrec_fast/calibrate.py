@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .data import Split
 from .ensemble import Ensemble
+from .item_topk import top_logits
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
 TOP = 10  # NDCG@10
@@ -98,11 +99,11 @@ class Candidates:
 
 @torch.inference_mode()
 def candidates(rec, split: Split, users: Sequence[int], batch_size: int = 256, progress: bool = True) -> Candidates:
-    """The validation `Candidates` of a one-token model with biases (`Recommender`)."""
+    """The validation `Candidates` of a one-token model with biases (`Recommender`). Nothing per user is as
+    long as the catalog: the items off the biases come from the C++ top-k with the biased items excluded."""
     model, groups = rec.model, _groups(rec)
     model.eval()
     first, n = int(rec.tokenizer.item_flat[0]), len(rec.catalog.item_ids)
-    batch_size = max(1, min(batch_size, 2 ** 25 // max(1, n * (len(groups) + 1))))  # dense (G + 1, B, n) per batch
     parts = []
     users = np.asarray(users)
     for s in tqdm(range(0, len(users), batch_size), desc="calibrate", disable=None if progress else True,
@@ -118,28 +119,35 @@ def candidates(rec, split: Split, users: Sequence[int], batch_size: int = 256, p
 
 
 def _batch(model, enc, target, first: int, n: int, groups: list):
+    """One batch's `Candidates` fields (on the CPU): the biased items as sorted (user, item) keys, their logits by
+    gathered dots, their offsets per group summed over repeats; the target apart; the rest by `top_logits`."""
     memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
     h = model.first_heads(memory, enc["mask"])[0]
-    z = (h.x @ h.weight[first:first + n].T + h.bias[first:first + n]).double()  # (B, n)
-    B = z.shape[0]
-    off = z.new_zeros(len(groups), B, n)  # (G, B, n)
-    member = torch.zeros(B, n, dtype=torch.bool, device=z.device)
-    for g, (items, values) in enumerate(_group_pairs(model, h, memory, enc, groups)):
-        on = items >= 0  # (B, N)
-        off[g].scatter_add_(1, items.clamp(min=0), values.double() * on)
-        member |= z.new_zeros(B, n).scatter_add_(1, items.clamp(min=0), on.double()) > 0
-    rows = torch.arange(B, device=z.device)
-    t_z, t_off = z[rows, target], off[:, rows, target]  # (B,), (G, B)
-    member[rows, target] = False
-    rest = z.masked_fill(member, -math.inf)
-    rest[rows, target] = -math.inf
-    rest = rest.topk(min(TOP, n), 1).values  # (B, TOP)
-    K = int(member.sum(1).max())
-    order = member.double().argsort(dim=1, descending=True, stable=True)[:, :K]  # (B, K) members first
-    on = member.gather(1, order)
-    mz = z.gather(1, order).masked_fill(~on, -math.inf)
-    moff = off.gather(2, order[None].expand(len(groups), -1, -1)) * on  # (G, B, K)
-    return t_z.cpu(), t_off.cpu(), rest.cpu(), mz.cpu(), moff.cpu()
+    B, dev = h.x.shape[0], h.x.device
+    rows = torch.arange(B, device=dev)
+    pairs = _group_pairs(model, h, memory, enc, groups)  # per group: items (B, N), offsets (B, N)
+    on = [(items >= 0) & (items != target[:, None]) for items, _ in pairs]  # biased, not the target
+    keys = torch.unique(torch.cat([(rows[:, None] * n + items)[o] for (items, _), o in zip(pairs, on)]))  # (Q,)
+    off = torch.zeros(len(groups), len(keys), dtype=torch.float64, device=dev)  # (G, Q)
+    t_off = torch.zeros(len(groups), B, dtype=torch.float64, device=dev)  # (G, B)
+    for g, ((items, values), o) in enumerate(zip(pairs, on)):
+        off[g].index_add_(0, torch.searchsorted(keys, (rows[:, None] * n + items)[o]), values[o].double())
+        hit = items == target[:, None]
+        t_off[g].index_add_(0, rows[:, None].expand_as(items)[hit], values[hit].double())
+    user, item = keys // n, keys % n  # (Q,)
+    w, b = h.weight[first:first + n], h.bias[first:first + n]  # (n, C), (n,)
+    t_z = ((h.x * w[target]).sum(1) + b[target]).double()  # (B,)
+    z = ((h.x[user] * w[item]).sum(1) + b[item]).double()  # (Q,)
+    count = torch.bincount(user, minlength=B)  # (B,)
+    col = torch.arange(len(keys), device=dev) - (torch.cumsum(count, 0) - count)[user]  # (Q,) place in its row
+    K = int(count.max()) if len(keys) else 0
+    mz = z.new_full((B, K), -math.inf).index_put_((user, col), z)  # (B, K) items in index order
+    moff = off.new_zeros(len(groups), B, K)
+    moff[:, user, col] = off
+    excluded = np.split(item.cpu().numpy(), np.cumsum(count.cpu().numpy())[:-1])
+    tgt = target.cpu().numpy()
+    _, rest = top_logits(h, first, n, min(TOP, n), [np.append(e, t) for e, t in zip(excluded, tgt)])
+    return t_z.cpu(), t_off.cpu(), torch.from_numpy(rest).double(), mz.cpu(), moff.cpu()
 
 
 def _group_pairs(model, head, memory, enc, groups):

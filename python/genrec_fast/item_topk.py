@@ -69,6 +69,15 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
     return items, _scores(items, values, norms.mean(0))
 
 
+def top_logits(head: Head, first_item: int, num_items: int, k: int, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+    """One model's best k items by raw logit (no normaliser, no offsets), `exclude` as in `item_topk` ->
+    items (U, k) int64 (-1 = none left), logits (U, k) float32 (-inf padding). (calibrate.py's items off the
+    biases.)"""
+    ptr, ex_items, _ = check_filters(exclude, None, head.x.shape[0], num_items)
+    items, values, _ = _scan([head], first_item, num_items, k, DEFAULT_CHUNK, None, None, ptr, ex_items, None)
+    return items, np.where(items >= 0, values, -np.inf).astype(np.float32)
+
+
 def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items, allow, offsets=None):
     """-> items (U, k) int64 (-1 = none), their mean member logits (U, k) float32, and every member's
     log-sum-exp over the whole vocabulary, filters ignored (M, U) float64; the logits with `offsets` (items
