@@ -97,7 +97,8 @@ class TrainConfig:
     softmax: str = "full"  # the training softmax: over every token ("full"), or "sampled": over the
     # batch's targets plus num_negatives uniform item draws (log-Q corrected), with lazy (sparse) Adam updates
     # of the token, item and user tables (no weight decay on them): a step's cost stops growing with the
-    # catalog. Needs one token per target: tokenizer.item_tokens="whole", model.item_eos=False
+    # catalog. Needs one token per target: tokenizer.item_tokens="whole", model.item_eos=False. With the history /
+    # transition bias each row's biased items are classes of its softmax too (loss.sampled_cross_entropy)
     num_negatives: int = 1024  # uniform item draws per batch with softmax="sampled"
     max_items: int = 20  # history window in items
     label_smoothing: float = 0.0
