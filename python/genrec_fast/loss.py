@@ -208,7 +208,8 @@ def _row_classes(x, weight, bias, labels, rows, tokens, values, sparse: bool) ->
     col = torch.arange(len(keys), device=x.device) - start[row]  # (Q,) column within the row
     W = int(count.max()) if len(keys) else 0
     z_pad = z.new_full((n, W), float("-inf")).index_put((row, col), z)  # (n, W)
-    pad = torch.ones(n, W, dtype=torch.bool, device=x.device).index_put((row, col), torch.zeros_like(row, dtype=torch.bool))
+    pad = torch.ones(n, W, dtype=torch.bool, device=x.device)
+    pad[row, col] = False  # (n, W)
     label_key = torch.arange(n, device=x.device) * V + labels  # (n,)
     at = torch.searchsorted(keys, label_key).clamp_max(max(len(keys) - 1, 0))
     found = keys[at] == label_key if len(keys) else torch.zeros(n, dtype=torch.bool, device=x.device)
