@@ -394,6 +394,22 @@ def test_sampled_softmax_trains_the_history_and_transition_biases(tmp_path):
     assert summary["best_valid_ndcg10"] > 0.3  # popularity is ~0.05 here
 
 
+def test_full_softmax_over_a_large_catalog_warns_and_names_the_sampled_one(tmp_path, monkeypatch, caplog):
+    import logging
+    import sys
+    monkeypatch.setattr(sys.modules["genrec_fast.train"], "LARGE_CATALOG", 30)
+    d = synthetic(n_users=30, n_items=40, seed=7)
+    p = _sampled_preset()
+    p.train = dataclasses.replace(p.train, softmax="full")
+    with caplog.at_level(logging.WARNING, logger="genrec_fast.train"):
+        Trainer(d, tmp_path / "full", p, progress=False)
+    assert "--set train.softmax=sampled" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="genrec_fast.train"):
+        Trainer(d, tmp_path / "sampled", _sampled_preset(), progress=False)
+    assert "train.softmax" not in caplog.text
+
+
 def test_clip_grad_norm_takes_sparse_gradients_as_their_dense_equivalent():
     from genrec_fast.train import clip_grad_norm
     g = torch.Generator().manual_seed(0)
