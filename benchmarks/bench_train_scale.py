@@ -4,6 +4,9 @@
         [--softmax sampled] [--eval-users 500]   # one epoch in a fresh subprocess (~4 min at 1M, one thread)
     python benchmarks/bench_train_scale.py --steps 8 --items 12101 1000000   # ms per step: full vs sampled
     python benchmarks/bench_train_scale.py --checkpoint                      # checkpoint save/load times
+    python benchmarks/bench_train_scale.py --recommended --threads 2 --eval-users 2000  # the recommended
+        # configuration (both biases) sampled: its epoch, validation and calibration's pass over 2,000 users
+    python benchmarks/bench_train_scale.py --steps 6 --recommended --items 12101 1000000  # its step: full vs sampled
 
 Data: SYNTHETIC (`synthetic_catalog`): every item has a planted successor, followed 75% of the time,
 else a Zipf-popular item; 5-10 items per user; built with numpy alone (no Python loop per item or
@@ -84,11 +87,14 @@ def synthetic_catalog(n_items: int, n_users: int, seed: int = 0, follow_prob: fl
                         name=f"synthetic catalog ({n_items} items, planted successors)")
 
 
-def bench_preset(softmax: str = "sampled", eval_users: int = 500, threads: int = 1, num_negatives: int = 1024):
+def bench_preset(softmax: str = "sampled", eval_users: int = 500, threads: int = 1, num_negatives: int = 1024,
+                 recommended: bool = False):
+    """The narrow model of CONFIG, or (recommended) the preset "recommended" (both biases; its calibration
+    timed apart by `run_epoch`), for one finetuning epoch."""
     from genrec_fast.config import load_config
-    p = load_config(str(CONFIG))
+    p = load_config("recommended" if recommended else str(CONFIG))
     p.train = dataclasses.replace(p.train, pretrain_epochs=0, finetune_epochs=1, eval_users=eval_users,
-                                  softmax=softmax, num_negatives=num_negatives, threads=threads)
+                                  softmax=softmax, num_negatives=num_negatives, threads=threads, calibrate=False)
     return p
 
 
@@ -106,8 +112,10 @@ def _timed(out: dict, name: str, fn):
     return value
 
 
-def run_epoch(items: int, users: int, threads: int, softmax: str = "sampled", eval_users: int = 500) -> dict:
-    """One finetuning epoch in this process -> phase times (s) and memory (GB)."""
+def run_epoch(items: int, users: int, threads: int, softmax: str = "sampled", eval_users: int = 500,
+              recommended: bool = False) -> dict:
+    """One finetuning epoch in this process -> phase times (s) and memory (GB); with `recommended`, also
+    calibration's pass over `eval_users` validation users."""
     import torch
     from genrec_fast import checkpoint
     from genrec_fast.data import leave_one_out
@@ -115,8 +123,8 @@ def run_epoch(items: int, users: int, threads: int, softmax: str = "sampled", ev
     from genrec_fast.tokenizer import GenRecTokenizer
     from genrec_fast.train import Trainer
     torch.set_num_threads(threads)
-    p = bench_preset(softmax, eval_users, threads)
-    out: dict = {"items": items, "users": users, "threads": threads, "softmax": softmax}
+    p = bench_preset(softmax, eval_users, threads, recommended=recommended)
+    out: dict = {"items": items, "users": users, "threads": threads, "softmax": softmax, "recommended": recommended}
     data = _timed(out, "data", lambda: synthetic_catalog(items, users))
     train_part = leave_one_out(data).train
     _timed(out, "tokenizer", lambda: GenRecTokenizer.train(train_part, data.item_codes, p.tokenizer.vocab_size,
@@ -129,6 +137,10 @@ def run_epoch(items: int, users: int, threads: int, softmax: str = "sampled", ev
         ranker = _timed(out, "recommender", lambda: model_ranker(tr.recommender(), tr.tcfg.num_beams))
         valid = _timed(out, "validate", lambda: evaluate(ranker, tr.split, "valid", tr.eval_users, progress=False))
         out["valid_ndcg10"] = valid["NDCG@10"]
+        if recommended:
+            from genrec_fast.calibrate import candidates
+            _timed(out, "calibrate_pass", lambda: candidates(tr.recommender(), tr.split, np.arange(eval_users),
+                                                             progress=False))
         _timed(out, "save", lambda: tr._save("last", with_state=True))
         _timed(out, "load", lambda: checkpoint.load_parts(Path(tmp) / "last"))
         out["checkpoint_gb"] = round(sum(f.stat().st_size for f in (Path(tmp) / "last").iterdir()) / 2**30, 3)
@@ -137,11 +149,13 @@ def run_epoch(items: int, users: int, threads: int, softmax: str = "sampled", ev
     return out
 
 
-def measure_train(items: int, users: int, threads: int, softmax: str = "sampled", eval_users: int = 500) -> dict:
+def measure_train(items: int, users: int, threads: int, softmax: str = "sampled", eval_users: int = 500,
+                  recommended: bool = False) -> dict:
     """`run_epoch` in a fresh subprocess (so its peak RSS is the epoch's alone) -> its dict, plus
     `rusage_children_peak_gb` (the peak over every child this process has waited for)."""
     cmd = [sys.executable, __file__, "--child", "--items", str(items), "--users", str(users),
-           "--threads", str(threads), "--softmax", softmax, "--eval-users", str(eval_users)]
+           "--threads", str(threads), "--softmax", softmax, "--eval-users", str(eval_users)] + (
+        ["--recommended"] if recommended else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -284,11 +298,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="time this many steps per mode instead of an epoch")
     ap.add_argument("--checkpoint", action="store_true", help="time checkpoint save/load instead of an epoch")
     ap.add_argument("--recommended", action="store_true",
-                    help="with --steps: the recommended configuration (both biases), full vs sampled softmax")
+                    help="the recommended configuration (both biases): with --steps full vs sampled softmax, else "
+                         "its epoch and calibration's pass over --eval-users users")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_epoch(args.items[0], args.users, args.threads, args.softmax, args.eval_users)))
+        print(json.dumps(run_epoch(args.items[0], args.users, args.threads, args.softmax, args.eval_users,
+                                   args.recommended)))
         return
     import platform
     import torch
@@ -312,7 +328,7 @@ def main() -> None:
                       flush=True)
         return
     for n in args.items:
-        out = measure_train(n, args.users, args.threads, args.softmax, args.eval_users)
+        out = measure_train(n, args.users, args.threads, args.softmax, args.eval_users, args.recommended)
         print(json.dumps(out, indent=1))
         print(f"train_scale_bench items={n} users={args.users} epoch_s={out['epoch_s']} "
               f"train_rss_gb_1m={out['peak_rss_gb']}")
