@@ -299,6 +299,27 @@ def test_sampled_cross_entropy_with_offsets_over_every_class_is_the_biased_full_
     torch.testing.assert_close(gv, wv)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_sampled_cross_entropy_with_offsets_on_cuda_matches_the_cpu():
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(64, 16, generator=g), torch.randn(500, 16, generator=g)
+    labels = torch.randint(0, 500, (64,), generator=g)
+    labels[::7] = -100
+    tokens = torch.randint(-1, 500, (64, 40), generator=g)
+    tokens[:, 0] = labels.clamp(min=0)  # labels among the offset classes too
+    values = torch.randn(64, 40, generator=g)
+    candidates = torch.cat([labels[labels >= 0].unique(), torch.randint(0, 500, (100,), generator=g)])
+    log_q = torch.randn(len(candidates), generator=g)
+    grads = []
+    for dev in ("cpu", "cuda"):
+        xs, ws, vs = (t.to(dev).requires_grad_() for t in (x, w, values))
+        loss = sampled_cross_entropy(xs, ws, None, labels.to(dev), candidates.to(dev), log_q.to(dev), 0.3,
+                                     sparse=True, offsets=(tokens.to(dev), vs))
+        grads.append([loss] + [t.to_dense() if t.is_sparse else t for t in torch.autograd.grad(loss, [xs, ws, vs])])
+    for a, e in zip(*grads):
+        torch.testing.assert_close(e.cpu(), a, rtol=1e-4, atol=1e-5)
+
+
 def test_sampled_cross_entropy_names_a_label_missing_from_the_candidates():
     with pytest.raises(ValueError, match="candidates"):
         sampled_cross_entropy(torch.randn(2, 3), torch.randn(5, 3), None, torch.tensor([1, 4]), torch.tensor([1, 2]))
