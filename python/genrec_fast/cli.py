@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -199,19 +200,19 @@ RECOMMEND_CHUNK = 1024  # lines a `recommend()` call: a large file streams out c
 def cmd_recommend(args) -> int:
     """One JSON line of recommendations per history line, written as each chunk of lines is ranked."""
     rec = _load_checkpoints(args)
-    stream = sys.stdin if args.input in (None, "-") else open(args.input)
     skipped = [0, 0]  # unknown ids dropped (--skip-unknown), lines they were on
     rows = []  # (user, history of known ids)
-    for n, line in enumerate(stream, 1):
-        tokens = line.split()
-        if not tokens:
-            continue
-        parse = [_id(t) for t in tokens]
-        user, history = (parse[0], parse[1:]) if args.with_user else (None, parse)
-        rows.append((user, _known_items(rec.catalog.item_index, history, n, args.skip_unknown, skipped)))
-        if len(rows) == RECOMMEND_CHUNK:
-            _print_recommendations(rec, rows, args)
-            rows = []
+    with contextlib.nullcontext(sys.stdin) if args.input in (None, "-") else open(args.input) as stream:
+        for n, line in enumerate(stream, 1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            parse = [_id(t) for t in tokens]
+            user, history = (parse[0], parse[1:]) if args.with_user else (None, parse)
+            rows.append((user, _known_items(rec.catalog.item_index, history, n, args.skip_unknown, skipped)))
+            if len(rows) == RECOMMEND_CHUNK:
+                _print_recommendations(rec, rows, args)
+                rows = []
     _print_recommendations(rec, rows, args)
     if skipped[0]:
         print(f"skipped {skipped[0]} unknown item ids on {skipped[1]} lines (--skip-unknown)", file=sys.stderr)
