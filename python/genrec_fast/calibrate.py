@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .data import Split
 from .ensemble import Ensemble
 from .item_topk import top_logits
+from .row_pairs import RowPairs
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
 TOP = 10  # NDCG@10
@@ -123,28 +124,16 @@ def _batch(model, enc, target, first: int, n: int, groups: list):
     gathered dots, their offsets per group summed over repeats; the target apart; the rest by `top_logits`."""
     memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
     h = model.first_heads(memory, enc["mask"])[0]
-    B, dev = h.x.shape[0], h.x.device
-    rows = torch.arange(B, device=dev)
     pairs = _group_pairs(model, h, memory, enc, groups)  # per group: items (B, N), offsets (B, N)
-    on = [(items >= 0) & (items != target[:, None]) for items, _ in pairs]  # biased, not the target
-    keys = torch.unique(torch.cat([(rows[:, None] * n + items)[o] for (items, _), o in zip(pairs, on)]))  # (Q,)
-    off = torch.zeros(len(groups), len(keys), dtype=torch.float64, device=dev)  # (G, Q)
-    t_off = torch.zeros(len(groups), B, dtype=torch.float64, device=dev)  # (G, B)
-    for g, ((items, values), o) in enumerate(zip(pairs, on)):
-        off[g].index_add_(0, torch.searchsorted(keys, (rows[:, None] * n + items)[o]), values[o].double())
-        hit = items == target[:, None]
-        t_off[g].index_add_(0, rows[:, None].expand_as(items)[hit], values[hit].double())
-    user, item = keys // n, keys % n  # (Q,)
+    on = [items.masked_fill(items == target[:, None], -1) for items, _ in pairs]  # biased, not the target
+    biased = RowPairs(on, n)  # (Q,) each user's biased items
+    off = torch.stack([biased.sums(t, v.double()) for t, (_, v) in zip(on, pairs)])  # (G, Q) summed over repeats
+    t_off = torch.stack([(v.double() * (items == target[:, None])).sum(1) for items, v in pairs])  # (G, B)
     w, b = h.weight[first:first + n], h.bias[first:first + n]  # (n, C), (n,)
     t_z = ((h.x * w[target]).sum(1) + b[target]).double()  # (B,)
-    z = ((h.x[user] * w[item]).sum(1) + b[item]).double()  # (Q,)
-    count = torch.bincount(user, minlength=B)  # (B,)
-    col = torch.arange(len(keys), device=dev) - (torch.cumsum(count, 0) - count)[user]  # (Q,) place in its row
-    K = int(count.max()) if len(keys) else 0
-    mz = z.new_full((B, K), -math.inf).index_put_((user, col), z)  # (B, K) items in index order
-    moff = off.new_zeros(len(groups), B, K)
-    moff[:, user, col] = off
-    excluded = np.split(item.cpu().numpy(), np.cumsum(count.cpu().numpy())[:-1])
+    z = ((h.x[biased.row] * w[biased.col]).sum(1) + b[biased.col]).double()  # (Q,)
+    mz, moff = biased.padded(z, -math.inf), biased.padded(off, 0.0)  # (B, K), (G, B, K) items in index order
+    excluded = np.split(biased.col.cpu().numpy(), np.cumsum(biased.count.cpu().numpy())[:-1])
     tgt = target.cpu().numpy()
     _, rest = top_logits(h, first, n, min(TOP, n), [np.append(e, t) for e, t in zip(excluded, tgt)])
     return t_z.cpu(), t_off.cpu(), torch.from_numpy(rest).double(), mz.cpu(), moff.cpu()

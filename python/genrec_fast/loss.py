@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .row_pairs import RowPairs
+
 
 def seen_mask(seen: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(B, V) bool, True for the tokens in `seen` (B, S) except the first target token of each row.
@@ -181,40 +183,26 @@ class _RowClasses:
     z: torch.Tensor
     pad: torch.Tensor
     label_col: torch.Tensor
-    keys: torch.Tensor  # (Q,) sorted row * V + token of every (row, class)
-    vocab: int
+    pairs: RowPairs
 
     def holds(self, candidates: torch.Tensor) -> torch.Tensor:
-        n = self.z.shape[0]
-        keys = torch.arange(n, device=candidates.device)[:, None] * self.vocab + candidates[None, :]  # (n, M)
-        at = torch.searchsorted(self.keys, keys).clamp_max(len(self.keys) - 1)
-        return self.keys[at] == keys if len(self.keys) else torch.zeros_like(keys, dtype=torch.bool)
+        n, M = self.z.shape[0], len(candidates)
+        rows = torch.arange(n, device=candidates.device)[:, None].expand(n, M)
+        return self.pairs.find(rows, candidates[None].expand(n, M))[1]
 
 
 def _row_classes(x, weight, bias, labels, rows, tokens, values, sparse: bool) -> _RowClasses:
     """`sampled_cross_entropy`'s offset classes of the kept rows (x (n, C) = the input's rows `rows`)."""
-    n, V = x.shape[0], weight.shape[0]
     tokens, values = tokens.index_select(0, rows), values.index_select(0, rows)  # (n, S)
-    valid = tokens >= 0
-    key = (torch.arange(n, device=x.device)[:, None] * V + tokens)[valid]  # (E,)
-    keys, inverse = torch.unique(key, return_inverse=True)  # (Q,) sorted: each row's classes together
-    summed = values.new_zeros(len(keys)).index_add(0, inverse, values[valid])  # (Q,) offsets summed over repeats
-    row, token = keys // V, keys % V  # (Q,)
-    z = (x.index_select(0, row) * F.embedding(token, weight, sparse=sparse)).sum(1) + summed.to(x.dtype)  # (Q,)
+    pairs = RowPairs([tokens], weight.shape[0])  # (Q,) each row's distinct tokens
+    z = (x.index_select(0, pairs.row) * F.embedding(pairs.col, weight, sparse=sparse)).sum(1)  # (Q,)
+    z = z + pairs.sums(tokens, values).to(x.dtype)  # the offsets, summed over a row's repeats
     if bias is not None:
-        z = z + bias[token]
-    count = torch.bincount(row, minlength=n)  # (n,)
-    start = torch.cumsum(count, 0) - count  # (n,)
-    col = torch.arange(len(keys), device=x.device) - start[row]  # (Q,) column within the row
-    W = int(count.max()) if len(keys) else 0
-    z_pad = z.new_full((n, W), float("-inf")).index_put((row, col), z)  # (n, W)
-    pad = torch.ones(n, W, dtype=torch.bool, device=x.device)
-    pad[row, col] = False  # (n, W)
-    label_key = torch.arange(n, device=x.device) * V + labels  # (n,)
-    at = torch.searchsorted(keys, label_key).clamp_max(max(len(keys) - 1, 0))
-    found = keys[at] == label_key if len(keys) else torch.zeros(n, dtype=torch.bool, device=x.device)
-    label_col = torch.where(found, col[at] if len(keys) else at, torch.full_like(at, -1))
-    return _RowClasses(z_pad, pad, label_col, keys, V)
+        z = z + bias[pairs.col]
+    at, found = pairs.find(torch.arange(len(labels), device=x.device), labels)  # (n,)
+    label_col = torch.where(found, pairs.slot[at], -1) if len(pairs.keys) else torch.full_like(labels, -1)
+    pad = pairs.padded(torch.zeros(len(pairs.keys), dtype=torch.bool, device=x.device), True)  # (n, W)
+    return _RowClasses(pairs.padded(z, float("-inf")), pad, label_col, pairs)
 
 
 @dataclass
