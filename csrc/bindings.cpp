@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "beam_step.h"
+#include "first_step.h"
 #include "leaf_scores.h"
 #include "packed_attention.h"
 #include "topk.h"
@@ -27,6 +28,7 @@ void bind_head_topk(py::module_& m);
 
 void bind_leaf_scores(py::module_& m);
 void bind_packed_attention(py::module_& m);
+void bind_first_step(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "genrec_fast native core: trie-constrained beam search and CUDA attention";
@@ -41,6 +43,7 @@ PYBIND11_MODULE(_core, m) {
   bind_topk(m);
   bind_leaf_scores(m);
   bind_packed_attention(m);
+  bind_first_step(m);
   bind_attention(m);
   bind_head_topk(m);
 }
@@ -300,6 +303,75 @@ void bind_packed_attention(py::module_& m) {
       py::arg("scale"), py::arg("out"), py::arg("threads"),
       "Self-attention of sequences stored back to back: qkv (rows, 3 * heads * head_dim) float32, offsets "
       "(num_seqs + 1,) int64, out (rows, heads * head_dim) float32, all C-contiguous at raw host pointers.");
+}
+
+// ======================= the one-token model's first step ========================================
+namespace {
+
+// FirstStepModel from python/genrec_fast/first_step.py's tables (`_SIZES`, `_pointers`: the same order).
+genrec::FirstStepModel first_step_model(const std::vector<int64_t>& sizes, const std::vector<double>& floats,
+                                        const std::vector<std::uintptr_t>& ptrs) {
+  if (sizes.size() != 15 || floats.size() != 2) throw py::value_error("first_step: expected 15 sizes and 2 floats");
+  genrec::FirstStepModel m;
+  m.dim = sizes[0], m.heads = sizes[1], m.ffn = sizes[2], m.max_positions = sizes[3], m.vocab = sizes[4];
+  m.n_users = sizes[5], m.n_items = sizes[6], m.bos = sizes[7];
+  const int64_t enc = sizes[8], dec = sizes[9];
+  m.positions_from_end = sizes[10] != 0;
+  m.recency_len = sizes[11], m.width = sizes[12], m.neighbors = sizes[13], m.context = sizes[14];
+  m.embed_scale = static_cast<float>(floats[0]), m.eps = static_cast<float>(floats[1]);
+  if (enc < 0 || dec < 0 || ptrs.size() != static_cast<size_t>(9 + 16 * enc + 22 * dec + 9))
+    throw py::value_error("first_step: the pointer table does not match the layer counts");
+  size_t i = 0;
+  auto f = [&]() { return reinterpret_cast<const float*>(ptrs[i++]); };
+  auto lin = [&]() { genrec::LinearWeights l; l.w = f(); l.b = f(); return l; };
+  auto norm = [&]() { genrec::NormWeights n; n.w = f(); n.b = f(); return n; };
+  m.tokens = f(), m.users = f(), m.items = f(), m.encoder_positions = f();
+  m.encoder_embed_norm = norm();
+  m.decoder_positions = f();
+  m.decoder_embed_norm = norm();
+  for (int64_t l = 0; l < enc; ++l) {
+    genrec::EncoderLayerWeights e;
+    e.q = lin(), e.k = lin(), e.v = lin(), e.out = lin(), e.attn_norm = norm();
+    e.fc1 = lin(), e.fc2 = lin(), e.final_norm = norm();
+    m.encoder.push_back(e);
+  }
+  for (int64_t l = 0; l < dec; ++l) {
+    genrec::DecoderLayerWeights d;
+    d.self_v = lin(), d.self_out = lin(), d.self_norm = norm();
+    d.cross_q = lin(), d.cross_k = lin(), d.cross_v = lin(), d.cross_out = lin(), d.cross_norm = norm();
+    d.fc1 = lin(), d.fc2 = lin(), d.final_norm = norm();
+    m.decoder.push_back(d);
+  }
+  m.history_query = lin(), m.history_key = lin();
+  m.recency = f();
+  m.table_items = reinterpret_cast<const int32_t*>(ptrs[i++]);
+  m.table_counts = f(), m.weight = f(), m.reverse_weight = f();
+  return m;
+}
+
+}  // namespace
+
+void bind_first_step(py::module_& m) {
+  m.def(
+      "first_step",
+      [](const std::vector<int64_t>& sizes, const std::vector<double>& floats, const std::vector<std::uintptr_t>& ptrs,
+         std::uintptr_t tokens, std::uintptr_t user_ids, std::uintptr_t item_ids, std::uintptr_t mask, int64_t B,
+         int64_t S, std::uintptr_t heads, std::uintptr_t pair_items, std::uintptr_t pair_offsets, int threads) {
+        const genrec::FirstStepModel model = first_step_model(sizes, floats, ptrs);
+        if (B > 0 && (!tokens || !user_ids || !item_ids || !mask || !heads)) throw py::value_error("null pointer");
+        if (B > 0 && model.pairs(S) > 0 && (!pair_items || !pair_offsets)) throw py::value_error("null pair pointer");
+        py::gil_scoped_release release;
+        genrec::first_step(model, reinterpret_cast<const int64_t*>(tokens), reinterpret_cast<const int64_t*>(user_ids),
+                           reinterpret_cast<const int64_t*>(item_ids), reinterpret_cast<const uint8_t*>(mask), B, S,
+                           reinterpret_cast<float*>(heads), reinterpret_cast<int64_t*>(pair_items),
+                           reinterpret_cast<float*>(pair_offsets), threads);
+      },
+      py::arg("sizes"), py::arg("floats"), py::arg("pointers"), py::arg("tokens"), py::arg("user_ids"),
+      py::arg("item_ids"), py::arg("mask"), py::arg("B"), py::arg("S"), py::arg("heads"), py::arg("pair_items"),
+      py::arg("pair_offsets"), py::arg("threads"),
+      "The one-token model's encoder, first decoder step and bias pairs (csrc/first_step.h) from the weight pointers "
+      "of genrec_fast.first_step; inputs (B, S) int64 / uint8 mask, outputs heads (B, dim) float32 and pairs "
+      "(B, P) int64 / float32, all C-contiguous host memory the caller keeps alive.");
 }
 
 // ======================= CUDA attention (CUDA owner edits below) ================================

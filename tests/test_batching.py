@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from genrec_fast import batching
 from genrec_fast.batching import encode_histories, encode_padded, pad_encoder
 from genrec_fast.data import leave_one_out, synthetic
 from genrec_fast.tokenizer import GenRecTokenizer
@@ -81,6 +82,15 @@ def _serving_reference(tok, rows, max_items, max_len):
 @given(rows=st.lists(serving_rows(), min_size=1, max_size=6), max_items=st.integers(1, 25),
        max_len=st.integers(3, 60))
 def test_encode_histories_matches_reference(tokenizer, rows, max_items, max_len):
+    for loop_max in (0, batching.ROW_LOOP_MAX):  # the array operations, then (whole items) the row loop
+        old, batching.ROW_LOOP_MAX = batching.ROW_LOOP_MAX, loop_max
+        try:
+            _check_serving(tokenizer, rows, max_items, max_len)
+        finally:
+            batching.ROW_LOOP_MAX = old
+
+
+def _check_serving(tokenizer, rows, max_items, max_len):
     for batch in [[r] for r in rows] + [rows]:  # each row alone (its own error or none), then together
         want = _serving_reference(tokenizer, batch, max_items, max_len)
         hists, users = [h for h, _ in batch], [u for _, u in batch]

@@ -19,7 +19,8 @@ import torch
 
 from .beam_search import Trie, make_beam_search
 from .ensemble import Ensemble
-from .item_topk import DEFAULT_CHUNK, item_topk
+from .first_step import first_step, unusable as first_step_unusable
+from .item_topk import DEFAULT_CHUNK, Head, item_topk
 from .model import DecoderCache, GenRec
 
 
@@ -34,10 +35,14 @@ def item_decode(model: GenRec | Ensemble, enc: dict, first_item: int, num_items:
     if model.cfg.item_eos:
         raise ValueError("item_decode: the model was trained with an EOS step after items (item_eos=True); "
                          "use beam_decode")
-    memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
-    heads = model.first_heads(memory, enc["mask"])
-    # the history and transition biases: offsets on the users' own items and their successors
-    history = model.bias_pairs(heads, memory, enc["item_ids"], enc["mask"])
+    if first_step_unusable(model, enc) is None:  # one C++ call: a CPU model (first_step.py)
+        x, history = first_step(model, enc)
+        heads = [Head(x, model.shared.weight, model.final_logits_bias[0])]
+    else:
+        memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+        heads = model.first_heads(memory, enc["mask"])
+        # the history and transition biases: offsets on the users' own items and their successors
+        history = model.bias_pairs(heads, memory, enc["item_ids"], enc["mask"])
     return item_topk(heads, first_item, num_items, k, exclude, allow, chunk, history=history)
 
 

@@ -25,6 +25,7 @@ from .native import core
 
 FUSED_MIN_USERS = 16  # a tile of the fused head holds 16 users; fewer run as matmuls (BLAS splits the catalog)
 DEFAULT_CHUNK = 8192  # vocabulary rows per matmul: (256 users x 8192) fp32 = 8 MB, measured fastest on CPU
+WHOLE_MATMUL_MAX = 256 * DEFAULT_CHUNK  # users x vocabulary up to which one matmul takes the whole vocabulary
 
 
 class Head(NamedTuple):
@@ -103,6 +104,12 @@ def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items,
     if fused:
         return _fused(heads, top, first_item, num_items, threads)
     lse = [core().StreamingTopK(U, 1, 0) for _ in heads] if len(heads) > 1 else None
+    if lse is None and U * V <= WHOLE_MATMUL_MAX:  # a few users: the whole vocabulary in one matmul
+        z = _logits(heads, 0, V)[0]  # (U, V)
+        for lo, hi, is_item in _spans(V, first_item, num_items, V):
+            top.add(z.data_ptr() + 4 * lo, U, hi - lo, V, lo - first_item if is_item else 0, is_item, True, threads)
+        items, values, norm = top.results()
+        return items, values, norm[None].astype(np.float64)
     for lo, hi, is_item in _spans(V, first_item, num_items, chunk):
         z = _logits(heads, lo, hi)  # (U, hi - lo) member logits (mean logit for an ensemble: see below)
         if lse is None:  # one model: one pass for both the top-k and its normaliser

@@ -1,0 +1,187 @@
+"""The one-token model's encoder and first decoder step as one C++ call (csrc/first_step.h).
+
+Before its top-k, `item_decode` needs each user's first decoder state and the history / transition offsets:
+`GenRec.encode`, `first_heads` and `bias_pairs`. In PyTorch that is ~900 ops (views included), and for a small
+batch their dispatch, not their arithmetic, is the cost: most of a 2 ms batch-1 call at Beauty's size. The C++
+path runs the same arithmetic with the parameters read in place: their pointers are collected on every call,
+so training steps, `calibrate`'s scaling or `.to()` are always seen, never a stale copy.
+
+`first_step_reference` is the definition, the PyTorch ops it replaces; tests hold the C++ path to it.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .model import GenRec
+from .native import core
+
+_SIZES = ("dim", "heads", "ffn", "max_positions", "vocab", "n_users", "n_items", "bos", "encoder_layers",
+          "decoder_layers", "positions_from_end", "recency_len", "width", "neighbors", "context")
+
+
+def unusable(model, enc: dict) -> str | None:
+    """Why `first_step` cannot run this model on this batch, or None when it can."""
+    if not isinstance(model, GenRec):
+        return f"needs one GenRec model, got {type(model).__name__}"
+    cfg = model.cfg
+    if model.training:
+        return "the model is in training mode"
+    if cfg.leaf_head or cfg.item_eos or cfg.encoder_causal:
+        return "needs one-token items without EOS and a bidirectional encoder"
+    if model.shared.weight.device.type != "cpu" or model.shared.weight.dtype != torch.float32:
+        return "needs float32 weights on the CPU"
+    if enc["tokens"].device.type != "cpu":
+        return "needs the batch on the CPU"
+    return None
+
+
+def _paths(model: GenRec) -> list:
+    """Dotted names of the parameters and buffers, in the order csrc/bindings.cpp's `first_step_model` reads them
+    (None: a bias the model has not)."""
+    lin = lambda p: [p + ".weight", p + ".bias"]  # noqa: E731 (nn.Linear and nn.LayerNorm alike)
+    out = ["shared.weight", "user_embed.weight", "item_embed.weight", "encoder.embed_positions.weight",
+           *lin("encoder.layernorm_embedding"), "decoder.embed_positions.weight", *lin("decoder.layernorm_embedding")]
+    for i in range(len(model.encoder.layers)):
+        p = f"encoder.layers.{i}."
+        out += [*lin(p + "self_attn.q_proj"), *lin(p + "self_attn.k_proj"), *lin(p + "self_attn.v_proj"),
+                *lin(p + "self_attn.out_proj"), *lin(p + "self_attn_layer_norm"), *lin(p + "ffn.fc1"),
+                *lin(p + "ffn.fc2"), *lin(p + "final_layer_norm")]
+    for i in range(len(model.decoder.layers)):
+        p = f"decoder.layers.{i}."
+        out += [*lin(p + "self_attn.v_proj"), *lin(p + "self_attn.out_proj"), *lin(p + "self_attn_layer_norm"),
+                *lin(p + "encoder_attn.q_proj"), *lin(p + "encoder_attn.k_proj"), *lin(p + "encoder_attn.v_proj"),
+                *lin(p + "encoder_attn.out_proj"), *lin(p + "encoder_attn_layer_norm"), *lin(p + "ffn.fc1"),
+                *lin(p + "ffn.fc2"), *lin(p + "final_layer_norm")]
+    out += [None] * 5 if model.history is None else [*lin("history.query"), *lin("history.key"), "history.recency"]
+    t = model.transition
+    out += [None] * 4 if t is None else ["transition.items", "transition.counts", "transition.weight",
+                                         None if t.reverse_weight is None else "transition.reverse_weight"]
+    return out
+
+
+class _Slots:
+    """Where each tensor of `_paths` lives: (the owning module's parameter or buffer dict, name), read on every
+    call, and every module on the way, checked by identity on every call (`stale`). A model trained, calibrated,
+    moved or with a module replaced is so always seen as it is now, at ~10 us a call instead of the ~170 us of
+    walking nn.Module attributes."""
+
+    def __init__(self, model: GenRec):
+        hops, self.leaves = {}, []
+        for name in ("history", "transition", "encoder", "decoder"):  # present or None: a replacement shows
+            hops[(id(model), name)] = (model._modules, name, model._modules.get(name))
+        for path in _paths(model):
+            if path is None:
+                self.leaves.append(None)
+                continue
+            *mods, leaf = path.split(".")
+            m = model
+            for name in mods:
+                child = m._modules[name]
+                hops[(id(m), name)] = (m._modules, name, child)
+                m = child
+            self.leaves.append((m._parameters if leaf in m._parameters else m._buffers, leaf))
+        self.hops = list(hops.values())
+        self.checked = None  # the (pointers, table sizes) last checked by `_check`
+
+    def stale(self) -> bool:
+        return any(d.get(n) is not c for d, n, c in self.hops)
+
+    def tensors(self) -> list:
+        return [None if slot is None else slot[0].get(slot[1]) for slot in self.leaves]
+
+
+_slots = weakref.WeakKeyDictionary()  # model -> _Slots
+
+
+def _sizes(model: GenRec, tensors: list) -> list:
+    cfg, h, t = model.cfg, model.history, model.transition
+    return [cfg.d_model, cfg.n_heads, cfg.ffn_dim, cfg.max_positions, tensors[0].shape[0], tensors[1].shape[0] - 1,
+            tensors[2].shape[0] - 1, cfg.bos_id, cfg.encoder_layers, cfg.decoder_layers,
+            int(cfg.encoder_positions == "end"), 0 if h is None else len(h.recency),
+            0 if t is None else t.items.shape[1], 0 if t is None else t.neighbors, 0 if t is None else t.context]
+
+
+def _shape(path: str, sizes: list) -> tuple:
+    """The shape `first_step` reads of a tensor (None for a dimension it takes from the tensor)."""
+    C, F, n_items, width, context = sizes[0], sizes[2], sizes[6], sizes[12], sizes[14]
+    if path.endswith("embed_positions.weight"):
+        return (sizes[3], C)
+    if path in ("shared.weight", "user_embed.weight", "item_embed.weight"):
+        return (None, C)
+    if path in ("transition.items", "transition.counts"):
+        return (n_items + 1, width)
+    if path.startswith("transition."):
+        return (context,)
+    if path == "history.recency":
+        return (None,)
+    if path.endswith("fc1.weight"):
+        return (F, C)
+    if path.endswith("fc2.weight"):
+        return (C, F)
+    if path.endswith("fc1.bias"):
+        return (F,)
+    return (C, C) if path.endswith("proj.weight") or path.startswith("history.") and path.endswith("weight") else (C,)
+
+
+def _check(model: GenRec, paths: list, tensors: list, sizes: list) -> None:
+    """Every tensor contiguous on the CPU in its dtype, of the shape the sizes give it: the C++ reads no further."""
+    if len(model.encoder.layers) != sizes[8] or len(model.decoder.layers) != sizes[9]:
+        raise ValueError("first_step: the model's layer counts differ from its config")
+    for path, x in zip(paths, tensors):
+        if path is None:
+            continue
+        want = torch.int32 if path == "transition.items" else torch.float32
+        if x is None or x.device.type != "cpu" or x.dtype != want or not x.is_contiguous():
+            raise ValueError(f"first_step: {path} must be a contiguous {want} tensor on the CPU")
+        shape = _shape(path, sizes)
+        if len(shape) != x.dim() or any(e is not None and e != n for e, n in zip(shape, x.shape)):
+            raise ValueError(f"first_step: {path} has shape {tuple(x.shape)}, expected {shape} (None: any)")
+
+
+def _pointers(model: GenRec) -> tuple[list, list]:
+    """-> the sizes and the pointer table of the model as it is now (`_Slots`; checked when either changes)."""
+    slots = _slots.get(model)
+    if slots is None or slots.stale():
+        slots = _slots[model] = _Slots(model)
+    tensors = slots.tensors()
+    sizes = _sizes(model, tensors)
+    ptrs = [0 if x is None else x.data_ptr() for x in tensors]
+    key = (ptrs, sizes)
+    if slots.checked != key:
+        _check(model, _paths(model), tensors, sizes)
+        slots.checked = key
+    return sizes, ptrs
+
+
+def first_step(model: GenRec, enc: dict, threads: int | None = None) -> tuple[torch.Tensor, tuple | None]:
+    """enc: padded encoder batch (tokens, user_ids, item_ids (U, S) int64, mask (U, S) bool, right-padded) ->
+    the first decoder states (U, C) float32 (`first_heads(...)[0].x`) and the bias pairs as `bias_pairs` returns
+    them (items (U, P) int64, -1 = none; [offsets (U, P) float32]), or None for a model without biases."""
+    why = unusable(model, enc)
+    if why:
+        raise ValueError(f"first_step: {why}")
+    tokens, users, items = (enc[k].contiguous() for k in ("tokens", "user_ids", "item_ids"))
+    mask = enc["mask"].contiguous()
+    if mask.dtype != torch.bool or tokens.dtype != torch.long or tokens.shape != mask.shape:
+        raise ValueError("enc: expected int64 ids and a bool mask of one shape (U, S)")
+    U, S = tokens.shape
+    sizes, ptrs = _pointers(model)
+    P = (S if model.history is not None else 0) + sizes[12] * sizes[14]
+    heads = torch.empty(U, model.cfg.d_model)
+    pair_items = torch.empty(U, P, dtype=torch.long)
+    pair_offsets = torch.empty(U, P)
+    ln = model.encoder.layernorm_embedding
+    core().first_step(sizes, [model.embed_scale, ln.eps], ptrs, tokens.data_ptr(), users.data_ptr(),
+                      items.data_ptr(), mask.data_ptr(), U, S, heads.data_ptr(), pair_items.data_ptr(),
+                      pair_offsets.data_ptr(), torch.get_num_threads() if threads is None else threads)
+    return heads, (pair_items, [pair_offsets]) if P else None
+
+
+@torch.inference_mode()
+def first_step_reference(model: GenRec, enc: dict) -> tuple[torch.Tensor, tuple | None]:
+    """The PyTorch ops `first_step` replaces (item_decode's path before its top-k)."""
+    memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+    heads = model.first_heads(memory, enc["mask"])
+    return heads[0].x.contiguous(), model.bias_pairs(heads, memory, enc["item_ids"], enc["mask"])

@@ -1,0 +1,172 @@
+"""The C++ first step (csrc/first_step.cpp) against its PyTorch reference: encoder, first decoder step, bias pairs."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import genrec_fast.decoding as decoding
+from genrec_fast import Recommender, preset
+from genrec_fast.config import ModelConfig
+from genrec_fast.first_step import first_step, first_step_reference, unusable
+from genrec_fast.history_bias import HistoryBias
+from genrec_fast.model import GenRec
+
+FIRST_ITEM = 10  # token of item 0; tokens below are specials and user pieces
+
+
+def _model(d, heads, ffn, enc, dec, history, transition, reverse, positions, scale, n_items=40, n_users=6, seed=0):
+    cfg = ModelConfig(vocab_size=FIRST_ITEM + n_items + 3, d_model=d, n_heads=heads, ffn_dim=ffn, encoder_layers=enc,
+                      decoder_layers=dec, max_positions=32, item_eos=False, history_bias=history,
+                      transition_bias=transition, transition_reverse=reverse, transition_neighbors=4,
+                      transition_context=2, encoder_positions=positions, scale_embedding=scale, n_users=n_users,
+                      n_items=n_items)
+    torch.manual_seed(seed)
+    m = GenRec(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # trained-like: every weight, bias and norm matters
+            p.normal_(0.0, 0.3)
+        m.user_embed.weight[0] = 0  # the padding rows stay zero, as nn.Embedding(padding_idx=0) keeps them
+        m.item_embed.weight[0] = 0
+        if m.transition is not None:
+            g = torch.Generator().manual_seed(seed)
+            t = m.transition
+            t.items[:-1] = torch.randint(-1, n_items, t.items[:-1].shape, generator=g, dtype=torch.int32)
+            t.counts[:-1] = torch.rand(t.counts[:-1].shape, generator=g) * 5
+    return m
+
+
+def _batch(rows, n_items=40):
+    """rows: (user or None, item indices) -> the padded encoder batch [user piece] items <mask> EOS."""
+    seqs = []
+    for user, items in rows:
+        tok, uid, iid = [], [], []
+        if user is not None:
+            tok, uid, iid = [4 + user % 3], [user + 1], [0]
+        tok += [FIRST_ITEM + i for i in items] + [5, 3]  # <mask>, EOS
+        uid += [0] * (len(items) + 2)
+        iid += [i + 1 for i in items] + [0, 0]
+        seqs.append((tok, uid, iid))
+    S = max(len(s[0]) for s in seqs)
+    out = {k: torch.zeros(len(rows), S, dtype=torch.long) for k in ("tokens", "user_ids", "item_ids")}
+    out["mask"] = torch.zeros(len(rows), S, dtype=torch.bool)
+    for b, (tok, uid, iid) in enumerate(seqs):
+        n = len(tok)
+        out["tokens"][b, :n], out["user_ids"][b, :n], out["item_ids"][b, :n] = (torch.tensor(v) for v in (tok, uid, iid))
+        out["mask"][b, :n] = True
+    return out
+
+
+def _assert_matches(model, enc, threads=None):
+    x, pairs = first_step(model, enc, threads)
+    want_x, want_pairs = first_step_reference(model, enc)
+    torch.testing.assert_close(x, want_x, atol=1e-4, rtol=1e-4)
+    if want_pairs is None:
+        assert pairs is None
+        return
+    assert torch.equal(pairs[0], want_pairs[0])
+    torch.testing.assert_close(pairs[1][0], want_pairs[1][0], atol=1e-4, rtol=1e-4)
+
+
+@st.composite
+def configs(draw):
+    heads = draw(st.sampled_from([1, 2, 4]))
+    d = heads * draw(st.sampled_from([2, 5, 8, 16]))  # 2 .. 64 wide, tails of the 16-lane loops included
+    transition = draw(st.booleans())
+    return dict(d=d, heads=heads, ffn=draw(st.sampled_from([3, 16, 40])), enc=draw(st.integers(1, 2)),
+                dec=draw(st.integers(1, 2)), history=draw(st.booleans()), transition=transition,
+                reverse=transition and draw(st.booleans()), positions=draw(st.sampled_from(["start", "end"])),
+                scale=draw(st.booleans()), seed=draw(st.integers(0, 3)))
+
+
+rows_st = st.lists(st.tuples(st.none() | st.integers(0, 5), st.lists(st.integers(0, 39), min_size=1, max_size=14)),
+                   min_size=1, max_size=20)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cfg=configs(), rows=rows_st, threads=st.sampled_from([1, 2]))
+def test_first_step_matches_reference(cfg, rows, threads):
+    """Random widths, layers, biases, positions and batches (1-20 users: both of dense.cpp's kernels)."""
+    _assert_matches(_model(**cfg), _batch(rows), threads)
+
+
+def test_an_item_without_neighbours_and_repeats_match():
+    m = _model(16, 2, 16, 1, 1, True, True, True, "end", False)
+    with torch.no_grad():
+        m.transition.items[7] = -1  # item 7 has no neighbour at all
+    _assert_matches(m, _batch([(None, [7, 7, 7]), (2, [1, 7, 1, 7]), (None, [39])]))
+
+
+def test_the_model_as_it_is_now_after_in_place_changes_and_replaced_modules():
+    """Pointers are read on every call: training steps, calibration and replaced modules are seen."""
+    m = _model(16, 2, 16, 2, 2, True, True, False, "end", False)
+    enc = _batch([(None, [1, 2, 3]), (3, [4, 5, 6, 7, 8])])
+    _assert_matches(m, enc)
+    with torch.no_grad():
+        m.encoder.layers[1].ffn.fc2.weight.mul_(2.0)  # in place, as an optimizer step or calibrate's scaling
+        m.transition.weight.mul_(3.0)
+    _assert_matches(m, enc)
+    m.history = HistoryBias(16, m.cfg.max_positions)  # a new module
+    with torch.no_grad():
+        m.history.recency.normal_()
+    _assert_matches(m, enc)
+    m.decoder.layers[0].ffn.fc1 = torch.nn.Linear(16, 16)  # a new Linear of the right shape
+    _assert_matches(m, enc)
+    m.transition = None
+    _assert_matches(m, enc)
+    m.history = None
+    _assert_matches(m, enc)  # no biases: no pairs
+
+
+def test_bad_shapes_and_inputs_are_errors():
+    m = _model(16, 2, 16, 1, 1, True, False, False, "end", False)
+    enc = _batch([(None, [1, 2]), (None, [3])])
+    bad = dict(enc, mask=enc["mask"].clone())
+    bad["mask"][1, 0] = False  # a gap before the pieces
+    with pytest.raises(ValueError, match="not right-padded"):
+        first_step(m, bad)
+    bad = dict(enc, tokens=enc["tokens"].clone())
+    bad["tokens"][0, 0] = m.cfg.vocab_size
+    with pytest.raises(ValueError, match="token id outside"):
+        first_step(m, bad)
+    long = _batch([(None, list(range(31)))])  # 33 pieces > max_positions = 32
+    with pytest.raises(ValueError, match="exceeds max_positions=32"):
+        first_step(m, long)
+    with pytest.raises(ValueError, match="exceeds max_positions=32"):
+        first_step_reference(m, long)
+    m.decoder.layers[0].ffn.fc1 = torch.nn.Linear(16, 8)  # not the config's ffn_dim
+    with pytest.raises(ValueError, match="fc1.weight has shape"):
+        first_step(m, enc)
+
+
+def test_unusable_models_fall_back_to_pytorch():
+    m = _model(16, 2, 16, 1, 1, True, False, False, "end", False)
+    enc = _batch([(None, [1, 2])])
+    assert unusable(m, enc) is None
+    assert "training" in unusable(m.train(), enc)
+    assert "float32" in unusable(m.eval().double(), enc)
+
+
+@pytest.mark.parametrize("users", [1, 9, 40])
+def test_recommend_equals_the_pytorch_path(users, monkeypatch):
+    """item_decode through the C++ first step returns the PyTorch path's items and scores."""
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False, history_bias=True, transition_bias=True,
+                              transition_reverse=True, transition_neighbors=5, encoder_positions="end")
+    rec = Recommender.random([f"i{n}" for n in range(300)], cfg, item_tokens="whole", n_users=5, seed=1)
+    m = rec.model
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.3)
+        m.user_embed.weight[0] = 0
+        m.item_embed.weight[0] = 0
+        m.transition.items[:-1] = torch.randint(0, 300, m.transition.items[:-1].shape, dtype=torch.int32)
+        m.transition.counts[:-1] = torch.rand(m.transition.counts[:-1].shape) * 5
+    rng = np.random.default_rng(users)
+    hist = [[f"i{n}" for n in rng.integers(0, 300, rng.integers(1, 25))] for _ in range(users)]
+    got = rec.recommend(hist, k=15, users=[u % 7 for u in range(users)])
+    monkeypatch.setattr(decoding, "first_step_unusable", lambda model, enc: "off")
+    want = rec.recommend(hist, k=15, users=[u % 7 for u in range(users)])
+    for g, w in zip(got, want):
+        assert g.items == w.items
+        np.testing.assert_allclose(g.scores, w.scores, atol=1e-4)
