@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from repeat_data import repeat_data
 
+import genrec_fast.item_topk as item_topk_module
 from genrec_fast import Recommender, load, preset
 from genrec_fast.decoding import beam_decode, item_decode
 from genrec_fast.ensemble import Ensemble
@@ -83,10 +84,20 @@ def _torch_loop(h, first, n, k, exclude, allow, chunk, history):
     return items, _scores(items, values, norms.mean(0))
 
 
+def _chunked(fn, *args, **kwargs):
+    """fn with item_topk's matmuls in chunks whatever the size (WHOLE_MATMUL_MAX = 0)."""
+    old, item_topk_module.WHOLE_MATMUL_MAX = item_topk_module.WHOLE_MATMUL_MAX, 0
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        item_topk_module.WHOLE_MATMUL_MAX = old
+
+
 PATHS = {  # one model on a CPU: the pairs go into the C++ top-k before the scan (StreamingTopK.add_offsets);
     # an ensemble: into each chunk's member logits (_ChunkOffsets) of the C++ scan, or of the torch loop
     "fused": lambda h, *a, **kw: item_topk(h, *a, fused=len(h) == 1, **kw),
-    "scan": lambda h, *a, **kw: item_topk(h, *a, fused=False, **kw),
+    "scan": lambda h, *a, **kw: _chunked(item_topk, h, *a, fused=False, **kw),
+    "whole": lambda h, *a, **kw: item_topk(h, *a, fused=False, **kw),  # a few users: one matmul
     "torch-loop": _torch_loop,
 }
 

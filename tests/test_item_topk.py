@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import genrec_fast.item_topk as item_topk_module
 from genrec_fast.beam_search import check_filters
 from genrec_fast.item_topk import Head, _item_topk_torch, _scores, item_topk, item_topk_reference
 
@@ -44,7 +45,7 @@ def test_fast_path_equals_reference(seed, U, n, before, after, k, chunk, members
     heads, logits = heads_and_logits(rng, members, U, before + n + after, 8, integer, zero_bias)
     exclude, allow = random_filters(rng, U, n, kind)
     want_i, want_s = item_topk_reference(logits, before, n, k, exclude, allow)
-    for fn in (_fused_path, _scan_path, _torch_path):
+    for fn in (_fused_path, _scan_path, _whole_path, _torch_path):
         got_i, got_s = fn(heads, before, n, k, exclude, allow, chunk)
         np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)
         if integer and members > 1:  # the reference's mean of rounded log-softmaxes breaks exact ties
@@ -68,6 +69,16 @@ def _fused_path(heads, first, n, k, exclude, allow, chunk):
 
 
 def _scan_path(heads, first, n, k, exclude, allow, chunk):
+    """The matmuls of `chunk` vocabulary rows into the C++ scan (from WHOLE_MATMUL_MAX users x vocabulary on)."""
+    old, item_topk_module.WHOLE_MATMUL_MAX = item_topk_module.WHOLE_MATMUL_MAX, 0
+    try:
+        return item_topk(heads, first, n, k, exclude, allow, chunk, fused=False)
+    finally:
+        item_topk_module.WHOLE_MATMUL_MAX = old
+
+
+def _whole_path(heads, first, n, k, exclude, allow, chunk):
+    """One matmul over the whole vocabulary (a few users, one model)."""
     return item_topk(heads, first, n, k, exclude, allow, chunk, fused=False)
 
 
