@@ -67,7 +67,7 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
     scan = (heads, first_item, num_items, k, chunk, threads, fused)
     offsets = None if history is None else _check_offsets(*history, U, len(heads))
     items, values, norms = _scan(*scan, ptr, ex_items, allow, offsets)
-    return items, _scores(items, values, norms.mean(0))
+    return items, _scores(items, values, norms[0] if len(norms) == 1 else norms.mean(0))
 
 
 def top_logits(head: Head, first_item: int, num_items: int, k: int, exclude=None) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +208,10 @@ def _logits(heads: Sequence[Head], lo: int, hi: int) -> list:
 
 def _drop_zero_bias(heads: Sequence[Head]) -> list:
     """A zero bias (GenRec's final_logits_bias unless converted from a model that set it) as None:
-    `mm` then writes the logits once instead of copying the bias into them first."""
+    `mm` then writes the logits once instead of copying the bias into them first (a few users: not worth the
+    check over the vocabulary)."""
+    if heads[0].x.shape[0] < FUSED_MIN_USERS:
+        return list(heads)
     return [Head(h.x, h.weight, None if h.bias is None or not bool(h.bias.any()) else h.bias) for h in heads]
 
 
