@@ -7,9 +7,9 @@ Model: the recommended configuration's shape (one token per item, d_model 64, 2+
 
 1. the first step alone (`first_step` against `first_step_reference`: encoder, first decoder step, bias pairs) at
    batch 1, 16 and 256;
-2. `recommend(k=20)` from original ids, with the C++ first step (the default on a CPU) and with the PyTorch ops
-   (`decoding.first_step_unusable` patched), and the SASRec-style reference of bench_catalog.py: batch-1 p50 ms and
-   users/s at batch 256.
+2. `recommend(k=20)` from original ids, with the C++ first step and with the PyTorch ops (each forced by patching
+   `decoding.use_first_step`; by default the C++ step runs up to `first_step.USERS_PER_THREAD` users a thread), and
+   the SASRec-style reference of bench_catalog.py: batch-1 p50 ms and users/s at batch 256.
 
 Usage: python benchmarks/bench_first_step.py [--threads 2] [--items 12101] [--singles 300] [--batches 12]
 """
@@ -24,7 +24,7 @@ import torch
 
 import bench_catalog as bc
 import genrec_fast.decoding as decoding
-from genrec_fast.first_step import first_step, first_step_reference
+from genrec_fast.first_step import first_step, first_step_reference, unusable
 
 
 def main() -> None:
@@ -50,16 +50,17 @@ def main() -> None:
         print(f"| {B} | {1e3 * t['cpp']:.3f} | {1e3 * t['torch']:.3f} | {t['torch'] / t['cpp']:.1f}x |")
 
     sas = bc.SASRec(a.items).eval()
-    real = decoding.first_step_unusable
-    off = lambda model, enc: "off"  # noqa: E731
+    real = decoding.use_first_step
+    on = lambda model, enc: unusable(model, enc) is None  # noqa: E731
+    off = lambda model, enc: False  # noqa: E731
 
     def ours(native: bool, calls: list):
         def fn(i):
-            decoding.first_step_unusable = real if native else off
+            decoding.use_first_step = on if native else off
             try:
                 rec.recommend(calls[i % len(calls)], k=bc.TOP_K)
             finally:
-                decoding.first_step_unusable = real
+                decoding.use_first_step = real
         return fn
 
     singles = [[[ids[i] for i in h]] for h in hist[:a.singles]]
@@ -71,7 +72,7 @@ def main() -> None:
     many = bc.median_times({"cpp": ours(True, batches), "torch": ours(False, batches),
                             "sasrec": lambda i: sas.recommend(s_batch[i % len(s_batch)], bc.TOP_K)}, a.batches, 1)
     print("\n| recommend(k=20) | batch-1 p50 ms | users/s (batch 256) |\n|---|---:|---:|")
-    for name, label in (("cpp", "C++ first step (default)"), ("torch", "PyTorch ops"),
+    for name, label in (("cpp", "C++ first step"), ("torch", "PyTorch ops"),
                         ("sasrec", "SASRec-style reference")):
         print(f"| {label} | {1e3 * one[name]:.2f} | {256 / many[name]:,.0f} |")
     print(f"first_step_bench batch1_ms={1e3 * one['cpp']:.2f} torch_batch1_ms={1e3 * one['torch']:.2f} "

@@ -9,6 +9,7 @@
 #include "dense.h"
 #include "dot.h"
 #include "fast_exp.h"
+#include "fast_log.h"
 #include "packed_attention.h"
 #include "parallel.h"
 
@@ -181,7 +182,9 @@ void transition_pairs(const FirstStepModel& m, const int64_t* item_ids, int64_t 
       const int32_t it = m.table_items[row * m.width + w];
       const float a = w < m.neighbors ? m.weight[r] : m.reverse_weight[r];
       items[r * m.width + w] = it;
-      offsets[r * m.width + w] = it < 0 ? 0.0f : a * std::log1p(m.table_counts[row * m.width + w]);
+      const float count = m.table_counts[row * m.width + w];  // sums of 1 / d: >= 0 but for an edited table
+      const float feature = count >= 0.0f ? log_positive(1.0f + count) : std::log1p(count);
+      offsets[r * m.width + w] = it < 0 ? 0.0f : a * feature;
     }
   }
 }

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 import genrec_fast.decoding as decoding
 from genrec_fast import Recommender, preset
 from genrec_fast.config import ModelConfig
-from genrec_fast.first_step import first_step, first_step_reference, unusable
+from genrec_fast.first_step import USERS_PER_THREAD, chosen, first_step, first_step_reference, unusable
 from genrec_fast.history_bias import HistoryBias
 from genrec_fast.model import GenRec
 
@@ -165,8 +165,20 @@ def test_recommend_equals_the_pytorch_path(users, monkeypatch):
     rng = np.random.default_rng(users)
     hist = [[f"i{n}" for n in rng.integers(0, 300, rng.integers(1, 25))] for _ in range(users)]
     got = rec.recommend(hist, k=15, users=[u % 7 for u in range(users)])
-    monkeypatch.setattr(decoding, "first_step_unusable", lambda model, enc: "off")
+    monkeypatch.setattr(decoding, "use_first_step", lambda model, enc: False)
     want = rec.recommend(hist, k=15, users=[u % 7 for u in range(users)])
     for g, w in zip(got, want):
         assert g.items == w.items
         np.testing.assert_allclose(g.scores, w.scores, atol=1e-4)
+
+
+def test_item_decode_takes_the_cpp_step_up_to_users_per_thread():
+    m = _model(16, 2, 16, 1, 1, True, False, False, "end", False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert chosen(m, _batch([(None, [1, 2])] * USERS_PER_THREAD))
+        assert not chosen(m, _batch([(None, [1, 2])] * (USERS_PER_THREAD + 1)))
+        assert not chosen(m.train(), _batch([(None, [1, 2])]))
+    finally:
+        torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ import torch
 
 from .beam_search import Trie, make_beam_search
 from .ensemble import Ensemble
-from .first_step import first_step, unusable as first_step_unusable
+from .first_step import chosen as use_first_step, first_step
 from .item_topk import DEFAULT_CHUNK, Head, item_topk
 from .model import DecoderCache, GenRec
 
@@ -35,7 +35,7 @@ def item_decode(model: GenRec | Ensemble, enc: dict, first_item: int, num_items:
     if model.cfg.item_eos:
         raise ValueError("item_decode: the model was trained with an EOS step after items (item_eos=True); "
                          "use beam_decode")
-    if first_step_unusable(model, enc) is None:  # one C++ call: a CPU model (first_step.py)
+    if use_first_step(model, enc):  # one C++ call: a CPU model, a batch small enough to gain (first_step.py)
         x, history = first_step(model, enc)
         heads = [Head(x, model.shared.weight, model.final_logits_bias[0])]
     else:

@@ -21,6 +21,15 @@ _SIZES = ("dim", "heads", "ffn", "max_positions", "vocab", "n_users", "n_items",
           "decoder_layers", "positions_from_end", "recency_len", "width", "neighbors", "context")
 
 
+USERS_PER_THREAD = 128  # beyond this many users a thread, PyTorch's ops (their GEMMs) are as fast (benchmarks/README.md)
+
+
+def chosen(model, enc: dict) -> bool:
+    """Whether `item_decode` takes the C++ first step: it can run, and the batch is small enough to gain (on one
+    thread 6x at 1 user, 1.8x at 16, even at 128, 0.9x at 256; the C++ splits the users over the threads)."""
+    return unusable(model, enc) is None and enc["tokens"].shape[0] <= USERS_PER_THREAD * torch.get_num_threads()
+
+
 def unusable(model, enc: dict) -> str | None:
     """Why `first_step` cannot run this model on this batch, or None when it can."""
     if not isinstance(model, GenRec):
