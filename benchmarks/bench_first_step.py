@@ -51,8 +51,8 @@ def main() -> None:
 
     sas = bc.SASRec(a.items).eval()
     real = decoding.use_first_step
-    on = lambda model, enc: unusable(model, enc) is None  # noqa: E731
-    off = lambda model, enc: False  # noqa: E731
+    on = lambda model, enc, encoder_only=False: unusable(model, enc) is None  # noqa: E731
+    off = lambda model, enc, encoder_only=False: False  # noqa: E731
 
     def ours(native: bool, calls: list):
         def fn(i):

@@ -356,22 +356,25 @@ void bind_first_step(py::module_& m) {
       "first_step",
       [](const std::vector<int64_t>& sizes, const std::vector<double>& floats, const std::vector<std::uintptr_t>& ptrs,
          std::uintptr_t tokens, std::uintptr_t user_ids, std::uintptr_t item_ids, std::uintptr_t mask, int64_t B,
-         int64_t S, std::uintptr_t heads, std::uintptr_t pair_items, std::uintptr_t pair_offsets, int threads) {
+         int64_t S, std::uintptr_t memory, std::uintptr_t heads, std::uintptr_t pair_items, std::uintptr_t pair_offsets,
+         int threads) {
         const genrec::FirstStepModel model = first_step_model(sizes, floats, ptrs);
-        if (B > 0 && (!tokens || !user_ids || !item_ids || !mask || !heads)) throw py::value_error("null pointer");
-        if (B > 0 && model.pairs(S) > 0 && (!pair_items || !pair_offsets)) throw py::value_error("null pair pointer");
+        if (B > 0 && (!tokens || !user_ids || !item_ids || !mask)) throw py::value_error("null input pointer");
+        if (B > 0 && heads && model.pairs(S) > 0 && (!pair_items || !pair_offsets))
+          throw py::value_error("null pair pointer");
         py::gil_scoped_release release;
         genrec::first_step(model, reinterpret_cast<const int64_t*>(tokens), reinterpret_cast<const int64_t*>(user_ids),
                            reinterpret_cast<const int64_t*>(item_ids), reinterpret_cast<const uint8_t*>(mask), B, S,
-                           reinterpret_cast<float*>(heads), reinterpret_cast<int64_t*>(pair_items),
-                           reinterpret_cast<float*>(pair_offsets), threads);
+                           reinterpret_cast<float*>(memory), reinterpret_cast<float*>(heads),
+                           reinterpret_cast<int64_t*>(pair_items), reinterpret_cast<float*>(pair_offsets), threads);
       },
       py::arg("sizes"), py::arg("floats"), py::arg("pointers"), py::arg("tokens"), py::arg("user_ids"),
-      py::arg("item_ids"), py::arg("mask"), py::arg("B"), py::arg("S"), py::arg("heads"), py::arg("pair_items"),
-      py::arg("pair_offsets"), py::arg("threads"),
-      "The one-token model's encoder, first decoder step and bias pairs (csrc/first_step.h) from the weight pointers "
-      "of genrec_fast.first_step; inputs (B, S) int64 / uint8 mask, outputs heads (B, dim) float32 and pairs "
-      "(B, P) int64 / float32, all C-contiguous host memory the caller keeps alive.");
+      py::arg("item_ids"), py::arg("mask"), py::arg("B"), py::arg("S"), py::arg("memory"), py::arg("heads"),
+      py::arg("pair_items"), py::arg("pair_offsets"), py::arg("threads"),
+      "The encoder, and for one-token models the first decoder step and bias pairs (csrc/first_step.h), from the "
+      "weight pointers of genrec_fast.first_step; inputs (B, S) int64 / uint8 mask, outputs memory (B, S, dim) or 0, "
+      "heads (B, dim) float32 or 0 (encoder only) and pairs (B, P) int64 / float32, all C-contiguous host memory the "
+      "caller keeps alive.");
 }
 
 // ======================= CUDA attention (CUDA owner edits below) ================================

@@ -224,8 +224,8 @@ int64_t FirstStepModel::pairs(int64_t S) const {
 }
 
 void first_step(const FirstStepModel& m, const int64_t* tokens, const int64_t* user_ids, const int64_t* item_ids,
-                const uint8_t* mask, int64_t B, int64_t S, float* heads, int64_t* pair_items, float* pair_offsets,
-                int threads) {
+                const uint8_t* mask, int64_t B, int64_t S, float* memory, float* heads, int64_t* pair_items,
+                float* pair_offsets, int threads) {
   m.check();
   need(B >= 0 && S > 0, "expected B >= 0 rows of S > 0 positions");
   std::vector<int64_t> lengths(B);
@@ -264,6 +264,13 @@ void first_step(const FirstStepModel& m, const int64_t* tokens, const int64_t* u
       embed(m, tokens + at, user_ids + at, item_ids + at, lengths[begin + u], x.data() + offsets[u] * C);
     }
     encode(m, x.data(), N, offsets.data(), U, scratch.data());
+    for (int64_t u = 0; memory && u < U; ++u) {  // padded (B, S, C): the user's rows, then zeros
+      float* out = memory + (begin + u) * S * C;
+      const int64_t n = offsets[u + 1] - offsets[u];
+      std::copy(x.data() + offsets[u] * C, x.data() + offsets[u + 1] * C, out);
+      std::fill(out + n * C, out + S * C, 0.0f);
+    }
+    if (!heads) return;
     decode_first(m, x.data(), offsets.data(), U, heads + begin * C, scratch.data());
     for (int64_t u = 0; u < U; ++u) {
       const int64_t b = begin + u, n = lengths[b];

@@ -67,12 +67,13 @@ struct FirstStepModel {
 };
 
 // Inputs (B, S) row-major, right-padded: tokens, user_ids, item_ids int64 (ids 0 = none), mask uint8 (1 = piece;
-// every row a prefix of ones, at least one). Outputs: heads (B, dim) the first decoder states; pair_items,
-// pair_offsets (B, pairs(S)) the biases' item indices (-1 = none) and logit offsets, history positions first
-// (`GenRec.bias_pairs`), unwritten when pairs(S) == 0. Users run on up to `threads` threads (<= 0: all cores).
-// Throws std::invalid_argument on bad ids, masks or positions past max_positions.
+// every row a prefix of ones, at least one). Outputs: memory (B, S, dim) the encoder states, zeros at the padding
+// (`GenRec.encode`), or nullptr; heads (B, dim) the first decoder states, or nullptr to stop after the encoder;
+// pair_items, pair_offsets (B, pairs(S)) the biases' item indices (-1 = none) and logit offsets, history positions
+// first (`GenRec.bias_pairs`), unwritten when pairs(S) == 0 or heads is nullptr. Users run on up to `threads`
+// threads (<= 0: all cores). Throws std::invalid_argument on bad ids, masks or positions past max_positions.
 void first_step(const FirstStepModel& m, const int64_t* tokens, const int64_t* user_ids, const int64_t* item_ids,
-                const uint8_t* mask, int64_t B, int64_t S, float* heads, int64_t* pair_items, float* pair_offsets,
-                int threads);
+                const uint8_t* mask, int64_t B, int64_t S, float* memory, float* heads, int64_t* pair_items,
+                float* pair_offsets, int threads);
 
 }  // namespace genrec

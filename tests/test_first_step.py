@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 import genrec_fast.decoding as decoding
 from genrec_fast import Recommender, preset
 from genrec_fast.config import ModelConfig
-from genrec_fast.first_step import USERS_PER_THREAD, chosen, first_step, first_step_reference, unusable
+from genrec_fast.first_step import USERS_PER_THREAD, chosen, encode, first_step, first_step_reference, unusable
 from genrec_fast.history_bias import HistoryBias
 from genrec_fast.model import GenRec
 
@@ -165,7 +165,7 @@ def test_recommend_equals_the_pytorch_path(users, monkeypatch):
     rng = np.random.default_rng(users)
     hist = [[f"i{n}" for n in rng.integers(0, 300, rng.integers(1, 25))] for _ in range(users)]
     got = rec.recommend(hist, k=15, users=[u % 7 for u in range(users)])
-    monkeypatch.setattr(decoding, "use_first_step", lambda model, enc: False)
+    monkeypatch.setattr(decoding, "use_first_step", lambda model, enc, encoder_only=False: False)
     want = rec.recommend(hist, k=15, users=[u % 7 for u in range(users)])
     for g, w in zip(got, want):
         assert g.items == w.items
@@ -182,3 +182,50 @@ def test_item_decode_takes_the_cpp_step_up_to_users_per_thread():
         assert not chosen(m.train(), _batch([(None, [1, 2])]))
     finally:
         torch.set_num_threads(threads)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cfg=configs(), rows=rows_st, eos=st.booleans(), threads=st.sampled_from([1, 2]))
+def test_encode_matches_model_encode(cfg, rows, eos, threads):
+    """The encoder alone, for any item form (here also models with an EOS step): zeros at the padding."""
+    m = _model(**cfg)
+    if eos and m.history is None and m.transition is None:  # the biases need items without EOS
+        m.cfg = dataclasses.replace(m.cfg, item_eos=True)
+    enc = _batch(rows)
+    got = encode(m, enc, threads)
+    with torch.inference_mode():
+        want = m.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not got[~enc["mask"]].any()
+
+
+@pytest.mark.parametrize("form", ["pieces", "codes-leaf"])
+def test_beam_decode_with_the_cpp_encoder_equals_the_pytorch_path(form, monkeypatch):
+    """The trie search's models (sub-word pieces with EOS; codes with the leaf head and both biases) take the C++
+    encoder and return the PyTorch path's items and scores."""
+    items = [f"i{n}" for n in range(120)]
+    if form == "pieces":
+        rec = Recommender.random(items, "tiny", vocab_size=200, seed=2)
+    else:
+        cfg = dataclasses.replace(preset("tiny").model, item_eos=False, leaf_head=True, history_bias=True,
+                                  transition_bias=True, transition_neighbors=4, transition_reverse=True)
+        rec = Recommender.random(items, cfg, vocab_size=200, item_tokens="codes", code_levels=1, code_branches=4,
+                                 code_input="first", seed=2)
+        rng = np.random.default_rng(2)
+        rec.model.transition.fit([rng.integers(0, 120, 12) for _ in range(100)])
+    with torch.no_grad():
+        for p in rec.model.parameters():
+            p.normal_(0.0, 0.3)
+        rec.model.user_embed.weight[0] = 0
+        rec.model.item_embed.weight[0] = 0
+    rng = np.random.default_rng(5)
+    hist = [[items[n] for n in rng.integers(0, 120, rng.integers(1, 15))] for _ in range(9)]
+    calls = []
+    monkeypatch.setattr(decoding, "native_encode", lambda *a: calls.append(1) or encode(*a))
+    got = rec.recommend(hist, k=10)
+    assert calls  # the C++ encoder ran
+    monkeypatch.setattr(decoding, "use_first_step", lambda model, enc, encoder_only=False: False)
+    want = rec.recommend(hist, k=10)
+    for g, w in zip(got, want):
+        assert g.items == w.items
+        np.testing.assert_allclose(g.scores, w.scores, atol=1e-4)

@@ -1,4 +1,5 @@
-"""The one-token model's encoder and first decoder step as one C++ call (csrc/first_step.h).
+"""The one-token model's encoder and first decoder step as one C++ call (csrc/first_step.h); the encoder alone
+for every item form (`encode`).
 
 Before its top-k, `item_decode` needs each user's first decoder state and the history / transition offsets:
 `GenRec.encode`, `first_heads` and `bias_pairs`. In PyTorch that is ~900 ops (views included), and for a small
@@ -24,26 +25,35 @@ _SIZES = ("dim", "heads", "ffn", "max_positions", "vocab", "n_users", "n_items",
 USERS_PER_THREAD = 128  # beyond this many users a thread, PyTorch's ops (their GEMMs) are as fast (benchmarks/README.md)
 
 
-def chosen(model, enc: dict) -> bool:
-    """Whether `item_decode` takes the C++ first step: it can run, and the batch is small enough to gain (on one
-    thread 6x at 1 user, 1.8x at 16, even at 128, 0.9x at 256; the C++ splits the users over the threads)."""
-    return unusable(model, enc) is None and enc["tokens"].shape[0] <= USERS_PER_THREAD * torch.get_num_threads()
+def chosen(model, enc: dict, encoder_only: bool = False) -> bool:
+    """Whether decoding takes the C++ path (`first_step`, or with encoder_only `encode`): it can run, and the batch
+    is small enough to gain (the first step on one thread: 6x at 1 user, 1.8x at 16, even at 128, 0.9x at 256; the
+    C++ splits the users over the threads)."""
+    why = unusable_encoder(model, enc) if encoder_only else unusable(model, enc)
+    return why is None and enc["tokens"].shape[0] <= USERS_PER_THREAD * torch.get_num_threads()
 
 
-def unusable(model, enc: dict) -> str | None:
-    """Why `first_step` cannot run this model on this batch, or None when it can."""
+def unusable_encoder(model, enc: dict) -> str | None:
+    """Why `encode` cannot run this model on this batch, or None when it can."""
     if not isinstance(model, GenRec):
         return f"needs one GenRec model, got {type(model).__name__}"
-    cfg = model.cfg
     if model.training:
         return "the model is in training mode"
-    if cfg.leaf_head or cfg.item_eos or cfg.encoder_causal:
-        return "needs one-token items without EOS and a bidirectional encoder"
+    if model.cfg.encoder_causal:
+        return "needs a bidirectional encoder"
     if model.shared.weight.device.type != "cpu" or model.shared.weight.dtype != torch.float32:
         return "needs float32 weights on the CPU"
     if enc["tokens"].device.type != "cpu":
         return "needs the batch on the CPU"
     return None
+
+
+def unusable(model, enc: dict) -> str | None:
+    """Why `first_step` cannot run this model on this batch, or None when it can."""
+    why = unusable_encoder(model, enc)
+    if why is None and (model.cfg.leaf_head or model.cfg.item_eos):
+        return "needs one-token items without EOS"
+    return why
 
 
 def _paths(model: GenRec) -> list:
@@ -171,21 +181,37 @@ def first_step(model: GenRec, enc: dict, threads: int | None = None) -> tuple[to
     why = unusable(model, enc)
     if why:
         raise ValueError(f"first_step: {why}")
+    _, heads, pairs = _run(model, enc, False, True, threads)
+    return heads, pairs
+
+
+def encode(model: GenRec, enc: dict, threads: int | None = None) -> torch.Tensor:
+    """`model.encode` of a padded batch at inference, as one C++ call (any item form): -> memory (U, S, C) float32,
+    zeros at the padding."""
+    why = unusable_encoder(model, enc)
+    if why:
+        raise ValueError(f"encode: {why}")
+    return _run(model, enc, True, False, threads)[0]
+
+
+def _run(model: GenRec, enc: dict, memory: bool, first: bool, threads: int | None):
     tokens, users, items = (enc[k].contiguous() for k in ("tokens", "user_ids", "item_ids"))
     mask = enc["mask"].contiguous()
     if mask.dtype != torch.bool or tokens.dtype != torch.long or tokens.shape != mask.shape:
         raise ValueError("enc: expected int64 ids and a bool mask of one shape (U, S)")
     U, S = tokens.shape
     sizes, ptrs = _pointers(model)
-    P = (S if model.history is not None else 0) + sizes[12] * sizes[14]
-    heads = torch.empty(U, model.cfg.d_model)
+    P = (S if model.history is not None else 0) + sizes[12] * sizes[14] if first else 0
+    mem = torch.empty(U, S, model.cfg.d_model) if memory else None
+    heads = torch.empty(U, model.cfg.d_model) if first else None
     pair_items = torch.empty(U, P, dtype=torch.long)
     pair_offsets = torch.empty(U, P)
     ln = model.encoder.layernorm_embedding
     core().first_step(sizes, [model.embed_scale, ln.eps], ptrs, tokens.data_ptr(), users.data_ptr(),
-                      items.data_ptr(), mask.data_ptr(), U, S, heads.data_ptr(), pair_items.data_ptr(),
-                      pair_offsets.data_ptr(), torch.get_num_threads() if threads is None else threads)
-    return heads, (pair_items, [pair_offsets]) if P else None
+                      items.data_ptr(), mask.data_ptr(), U, S, 0 if mem is None else mem.data_ptr(),
+                      0 if heads is None else heads.data_ptr(), pair_items.data_ptr(), pair_offsets.data_ptr(),
+                      torch.get_num_threads() if threads is None else threads)
+    return mem, heads, (pair_items, [pair_offsets]) if P else None
 
 
 @torch.inference_mode()
