@@ -12,6 +12,7 @@ Model: the recommended configuration's shape (one token per item, d_model 64, 2+
    the SASRec-style reference of bench_catalog.py: batch-1 p50 ms and users/s at batch 256.
 
 Usage: python benchmarks/bench_first_step.py [--threads 2] [--items 12101] [--singles 300] [--batches 12]
+       [--form transition-both|codes|leaf-transition]
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 
 import bench_catalog as bc
 import genrec_fast.decoding as decoding
-from genrec_fast.first_step import first_step, first_step_reference, unusable
+from genrec_fast.first_step import first_step, first_step_reference, unusable, unusable_encoder
 
 
 def main() -> None:
@@ -33,15 +34,21 @@ def main() -> None:
     p.add_argument("--items", type=int, default=12101)
     p.add_argument("--singles", type=int, default=300, help="timed one-user calls per path (median)")
     p.add_argument("--batches", type=int, default=12, help="timed calls per path at batch 16 / 256 (median)")
+    p.add_argument("--form", default="transition-both", choices=("transition-both", "codes", "leaf-transition"),
+                   help="bench_catalog.py's model form: the recommended one-token model (default), or a trie-search "
+                        "model (codes; leaf-head codes with both biases, 1 level of ~95-item leaves), which takes "
+                        "the C++ encoder only (no first-step table)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    rec, _ = bc.build(a.items, form="transition-both")
+    rec, _ = bc.build(a.items, form=a.form, levels=1 if a.form.startswith("leaf") else 2,
+                      leaf=95 if a.form.startswith("leaf") else 16)
     hist = bc.histories(a.items, 256 * 4)
     ids = rec.catalog.item_ids
     print(f"# first step: C++ vs PyTorch | {platform.processor() or platform.machine()}, {a.threads} threads, "
-          f"torch {torch.__version__} | {datetime.date.today()} | {a.items} items, history + transition bias")
-    print("| batch | C++ first step ms | PyTorch ops ms | speed-up |\n|---:|---:|---:|---:|")
-    for B in (1, 16, 256):
+          f"torch {torch.__version__} | {datetime.date.today()} | {a.items} items, form {a.form}")
+    if a.form == "transition-both":
+        print("| batch | C++ first step ms | PyTorch ops ms | speed-up |\n|---:|---:|---:|---:|")
+    for B in (1, 16, 256) if a.form == "transition-both" else ():
         encs = [rec.encode_batch([np.asarray(h) for h in hist[i * B:(i + 1) * B]], [None] * B)
                 for i in range(min(8, len(hist) // B))]
         t = bc.median_times({"cpp": lambda i: first_step(rec.model, encs[i % len(encs)]),
@@ -51,7 +58,7 @@ def main() -> None:
 
     sas = bc.SASRec(a.items).eval()
     real = decoding.use_first_step
-    on = lambda model, enc, encoder_only=False: unusable(model, enc) is None  # noqa: E731
+    on = lambda model, enc, encoder_only=False: (unusable_encoder if encoder_only else unusable)(model, enc) is None  # noqa: E731,E501
     off = lambda model, enc, encoder_only=False: False  # noqa: E731
 
     def ours(native: bool, calls: list):
@@ -72,7 +79,7 @@ def main() -> None:
     many = bc.median_times({"cpp": ours(True, batches), "torch": ours(False, batches),
                             "sasrec": lambda i: sas.recommend(s_batch[i % len(s_batch)], bc.TOP_K)}, a.batches, 1)
     print("\n| recommend(k=20) | batch-1 p50 ms | users/s (batch 256) |\n|---|---:|---:|")
-    for name, label in (("cpp", "C++ first step"), ("torch", "PyTorch ops"),
+    for name, label in (("cpp", "C++ first step (trie-search forms: the C++ encoder)"), ("torch", "PyTorch ops"),
                         ("sasrec", "SASRec-style reference")):
         print(f"| {label} | {1e3 * one[name]:.2f} | {256 / many[name]:,.0f} |")
     print(f"first_step_bench batch1_ms={1e3 * one['cpp']:.2f} torch_batch1_ms={1e3 * one['torch']:.2f} "
