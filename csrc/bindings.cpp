@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "beam_step.h"
+#include "decoder_step.h"
 #include "first_step.h"
 #include "leaf_scores.h"
 #include "packed_attention.h"
@@ -319,7 +320,7 @@ genrec::FirstStepModel first_step_model(const std::vector<int64_t>& sizes, const
   m.positions_from_end = sizes[10] != 0;
   m.recency_len = sizes[11], m.width = sizes[12], m.neighbors = sizes[13], m.context = sizes[14];
   m.embed_scale = static_cast<float>(floats[0]), m.eps = static_cast<float>(floats[1]);
-  if (enc < 0 || dec < 0 || ptrs.size() != static_cast<size_t>(9 + 16 * enc + 22 * dec + 9))
+  if (enc < 0 || dec < 0 || ptrs.size() != static_cast<size_t>(9 + 16 * enc + 26 * dec + 9))
     throw py::value_error("first_step: the pointer table does not match the layer counts");
   size_t i = 0;
   auto f = [&]() { return reinterpret_cast<const float*>(ptrs[i++]); };
@@ -337,7 +338,7 @@ genrec::FirstStepModel first_step_model(const std::vector<int64_t>& sizes, const
   }
   for (int64_t l = 0; l < dec; ++l) {
     genrec::DecoderLayerWeights d;
-    d.self_v = lin(), d.self_out = lin(), d.self_norm = norm();
+    d.self_q = lin(), d.self_k = lin(), d.self_v = lin(), d.self_out = lin(), d.self_norm = norm();
     d.cross_q = lin(), d.cross_k = lin(), d.cross_v = lin(), d.cross_out = lin(), d.cross_norm = norm();
     d.fc1 = lin(), d.fc2 = lin(), d.final_norm = norm();
     m.decoder.push_back(d);
@@ -375,6 +376,33 @@ void bind_first_step(py::module_& m) {
       "weight pointers of genrec_fast.first_step; inputs (B, S) int64 / uint8 mask, outputs memory (B, S, dim) or 0, "
       "heads (B, dim) float32 or 0 (encoder only) and pairs (B, P) int64 / float32, all C-contiguous host memory the "
       "caller keeps alive.");
+
+  m.def(
+      "decoder_step",
+      [](const std::vector<int64_t>& sizes, const std::vector<double>& floats, const std::vector<std::uintptr_t>& ptrs,
+         std::uintptr_t tokens, int64_t rows, int64_t users, int64_t step, int64_t capacity, int64_t memory_len,
+         std::uintptr_t lengths, const std::vector<std::uintptr_t>& self_k, const std::vector<std::uintptr_t>& self_v,
+         const std::vector<std::uintptr_t>& cross_k, const std::vector<std::uintptr_t>& cross_v, std::uintptr_t hidden,
+         int threads) {
+        const genrec::FirstStepModel model = first_step_model(sizes, floats, ptrs);
+        if (!tokens || !lengths || !hidden) throw py::value_error("null pointer");
+        genrec::DecoderCacheView c;
+        c.rows = rows, c.users = users, c.step = step, c.capacity = capacity, c.memory_len = memory_len;
+        c.lengths = reinterpret_cast<const int64_t*>(lengths);
+        for (auto p : self_k) c.self_k.push_back(reinterpret_cast<float*>(p));
+        for (auto p : self_v) c.self_v.push_back(reinterpret_cast<float*>(p));
+        for (auto p : cross_k) c.cross_k.push_back(reinterpret_cast<const float*>(p));
+        for (auto p : cross_v) c.cross_v.push_back(reinterpret_cast<const float*>(p));
+        py::gil_scoped_release release;
+        genrec::decoder_step(model, reinterpret_cast<const int64_t*>(tokens), c, reinterpret_cast<float*>(hidden),
+                             threads);
+      },
+      py::arg("sizes"), py::arg("floats"), py::arg("pointers"), py::arg("tokens"), py::arg("rows"), py::arg("users"),
+      py::arg("step"), py::arg("capacity"), py::arg("memory_len"), py::arg("lengths"), py::arg("self_k"),
+      py::arg("self_v"), py::arg("cross_k"), py::arg("cross_v"), py::arg("hidden"), py::arg("threads"),
+      "One decoder step of every beam row (csrc/decoder_step.h): tokens (rows,) int64 -> hidden (rows, dim) float32, "
+      "writing slot `step` of the per-layer self K/V buffers (rows, heads, capacity, hd); cross K/V (users, heads, "
+      "memory_len, hd), lengths (users,) int64; all C-contiguous host memory the caller keeps alive.");
 }
 
 // ======================= CUDA attention (CUDA owner edits below) ================================

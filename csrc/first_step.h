@@ -27,7 +27,8 @@ struct EncoderLayerWeights {
 };
 
 struct DecoderLayerWeights {
-  LinearWeights self_v, self_out;  // self-attention over the one query: out(v(x))
+  LinearWeights self_q, self_k;    // self-attention: the first step needs only out(v(x)) (one query)
+  LinearWeights self_v, self_out;
   NormWeights self_norm;
   LinearWeights cross_q, cross_k, cross_v, cross_out;
   NormWeights cross_norm;

@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 import genrec_fast.decoding as decoding
 from genrec_fast import Recommender, preset
 from genrec_fast.config import ModelConfig
-from genrec_fast.first_step import USERS_PER_THREAD, chosen, encode, first_step, first_step_reference, unusable
+from genrec_fast.first_step import (USERS_PER_THREAD, chosen, decoder_step, encode, first_step, first_step_reference,
+                                   unusable)
 from genrec_fast.history_bias import HistoryBias
 from genrec_fast.model import GenRec
 
@@ -229,3 +230,43 @@ def test_beam_decode_with_the_cpp_encoder_equals_the_pytorch_path(form, monkeypa
     for g, w in zip(got, want):
         assert g.items == w.items
         np.testing.assert_allclose(g.scores, w.scores, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cfg=configs(), rows=rows_st, width=st.integers(1, 5), steps=st.integers(1, 4), seed=st.integers(0, 99),
+       threads=st.sampled_from([1, 2]))
+def test_decoder_step_matches_the_pytorch_step(cfg, rows, width, steps, seed, threads):
+    """Several steps of `width` beams a user, the beams reordered between steps as the search does: the same states
+    and the same cached keys and values as `decode_step_hidden`'s PyTorch ops."""
+    m = _model(**cfg)
+    enc = _batch(rows)
+    U, g = len(rows), torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        memory = m.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+        caches = [m.start_decoding(memory, enc["mask"], enc["item_ids"]) for _ in range(2)]
+        caches[0].native_step = lambda model, tokens, cache: decoder_step(model, tokens, cache, threads)
+        tokens = torch.full((U * width,), m.cfg.bos_id)
+        for _ in range(steps):
+            got, want = (m.decode_step_hidden(tokens, c) for c in caches)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            parents = (torch.arange(U)[:, None] * width + torch.randint(0, width, (U, width), generator=g)).reshape(-1)
+            for c in caches:
+                c.reorder(parents)
+            tokens = torch.randint(0, m.cfg.vocab_size, (U * width,), generator=g)
+        for a, b in zip(caches[0].self_k + caches[0].self_v, caches[1].self_k + caches[1].self_v):
+            torch.testing.assert_close(a[:, :, :steps], b[:, :, :steps], atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_step_errors_name_the_problem():
+    m = _model(16, 2, 16, 1, 1, False, False, False, "start", False)
+    enc = _batch([(None, [1, 2])])
+    with torch.inference_mode():
+        memory = m.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+        with pytest.raises(ValueError, match="token id outside"):
+            decoder_step(m, torch.tensor([m.cfg.vocab_size]), m.start_decoding(memory, enc["mask"]))
+        cache = m.start_decoding(memory, enc["mask"])
+        cache.step = m.cfg.max_positions  # the next position is past the table
+        with pytest.raises(ValueError, match="exceeds max_positions=32"):
+            decoder_step(m, torch.tensor([2]), cache)
+        with pytest.raises(ValueError, match="exceeds max_positions=32"):  # as the PyTorch step
+            m.decode_step_hidden(torch.tensor([2]), cache)

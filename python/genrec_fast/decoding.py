@@ -19,7 +19,8 @@ import torch
 
 from .beam_search import Trie, make_beam_search
 from .ensemble import Ensemble
-from .first_step import chosen as use_first_step, encode as native_encode, first_step
+from .first_step import chosen as use_first_step, first_step
+from .first_step import decoder_step as native_decoder_step, encode as native_encode
 from .item_topk import DEFAULT_CHUNK, Head, item_topk
 from .model import DecoderCache, GenRec
 
@@ -67,11 +68,14 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
     model_steps = decoder_steps(model, trie, "beam_decode")
     U = enc["tokens"].shape[0]
     # (U, S, C), or one such tensor per member for an Ensemble; one C++ call for a CPU model (first_step.py)
-    if use_first_step(model, enc, encoder_only=True):
+    native = use_first_step(model, enc, encoder_only=True)
+    if native:
         memory = native_encode(model, enc)
     else:
         memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
     cache = model.start_decoding(memory, enc["mask"], enc["item_ids"])
+    if native:  # each step's decoder layers as one C++ call too
+        cache.native_step = native_decoder_step
     cache.capacity = trie.max_depth  # the longest decode: the K/V buffers never regrow
     search = make_beam_search(trie, U, num_beams, k, length_penalty=length_penalty, exclude=exclude,
                               allow=allow, backend=backend, threads=torch.get_num_threads())

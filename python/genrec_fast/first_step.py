@@ -69,7 +69,8 @@ def _paths(model: GenRec) -> list:
                 *lin(p + "ffn.fc2"), *lin(p + "final_layer_norm")]
     for i in range(len(model.decoder.layers)):
         p = f"decoder.layers.{i}."
-        out += [*lin(p + "self_attn.v_proj"), *lin(p + "self_attn.out_proj"), *lin(p + "self_attn_layer_norm"),
+        out += [*lin(p + "self_attn.q_proj"), *lin(p + "self_attn.k_proj"), *lin(p + "self_attn.v_proj"),
+                *lin(p + "self_attn.out_proj"), *lin(p + "self_attn_layer_norm"),
                 *lin(p + "encoder_attn.q_proj"), *lin(p + "encoder_attn.k_proj"), *lin(p + "encoder_attn.v_proj"),
                 *lin(p + "encoder_attn.out_proj"), *lin(p + "encoder_attn_layer_norm"), *lin(p + "ffn.fc1"),
                 *lin(p + "ffn.fc2"), *lin(p + "final_layer_norm")]
@@ -192,6 +193,35 @@ def encode(model: GenRec, enc: dict, threads: int | None = None) -> torch.Tensor
     if why:
         raise ValueError(f"encode: {why}")
     return _run(model, enc, True, False, threads)[0]
+
+
+def decoder_step(model: GenRec, tokens: torch.Tensor, cache, threads: int | None = None) -> torch.Tensor:
+    """`model.decode_step_hidden(tokens, cache)` as one C++ call (csrc/decoder_step.h): tokens (R,) one new token
+    per beam row (R = users x width, user-major) -> the decoder states (R, C); writes the rows' keys and values at
+    slot `cache.step` and advances it. The cache's buffers grow as the PyTorch step grows them."""
+    C, H, t = model.cfg.d_model, model.cfg.n_heads, cache.step
+    R, U = tokens.shape[0], cache.lengths.shape[0]
+    for i in range(len(model.decoder.layers)):
+        if cache.self_k[i] is None or cache.self_k[i].shape[2] <= t:
+            new = torch.empty(R, H, 1, C // H)
+            cache.self_k[i], cache.self_v[i] = cache._grown(cache.self_k[i], new), cache._grown(cache.self_v[i], new)
+        cache.cross_k[i], cache.cross_v[i] = cache.cross_k[i].contiguous(), cache.cross_v[i].contiguous()
+    S = cache.cross_k[0].shape[2]
+    buffers = cache.self_k + cache.self_v + cache.cross_k + cache.cross_v
+    for b, rows in zip(buffers, [R] * (2 * len(cache.self_k)) + [U] * (2 * len(cache.cross_k))):
+        if b.dtype != torch.float32 or b.device.type != "cpu" or not b.is_contiguous() or b.shape[0] != rows:
+            raise ValueError(f"decoder_step: cache buffers must be contiguous float32 on the CPU with {rows} rows, got "
+                             f"{tuple(b.shape)} {b.dtype} on {b.device}")
+    lengths, tokens = cache.lengths.long().contiguous(), tokens.long().contiguous()
+    hidden = torch.empty(R, C)
+    sizes, ptrs = _pointers(model)
+    core().decoder_step(sizes, [model.embed_scale, model.decoder.layernorm_embedding.eps], ptrs, tokens.data_ptr(), R,
+                        U, t, cache.self_k[0].shape[2], S, lengths.data_ptr(), [k.data_ptr() for k in cache.self_k],
+                        [v.data_ptr() for v in cache.self_v], [k.data_ptr() for k in cache.cross_k],
+                        [v.data_ptr() for v in cache.cross_v], hidden.data_ptr(),
+                        torch.get_num_threads() if threads is None else threads)
+    cache.step += 1
+    return hidden
 
 
 def _run(model: GenRec, enc: dict, memory: bool, first: bool, threads: int | None):

@@ -204,6 +204,8 @@ class DecoderCache:
     transition: tuple | None = None  # with a transition bias over codes: the successors' codes (U, N, L), offsets
     # (U, 2, N) of a cluster step and of the leaf step
     prefix: torch.Tensor | None = None  # (R, t) with `history` or `transition`: each row's tokens after BOS
+    native_step: object = None  # a callable (model, tokens, cache) -> (R, C) that replaces `decode_step_hidden`'s
+    # PyTorch ops (first_step.decoder_step, set by beam_decode on a CPU)
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores layer i's new K/V (R, H, 1, hd) at position `step`; -> K/V so far, 2 x (R, H, step + 1, hd)."""
@@ -606,6 +608,8 @@ class GenRec(nn.Module):
 
     def decode_step_hidden(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """`decode_step` before the LM head: tokens (R,) -> decoder states (R, C)."""
+        if cache.native_step is not None:
+            return cache.native_step(self, tokens, cache)
         x = self.decoder.layernorm_embedding(self._embed(self.decoder, tokens[:, None], cache.step))  # (R, 1, C)
         for i, layer in enumerate(self.decoder.layers):
             x = layer.step(x, cache, i)
