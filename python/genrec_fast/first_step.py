@@ -1,13 +1,15 @@
-"""The one-token model's encoder and first decoder step as one C++ call (csrc/first_step.h); the encoder alone
-for every item form (`encode`).
+"""The model at inference on a CPU as C++ calls instead of PyTorch ops (csrc/first_step.h, csrc/decoder_step.h).
 
-Before its top-k, `item_decode` needs each user's first decoder state and the history / transition offsets:
-`GenRec.encode`, `first_heads` and `bias_pairs`. In PyTorch that is ~900 ops (views included), and for a small
-batch their dispatch, not their arithmetic, is the cost: most of a 2 ms batch-1 call at Beauty's size. The C++
-path runs the same arithmetic with the parameters read in place: their pointers are collected on every call,
-so training steps, `calibrate`'s scaling or `.to()` are always seen, never a stale copy.
+`first_step`: what `item_decode` needs of a one-token model before its top-k (each user's first decoder state and
+the history / transition offsets: `GenRec.encode`, `first_heads` and `bias_pairs`) in one call. In PyTorch that is
+~900 ops (views included), and for a small batch their dispatch, not their arithmetic, is the cost: most of a 2 ms
+batch-1 call at Beauty's size. `encode`: the same call stopping after the encoder, and `decoder_step`: one step of
+every beam row through the decoder layers, for the models the trie search decodes (`beam_decode`).
 
-`first_step_reference` is the definition, the PyTorch ops it replaces; tests hold the C++ path to it.
+The parameters are read in place: their pointers are collected on every call, so training steps, `calibrate`'s
+scaling, `.to()` or a replaced module are always seen, never a stale copy. `chosen` picks the C++ path for batches
+of up to `USERS_PER_THREAD` users a thread, where it gains. `first_step_reference` and `GenRec.decode_step_hidden`'s
+own ops are the definitions; tests hold the C++ paths to them.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from .model import GenRec
 from .native import core
 
+# the order of `_sizes`, as csrc/bindings.cpp's `first_step_model` reads them
 _SIZES = ("dim", "heads", "ffn", "max_positions", "vocab", "n_users", "n_items", "bos", "encoder_layers",
           "decoder_layers", "positions_from_end", "recency_len", "width", "neighbors", "context")
 
