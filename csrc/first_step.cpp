@@ -205,8 +205,10 @@ void FirstStepModel::check() const {
     check_norm(l.final_norm, "encoder norm");
   }
   for (const auto& l : decoder) {
-    for (const auto* w : {&l.self_q, &l.self_k, &l.self_v, &l.self_out, &l.cross_q, &l.cross_k, &l.cross_v, &l.cross_out, &l.fc1, &l.fc2})
+    for (const auto* w : {&l.self_q, &l.self_k, &l.self_v, &l.self_out, &l.cross_q, &l.cross_k, &l.cross_v,
+                          &l.cross_out, &l.fc1, &l.fc2}) {
       check_linear(*w, "decoder linear");
+    }
     for (const auto* n : {&l.self_norm, &l.cross_norm, &l.final_norm}) check_norm(*n, "decoder norm");
   }
   if (history_query.w) {

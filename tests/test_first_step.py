@@ -54,7 +54,8 @@ def _batch(rows, n_items=40):
     out["mask"] = torch.zeros(len(rows), S, dtype=torch.bool)
     for b, (tok, uid, iid) in enumerate(seqs):
         n = len(tok)
-        out["tokens"][b, :n], out["user_ids"][b, :n], out["item_ids"][b, :n] = (torch.tensor(v) for v in (tok, uid, iid))
+        for key, values in (("tokens", tok), ("user_ids", uid), ("item_ids", iid)):
+            out[key][b, :n] = torch.tensor(values)
         out["mask"][b, :n] = True
     return out
 

@@ -25,7 +25,7 @@ _SIZES = ("dim", "heads", "ffn", "max_positions", "vocab", "n_users", "n_items",
           "decoder_layers", "positions_from_end", "recency_len", "width", "neighbors", "context")
 
 
-USERS_PER_THREAD = 128  # beyond this many users a thread, PyTorch's ops (their GEMMs) are as fast (benchmarks/README.md)
+USERS_PER_THREAD = 128  # beyond this many users a thread PyTorch's ops (their GEMMs) are as fast (benchmarks/)
 
 
 def chosen(model, enc: dict, encoder_only: bool = False) -> bool:
