@@ -77,10 +77,7 @@ void rows_step(const FirstStepModel& m, const DecoderCacheView& c, int64_t r0, i
     }
     linear(y.data(), n, C, C, w.cross_out.w, w.cross_out.b, C, tmp.data(), C);
     add_layer_norm(x, tmp.data(), n, C, w.cross_norm.w, w.cross_norm.b, m.eps);
-    linear(x, n, C, C, w.fc1.w, w.fc1.b, m.ffn, hid.data(), m.ffn);
-    gelu(hid.data(), n * m.ffn);
-    linear(hid.data(), n, m.ffn, m.ffn, w.fc2.w, w.fc2.b, C, tmp.data(), C);
-    add_layer_norm(x, tmp.data(), n, C, w.final_norm.w, w.final_norm.b, m.eps);
+    feed_forward(m, w.fc1, w.fc2, w.final_norm, x, n, hid.data(), tmp.data());
   }
 }
 

@@ -65,10 +65,7 @@ void encode(const FirstStepModel& m, float* x, int64_t N, const int64_t* offsets
     packed_attention(qkv, N, offsets, nseq, m.heads, hd, 1.0f / std::sqrt(static_cast<float>(hd)), att, 1);
     linear(att, N, C, C, l.out.w, l.out.b, C, tmp, C);
     add_layer_norm(x, tmp, N, C, l.attn_norm.w, l.attn_norm.b, m.eps);
-    linear(x, N, C, C, l.fc1.w, l.fc1.b, m.ffn, hid, m.ffn);
-    gelu(hid, N * m.ffn);
-    linear(hid, N, m.ffn, m.ffn, l.fc2.w, l.fc2.b, C, tmp, C);
-    add_layer_norm(x, tmp, N, C, l.final_norm.w, l.final_norm.b, m.eps);
+    feed_forward(m, l.fc1, l.fc2, l.final_norm, x, N, hid, tmp);
   }
 }
 
@@ -142,10 +139,7 @@ void decode_first(const FirstStepModel& m, const float* mem, const int64_t* offs
     }
     linear(t1, U, C, C, l.cross_out.w, l.cross_out.b, C, t2, C);
     add_layer_norm(heads, t2, U, C, l.cross_norm.w, l.cross_norm.b, m.eps);
-    linear(heads, U, C, C, l.fc1.w, l.fc1.b, m.ffn, hid, m.ffn);
-    gelu(hid, U * m.ffn);
-    linear(hid, U, m.ffn, m.ffn, l.fc2.w, l.fc2.b, C, t2, C);
-    add_layer_norm(heads, t2, U, C, l.final_norm.w, l.final_norm.b, m.eps);
+    feed_forward(m, l.fc1, l.fc2, l.final_norm, heads, U, hid, t2);
   }
 }
 
@@ -190,6 +184,14 @@ void transition_pairs(const FirstStepModel& m, const int64_t* item_ids, int64_t 
 }
 
 }  // namespace
+
+void feed_forward(const FirstStepModel& m, const LinearWeights& fc1, const LinearWeights& fc2,
+                  const NormWeights& norm, float* x, int64_t n, float* hid, float* tmp) {
+  linear(x, n, m.dim, m.dim, fc1.w, fc1.b, m.ffn, hid, m.ffn);
+  gelu(hid, n * m.ffn);
+  linear(hid, n, m.ffn, m.ffn, fc2.w, fc2.b, m.dim, tmp, m.dim);
+  add_layer_norm(x, tmp, n, m.dim, norm.w, norm.b, m.eps);
+}
 
 void FirstStepModel::check() const {
   need(dim > 0 && heads > 0 && dim % heads == 0, "dim must be a positive multiple of heads");

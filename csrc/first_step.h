@@ -67,6 +67,11 @@ struct FirstStepModel {
   int64_t pairs(int64_t S) const;
 };
 
+// x (n, dim) = LayerNorm(x + fc2(gelu(fc1 x))), a layer's post-norm feed-forward block; hid (n, ffn) and
+// tmp (n, dim) scratch.
+void feed_forward(const FirstStepModel& m, const LinearWeights& fc1, const LinearWeights& fc2,
+                  const NormWeights& norm, float* x, int64_t n, float* hid, float* tmp);
+
 // Inputs (B, S) row-major, right-padded: tokens, user_ids, item_ids int64 (ids 0 = none), mask uint8 (1 = piece;
 // every row a prefix of ones, at least one). Outputs: memory (B, S, dim) the encoder states, zeros at the padding
 // (`GenRec.encode`), or nullptr; heads (B, dim) the first decoder states, or nullptr to stop after the encoder;
