@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from genrec_fast import Recommender, SequenceData, load, preset
-from genrec_fast.calibrate import bias_groups, calibrate, candidates, fit, scale_biases
+from genrec_fast import calibrate as calibrate_mod
+from genrec_fast.calibrate import Decoded, bias_groups, calibrate, candidates, fit, scale_biases
 from genrec_fast.data import leave_one_out
 from genrec_fast.ensemble import Ensemble
 from genrec_fast.evaluate import evaluate, model_ranker
@@ -50,6 +51,88 @@ def _rec(data, history=True, transition=True, reverse=False, seed=0):
             if reverse:
                 rec.model.transition.reverse_weight.normal_(0, 1.0)
     return rec
+
+
+def _codes_rec(data, seed=0):
+    """Collaborative codes (one level of 4 clusters) with the leaf head and all three bias groups, the cluster
+    step's transition weights apart from the leaf step's."""
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False, leaf_head=True, history_bias=True,
+                              transition_bias=True, transition_neighbors=6, transition_reverse=True)
+    rec = Recommender.random(list(range(N_ITEMS)), cfg, vocab_size=200, n_users=data.n_users, item_tokens="codes",
+                             code_levels=1, code_branches=4, code_input="first", seed=seed)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        rec.model.item_embed.weight[1:].normal_(0, 1.0)
+        rec.model.history.recency.normal_(0, 2.0)
+        rec.model.history.query.weight.normal_(0, 1.0)
+        rec.model.transition.fit(leave_one_out(data).train)
+        for w in ("weight", "cluster_weight", "reverse_weight", "reverse_cluster_weight"):
+            getattr(rec.model.transition, w).normal_(0, 2.0)
+    return rec
+
+
+# what each group's factor multiplies, named here apart from calibrate.py's own list
+GROUP_PARAMS = {"history": ["history.recency", "history.query.weight", "history.query.bias"],
+                "transition": ["transition.weight", "transition.cluster_weight"],
+                "reverse": ["transition.reverse_weight", "transition.reverse_cluster_weight"]}
+
+
+def _scaled(rec, scales: dict):
+    other = copy.deepcopy(rec)
+    params = dict(other.model.named_parameters())
+    with torch.no_grad():
+        for g, s in scales.items():
+            for name in GROUP_PARAMS[g]:
+                params[name].mul_(float(s))
+    return other
+
+
+def test_decoded_ndcg_is_the_evaluators_ndcg_of_the_scaled_codes_model():
+    """A trie-search model: each factor set's NDCG@10 is the evaluator's beam-search ranking of the model with every
+    bias weight scaled (both code steps' transition weights); `reset` restores the trained weights."""
+    data = _data(5)
+    split = leave_one_out(data)
+    rec = _codes_rec(data)
+    trained = copy.deepcopy(rec)
+    groups = bias_groups(rec.model)
+    assert groups == ["history", "transition", "reverse"] and not rec.one_step
+    users = np.arange(1, data.n_users, 2)
+    dec = Decoded(rec, split, users, groups, progress=False)
+    rng = np.random.default_rng(2)
+    seen = []
+    for scales in [np.ones(3), np.zeros(3), np.array([1.0, 3.0, 0.0])] + [rng.uniform(0, 4, 3) for _ in range(2)]:
+        other = _scaled(trained, dict(zip(groups, scales)))
+        want = evaluate(model_ranker(other), split, "valid", users, progress=False)["NDCG@10"]
+        assert dec.ndcg(torch.tensor(scales)) == pytest.approx(want, abs=1e-12)
+        part = torch.arange(0, len(users), 3)
+        want = evaluate(model_ranker(other), split, "valid", users[part.numpy()], progress=False)["NDCG@10"]
+        assert dec.ndcg(torch.tensor(scales), part) == pytest.approx(want, abs=1e-12)
+        seen.append(want)
+    assert len(set(seen)) > 1  # the factors change the ranking
+    dec.reset()
+    for (name, p), w in zip(rec.model.named_parameters(), trained.model.parameters()):
+        assert torch.equal(p, w), name
+
+
+def test_calibrate_a_codes_model_on_a_sample_of_users(monkeypatch):
+    data = _data(6, n_users=160)
+    split = leave_one_out(data)
+    rec = _codes_rec(data, seed=1)
+    trained = copy.deepcopy(rec)
+    monkeypatch.setattr(calibrate_mod, "DECODE_USERS", 100)
+    out = calibrate(rec, split, seed=3, progress=False)
+    assert out["users"] == 100
+    users = np.sort(np.random.default_rng(3).choice(data.n_users, 100, replace=False))
+    held = out["heldout_ndcg10"]
+    assert out["applied"] == (held["after"] > held["before"])
+    want = _scaled(trained, out["scales"])  # the scales found (all 1 when not applied) on the trained weights
+    for (name, p), w in zip(rec.model.named_parameters(), want.model.parameters()):
+        torch.testing.assert_close(p, w, msg=name)
+    got = evaluate(model_ranker(rec), split, "valid", users, progress=False)["NDCG@10"]
+    assert got == pytest.approx(out["valid_ndcg10"]["after"], abs=1e-12)
+    base = evaluate(model_ranker(trained), split, "valid", users, progress=False)["NDCG@10"]
+    assert base == pytest.approx(out["valid_ndcg10"]["before"], abs=1e-12)
+    assert out["valid_ndcg10"]["after"] >= base
 
 
 @pytest.mark.parametrize("history, transition, reverse", [(True, True, True), (True, False, False),
@@ -123,6 +206,11 @@ def test_train_calibrates_the_kept_model(tmp_path):
     torch.testing.assert_close(rec.model.history.recency, best.model.history.recency)  # train returns what it kept
     p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=4,
                                       code_input="first")
-    p.model = dataclasses.replace(p.model, leaf_head=True)
+    p.model = dataclasses.replace(p.model, leaf_head=True)  # a trie-search model: calibrated by decoding
+    train(data, tmp_path / "codes", p, progress=False)
+    cal = json.loads((tmp_path / "codes" / "train_summary.json").read_text())["calibration"]
+    got = evaluate(model_ranker(load(tmp_path / "codes" / "best")), leave_one_out(data), "valid", progress=False)
+    assert got["NDCG@10"] == pytest.approx(cal["valid_ndcg10"]["after" if cal["applied"] else "before"], abs=1e-6)
+    p.model = dataclasses.replace(p.model, history_bias=False, transition_bias=False, transition_reverse=False)
     with pytest.raises(ValueError, match="train.calibrate: needs"):
-        Trainer(data, tmp_path / "codes", p, progress=False)
+        Trainer(data, tmp_path / "none", p, progress=False)

@@ -12,9 +12,12 @@ Groups, each scaled by one factor s_g (the model's own weights are s_g = 1):
   history     the recency terms and the query projection (both terms of the offset scale by s),
   transition  the successor weights a[r],
   reverse     the predecessor weights (`model.transition_reverse`).
-The factors are chosen by coordinate search over `GRID`, maximising NDCG@10 of the exact full ranking of the
-validation targets (every catalog item scored: an item off the biases keeps its logit, so only the top 10 of
-those need keeping per user). `calibrate` also measures what the fit is worth on users it did not see (fitted on
+The factors are chosen by coordinate search over `GRID`, maximising NDCG@10 of the validation targets. For a
+one-token model that is the exact full ranking (every catalog item scored: an item off the biases keeps its
+logit, so only the top 10 of those need keeping per user: `Candidates`). A model the trie search ranks
+(collaborative codes with the leaf head) adds its offsets inside every code step's log-softmax, so its ranking is
+no sum of fixed terms: there each factor set tried is one beam-search ranking of the validation targets, as the
+evaluator ranks them (`Decoded`), on `DECODE_USERS` users drawn at random unless `users` says otherwise. `calibrate` also measures what the fit is worth on users it did not see (fitted on
 one half of the users, measured on the other: 2-fold) and keeps the model as trained unless that gains: on
 MovieLens latest-small's 671 users the halves' factors disagreed and lost 2% on the other half.
 """
@@ -30,11 +33,13 @@ from tqdm.auto import tqdm
 
 from .data import Split
 from .ensemble import Ensemble
+from .evaluate import histories_for, model_ranker, target_ranks
 from .item_topk import top_logits
 from .row_pairs import RowPairs
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
 TOP = 10  # NDCG@10
+DECODE_USERS = 6000  # a trie-search model: the validation users it is calibrated on by default (~1.5 s a factor set)
 
 
 def bias_groups(model) -> list[str]:
@@ -50,32 +55,32 @@ def bias_groups(model) -> list[str]:
 
 def _groups(rec) -> list[str]:
     """`bias_groups` of a model `calibrate` can scale; a clear error for any other."""
-    if isinstance(rec.model, Ensemble) or not rec.one_step:
-        raise ValueError("calibrate: needs one model (not an ensemble) with one token per item "
-                         "(tokenizer.item_tokens='whole')")
+    if isinstance(rec.model, Ensemble):
+        raise ValueError("calibrate: needs one model, not an ensemble")
     groups = bias_groups(rec.model)
     if not groups:
         raise ValueError("calibrate: the model has neither model.history_bias nor model.transition_bias")
     return groups
 
 
+def _params(model, group: str) -> list:
+    """The parameters one group's factor multiplies (a one-token model's offsets scale with them)."""
+    if group == "history":
+        return [model.history.recency, model.history.query.weight, model.history.query.bias]
+    t = model.transition
+    if group == "transition":
+        return [t.weight] + ([t.cluster_weight] if t.cluster_weight is not None else [])
+    return [t.reverse_weight] + ([t.reverse_cluster_weight] if t.reverse_cluster_weight is not None else [])
+
+
 def scale_biases(model, scales: dict) -> None:
-    """Multiply each group's parameters in place by its factor (a one-token model's offsets scale with them)."""
+    """Multiply each group's parameters in place by its factor."""
     unknown = sorted(set(scales) - set(bias_groups(model)))
     if unknown:
         raise ValueError(f"scales: unknown group {unknown[0]!r}, expected one of {bias_groups(model)}")
     with torch.no_grad():
         for g, s in scales.items():
-            if g == "history":
-                params = [model.history.recency, model.history.query.weight, model.history.query.bias]
-            elif g == "transition":
-                params = [model.transition.weight] + ([model.transition.cluster_weight]
-                                                      if model.transition.cluster_weight is not None else [])
-            else:  # "reverse"
-                params = [model.transition.reverse_weight] + ([model.transition.reverse_cluster_weight]
-                                                              if model.transition.reverse_cluster_weight is not None
-                                                              else [])
-            for p in params:
+            for p in _params(model, g):
                 p.mul_(float(s))
 
 
@@ -103,6 +108,9 @@ def candidates(rec, split: Split, users: Sequence[int], batch_size: int = 256, p
     """The validation `Candidates` of a one-token model with biases (`Recommender`). Nothing per user is as
     long as the catalog: the items off the biases come from the C++ top-k with the biased items excluded."""
     model, groups = rec.model, _groups(rec)
+    if not rec.one_step:
+        raise ValueError("candidates: needs a model with one token per item (tokenizer.item_tokens='whole'); "
+                         "calibrate decodes the others (Decoded)")
     model.eval()
     first, n = int(rec.tokenizer.item_flat[0]), len(rec.catalog.item_ids)
     parts = []
@@ -153,6 +161,47 @@ def _group_pairs(model, head, memory, enc, groups):
     return out
 
 
+class Decoded:
+    """NDCG@10 of any factors for a model the trie search ranks: the model's bias weights set to factor x trained
+    weight, then the validation targets of `users` ranked as the evaluator ranks them (`model_ranker`: 20 beams, top
+    20). Each user is decoded at most once per factor set (the 2-fold fits and the final fit share them); `reset`
+    puts the trained weights back."""
+
+    def __init__(self, rec, split: Split, users: np.ndarray, groups: Sequence[str], progress: bool = True,
+                 batch_size: int = 256):
+        self.rec, self.users, self.groups, self.batch_size = rec, np.asarray(users), list(groups), batch_size
+        self.hists, self.targets = histories_for(split, "valid", self.users)
+        self.trained = {g: [p.detach().clone() for p in _params(rec.model, g)] for g in self.groups}
+        self.gains = {}  # factor set -> (n,) each user's NDCG@10, NaN until decoded
+        self.bar = tqdm(desc="calibrate (users decoded)", disable=None if progress else True, leave=False)
+
+    def ndcg(self, scales: torch.Tensor, users: torch.Tensor | None = None) -> float:
+        """scales (G,) -> mean NDCG@10 over `users` (indices into the calibrated users; default all)."""
+        idx = np.arange(len(self.users)) if users is None else np.asarray(users)
+        gain = self.gains.setdefault(tuple(float(x) for x in scales), np.full(len(self.users), np.nan))
+        todo = idx[np.isnan(gain[idx])]
+        if len(todo):
+            self._set(scales)
+            ranker = model_ranker(self.rec)
+            for s in range(0, len(todo), self.batch_size):
+                part = todo[s:s + self.batch_size]
+                top = np.asarray(ranker([self.hists[i] for i in part], self.users[part], False))[:, :TOP]
+                rank = target_ranks(top, self.targets[part])  # (B,) -1: not in the top 10
+                gain[part] = np.where(rank >= 0, 1.0 / np.log2(np.maximum(rank, 0) + 2), 0.0)
+                self.bar.update(len(part))
+        return float(gain[idx].mean())
+
+    def reset(self) -> None:
+        self._set(torch.ones(len(self.groups)))
+        self.bar.close()
+
+    def _set(self, scales) -> None:
+        with torch.no_grad():
+            for g, s in zip(self.groups, scales):
+                for p, w in zip(_params(self.rec.model, g), self.trained[g]):
+                    p.copy_(w * float(s))
+
+
 def fit(cands: Candidates, groups: Sequence[str], users: torch.Tensor | None = None, rounds: int = 3,
         grid: Sequence[float] = GRID) -> dict:
     """Coordinate search from 1 (the model as trained) -> {group: factor}."""
@@ -173,15 +222,23 @@ def fit(cands: Candidates, groups: Sequence[str], users: torch.Tensor | None = N
 
 
 def calibrate(rec, split: Split, users: Sequence[int] | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Fit the bias factors on the validation targets of `users` (default all) and apply them to `rec.model`
-    if the 2-fold estimate gains. -> {"scales": {group: factor} (all 1 if not applied), "applied": bool,
-    "valid_ndcg10": before/after on all, "heldout_ndcg10": before/after of the 2-fold fit (each half's factors
-    measured on the other half), "users": n}."""
-    users = np.arange(len(split.train)) if users is None else np.asarray(users)
+    """Fit the bias factors on the validation targets of `users` (default all; for a trie-search model
+    `DECODE_USERS` of them drawn with `seed`) and apply them to `rec.model` if the 2-fold estimate gains.
+    -> {"scales": {group: factor} (all 1 if not applied), "applied": bool, "valid_ndcg10": before/after on those
+    users, "heldout_ndcg10": before/after of the 2-fold fit (each half's factors measured on the other half),
+    "users": n}."""
+    groups = _groups(rec)
+    n = len(split.train)
+    if users is not None:
+        users = np.asarray(users)
+    elif rec.one_step or n <= DECODE_USERS:
+        users = np.arange(n)
+    else:  # a trie-search model decodes once a factor set: a random sample
+        users = np.sort(np.random.default_rng(seed).choice(n, DECODE_USERS, replace=False))
     if len(users) < 2:
         raise ValueError(f"users: calibrate needs at least 2 validation users, got {len(users)}")
-    groups = _groups(rec)
-    cands = candidates(rec, split, users, progress=progress)
+    cands = candidates(rec, split, users, progress=progress) if rec.one_step else Decoded(rec, split, users, groups,
+                                                                                          progress)
     ones = torch.ones(len(groups), dtype=torch.float64)
     perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(users)))
     halves = (perm[: len(users) // 2], perm[len(users) // 2:])
@@ -196,5 +253,7 @@ def calibrate(rec, split: Split, users: Sequence[int] | None = None, seed: int =
            "valid_ndcg10": {"before": cands.ndcg(ones), "after": cands.ndcg(torch.tensor([scales[g] for g in groups]))},
            "heldout_ndcg10": {"before": float(w @ [h[1] for h in held]), "after": float(w @ [h[2] for h in held]),
                               "half_scales": [h[3] for h in held]}}
+    if isinstance(cands, Decoded):
+        cands.reset()
     scale_biases(rec.model, scales)
     return out

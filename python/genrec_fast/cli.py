@@ -309,10 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
     c = sub.add_parser("calibrate", help="fit the history/transition biases' weights on the validation targets "
                                          "(one factor each) and write the calibrated checkpoint")
-    c.add_argument("checkpoint", help="a one-token checkpoint with model.history_bias or model.transition_bias")
+    c.add_argument("checkpoint", help="a checkpoint with model.history_bias or model.transition_bias (one-token "
+                                      "items, or codes with the leaf head)")
     _add_data_args(c)
     c.add_argument("--out", required=True, help="checkpoint directory to write")
-    c.add_argument("--users", type=int, default=0, help="fit on the first N users' validation targets (0 = all)")
+    c.add_argument("--users", type=int, default=0, help="fit on the first N users' validation targets (0 = all; a codes model: 6,000 drawn at random)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_calibrate)

@@ -231,9 +231,9 @@ class Trainer:
             raise ValueError("model.history_bias: needs tokenizer.item_tokens='whole' (or 'codes' with "
                              "model.leaf_head, tokenizer.code_input='first' and train.item_aux=0), "
                              "model.encoder_causal=False and train.mask_seen=False")
-        if self.tcfg.calibrate and not ((mcfg.history_bias or mcfg.transition_bias) and tok.item_tokens == "whole"):
-            raise ValueError("train.calibrate: needs model.history_bias or model.transition_bias with "
-                             "tokenizer.item_tokens='whole' (the factors scale those biases' weights)")
+        if self.tcfg.calibrate and not (mcfg.history_bias or mcfg.transition_bias):
+            raise ValueError("train.calibrate: needs model.history_bias or model.transition_bias (the factors "
+                             "scale those biases' weights)")
         if mcfg.transition_bias and (not (tok.item_tokens == "whole" or codes_ok) or self.tcfg.mask_seen):
             raise ValueError("model.transition_bias: needs tokenizer.item_tokens='whole' (or 'codes' with "
                              "model.leaf_head, tokenizer.code_input='first' and train.item_aux=0) and "
