@@ -28,7 +28,8 @@ one-token model with the history and the transition bias (a full neighbour table
 every item, offsets on the 150 successors of each user's last three items) and, with `--leaf`, the leaf-head
 codes with both (as configs/beauty-codes-leaf-l1-history-transition-bias.json). With `--both`, the one-token
 model with the transition bias in both directions (50 successors and 50 predecessors a context item: 300 pairs a
-user, as configs/whole-history-transition-both-calibrated.json).
+user, as configs/whole-history-transition-both-calibrated.json) and, with `--leaf`, the leaf-head codes so (as
+configs/beauty-codes-leaf-l1-history-transition-both-calibrated.json).
 
 Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--codes] [--leaf] [--history]
        [--transition] [--both]
@@ -136,12 +137,12 @@ def build(n_items: int, seed: int = 0, form: str = "whole", levels: int = 2, lea
     "leaf-history": the leaf-head codes with it; form "transition": the one-token model with the history and the
     transition bias (model.transition_bias, a full table of random neighbours); form "transition-both": that with
     the predecessor table too (model.transition_reverse: twice the pairs); form "leaf-transition": the
-    leaf-head codes with both biases."""
+    leaf-head codes with both biases; "leaf-transition-both": and the predecessor table."""
     import dataclasses
     from genrec_fast import Recommender, preset
     cfg = dataclasses.replace(preset("small").model, **MODEL, item_eos=False, leaf_head=form.startswith("leaf"),
                               history_bias=form not in ("whole", "codes", "leaf"),
-                              transition_bias="transition" in form, transition_reverse=form == "transition-both")
+                              transition_bias="transition" in form, transition_reverse=form.endswith("transition-both"))
     items = [f"item{i}" for i in range(n_items)]  # string ids, as real catalogs often have
     t0 = time.perf_counter()
     one_token = form in ONE_TOKEN
@@ -308,7 +309,7 @@ def main(argv=None) -> None:
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     p.add_argument("--sasrec", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--form", default="whole", choices=("whole", "codes", "leaf", "history", "leaf-history", "transition",
-                                                         "transition-both", "leaf-transition"),
+                                                         "transition-both", "leaf-transition", "leaf-transition-both"),
                    help=argparse.SUPPRESS)
     p.add_argument("--codes", action="store_true",
                    help="also the model over collaborative codes (trie search, 20 beams) at every size")
@@ -320,7 +321,8 @@ def main(argv=None) -> None:
                         "the leaf-head codes with both)")
     p.add_argument("--both", action="store_true",
                    help="also the one-token model with both biases, the transition bias in both directions "
-                        "(model.transition_reverse: configs/whole-history-transition-both-calibrated.json)")
+                        "(model.transition_reverse: configs/whole-history-transition-both-calibrated.json; with "
+                        "--leaf: the leaf-head codes so too)")
     p.add_argument("--code-levels", type=int, default=2, help="codes: cluster levels before the last token")
     p.add_argument("--leaf-size", type=int, default=16, help="codes: items per leaf (sets the branching)")
     args = p.parse_args(argv)
@@ -346,6 +348,8 @@ def main(argv=None) -> None:
         rows += [run_size(n, args, "transition-both") for n in sorted(args.sizes)]
     if args.transition and args.leaf:
         rows += [run_size(n, args, "leaf-transition") for n in sorted(args.sizes)]
+    if args.both and args.leaf:
+        rows += [run_size(n, args, "leaf-transition-both") for n in sorted(args.sizes)]
     print_report(rows, optional_figures(args), args)
 
 
