@@ -84,7 +84,7 @@ def _torchrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProces
     """`torchrun --standalone --nproc_per_node 2 ARGS` (a free port on this machine), run to success."""
     import genrec_fast
     package_root = str(Path(genrec_fast.__file__).resolve().parents[1])  # the workers import this copy
-    env = dict(os.environ, OMP_NUM_THREADS="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1",  # a crashing rank prints its stacks
                PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), *args]
     run = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
