@@ -7,6 +7,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #include "dot.h"
 #include "fast_exp.h"
@@ -20,6 +21,9 @@ constexpr int64_t kBlock = 64;  // columns per block of the top-k scan: one max,
 constexpr int kLanes = 16;      // users per tile of the fused head (one AVX-512 register of floats)
 constexpr int kItems = 8;       // columns per tile: 8 accumulator registers
 constexpr int64_t kChunk = 512; // columns of w per pass over the users: 512 x 64 floats = 128 KB, in L2
+constexpr int64_t kSpan = 2048;          // columns per block of the split head: (users x 2048) scores, in L2
+constexpr int64_t kMinSplit = 1 << 14;   // columns per thread of the split head at least
+constexpr int64_t kTileMinUsers = 12;   // fewer users: the split head's dots run over dim (tiles' lanes idle)
 
 // Heap order: `a` ranks after `b` (lower score, or equal score and larger item).
 bool worse(float av, int32_t ai, float bv, int32_t bi) { return av < bv || (av == bv && ai > bi); }
@@ -111,6 +115,42 @@ void gather_dots(const float* __restrict x, const float* __restrict w, const flo
     if (i + 4 < n) prefetch(w + ids[i + 4] * dim);  // rows are scattered over the table
     const float acc = dot(x, w + ids[i] * dim, dim);
     z[i] = bias != nullptr ? acc + bias[ids[i]] : acc;
+  }
+}
+
+// z[u * ld + j] = bias[j] + x[u] . w[j] for `users` rows of x and n rows of w (bias may be nullptr), four rows
+// of w at a time (four independent sums in vector lanes): a matmul's values to float rounding.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void column_dots(const float* __restrict x, int64_t users, const float* __restrict w, const float* bias, int64_t n,
+                 int64_t dim, float* __restrict z, int64_t ld) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* w0 = w + j * dim;
+    const float* w1 = w0 + dim;
+    const float* w2 = w1 + dim;
+    const float* w3 = w2 + dim;
+    for (int64_t u = 0; u < users; ++u) {
+      const float* xu = x + u * dim;
+      float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t c = 0; c < dim; ++c) {
+        a0 += xu[c] * w0[c];
+        a1 += xu[c] * w1[c];
+        a2 += xu[c] * w2[c];
+        a3 += xu[c] * w3[c];
+      }
+      float* zu = z + u * ld + j;
+      zu[0] = bias != nullptr ? a0 + bias[j] : a0;
+      zu[1] = bias != nullptr ? a1 + bias[j + 1] : a1;
+      zu[2] = bias != nullptr ? a2 + bias[j + 2] : a2;
+      zu[3] = bias != nullptr ? a3 + bias[j + 3] : a3;
+    }
+  }
+  for (; j < n; ++j) {
+    for (int64_t u = 0; u < users; ++u) {
+      const float acc = dot(x + u * dim, w + j * dim, dim);
+      z[u * ld + j] = bias != nullptr ? acc + bias[j] : acc;
+    }
   }
 }
 
@@ -233,7 +273,7 @@ void StreamingTopK::offer(int64_t u, float v, int32_t item) {
 float StreamingTopK::threshold(int64_t u) const { return size_[u] == k_ ? heap_[u * k_].value : kNegInf; }
 
 // run (max, sum) of user u += a (lane_max, lane_sum) pair: sum of exp(x - lane_max) over some entries.
-void StreamingTopK::fold_lse(int64_t u, float lane_max, float lane_sum) {
+void StreamingTopK::fold_lse(int64_t u, float lane_max, double lane_sum) {
   if (lane_max == kNegInf) return;
   const float new_max = std::max(run_max_[u], lane_max);
   const double old = run_max_[u] == kNegInf ? 0.0 : run_sum_[u] * std::exp(static_cast<double>(run_max_[u]) - new_max);
@@ -318,10 +358,69 @@ void StreamingTopK::add_head(const float* x, const float* w, const float* bias, 
   if (topk) check_items("add_head", first_item, cols);
   offered_ = offered_ || topk;
   if (cols == 0 || num_users_ == 0) return;
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const int64_t blocks = (num_users_ + kLanes - 1) / kLanes;
+  if (blocks < threads || num_users_ < kTileMinUsers) {  // too few users to go round: split the columns
+    head_columns(x, w, bias, dim, cols, first_item, topk, lse, threads);
+    return;
+  }
   parallel_for(blocks, threads, 1, [&](int64_t begin, int64_t end) {
     head_users(begin, end, x, w, bias, dim, cols, first_item, topk, lse);
   });
+}
+
+// Too few users to give every thread a tile of them: up to `threads` spans of >= kMinSplit columns, each scanned
+// for every user into a partial top-k and log-sum-exp that starts empty (a copy with this object's filters),
+// merged here in span order. A span runs the tiles (kTileMinUsers users or more) or dots over dim.
+void StreamingTopK::head_columns(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols,
+                                 int64_t first_item, bool topk, bool lse, int threads) {
+  const int64_t spans = std::max<int64_t>(1, std::min<int64_t>(threads, cols / kMinSplit));
+  const auto run = [&](StreamingTopK& part, int64_t lo, int64_t hi) {
+    if (num_users_ >= kTileMinUsers) {
+      part.head_users(0, (num_users_ + kLanes - 1) / kLanes, x, w + lo * dim, bias == nullptr ? nullptr : bias + lo,
+                      dim, hi - lo, first_item + lo, topk, lse);
+    } else {
+      part.head_span(x, w, bias, dim, lo, hi, first_item, topk, lse);
+    }
+  };
+  if (spans == 1) {
+    run(*this, 0, cols);
+    return;
+  }
+  std::vector<StreamingTopK> parts(spans, *this);
+  for (auto& p : parts) {
+    std::fill(p.size_.begin(), p.size_.end(), 0);
+    std::fill(p.run_max_.begin(), p.run_max_.end(), kNegInf);
+    std::fill(p.run_sum_.begin(), p.run_sum_.end(), 0.0);
+  }
+  parallel_for(spans, static_cast<int>(spans), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) run(parts[i], cols * i / spans, cols * (i + 1) / spans);
+  });
+  for (const auto& p : parts) merge(p);
+}
+
+// Columns [begin, end) of the head for every user, kSpan at a time: the scores of a block into a buffer, then
+// each user's row into the top-k and log-sum-exp (add_user).
+void StreamingTopK::head_span(const float* x, const float* w, const float* bias, int64_t dim, int64_t begin,
+                              int64_t end, int64_t first_item, bool topk, bool lse) {
+  thread_local std::vector<float> z;
+  z.resize(num_users_ * kSpan);  // (num_users, kSpan)
+  for (int64_t j = begin; j < end; j += kSpan) {
+    const int64_t n = std::min(kSpan, end - j);
+    column_dots(x, num_users_, w + j * dim, bias == nullptr ? nullptr : bias + j, n, dim, z.data(), kSpan);
+    for (int64_t u = 0; u < num_users_; ++u) add_user(u, z.data() + u * kSpan, n, first_item + j, topk, lse);
+  }
+}
+
+// Takes in a partial's entries and log-sum-exp (same users, filters and k).
+void StreamingTopK::merge(const StreamingTopK& part) {
+  for (int64_t u = 0; u < num_users_; ++u) {
+    for (int32_t i = 0; i < part.size_[u]; ++i) {
+      const Entry& e = part.heap_[u * k_ + i];
+      offer(u, e.value, e.item);
+    }
+    fold_lse(u, part.run_max_[u], part.run_sum_[u]);
+  }
 }
 
 void StreamingTopK::head_users(int64_t block_begin, int64_t block_end, const float* x, const float* w,

@@ -31,8 +31,10 @@ class StreamingTopK {
   // The same as `add` of the scores x @ w.T (+ bias) without storing them: x (num_users, dim) and
   // w (cols, dim) row-major, bias (cols,) or nullptr. A fused kernel (16 users x 8 columns per tile,
   // vectorised across users) computes each tile in registers and folds it into the top-k and the
-  // log-sum-exp at once; w is streamed in L2-sized chunks. Column sums run over dim in order, so
-  // scores equal a matmul's to float rounding, not bit for bit.
+  // log-sum-exp at once; w is streamed in L2-sized chunks. Threads take blocks of 16 users; with fewer
+  // blocks than threads (a request or a few) they take spans of the columns instead, each scanned into a
+  // partial top-k and log-sum-exp merged at the end (under 12 users, dots vectorised over dim instead of
+  // tiles). Scores equal a matmul's to float rounding, not bit for bit.
   void add_head(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols, int64_t first_item,
                 bool topk, bool lse, int threads);
 
@@ -60,7 +62,12 @@ class StreamingTopK {
   bool allowed(int64_t u, int64_t item) const;
   void offer(int64_t u, float v, int32_t item);
   float threshold(int64_t u) const;
-  void fold_lse(int64_t u, float lane_max, float lane_sum);
+  void fold_lse(int64_t u, float lane_max, double lane_sum);
+  void head_columns(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols, int64_t first_item,
+                    bool topk, bool lse, int threads);
+  void head_span(const float* x, const float* w, const float* bias, int64_t dim, int64_t begin, int64_t end,
+                 int64_t first_item, bool topk, bool lse);
+  void merge(const StreamingTopK& part);
   void offsets_user(int64_t u, const int64_t* items, const float* offsets, int64_t n, const float* x,
                     const float* w, const float* bias, int64_t dim);
   void head_users(int64_t block_begin, int64_t block_end, const float* x, const float* w, const float* bias,

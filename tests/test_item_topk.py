@@ -168,6 +168,54 @@ def test_fused_head_with_filters_over_several_tiles():
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("users, threads", [(1, 2), (3, 3), (11, 2), (12, 2), (15, 4), (16, 2), (17, 3)])
+@pytest.mark.parametrize("kind", ["", "ex+per_user", "ties", "offsets", "boundaries"])
+def test_fused_head_splits_the_catalog_when_users_are_few(users, threads, kind):
+    """Fewer 16-user tiles than threads: the fused head scans spans of >= 16,384 columns (here 2-3) into
+    partial top-ks and log-sum-exps and merges them (under 12 users with dots over dim, else with the tiles);
+    ties across spans still go to the smaller item, filters and history offsets hold in every span."""
+    rng = np.random.default_rng(users * 10 + threads)
+    first, n, k = 5, 3 * 16384 + 77, 20
+    heads, logits = heads_and_logits(rng, 1, users, first + n + 3, 8, integer=kind == "ties")
+    exclude, allow = random_filters(rng, users, n, kind)
+    if kind == "boundaries":  # only the items next to where 2, 3 or 4 spans meet
+        allow = np.zeros(n, dtype=bool)
+        for t in (2, 3, 4):
+            for i in range(1, t):
+                allow[n * i // t - 2:n * i // t + 2] = True
+    history, z = None, logits[0].clone()
+    if kind == "offsets":  # item 0 and a repeat on purpose; -1 = none
+        hist = torch.from_numpy(rng.integers(-1, n, (users, 7)))
+        hist[:, 0], hist[:, 1] = 0, hist[:, 2]
+        off = torch.from_numpy((20 * rng.standard_normal((users, 7))).astype(np.float32))  # some into the top k
+        for u, s in zip(*np.nonzero(hist.numpy() >= 0)):
+            z[u, first + hist[u, s]] += off[u, s]
+        history = (hist, [off])
+    want_i, want_s = item_topk_reference([z], first, n, k, exclude, allow)
+    got_i, got_s = item_topk(heads, first, n, k, exclude, allow, threads=threads, history=history)  # fused: >= 32,768 items
+    np.testing.assert_array_equal(got_i, want_i)
+    # offsets of 20 make logits of ~60, whose float32 rounding (every path's, split or not) reaches ~3e-5
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-4 if kind == "offsets" else 1e-5)
+
+
+def test_split_head_added_in_two_calls():
+    """Two `add_head` calls over halves of the catalog, each split over threads: the second call's spans start
+    empty and merge into what the first call kept (nothing counted twice)."""
+    from genrec_fast.native import core
+    rng = np.random.default_rng(3)
+    U, n, k, C = 2, 2 * 2 ** 15, 30, 8
+    heads, logits = heads_and_logits(rng, 1, U, n, C, integer=True)  # ties across the calls and the spans
+    x, w, b = (t.contiguous() for t in heads[0])
+    top = core().StreamingTopK(U, k, n)
+    half = n // 2
+    for lo in (0, half):
+        top.add_head(x.data_ptr(), w.data_ptr() + 4 * lo * C, b.data_ptr() + 4 * lo, U, C, half, lo, True, True, 2)
+    items, values, lse = top.results()
+    want_i, want_s = item_topk_reference(logits, 0, n, k)
+    np.testing.assert_array_equal(items, want_i)
+    np.testing.assert_allclose(values - lse[:, None], want_s, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("members", [1, 2])

@@ -23,7 +23,10 @@ from .beam_search import check_filters
 from .device_search import top_by_score
 from .native import core
 
-FUSED_MIN_USERS = 16  # a tile of the fused head holds 16 users; fewer run as matmuls (BLAS splits the catalog)
+FUSED_MIN_USERS = 16  # a tile of the fused head holds 16 users; fewer run as matmuls on small catalogs, but
+FUSED_MIN_ITEMS = 2 ** 15  # from this many items take the fused head too: it splits the catalog over the threads
+# (spans of >= 16,384 columns, csrc/topk.cpp), where torch's matrix-vector product runs on one (1M items, 1 user,
+# 2 threads: 30 -> 13 ms, benchmarks/README.md)
 DEFAULT_CHUNK = 8192  # vocabulary rows per matmul: (256 users x 8192) fp32 = 8 MB, measured fastest on CPU
 WHOLE_MATMUL_MAX = 256 * DEFAULT_CHUNK  # users x vocabulary up to which one matmul takes the whole vocabulary
 
@@ -42,8 +45,9 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
     """Best k allowed items per user by mean log-probability over `heads` (one per ensemble member).
 
     Item i is vocabulary row first_item + i. -> items (U, k) int64 (-1 = none left), scores (U, k) float32
-    (-inf padding). exclude / allow as in `beam_search.check_filters`. On a CPU one model with >= 16 users runs the
-    fused C++ head (`StreamingTopK.add_head`: logits never stored; fused=False forces the other path),
+    (-inf padding). exclude / allow as in `beam_search.check_filters`. On a CPU one model with >= 16 users or
+    >= 32,768 items runs the fused C++ head (`StreamingTopK.add_head`: logits never stored, the catalog split over
+    the threads when there are too few users to go round; fused=False forces the other path),
     else the head runs `chunk` rows at a time as matmuls into the C++ scan; other devices run the
     chunked loop in torch ops, or with fused=True (default: `cuda_fused_default()`) the CUDA head + top-k
     kernel (one model; a clear error where it cannot run).
@@ -100,7 +104,7 @@ def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items,
     elif offsets is not None:  # an ensemble: into each chunk's member logits
         chunk_offsets = _ChunkOffsets(*offsets, len(heads), x0.device)
     if fused is None:
-        fused = len(heads) == 1 and U >= FUSED_MIN_USERS
+        fused = len(heads) == 1 and (U >= FUSED_MIN_USERS or num_items >= FUSED_MIN_ITEMS)
     if fused:
         return _fused(heads, top, first_item, num_items, threads)
     lse = [core().StreamingTopK(U, 1, 0) for _ in heads] if len(heads) > 1 else None
