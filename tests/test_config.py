@@ -37,6 +37,21 @@ def test_overrides_and_errors(tmp_path):
         load_config(str(tmp_path / "bad.json"))
 
 
+def test_override_values_must_have_the_fields_type():
+    p = preset("small")
+    q = with_overrides(p, dict(map(parse_override, ["train.lr=1", "train.leaf_smoothing=null", "train.softmax=sampled"])))
+    assert (q.train.lr, type(q.train.lr), q.train.leaf_smoothing, q.train.softmax) == (1.0, float, None, "sampled")
+    assert with_overrides(p, {"train.leaf_smoothing": 0.2}).train.leaf_smoothing == 0.2
+    for text, message in [("train.lr=abc", r"train.lr expects float, got 'abc' \(str\)"),
+                          ("model.history_bias=1", r"model.history_bias expects bool, got 1 \(int\)"),
+                          ("train.patience=2.5", r"train.patience expects int, got 2.5"),
+                          ("train.batch_size=true", r"train.batch_size expects int, got True"),
+                          ("tokenizer.item_tokens=3", r"tokenizer.item_tokens expects str, got 3"),
+                          ("train.leaf_smoothing=[1]", r"train.leaf_smoothing expects float or None, got \[1\]")]:
+        with pytest.raises(ValueError, match=message):
+            with_overrides(p, dict([parse_override(text)]))
+
+
 def test_shipped_configs_load():
     from pathlib import Path
     root = Path(__file__).resolve().parents[1] / "configs"

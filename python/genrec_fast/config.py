@@ -271,9 +271,25 @@ def with_overrides(p: Preset, overrides: dict) -> Preset:
         fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
         if name not in fields:
             raise ValueError(f"config: {section} has no field {name!r}; expected one of {sorted(fields)}")
-        changes[section][name] = value
+        changes[section][name] = _typed(key, _FIELD_TYPES[section][name], value)
     # one replace per section: fields checked together (d_model and n_heads) may change in any order
     return Preset(**{name: dataclasses.replace(getattr(p, name), **changes[name]) for name in SECTIONS})
+
+
+_KINDS = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+_FIELD_TYPES = {section: {f.name: str(f.type) for f in dataclasses.fields(cls)} for section, cls in SECTIONS.items()}
+
+
+def _typed(key: str, annotation: str, value):
+    """value as the field's annotation ("float", "float | None", ...) wants it (an int for a float becomes a
+    float); raises ValueError naming the field otherwise (true is no int, 3 no string)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return value
+    for kind in kinds:
+        if kind in _KINDS and isinstance(value, _KINDS[kind]) and (kind == "bool" or not isinstance(value, bool)):
+            return float(value) if kind == "float" else value
+    raise ValueError(f"config: {key} expects {' or '.join(kinds)}, got {value!r} ({type(value).__name__})")
 
 
 def parse_override(text: str) -> tuple[str, object]:
