@@ -55,6 +55,15 @@ def test_short_users_dropped_with_count(tmp_path, caplog):
     assert "dropped 2 users" in caplog.text and "2 users with < 3 items dropped" in d.summary()
 
 
+def test_no_usable_users_say_why(tmp_path):
+    with pytest.raises(ValueError, match=r"s.txt: no users \(expected one line per user"):
+        load_p5(write(tmp_path, "s.txt", ""))
+    with pytest.raises(ValueError, match="none of the 2 users read has at least 3 items"):
+        load_p5(write(tmp_path, "t.txt", "1 2\n2 3 4\n"))
+    with pytest.raises(ValueError, match="none of the 2 users read has at least 3 items"):
+        load_csv(write(tmp_path, "t.csv", "user,item,timestamp\n1,2,1\n2,3,1\n2,4,2\n"))
+
+
 @pytest.mark.parametrize("text, problem", [
     ("1 2 3 4\n2 x 3 4\n", "s.txt:2: item id 'x' is not an integer"),
     ("u1 2 3 4\n", "s.txt:1: user id 'u1' is not an integer"),

@@ -109,7 +109,8 @@ def from_user_sequences(histories: Iterable[tuple[Hashable, Sequence[Hashable]]]
         user_ids.append(uid)
         raw.append(items)
     if not user_ids:
-        raise ValueError(f"{name}: no user has at least {min_items} items")
+        raise ValueError(f"{name}: none of the {dropped - dropped_before} users read has at least {min_items} items "
+                         "(leave-one-out takes a training, a validation and a test item from each)")
     item_ids, sequences = _number_items(raw)
     return _dataset(user_ids, item_ids, sequences, id_order=id_order, seed=seed, name=name, dropped=dropped,
                     min_items=min_items)
@@ -222,6 +223,8 @@ def load_p5(path: str | Path, *, id_order: str = "random", seed: int = 0, skip_e
             histories.append((uid, [_int(t, p, n, "item id") for t in tokens[1:]]))
     if empty:
         warnings.warn(f"{p}: skipped {empty} empty lines", stacklevel=2)
+    if not histories:
+        raise ValueError(f"{p}: no users (expected one line per user: `user item1 item2 ...`)")
     return from_user_sequences(histories, id_order=id_order, seed=seed, name=p.parent.name or p.name)
 
 
@@ -466,7 +469,8 @@ def _from_columns(users: tuple, items: tuple, times: np.ndarray, *, id_order: st
     counts = np.bincount(u, minlength=len(user_ids))  # (U,) rows per user
     keep = counts >= min_items
     if not keep.any():
-        raise ValueError(f"{name}: no user has at least {min_items} items")
+        raise ValueError(f"{name}: none of the {len(user_ids)} users read has at least {min_items} items "
+                         "(leave-one-out takes a training, a validation and a test item from each)")
     rows = _grouped_rows(u, times, keep)  # (M,) row numbers, user by user, in time order
     item_index, first = _first_appearance_codes(i[rows])  # items renumbered in the grouped order
     sequences = _split(item_index.astype(np.int64), counts[keep])
