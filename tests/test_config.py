@@ -39,7 +39,8 @@ def test_overrides_and_errors(tmp_path):
 
 def test_override_values_must_have_the_fields_type():
     p = preset("small")
-    q = with_overrides(p, dict(map(parse_override, ["train.lr=1", "train.leaf_smoothing=null", "train.softmax=sampled"])))
+    texts = ["train.lr=1", "train.leaf_smoothing=null", "train.softmax=sampled"]
+    q = with_overrides(p, dict(map(parse_override, texts)))
     assert (q.train.lr, type(q.train.lr), q.train.leaf_smoothing, q.train.softmax) == (1.0, float, None, "sampled")
     assert with_overrides(p, {"train.leaf_smoothing": 0.2}).train.leaf_smoothing == 0.2
     for text, message in [("train.lr=abc", r"train.lr expects float, got 'abc' \(str\)"),

@@ -192,7 +192,8 @@ def test_fused_head_splits_the_catalog_when_users_are_few(users, threads, kind):
             z[u, first + hist[u, s]] += off[u, s]
         history = (hist, [off])
     want_i, want_s = item_topk_reference([z], first, n, k, exclude, allow)
-    got_i, got_s = item_topk(heads, first, n, k, exclude, allow, threads=threads, history=history)  # fused: >= 32,768 items
+    # fused (the default from 32,768 items)
+    got_i, got_s = item_topk(heads, first, n, k, exclude, allow, threads=threads, history=history)
     np.testing.assert_array_equal(got_i, want_i)
     # offsets of 20 make logits of ~60, whose float32 rounding (every path's, split or not) reaches ~3e-5
     np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-4 if kind == "offsets" else 1e-5)

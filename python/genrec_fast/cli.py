@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_report)
     r = sub.add_parser("recommend", help="top-k items for histories read from a file or stdin")
     r.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
-    r.add_argument("--input", help="one history per line: item ids oldest first (default stdin); one JSON line out per non-empty line, empty lines skipped")
+    r.add_argument("--input", help="one history per line: item ids oldest first (default stdin); one JSON line "
+                                   "out per non-empty line, empty lines skipped")
     r.add_argument("--with-user", action="store_true", help="the first id on each line is the user id")
     r.add_argument("-k", "--k", type=int, default=10)
     r.add_argument("--exclude-seen", action="store_true",
