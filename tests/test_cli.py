@@ -38,7 +38,9 @@ def test_train_evaluate_recommend(p5_file, tmp_path, capsys, monkeypatch):
     assert [x["user"] for x in lines] == [1, 2] and all(len(x["items"]) == 4 for x in lines)
     monkeypatch.setattr(sys, "stdin", io.StringIO("3 5\n\n3 99999\n"))  # errors name the input line
     assert main(["recommend", str(out / "best"), "-k", "4"]) == 2
-    assert "line 3: unknown item ids [99999] (--skip-unknown drops them)" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "line 3: unknown item ids [99999] (--skip-unknown drops them)" in captured.err
+    assert [len(json.loads(x)["items"]) for x in captured.out.splitlines()] == [4]  # line 1 still answered
     monkeypatch.setattr(sys, "stdin", io.StringIO("3 5\n3 99999 88888\n"))
     monkeypatch.setattr("genrec_fast.cli.RECOMMEND_CHUNK", 1)  # streamed a line at a time: the same answers
     assert main(["recommend", str(out / "best"), "-k", "4", "--skip-unknown"]) == 0

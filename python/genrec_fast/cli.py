@@ -198,7 +198,8 @@ RECOMMEND_CHUNK = 1024  # lines a `recommend()` call: a large file streams out c
 
 
 def cmd_recommend(args) -> int:
-    """One JSON line of recommendations per history line, written as each chunk of lines is ranked."""
+    """One JSON line of recommendations per history line, written as each chunk of lines is ranked; a bad line
+    stops the run with an error naming it, after the lines before it are answered."""
     rec = _load_checkpoints(args)
     skipped = [0, 0]  # unknown ids dropped (--skip-unknown), lines they were on
     rows = []  # (user, history of known ids)
@@ -209,7 +210,11 @@ def cmd_recommend(args) -> int:
                 continue
             parse = [_id(t) for t in tokens]
             user, history = (parse[0], parse[1:]) if args.with_user else (None, parse)
-            rows.append((user, _known_items(rec.catalog.item_index, history, n, args.skip_unknown, skipped)))
+            try:
+                rows.append((user, _known_items(rec.catalog.item_index, history, n, args.skip_unknown, skipped)))
+            except ValueError:  # the lines before the bad one still get their answers
+                _print_recommendations(rec, rows, args)
+                raise
             if len(rows) == RECOMMEND_CHUNK:
                 _print_recommendations(rec, rows, args)
                 rows = []
