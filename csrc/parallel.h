@@ -16,12 +16,17 @@
 
 namespace genrec {
 
+// The thread count a `threads` argument means: itself, or all cores when <= 0.
+inline int resolve_threads(int threads) {
+  return threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
 // Runs fn(begin, end) over `threads` contiguous chunks of [0, n) (at least `min_per_thread`
 // indices each; threads <= 0 = all cores). An exception thrown by any chunk is rethrown here,
 // after every worker has joined, so none escapes a worker thread.
 template <class Fn>
 void parallel_for(int64_t n, int threads, int64_t min_per_thread, Fn fn) {
-  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  threads = resolve_threads(threads);
   const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, n / std::max<int64_t>(1, min_per_thread)));
   if (t <= 1) {
     fn(int64_t{0}, n);

@@ -7,7 +7,6 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
-#include <thread>
 
 #include "dot.h"
 #include "fast_exp.h"
@@ -358,10 +357,10 @@ void StreamingTopK::add_head(const float* x, const float* w, const float* bias, 
   if (topk) check_items("add_head", first_item, cols);
   offered_ = offered_ || topk;
   if (cols == 0 || num_users_ == 0) return;
-  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  threads = resolve_threads(threads);
   const int64_t blocks = (num_users_ + kLanes - 1) / kLanes;
   if (blocks < threads || num_users_ < kTileMinUsers) {  // too few users to go round: split the columns
-    head_columns(x, w, bias, dim, cols, first_item, topk, lse, threads);
+    head_columns(x, w, bias, dim, cols, first_item, topk, lse, threads, blocks);
     return;
   }
   parallel_for(blocks, threads, 1, [&](int64_t begin, int64_t end) {
@@ -373,12 +372,12 @@ void StreamingTopK::add_head(const float* x, const float* w, const float* bias, 
 // for every user into a partial top-k and log-sum-exp that starts empty (a copy with this object's filters),
 // merged here in span order. A span runs the tiles (kTileMinUsers users or more) or dots over dim.
 void StreamingTopK::head_columns(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols,
-                                 int64_t first_item, bool topk, bool lse, int threads) {
+                                 int64_t first_item, bool topk, bool lse, int threads, int64_t blocks) {
   const int64_t spans = std::max<int64_t>(1, std::min<int64_t>(threads, cols / kMinSplit));
   const auto run = [&](StreamingTopK& part, int64_t lo, int64_t hi) {
     if (num_users_ >= kTileMinUsers) {
-      part.head_users(0, (num_users_ + kLanes - 1) / kLanes, x, w + lo * dim, bias == nullptr ? nullptr : bias + lo,
-                      dim, hi - lo, first_item + lo, topk, lse);
+      part.head_users(0, blocks, x, w + lo * dim, bias == nullptr ? nullptr : bias + lo, dim, hi - lo, first_item + lo,
+                      topk, lse);
     } else {
       part.head_span(x, w, bias, dim, lo, hi, first_item, topk, lse);
     }

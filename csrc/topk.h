@@ -64,7 +64,7 @@ class StreamingTopK {
   float threshold(int64_t u) const;
   void fold_lse(int64_t u, float lane_max, double lane_sum);
   void head_columns(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols, int64_t first_item,
-                    bool topk, bool lse, int threads);
+                    bool topk, bool lse, int threads, int64_t blocks);
   void head_span(const float* x, const float* w, const float* bias, int64_t dim, int64_t begin, int64_t end,
                  int64_t first_item, bool topk, bool lse);
   void merge(const StreamingTopK& part);

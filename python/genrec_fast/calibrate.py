@@ -17,7 +17,8 @@ one-token model that is the exact full ranking (every catalog item scored: an it
 logit, so only the top 10 of those need keeping per user: `Candidates`). A model the trie search ranks
 (collaborative codes with the leaf head) adds its offsets inside every code step's log-softmax, so its ranking is
 no sum of fixed terms: there each factor set tried is one beam-search ranking of the validation targets, as the
-evaluator ranks them (`Decoded`), on `DECODE_USERS` users drawn at random unless `users` says otherwise. `calibrate` also measures what the fit is worth on users it did not see (fitted on
+evaluator ranks them (`Decoded`), on `DECODE_USERS` users drawn at random unless `users` says otherwise.
+`calibrate` also measures what the fit is worth on users it did not see (fitted on
 one half of the users, measured on the other: 2-fold) and keeps the model as trained unless that gains: on
 MovieLens latest-small's 671 users the halves' factors disagreed and lost 2% on the other half.
 """
@@ -239,21 +240,29 @@ def calibrate(rec, split: Split, users: Sequence[int] | None = None, seed: int =
         raise ValueError(f"users: calibrate needs at least 2 validation users, got {len(users)}")
     cands = candidates(rec, split, users, progress=progress) if rec.one_step else Decoded(rec, split, users, groups,
                                                                                           progress)
+    try:
+        out = _fit_2fold(cands, groups, len(users), seed)
+    finally:
+        if isinstance(cands, Decoded):  # the trained weights back, also when the fit fails
+            cands.reset()
+    scale_biases(rec.model, out["scales"])
+    return out
+
+
+def _fit_2fold(cands, groups: Sequence[str], n: int, seed: int) -> dict:
+    """`calibrate`'s fits on `cands` (n users): each half's factors measured on the other half, then, if that
+    gains, the factors fitted on all -> calibrate's dict."""
     ones = torch.ones(len(groups), dtype=torch.float64)
-    perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(users)))
-    halves = (perm[: len(users) // 2], perm[len(users) // 2:])
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    halves = (perm[: n // 2], perm[n // 2:])
     held = []
     for a, b in (halves, halves[::-1]):
         s = fit(cands, groups, a)
         held.append((len(b), cands.ndcg(ones, b), cands.ndcg(torch.tensor([s[g] for g in groups]), b), s))
-    w = np.array([h[0] for h in held], dtype=np.float64) / len(users)
+    w = np.array([h[0] for h in held], dtype=np.float64) / n
     gain = float(w @ [h[2] for h in held]) > float(w @ [h[1] for h in held])
     scales = fit(cands, groups) if gain else {g: 1.0 for g in groups}
-    out = {"scales": scales, "applied": gain, "users": int(len(users)),
-           "valid_ndcg10": {"before": cands.ndcg(ones), "after": cands.ndcg(torch.tensor([scales[g] for g in groups]))},
-           "heldout_ndcg10": {"before": float(w @ [h[1] for h in held]), "after": float(w @ [h[2] for h in held]),
-                              "half_scales": [h[3] for h in held]}}
-    if isinstance(cands, Decoded):
-        cands.reset()
-    scale_biases(rec.model, scales)
-    return out
+    return {"scales": scales, "applied": gain, "users": int(n),
+            "valid_ndcg10": {"before": cands.ndcg(ones), "after": cands.ndcg(torch.tensor([scales[g] for g in groups]))},
+            "heldout_ndcg10": {"before": float(w @ [h[1] for h in held]), "after": float(w @ [h[2] for h in held]),
+                               "half_scales": [h[3] for h in held]}}

@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "items, or codes with the leaf head)")
     _add_data_args(c)
     c.add_argument("--out", required=True, help="checkpoint directory to write")
-    c.add_argument("--users", type=int, default=0, help="fit on the first N users' validation targets (0 = all; a codes model: 6,000 drawn at random)")
+    c.add_argument("--users", type=int, default=0, help="fit on the first N users' validation targets (0 = all; "
+                                                         "a codes model: 6,000 drawn at random)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_calibrate)

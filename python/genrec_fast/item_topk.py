@@ -23,10 +23,11 @@ from .beam_search import check_filters
 from .device_search import top_by_score
 from .native import core
 
-FUSED_MIN_USERS = 16  # a tile of the fused head holds 16 users; fewer run as matmuls on small catalogs, but
-FUSED_MIN_ITEMS = 2 ** 15  # from this many items take the fused head too: it splits the catalog over the threads
-# (spans of >= 16,384 columns, csrc/topk.cpp), where torch's matrix-vector product runs on one (1M items, 1 user,
-# 2 threads: 30 -> 13 ms, benchmarks/README.md)
+# One model on a CPU takes the fused C++ head from a 16-user tile on, or from 32,768 items whatever the users: there
+# it splits the catalog over the threads (spans of >= 16,384 columns, csrc/topk.cpp), while torch's matrix-vector
+# product runs on one (1M items, 1 user, 2 threads: 30 -> 13 ms, benchmarks/README.md); else matmuls + the C++ scan.
+FUSED_MIN_USERS = 16
+FUSED_MIN_ITEMS = 2 ** 15
 DEFAULT_CHUNK = 8192  # vocabulary rows per matmul: (256 users x 8192) fp32 = 8 MB, measured fastest on CPU
 WHOLE_MATMUL_MAX = 256 * DEFAULT_CHUNK  # users x vocabulary up to which one matmul takes the whole vocabulary
 
