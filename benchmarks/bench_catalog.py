@@ -29,10 +29,12 @@ every item, offsets on the 150 successors of each user's last three items) and, 
 codes with both (as configs/beauty-codes-leaf-l1-history-transition-bias.json). With `--both`, the one-token
 model with the transition bias in both directions (50 successors and 50 predecessors a context item: 300 pairs a
 user, as configs/whole-history-transition-both-calibrated.json) and, with `--leaf`, the leaf-head codes so (as
-configs/beauty-codes-leaf-l1-history-transition-both-calibrated.json).
+configs/beauty-codes-leaf-l1-history-transition-both-calibrated.json). With `--cascade NxB[,NxB]`, those leaf-head
+codes with both biases both ways proposing N candidates from a B-beam search that the one-token model with both
+biases both ways reranks (cascade.py, as `genrec-fast cascade` builds from the two configs above; weight 0.5).
 
 Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--codes] [--leaf] [--history]
-       [--transition] [--both]
+       [--transition] [--both] [--cascade 20x20,100x100]
        [--code-levels 2 --leaf-size 16] [--train] [--load] [--quick]
 Last line: catalog_bench ratio_vs_sasrec=<x> batch1_ms=<y> users_per_s_1m=<z> rss_gb_1m=<w> train_rss_gb_1m=<v> load_5m_s=<s> codes_users_per_s_1m=<c> leaf_users_per_s_1m=<l>
 """
@@ -124,10 +126,22 @@ def sasrec_batch(histories: list) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+FORMS = ("whole", "codes", "leaf", "history", "leaf-history", "transition", "transition-both", "leaf-transition",
+         "leaf-transition-both")
 ONE_TOKEN = ("whole", "history", "transition", "transition-both")
 
 
 def build(n_items: int, seed: int = 0, form: str = "whole", levels: int = 2, leaf: int = 16):
+    if form.startswith("cascade"):  # "cascade-NxB": the codes retriever and the one-token ranker, both biases
+        from genrec_fast.cascade import Cascade
+        n, b = map(int, form.split("-")[1].split("x"))
+        (retriever, s1), (ranker, s2) = (build(n_items, seed, f, levels, leaf)
+                                         for f in ("leaf-transition-both", "transition-both"))
+        return Cascade(retriever, ranker, n, 0.5, b), s1 + s2
+    return _build(n_items, seed, form, levels, leaf)
+
+
+def _build(n_items: int, seed: int = 0, form: str = "whole", levels: int = 2, leaf: int = 16):
     """The one-token model, or (form "codes") the same model over collaborative codes: `levels` levels of
     code_branches(n) values (leaves of ~`leaf` items) and a unique last token, in the form of
     configs/beauty-codes-first-noeos.json (the encoder reads one position per item, no EOS step),
@@ -140,6 +154,8 @@ def build(n_items: int, seed: int = 0, form: str = "whole", levels: int = 2, lea
     leaf-head codes with both biases; "leaf-transition-both": and the predecessor table."""
     import dataclasses
     from genrec_fast import Recommender, preset
+    if form not in FORMS:
+        raise ValueError(f"form: expected one of {FORMS} or cascade-NxB, got {form!r}")
     cfg = dataclasses.replace(preset("small").model, **MODEL, item_eos=False, leaf_head=form.startswith("leaf"),
                               history_bias=form not in ("whole", "codes", "leaf"),
                               transition_bias="transition" in form, transition_reverse=form.endswith("transition-both"))
@@ -194,7 +210,8 @@ def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec:
                  form: str = "whole", levels: int = 2, leaf: int = 16) -> dict:
     torch.set_num_threads(threads)
     rec, build_s = build(n_items, form=form, levels=levels, leaf=leaf)
-    rec.model.to(device)
+    for r in getattr(rec, "retriever", rec), getattr(rec, "ranker", rec):
+        r.model.to(device)
     hist_idx = histories(n_items, BATCH * batches + singles)
     ids = rec.catalog.item_ids
     hist_ids = [[ids[i] for i in h] for h in hist_idx]
@@ -270,7 +287,14 @@ def print_report(rows: list, extra: dict, args) -> None:
                  "leaf-history": ", leaf head, history bias",
                  "transition": ", history + transition bias",
                  "transition-both": ", history + transition bias, both directions",
-                 "leaf-transition": ", leaf head, history + transition bias"}.get(r["form"], "")
+                 "leaf-transition": ", leaf head, history + transition bias",
+                 "leaf-transition-both": ", leaf head, history + transition bias, both directions",
+                 }.get(r["form"], "")
+        if r["form"].startswith("cascade"):
+            n, b = r["form"].split("-")[1].split("x")
+            form = (f"cascade: codes ({code_branches(r['items'], args.code_levels, args.leaf_size)} x "
+                    f"{args.code_levels} + unique), leaf head, both biases both ways, {b} beams; its top {n} "
+                    "reranked by the one-token model so")
         ratio = f"{r['users_per_s'] / r['sasrec_users_per_s']:.2f}" if "sasrec_users_per_s" in r else ""
         print(f"| {r['items']:,} | {form} | {r['build_s']:.1f} | {r['users_per_s']:,.0f} | {r['batch1_ms']:.2f} | "
               f"{r['rss_gb']:.2f} | {ratio} |")
@@ -308,9 +332,7 @@ def main(argv=None) -> None:
                                                    "the GPU's peak allocated GB)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     p.add_argument("--sasrec", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--form", default="whole", choices=("whole", "codes", "leaf", "history", "leaf-history", "transition",
-                                                         "transition-both", "leaf-transition", "leaf-transition-both"),
-                   help=argparse.SUPPRESS)
+    p.add_argument("--form", default="whole", help=argparse.SUPPRESS)  # FORMS, or cascade-NxB
     p.add_argument("--codes", action="store_true",
                    help="also the model over collaborative codes (trie search, 20 beams) at every size")
     p.add_argument("--leaf", action="store_true", help="also the codes model with the leaf head at every size")
@@ -323,6 +345,9 @@ def main(argv=None) -> None:
                    help="also the one-token model with both biases, the transition bias in both directions "
                         "(model.transition_reverse: configs/whole-history-transition-both-calibrated.json; with "
                         "--leaf: the leaf-head codes so too)")
+    p.add_argument("--cascade", metavar="NxB[,NxB]",
+                   help="also cascades: the --both --leaf codes model's top N of B beams reranked by the --both "
+                        "one-token model (cascade.py), e.g. 20x20,100x100")
     p.add_argument("--code-levels", type=int, default=2, help="codes: cluster levels before the last token")
     p.add_argument("--leaf-size", type=int, default=16, help="codes: items per leaf (sets the branching)")
     args = p.parse_args(argv)
@@ -350,6 +375,8 @@ def main(argv=None) -> None:
         rows += [run_size(n, args, "leaf-transition") for n in sorted(args.sizes)]
     if args.both and args.leaf:
         rows += [run_size(n, args, "leaf-transition-both") for n in sorted(args.sizes)]
+    for spec in args.cascade.split(",") if args.cascade else []:
+        rows += [run_size(n, args, f"cascade-{spec}") for n in sorted(args.sizes)]
     print_report(rows, optional_figures(args), args)
 
 

@@ -19,19 +19,23 @@ def setup():
     hist = bench.histories(N_ITEMS, 64)
     torch.manual_seed(0)
     codes, _ = bench.build(N_ITEMS, form="codes")
-    return rec, bench.SASRec(N_ITEMS).eval(), hist, [[rec.catalog.item_ids[i] for i in h] for h in hist], codes
+    cascade, _ = bench.build(N_ITEMS, form="cascade-20x20", levels=1, leaf=95)  # codes' top 20 reranked by one token
+    return (rec, bench.SASRec(N_ITEMS).eval(), hist, [[rec.catalog.item_ids[i] for i in h] for h in hist], codes,
+            cascade)
 
 
 @pytest.mark.parametrize("batch", [1, 64])
 @pytest.mark.parametrize("path", ["genrec_fast one-step", "genrec_fast trie search", "genrec_fast codes",
-                                  "sasrec-style"])
+                                  "genrec_fast cascade", "sasrec-style"])
 def test_catalog_recommend(benchmark, setup, path, batch):
-    rec, sasrec, hist, hist_ids, codes = setup
+    rec, sasrec, hist, hist_ids, codes, cascade = setup
     benchmark.group = f"catalog {N_ITEMS} items, batch {batch}"
     if path == "sasrec-style":
         fn = lambda: sasrec.recommend(bench.sasrec_batch(hist[:batch]), bench.TOP_K)  # noqa: E731
     elif path.endswith("codes"):  # collaborative codes: the C++ trie search over 2 levels + a unique token
         fn = lambda: codes.recommend(hist_ids[:batch], k=bench.TOP_K)  # noqa: E731
+    elif path.endswith("cascade"):  # cascade.py: leaf-head codes with both biases, reranked by one token so
+        fn = lambda: cascade.recommend(hist_ids[:batch], k=bench.TOP_K)  # noqa: E731
     else:
         backend = "auto" if path.endswith("one-step") else "cpp"
         fn = lambda: rec.recommend(hist_ids[:batch], k=bench.TOP_K, backend=backend)  # noqa: E731

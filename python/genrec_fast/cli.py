@@ -148,6 +148,9 @@ def cmd_calibrate(args) -> int:
     from . import checkpoint
     from .calibrate import calibrate
     from .recommend import _recommender
+    if (Path(args.checkpoint) / "cascade.json").is_file():
+        raise ValueError(f"checkpoint: {args.checkpoint} is a cascade; calibrate its retriever and ranker, then "
+                         "build the cascade again (genrec-fast cascade)")
     model, tokenizer, catalog, train_cfg, cfg = checkpoint.load_parts(args.checkpoint, args.device)
     rec = _recommender(model, tokenizer, catalog, train_cfg)
     data = _load_matching_data(args, catalog)
@@ -157,6 +160,24 @@ def cmd_calibrate(args) -> int:
     checkpoint.save(args.out, rec.model, tokenizer, catalog, train_cfg, info=info)
     print(json.dumps(out, indent=2))
     print(f"calibrated checkpoint {args.out}")
+    return 0
+
+
+def cmd_cascade(args) -> int:
+    """A retriever's candidates reranked by a one-token ranker, the weight chosen on validation (cascade.py)."""
+    from .cascade import Cascade, fit_weight
+    from .recommend import load
+    for name in ("retriever", "ranker"):
+        if (Path(getattr(args, name)) / "cascade.json").is_file():
+            raise ValueError(f"{name}: {getattr(args, name)} is a cascade; expected a model checkpoint")
+    cascade = Cascade(load(args.retriever, args.device), load(args.ranker, args.device), args.candidates,
+                      0.5 if args.weight is None else args.weight, args.beams)
+    data = _load_matching_data(args, cascade.catalog)
+    if args.weight is None:
+        users = None if not args.users else list(range(min(args.users, data.n_users)))
+        print(json.dumps(fit_weight(cascade, leave_one_out(data), users), indent=2))
+    cascade.save(args.out, args.retriever, args.ranker)
+    print(f"cascade {args.out} (weight {cascade.weight}, {cascade.candidates} candidates of {cascade.beams} beams)")
     return 0
 
 
@@ -271,7 +292,8 @@ def _id(token: str):
     return int(token) if token.lstrip("-").isdigit() else token
 
 
-ENSEMBLE_HELP = "checkpoint directory; several = an ensemble of models trained on the same data (e.g. other seeds)"
+ENSEMBLE_HELP = ("checkpoint directory (or a cascade directory: genrec-fast cascade); several = an ensemble of models "
+                 "trained on the same data (e.g. other seeds)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,6 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_calibrate)
+    q = sub.add_parser("cascade", help="rerank a fast model's candidates (e.g. collaborative codes) with a one-token "
+                                       "model, the weight of the two chosen on the validation targets")
+    q.add_argument("retriever", help="checkpoint that proposes candidates (any item form)")
+    q.add_argument("ranker", help="checkpoint of a one-token model (items of one token, no EOS step) that scores them")
+    _add_data_args(q)
+    q.add_argument("--out", required=True, help="cascade directory to write (cascade.json + copies of both checkpoints)")
+    q.add_argument("--candidates", type=int, default=20, help="candidates per user from the retriever (default 20)")
+    q.add_argument("--beams", type=int, help="the retriever's beam width (default: --candidates; wider beams find "
+                                             "better candidates, at the retriever's cost)")
+    q.add_argument("--weight", type=float, help="the ranker's weight in [0, 1] (default: chosen on validation)")
+    q.add_argument("--users", type=int, default=0, help="choose the weight on the first N users (0 = all)")
+    q.add_argument("--device", default="cpu")
+    q.set_defaults(func=cmd_cascade)
     f = sub.add_parser("report", help="the full report of train (valid, test, excluding seen, baselines) "
                                       "for a checkpoint or an ensemble")
     f.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)

@@ -36,15 +36,21 @@ def item_decode(model: GenRec | Ensemble, enc: dict, first_item: int, num_items:
     if model.cfg.item_eos:
         raise ValueError("item_decode: the model was trained with an EOS step after items (item_eos=True); "
                          "use beam_decode")
+    heads, history = first_step_heads(model, enc)
+    return item_topk(heads, first_item, num_items, k, exclude, allow, chunk, history=history)
+
+
+@torch.inference_mode()
+def first_step_heads(model: GenRec | Ensemble, enc: dict) -> tuple[list[Head], tuple | None]:
+    """enc: padded encoder batch -> the first decoder step from BOS as one `Head` per member, and the bias pairs
+    (`item_topk`'s history: items (U, P), -1 = none, and one (U, P) offset tensor per head), or None."""
     if use_first_step(model, enc):  # one C++ call: a CPU model, a batch small enough to gain (first_step.py)
         x, history = first_step(model, enc)
-        heads = [Head(x, model.shared.weight, model.final_logits_bias[0])]
-    else:
-        memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
-        heads = model.first_heads(memory, enc["mask"])
-        # the history and transition biases: offsets on the users' own items and their successors
-        history = model.bias_pairs(heads, memory, enc["item_ids"], enc["mask"])
-    return item_topk(heads, first_item, num_items, k, exclude, allow, chunk, history=history)
+        return [Head(x, model.shared.weight, model.final_logits_bias[0])], history
+    memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
+    heads = model.first_heads(memory, enc["mask"])
+    # the history and transition biases: offsets on the users' own items and their successors
+    return heads, model.bias_pairs(heads, memory, enc["item_ids"], enc["mask"])
 
 
 @torch.inference_mode()

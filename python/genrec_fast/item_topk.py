@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .beam_search import check_filters
 from .device_search import top_by_score
 from .native import core
+from .row_pairs import RowPairs
 
 # One model on a CPU takes the fused C++ head from a 16-user tile on, or from 32,768 items whatever the users: there
 # it splits the catalog over the threads (spans of >= 16,384 columns, csrc/topk.cpp), while torch's matrix-vector
@@ -82,6 +83,34 @@ def top_logits(head: Head, first_item: int, num_items: int, k: int, exclude=None
     ptr, ex_items, _ = check_filters(exclude, None, head.x.shape[0], num_items)
     items, values, _ = _scan([head], first_item, num_items, k, DEFAULT_CHUNK, None, None, ptr, ex_items, None)
     return items, np.where(items >= 0, values, -np.inf).astype(np.float32)
+
+
+def candidate_logits(heads: Sequence[Head], first_item: int, items, history: tuple | None = None) -> torch.Tensor:
+    """The members' mean logit of given items, offsets added: items (U, N) item indices (-1 = none) -> (U, N)
+    float32, -inf at -1 (cascade.py's ranker: N candidates instead of the catalog, so no normaliser).
+    history as in `item_topk`."""
+    x0, V = heads[0].x, heads[0].weight.shape[0]
+    idx = torch.as_tensor(np.asarray(items), dtype=torch.long, device=x0.device)  # (U, N)
+    if idx.dim() != 2 or idx.shape[0] != x0.shape[0]:
+        raise ValueError(f"items: expected (U={x0.shape[0]}, N) item indices, got shape {tuple(idx.shape)}")
+    if idx.numel() and int(idx.max()) >= V - first_item:
+        raise ValueError(f"items: index {int(idx.max())} beyond the vocabulary's {V - first_item} item rows")
+    rows = first_item + idx.clamp(min=0)  # (U, N) vocabulary rows
+    offsets = None if history is None else _check_offsets(*history, x0.shape[0], len(heads))
+    if offsets is not None:  # the bias pairs as sorted (user, item) keys; each candidate's among them
+        hist_items = offsets[0].to(idx.device)
+        pairs = RowPairs([hist_items], V - first_item)
+        users = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
+        at, found = pairs.find(users, idx)  # (U, N)
+        offsets = offsets if len(pairs.keys) else None  # (no pair at all)
+    z = torch.zeros(idx.shape, dtype=torch.float32, device=x0.device)
+    for m, h in enumerate(heads):
+        z += torch.bmm(h.weight[rows].float(), h.x.float()[:, :, None])[:, :, 0]  # (U, N)
+        if h.bias is not None:
+            z += h.bias[rows].float()
+        if offsets is not None:  # each pair's offsets summed over repeats, at the candidates that are pairs
+            z += torch.where(found, pairs.sums(hist_items, offsets[1][m].to(idx.device))[at], 0.0)
+    return (z / len(heads)).masked_fill(idx < 0, float("-inf"))
 
 
 def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items, allow, offsets=None):

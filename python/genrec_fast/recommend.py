@@ -201,7 +201,11 @@ def load(path: str | Path | Sequence[str | Path], device: str | torch.device = "
     """Load a checkpoint directory written by `genrec-fast train` / `genrec_fast.train`.
 
     A list of directories loads an ensemble: members trained on the same data with the same tokenizer
-    (e.g. different `train.seed`), ranked by their mean token log-probabilities (ensemble.py)."""
+    (e.g. different `train.seed`), ranked by their mean token log-probabilities (ensemble.py). A directory
+    written by `genrec-fast cascade` loads a `cascade.Cascade`."""
+    if isinstance(path, (str, Path)) and (Path(path) / "cascade.json").is_file():
+        from .cascade import load_cascade
+        return load_cascade(path, device)
     if isinstance(path, (str, Path)):
         model, tokenizer, catalog, train_cfg, _ = checkpoint.load_parts(path, device)
         return _recommender(model, tokenizer, catalog, train_cfg)

@@ -1,0 +1,157 @@
+"""A cascade: a fast model proposes candidates, a one-token model scores only those.
+
+The retriever (typically collaborative codes, whose trie search costs little at any catalog size) returns its
+top N items with log-probabilities log P_r. The ranker (a one-token model) runs its encoder and first decoder
+step and scores just those N items: its logits plus its bias offsets, normalised over the candidates
+(log P_o(item | candidates)); it never touches the rest of the catalog, the part that makes a one-token model
+slow at 1M items. Items are ranked by
+
+    score = (1 - weight) * log P_r(item) + weight * log P_o(item | candidates)
+
+weight 0 is the retriever alone, 1 the ranker restricted to the candidates. Filters (exclude_seen,
+allowed_items) act in the retriever's search, so every candidate is allowed. `fit_weight` chooses the weight on
+validation targets. A cascade is saved as a directory with cascade.json and the two checkpoints as retriever/
+and ranker/; `genrec_fast.load` reads it like any checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .decoding import first_step_heads
+from .evaluate import histories_for, metrics_from_ranks, target_ranks
+from .item_topk import candidate_logits
+from .recommend import Recommender
+
+CONFIG = "cascade.json"
+DEFAULT_CANDIDATES = 20  # the retriever's usual beam width: no extra search cost; 50 or 100 gained <1% on Beauty
+WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # the grid `fit_weight` searches
+
+
+class Cascade(Recommender):
+    """`retriever`'s top `candidates` items reranked with `ranker` (a one-token `Recommender`); `recommend`,
+    `decode` and `encode_batch` as for one model, with scores as in the module docstring."""
+
+    def __init__(self, retriever: Recommender, ranker: Recommender, candidates: int = DEFAULT_CANDIDATES,
+                 weight: float = 0.5, beams: int | None = None):
+        if isinstance(retriever, Cascade) or isinstance(ranker, Cascade):
+            raise ValueError("retriever, ranker: expected single models or ensembles, got a cascade")
+        if not ranker.one_step:
+            raise ValueError("ranker: expected a model with one token per item and no EOS step (it scores "
+                             "candidates in one decoder step), got one with item_tokens="
+                             f"{ranker.tokenizer.item_tokens!r}, item_eos={ranker.model.cfg.item_eos}")
+        if retriever.catalog.item_ids != ranker.catalog.item_ids:
+            raise ValueError("ranker: its catalog's item ids differ from the retriever's (both must be trained on "
+                             "the same data with the same --id-order and --seed)")
+        if retriever.catalog.user_ids != ranker.catalog.user_ids:
+            raise ValueError("ranker: its catalog's user ids differ from the retriever's")
+        check_candidates(candidates)
+        beams = candidates if beams is None else beams
+        check_candidates(beams, "beams")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"weight: expected a number in [0, 1], got {weight!r}")
+        super().__init__(retriever.model, retriever.tokenizer, retriever.catalog, retriever.max_items,
+                         retriever.use_users or ranker.use_users, retriever.exclude_seen)
+        self.retriever, self.ranker, self.candidates, self.weight = retriever, ranker, candidates, float(weight)
+        self.beams = beams
+        self.fit: dict = {}  # what `fit_weight` measured, saved with the cascade
+
+    @property
+    def one_step(self) -> bool:
+        return False  # (calibrate.py and the CLI ask: a cascade is not one model's one step)
+
+    def encode_batch(self, histories, users) -> dict:
+        """Both models' padded encoder batches."""
+        return {"retriever": self.retriever.encode_batch(histories, users),
+                "ranker": self.ranker.encode_batch(histories, users)}
+
+    def decode(self, enc: dict, k: int, num_beams: int, exclude=None, allow=None, backend: str = "auto",
+               length_penalty: float = 0.0):
+        """-> items (U, k) int64 item indices (-1 = none) and cascade scores (U, k) float32, best first; the
+        retriever searches max(beams, candidates, k, num_beams) beams for max(candidates, k) candidates."""
+        n = max(self.candidates, k)
+        cand, log_r = self.retriever.decode(enc["retriever"], n, max(self.beams, n, num_beams), exclude, allow,
+                                            backend, length_penalty)
+        log_o = self.ranker_logprobs(enc["ranker"], cand)
+        return combine(cand, log_r, log_o, self.weight, k)
+
+    @torch.inference_mode()
+    def ranker_logprobs(self, enc: dict, cand: np.ndarray) -> np.ndarray:
+        """cand (U, N) item indices (-1 = none) -> the ranker's log P(item | candidates) (U, N), -inf at -1."""
+        heads, history = first_step_heads(self.ranker.model, enc)
+        first = int(self.ranker.tokenizer.item_flat[0])
+        z = candidate_logits(heads, first, cand, history)  # (U, N)
+        return torch.log_softmax(z, dim=1).nan_to_num(float("-inf")).cpu().numpy()  # (no candidate: -inf)
+
+    def save(self, path: str | Path, retriever_dir: str | Path, ranker_dir: str | Path) -> Path:
+        """Write cascade.json and copies of the two checkpoint directories (their `load`ed files) to `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for name, src in (("retriever", retriever_dir), ("ranker", ranker_dir)):
+            if Path(src).resolve() != (path / name).resolve():
+                shutil.copytree(src, path / name, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("train_state.pt"))
+        cfg = {"candidates": self.candidates, "beams": self.beams, "weight": self.weight, "fit": self.fit,
+               "retriever_from": str(retriever_dir), "ranker_from": str(ranker_dir)}
+        (path / CONFIG).write_text(json.dumps(cfg, indent=2))
+        return path
+
+
+def check_candidates(n, name: str = "candidates") -> None:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {n!r}")
+
+
+def combine(cand: np.ndarray, log_r: np.ndarray, log_o: np.ndarray, weight: float, k: int):
+    """The cascade's order: cand (U, N) item indices (-1 = none), the two log-probabilities (U, N) -> the best k
+    items (U, k) and scores (U, k) by (1 - weight) log_r + weight log_o, ties in the retriever's order."""
+    valid = cand >= 0
+    score = np.where(valid, (1 - weight) * np.where(valid, log_r, 0) + weight * np.where(valid, log_o, 0), -np.inf)
+    order = np.argsort(-score, axis=1, kind="stable")[:, :k]  # (U, k); -inf (no candidate) last
+    items = np.take_along_axis(cand, order, 1)
+    return items, np.take_along_axis(score, order, 1).astype(np.float32)
+
+
+def load_cascade(path: str | Path, device: str | torch.device = "cpu") -> Cascade:
+    """A directory written by `Cascade.save` -> the cascade, its fit record in `.fit`."""
+    from .recommend import load
+    path = Path(path)
+    cfg = json.loads((path / CONFIG).read_text())
+    cascade = Cascade(load(path / "retriever", device), load(path / "ranker", device), cfg["candidates"],
+                      cfg["weight"], cfg.get("beams"))
+    cascade.fit = cfg.get("fit", {})
+    return cascade
+
+
+def fit_weight(cascade: Cascade, split, users=None, weights=WEIGHTS, batch_size: int = 256) -> dict:
+    """Choose `cascade.weight` on the validation targets of `users` (default all): the NDCG@10 of every weight
+    in `weights`, the best set on the cascade; a 2-fold check (the weight chosen on one half of the users, scored
+    on the other) says whether it holds on users it was not chosen on. -> the record, also in `cascade.fit`."""
+    users = np.arange(len(split.train)) if users is None else np.asarray(users)
+    hists, targets = histories_for(split, "valid", users)
+    ranks = {w: [] for w in weights}  # per weight, the targets' ranks (U,)
+    n = max(cascade.candidates, 20)  # as `evaluate` calls `decode`: k = 20, num_beams = 20
+    for s in range(0, len(users), batch_size):
+        enc = cascade.encode_batch(hists[s:s + batch_size], [int(u) for u in users[s:s + batch_size]])
+        cand, log_r = cascade.retriever.decode(enc["retriever"], n, max(cascade.beams, n))
+        log_o = cascade.ranker_logprobs(enc["ranker"], cand)
+        for w in weights:
+            items, _ = combine(cand, log_r, log_o, w, 20)
+            ranks[w].append(target_ranks(items, targets[s:s + batch_size]))
+    ranks = {w: np.concatenate(r) for w, r in ranks.items()}
+    ndcg = {w: metrics_from_ranks(r)["NDCG@10"] for w, r in ranks.items()}
+    best = max(weights, key=lambda w: (ndcg[w], -abs(w - 0.5)))  # ties: the weight nearer the middle
+    half = np.random.default_rng(0).permutation(len(users)) < len(users) // 2  # (U,) fold A
+    held_out = []
+    for fold in (half, ~half):  # choose on one fold, score on the other
+        w = max(weights, key=lambda w: metrics_from_ranks(ranks[w][fold])["NDCG@10"])
+        held_out.append(metrics_from_ranks(ranks[w][~fold])["NDCG@10"] * (~fold).sum())
+    record = {"weight": best, "candidates": cascade.candidates, "beams": cascade.beams, "users": int(len(users)),
+              "valid_ndcg10": {str(w): round(v, 5) for w, v in ndcg.items()},
+              "held_out_ndcg10": round(sum(held_out) / len(users), 5)}
+    cascade.weight, cascade.fit = float(best), record
+    return record

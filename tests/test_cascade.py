@@ -1,0 +1,200 @@
+"""The cascade (cascade.py): a codes retriever's candidates reranked by a one-token ranker, against brute force."""
+import dataclasses
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from genrec_fast import Recommender, checkpoint, load, preset
+from genrec_fast.cascade import Cascade, combine, fit_weight
+from genrec_fast.cli import main
+from genrec_fast.data import leave_one_out, synthetic
+from genrec_fast.evaluate import evaluate, model_ranker
+from genrec_fast.item_topk import Head, candidate_logits
+
+N_ITEMS = 40
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31), U=st.integers(1, 6), n=st.integers(1, 30), first=st.integers(0, 5),
+       N=st.integers(1, 12), P=st.integers(0, 15), members=st.integers(1, 3), bias=st.booleans())
+def test_candidate_logits_are_the_full_logits_at_the_candidates(seed, U, n, first, N, P, members, bias):
+    rng = np.random.default_rng(seed)
+    V, C = first + n + 2, 6
+    heads = [Head(*(torch.from_numpy(rng.standard_normal(s)).float() for s in ((U, C), (V, C))),
+                  torch.from_numpy(rng.standard_normal(V)).float() if bias else None) for _ in range(members)]
+    cand = rng.integers(-1, n, (U, N))  # -1: no candidate
+    hist = torch.from_numpy(rng.integers(-1, n, (U, P)))  # repeats and -1 included
+    if seed % 5 == 0:
+        hist[:] = -1  # no pair at all
+    offsets = [torch.from_numpy(rng.standard_normal((U, P))).float() for _ in range(members)]
+    got = candidate_logits(heads, first, cand, (hist, offsets) if P else None).numpy()
+    want = np.zeros((U, N))
+    for m, h in enumerate(heads):  # the definition: full logits, offsets added by a loop, at the candidates
+        z = (h.x @ h.weight.T + (0 if h.bias is None else h.bias)).numpy().astype(np.float64)
+        for u in range(U):
+            for p in range(P):
+                if hist[u, p] >= 0:
+                    z[u, first + hist[u, p]] += offsets[m][u, p].item()
+        want += np.take_along_axis(z, first + np.maximum(cand, 0), 1) / members
+    want[cand < 0] = -np.inf
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _ranker(seed=0):
+    """A one-token model with the history and transition biases (offsets far from 0)."""
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False, history_bias=True, transition_bias=True,
+                              transition_neighbors=4, transition_reverse=True)
+    rec = Recommender.random(list(range(N_ITEMS)), cfg, vocab_size=200, item_tokens="whole", seed=seed)
+    rng = np.random.default_rng(seed)
+    rec.model.transition.fit([rng.integers(0, N_ITEMS, 12) for _ in range(80)])
+    with torch.no_grad():
+        rec.model.transition.weight.normal_(0, 2.0)
+        rec.model.transition.reverse_weight.normal_(0, 2.0)
+        rec.model.history.recency.normal_(0, 2.0)
+    return rec
+
+
+def _retriever(seed=1):
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False)
+    return Recommender.random(list(range(N_ITEMS)), cfg, vocab_size=200, item_tokens="codes", code_levels=2,
+                              code_branches=4, code_input="first", seed=seed)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return _retriever(), _ranker()
+
+
+def _hists(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, N_ITEMS, int(rng.integers(1, 9))).tolist() for _ in range(n)]
+
+
+@pytest.mark.parametrize("filters", [{}, {"exclude_seen": True}, {"exclude_seen": True, "allowed_items": range(0, 40, 3)}])
+@pytest.mark.parametrize("weight", [0.0, 0.3, 0.7, 1.0])
+def test_cascade_equals_brute_force(pair, weight, filters):
+    retriever, ranker = pair
+    hists, N, k = _hists(), 9, 5
+    got = Cascade(retriever, ranker, N, weight).recommend(hists, k=k, **filters)
+    cands = retriever.recommend(hists, k=N, num_beams=20, **filters)  # the candidates: the retriever's top N (20 beams)
+    full = ranker.recommend(hists, k=N_ITEMS)  # the ranker's log-probability of every item
+    for g, c, f in zip(got, cands, full):
+        log_o = dict(zip(f.items, f.scores))
+        z = np.array([log_o[i] for i in c.items])
+        z -= np.log(np.exp(z - z.max()).sum()) + z.max()  # log P_ranker(item | candidates)
+        score = (1 - weight) * np.array(c.scores) + weight * z
+        order = np.argsort(-score, kind="stable")[:k]
+        assert g.items == [c.items[j] for j in order]
+        np.testing.assert_allclose(g.scores, score[order], rtol=1e-5, atol=1e-5)
+
+
+def test_weight_zero_is_the_retriever_and_one_with_every_item_the_ranker(pair):
+    retriever, ranker = pair
+    hists = _hists(seed=3)
+    for filters in ({}, {"exclude_seen": True, "allowed_items": range(1, 40, 2)}):
+        alone = retriever.recommend(hists, k=6, **filters)
+        assert Cascade(retriever, ranker, 6, 0.0).recommend(hists, k=6, **filters) == alone
+        want = ranker.recommend(hists, k=7, **filters)
+        got = Cascade(retriever, ranker, N_ITEMS, 1.0).recommend(hists, k=7, num_beams=N_ITEMS, **filters)
+        assert [g.items for g in got] == [w.items for w in want]
+        for g, w in zip(got, want):  # the same log-probabilities up to each user's normaliser
+            d = np.array(g.scores) - np.array(w.scores)
+            np.testing.assert_allclose(d, d[0], atol=1e-4)
+
+
+def test_cascade_refuses_what_it_cannot_rank(pair):
+    retriever, ranker = pair
+    with pytest.raises(ValueError, match="ranker: expected a model with one token per item"):
+        Cascade(ranker, retriever)
+    other = Recommender.random(list(range(1, N_ITEMS + 1)), dataclasses.replace(preset("tiny").model, item_eos=False),
+                               vocab_size=200, item_tokens="whole")
+    with pytest.raises(ValueError, match="item ids differ"):
+        Cascade(retriever, other)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="candidates"):
+            Cascade(retriever, ranker, bad)
+    with pytest.raises(ValueError, match="weight"):
+        Cascade(retriever, ranker, 5, 1.5)
+
+
+def test_combine_puts_missing_candidates_last():
+    cand = np.array([[3, -1, 5, 7]])
+    items, scores = combine(cand, np.array([[-1.0, -np.inf, -2.0, -3.0]]), np.array([[-3.0, -np.inf, -1.0, -2.0]]),
+                            0.5, 4)
+    assert items.tolist() == [[5, 3, 7, -1]] and scores[0, 3] == -np.inf
+
+
+def test_fit_weight_scores_each_weight_as_the_evaluator_does():
+    data = synthetic(n_users=120, n_items=N_ITEMS, seed=5)
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False, history_bias=True)
+    ranker = Recommender.random(data.item_ids, cfg, vocab_size=200, n_users=data.n_users, item_tokens="whole")
+    retriever = Recommender.random(data.item_ids, dataclasses.replace(preset("tiny").model, item_eos=False),
+                                   vocab_size=200, n_users=data.n_users, item_tokens="codes", code_levels=2,
+                                   code_branches=4, code_input="first", seed=2)
+    with torch.no_grad():
+        ranker.model.history.recency.normal_(0, 2.0)
+    split = leave_one_out(data)
+    cascade = Cascade(retriever, ranker, 25)
+    out = fit_weight(cascade, split, weights=(0.0, 0.4, 1.0), batch_size=50)
+    for w in (0.0, 0.4, 1.0):
+        cascade.weight = w
+        m = evaluate(model_ranker(cascade), split, "valid", progress=False)
+        assert out["valid_ndcg10"][str(w)] == pytest.approx(m["NDCG@10"], abs=1e-5)
+    assert out["valid_ndcg10"][str(out["weight"])] == max(out["valid_ndcg10"].values())
+    assert 0 <= out["held_out_ndcg10"] <= max(out["valid_ndcg10"].values()) + 1e-9
+
+
+def test_save_and_load_round_trip(pair, tmp_path):
+    retriever, ranker = pair
+    for name, rec in (("r", retriever), ("o", ranker)):
+        checkpoint.save(tmp_path / name, rec.model, rec.tokenizer, rec.catalog)
+    cascade = Cascade(retriever, ranker, 8, 0.6)
+    cascade.fit = {"weight": 0.6}
+    cascade.save(tmp_path / "cascade", tmp_path / "r", tmp_path / "o")
+    again = load(tmp_path / "cascade")
+    assert isinstance(again, Cascade) and (again.candidates, again.weight, again.fit) == (8, 0.6, {"weight": 0.6})
+    hists = _hists(seed=4)
+    want, got = cascade.recommend(hists, k=5), again.recommend(hists, k=5)
+    assert [g.items for g in got] == [w.items for w in want]
+    np.testing.assert_allclose([g.scores for g in got], [w.scores for w in want], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def p5_file(tmp_path_factory):
+    d = synthetic(n_users=150, n_items=N_ITEMS, seed=8)
+    p = tmp_path_factory.mktemp("data") / "sequential_data.txt"
+    p.write_text("".join(f"{u} " + " ".join(str(d.item_ids[i]) for i in s) + "\n"
+                         for u, s in zip(d.user_ids, d.sequences)))
+    return p
+
+
+def test_cli_fits_saves_evaluates_and_serves_a_cascade(p5_file, tmp_path, capsys, monkeypatch):
+    forms = {"codes": {"item_tokens": "codes", "code_levels": 1, "code_branches": 4, "code_input": "first"},
+             "whole": {"item_tokens": "whole"}}
+    for name, tok in forms.items():
+        cfg = tmp_path / f"{name}.json"
+        cfg.write_text(json.dumps({"preset": "tiny", "tokenizer": tok, "model": {"item_eos": False}}))
+        assert main(["train", "--data", str(p5_file), "--config", str(cfg), "--pretrain-epochs", "1", "--set",
+                     "train.finetune_epochs=1", "--out", str(tmp_path / name), "--no-report", "--quiet"]) == 0
+    out = tmp_path / "cascade"
+    capsys.readouterr()
+    assert main(["cascade", str(tmp_path / "codes" / "best"), str(tmp_path / "whole" / "best"), "--data",
+                 str(p5_file), "--out", str(out)]) == 0
+    fit = json.loads(capsys.readouterr().out.split("\ncascade ")[0])
+    assert json.loads((out / "cascade.json").read_text())["weight"] == fit["weight"]
+    assert main(["evaluate", str(out), "--data", str(p5_file), "--part", "valid", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["NDCG@10"] == pytest.approx(fit["valid_ndcg10"][str(fit["weight"])], abs=1e-5)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("1 3 5\n"))
+    assert main(["recommend", str(out), "-k", "4"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["items"]) == 4
+    assert main(["calibrate", str(out), "--data", str(p5_file), "--out", str(tmp_path / "x")]) == 2
+    assert "is a cascade" in capsys.readouterr().err
+    assert main(["cascade", str(tmp_path / "whole" / "best"), str(tmp_path / "codes" / "best"), "--data",
+                 str(p5_file), "--out", str(tmp_path / "bad")]) == 2
+    assert "ranker: expected a model with one token per item" in capsys.readouterr().err
