@@ -75,22 +75,44 @@ def _hists(n=12, seed=0):
     return [rng.integers(0, N_ITEMS, int(rng.integers(1, 9))).tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize("filters", [{}, {"exclude_seen": True}, {"exclude_seen": True, "allowed_items": range(0, 40, 3)}])
+def _bias_items(ranker, hists):
+    """Each history's items that the ranker's biases name: its own items and their transition neighbours."""
+    t = ranker.model.transition
+    out = []
+    for h in hists:
+        named = set(h)
+        for a in h[-t.context:]:
+            named |= {int(j) for j in t.items[a].tolist() if j >= 0}
+        out.append(named)
+    return out
+
+
+@pytest.mark.parametrize("filters", [{}, {"exclude_seen": True}, {"exclude_seen": True, "allowed_items": range(0, 40, 3)},
+                                     {"allowed_items": range(1, 40, 2)}])
 @pytest.mark.parametrize("weight", [0.0, 0.3, 0.7, 1.0])
-def test_cascade_equals_brute_force(pair, weight, filters):
+@pytest.mark.parametrize("bias_items", [False, True])
+def test_cascade_equals_brute_force(pair, weight, filters, bias_items):
     retriever, ranker = pair
-    hists, N, k = _hists(), 9, 5
-    got = Cascade(retriever, ranker, N, weight).recommend(hists, k=k, **filters)
+    hists, N, k = _hists(), 6, 5
+    got = Cascade(retriever, ranker, N, weight, bias_items=bias_items).recommend(hists, k=k, **filters)
     cands = retriever.recommend(hists, k=N, num_beams=20, **filters)  # the candidates: the retriever's top N (20 beams)
     full = ranker.recommend(hists, k=N_ITEMS)  # the ranker's log-probability of every item
-    for g, c, f in zip(got, cands, full):
+    allowed = set(filters.get("allowed_items", range(N_ITEMS)))
+    for g, c, f, h, named in zip(got, cands, full, hists, _bias_items(ranker, hists)):
+        items, log_r = list(c.items), list(c.scores)
+        if bias_items:  # the allowed named items the retriever did not return, at its lowest score
+            extra = sorted(i for i in named - set(items) if i in allowed
+                           and not (filters.get("exclude_seen") and i in h))
+            items, log_r = items + extra, log_r + [min(c.scores)] * len(extra)
         log_o = dict(zip(f.items, f.scores))
-        z = np.array([log_o[i] for i in c.items])
+        z = np.array([log_o[i] for i in items])
         z -= np.log(np.exp(z - z.max()).sum()) + z.max()  # log P_ranker(item | candidates)
-        score = (1 - weight) * np.array(c.scores) + weight * z
-        order = np.argsort(-score, kind="stable")[:k]
-        assert g.items == [c.items[j] for j in order]
-        np.testing.assert_allclose(g.scores, score[order], rtol=1e-5, atol=1e-5)
+        score = (1 - weight) * np.array(log_r) + weight * z
+        want = sorted(range(len(items)), key=lambda j: -score[j])[:k]  # ties: retrieved first, then by item
+        assert set(g.items) <= set(items) and len(g.items) == min(k, len(items))
+        np.testing.assert_allclose(g.scores, score[want], rtol=1e-5, atol=1e-5)
+        if len(set(np.round(score, 4))) == len(score):  # no near ties: the same order
+            assert g.items == [items[j] for j in want]
 
 
 def test_weight_zero_is_the_retriever_and_one_with_every_item_the_ranker(pair):

@@ -1,15 +1,17 @@
 """A cascade: a fast model proposes candidates, a one-token model scores only those.
 
 The retriever (typically collaborative codes, whose trie search costs little at any catalog size) returns its
-top N items with log-probabilities log P_r. The ranker (a one-token model) runs its encoder and first decoder
-step and scores just those N items: its logits plus its bias offsets, normalised over the candidates
-(log P_o(item | candidates)); it never touches the rest of the catalog, the part that makes a one-token model
-slow at 1M items. Items are ranked by
+top N items with log-probabilities log P_r. With `bias_items` (the default) the candidates also take the items
+the ranker's biases name (the user's history items and the transition neighbours of the last items, ~320 a user
+in the recommended configuration: items it scores with offsets anyway), after the filters (exclude_seen,
+allowed_items); such an item that the retriever did not return gets the lowest log P_r it returned. The ranker
+(a one-token model) runs its encoder and first decoder step and scores just the candidates: its logits plus its
+bias offsets, normalised over the candidates (log P_o(item | candidates)); it never touches the rest of the
+catalog, the part that makes a one-token model slow at 1M items. Items are ranked by
 
     score = (1 - weight) * log P_r(item) + weight * log P_o(item | candidates)
 
-weight 0 is the retriever alone, 1 the ranker restricted to the candidates. Filters (exclude_seen,
-allowed_items) act in the retriever's search, so every candidate is allowed. `fit_weight` chooses the weight on
+weight 0 is the retriever's order (the retrieved items first), 1 the ranker's over the candidates. `fit_weight` chooses the weight on
 validation targets. A cascade is saved as a directory with cascade.json and the two checkpoints as retriever/
 and ranker/; `genrec_fast.load` reads it like any checkpoint.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .beam_search import check_filters
 from .decoding import first_step_heads
 from .evaluate import histories_for, metrics_from_ranks, target_ranks
 from .item_topk import candidate_logits
@@ -33,11 +36,12 @@ WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # the grid `fit_weight` s
 
 
 class Cascade(Recommender):
-    """`retriever`'s top `candidates` items reranked with `ranker` (a one-token `Recommender`); `recommend`,
-    `decode` and `encode_batch` as for one model, with scores as in the module docstring."""
+    """`retriever`'s top `candidates` items of a `beams`-wide search (default: `candidates`), with `bias_items` the
+    ranker's bias items too, reranked with `ranker` (a one-token `Recommender`); `recommend`, `decode` and
+    `encode_batch` as for one model, with scores as in the module docstring."""
 
     def __init__(self, retriever: Recommender, ranker: Recommender, candidates: int = DEFAULT_CANDIDATES,
-                 weight: float = 0.5, beams: int | None = None):
+                 weight: float = 0.5, beams: int | None = None, bias_items: bool = True):
         if isinstance(retriever, Cascade) or isinstance(ranker, Cascade):
             raise ValueError("retriever, ranker: expected single models or ensembles, got a cascade")
         if not ranker.one_step:
@@ -57,7 +61,7 @@ class Cascade(Recommender):
         super().__init__(retriever.model, retriever.tokenizer, retriever.catalog, retriever.max_items,
                          retriever.use_users or ranker.use_users, retriever.exclude_seen)
         self.retriever, self.ranker, self.candidates, self.weight = retriever, ranker, candidates, float(weight)
-        self.beams = beams
+        self.beams, self.bias_items = beams, bool(bias_items)
         self.fit: dict = {}  # what `fit_weight` measured, saved with the cascade
 
     @property
@@ -76,16 +80,22 @@ class Cascade(Recommender):
         n = max(self.candidates, k)
         cand, log_r = self.retriever.decode(enc["retriever"], n, max(self.beams, n, num_beams), exclude, allow,
                                             backend, length_penalty)
-        log_o = self.ranker_logprobs(enc["ranker"], cand)
+        cand, log_r, log_o = self.rank(enc["ranker"], cand, log_r, exclude, allow)
         return combine(cand, log_r, log_o, self.weight, k)
 
     @torch.inference_mode()
-    def ranker_logprobs(self, enc: dict, cand: np.ndarray) -> np.ndarray:
-        """cand (U, N) item indices (-1 = none) -> the ranker's log P(item | candidates) (U, N), -inf at -1."""
-        heads, history = first_step_heads(self.ranker.model, enc)
+    def rank(self, enc: dict, cand: np.ndarray, log_r: np.ndarray, exclude=None, allow=None):
+        """The retriever's cand (U, N) item indices (-1 = none) and log P_r (U, N) -> the candidates (U, N + P),
+        with the ranker's allowed bias items after the retrieved ones (`bias_items`; -1 = none), their log P_r
+        (U, N + P) and the ranker's log P_o(item | candidates) (U, N + P), -inf at -1."""
+        heads, pairs = first_step_heads(self.ranker.model, enc)
+        if self.bias_items and pairs is not None:
+            extra = allowed(pairs[0].cpu().numpy(), exclude, allow, len(self.catalog.item_ids))  # (U, P)
+            cand, log_r = union(cand, log_r, extra)
         first = int(self.ranker.tokenizer.item_flat[0])
-        z = candidate_logits(heads, first, cand, history)  # (U, N)
-        return torch.log_softmax(z, dim=1).nan_to_num(float("-inf")).cpu().numpy()  # (no candidate: -inf)
+        z = candidate_logits(heads, first, cand, pairs)  # (U, N + P)
+        log_o = torch.log_softmax(z, dim=1).nan_to_num(float("-inf")).cpu().numpy()  # (no candidate: -inf)
+        return cand, log_r, log_o
 
     def save(self, path: str | Path, retriever_dir: str | Path, ranker_dir: str | Path) -> Path:
         """Write cascade.json and copies of the two checkpoint directories (their `load`ed files) to `path`."""
@@ -95,7 +105,8 @@ class Cascade(Recommender):
             if Path(src).resolve() != (path / name).resolve():
                 shutil.copytree(src, path / name, dirs_exist_ok=True,
                                 ignore=shutil.ignore_patterns("train_state.pt"))
-        cfg = {"candidates": self.candidates, "beams": self.beams, "weight": self.weight, "fit": self.fit,
+        cfg = {"candidates": self.candidates, "beams": self.beams, "bias_items": self.bias_items,
+               "weight": self.weight, "fit": self.fit,
                "retriever_from": str(retriever_dir), "ranker_from": str(ranker_dir)}
         (path / CONFIG).write_text(json.dumps(cfg, indent=2))
         return path
@@ -104,6 +115,37 @@ class Cascade(Recommender):
 def check_candidates(n, name: str = "candidates") -> None:
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"{name}: expected a positive integer, got {n!r}")
+
+
+def allowed(items: np.ndarray, exclude, allow, num_items: int) -> np.ndarray:
+    """items (U, P) item indices (-1 = none) -> the same with -1 where `exclude` / `allow` (as in
+    `beam_search.check_filters`) forbid the item for its user."""
+    U = items.shape[0]
+    ptr, ex_items, allow = check_filters(exclude, allow, U, num_items)
+    ok = items >= 0
+    safe = np.maximum(items, 0)
+    if allow is not None:
+        ok &= allow[safe] if allow.ndim == 1 else np.take_along_axis(allow, safe, 1)
+    if ptr is not None:  # (user, item) keys of the exclusions
+        users = np.repeat(np.arange(U), np.diff(ptr))
+        ok &= ~np.isin(np.arange(U)[:, None] * num_items + safe, users * num_items + ex_items)
+    return np.where(ok, items, -1)
+
+
+def union(cand: np.ndarray, log_r: np.ndarray, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cand (U, N) distinct per row (-1 = none), log_r (U, N), extra (U, P) items (-1 = none) -> cand then the
+    items of extra in neither cand nor earlier in extra (U, N + P), -1 elsewhere; log_r with each row's lowest
+    retrieved value for the added items (0 for a row with none retrieved)."""
+    extra = np.where((extra[:, :, None] == cand[:, None, :]).any(2), -1, extra)  # (U, P) not retrieved
+    order = np.argsort(extra, axis=1, kind="stable")
+    ranked = np.take_along_axis(extra, order, 1)
+    dup = np.zeros(extra.shape, dtype=bool)
+    dup[:, 1:] = ranked[:, 1:] == ranked[:, :-1]  # a repeat of the item before it in sorted order
+    np.put_along_axis(dup, order, dup.copy(), 1)
+    extra = np.where(dup, -1, extra)
+    found = np.where(cand >= 0, log_r, np.inf).min(1, keepdims=True)  # (U, 1)
+    floor = np.where(np.isfinite(found), found, 0.0).astype(np.float32)
+    return np.concatenate([cand, extra], 1), np.concatenate([log_r, np.broadcast_to(floor, extra.shape)], 1)
 
 
 def combine(cand: np.ndarray, log_r: np.ndarray, log_o: np.ndarray, weight: float, k: int):
@@ -122,7 +164,7 @@ def load_cascade(path: str | Path, device: str | torch.device = "cpu") -> Cascad
     path = Path(path)
     cfg = json.loads((path / CONFIG).read_text())
     cascade = Cascade(load(path / "retriever", device), load(path / "ranker", device), cfg["candidates"],
-                      cfg["weight"], cfg.get("beams"))
+                      cfg["weight"], cfg.get("beams"), cfg.get("bias_items", True))
     cascade.fit = cfg.get("fit", {})
     return cascade
 
@@ -138,7 +180,7 @@ def fit_weight(cascade: Cascade, split, users=None, weights=WEIGHTS, batch_size:
     for s in range(0, len(users), batch_size):
         enc = cascade.encode_batch(hists[s:s + batch_size], [int(u) for u in users[s:s + batch_size]])
         cand, log_r = cascade.retriever.decode(enc["retriever"], n, max(cascade.beams, n))
-        log_o = cascade.ranker_logprobs(enc["ranker"], cand)
+        cand, log_r, log_o = cascade.rank(enc["ranker"], cand, log_r)
         for w in weights:
             items, _ = combine(cand, log_r, log_o, w, 20)
             ranks[w].append(target_ranks(items, targets[s:s + batch_size]))
@@ -150,7 +192,8 @@ def fit_weight(cascade: Cascade, split, users=None, weights=WEIGHTS, batch_size:
     for fold in (half, ~half):  # choose on one fold, score on the other
         w = max(weights, key=lambda w: metrics_from_ranks(ranks[w][fold])["NDCG@10"])
         held_out.append(metrics_from_ranks(ranks[w][~fold])["NDCG@10"] * (~fold).sum())
-    record = {"weight": best, "candidates": cascade.candidates, "beams": cascade.beams, "users": int(len(users)),
+    record = {"weight": best, "candidates": cascade.candidates, "beams": cascade.beams,
+              "bias_items": cascade.bias_items, "users": int(len(users)),
               "valid_ndcg10": {str(w): round(v, 5) for w, v in ndcg.items()},
               "held_out_ndcg10": round(sum(held_out) / len(users), 5)}
     cascade.weight, cascade.fit = float(best), record

@@ -171,7 +171,7 @@ def cmd_cascade(args) -> int:
         if (Path(getattr(args, name)) / "cascade.json").is_file():
             raise ValueError(f"{name}: {getattr(args, name)} is a cascade; expected a model checkpoint")
     cascade = Cascade(load(args.retriever, args.device), load(args.ranker, args.device), args.candidates,
-                      0.5 if args.weight is None else args.weight, args.beams)
+                      0.5 if args.weight is None else args.weight, args.beams, not args.no_bias_items)
     data = _load_matching_data(args, cascade.catalog)
     if args.weight is None:
         users = None if not args.users else list(range(min(args.users, data.n_users)))
@@ -354,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--candidates", type=int, default=20, help="candidates per user from the retriever (default 20)")
     q.add_argument("--beams", type=int, help="the retriever's beam width (default: --candidates; wider beams find "
                                              "better candidates, at the retriever's cost)")
+    q.add_argument("--no-bias-items", action="store_true",
+                   help="candidates from the retriever only (default: also the items the ranker's history and "
+                        "transition biases name)")
     q.add_argument("--weight", type=float, help="the ranker's weight in [0, 1] (default: chosen on validation)")
     q.add_argument("--users", type=int, default=0, help="choose the weight on the first N users (0 = all)")
     q.add_argument("--device", default="cpu")
