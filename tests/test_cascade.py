@@ -180,6 +180,8 @@ def test_save_and_load_round_trip(pair, tmp_path):
     cascade.save(tmp_path / "cascade", tmp_path / "r", tmp_path / "o")
     again = load(tmp_path / "cascade")
     assert isinstance(again, Cascade) and (again.candidates, again.weight, again.fit) == (8, 0.6, {"weight": 0.6})
+    with pytest.raises(ValueError, match="is a cascade; load it alone"):
+        load([tmp_path / "cascade", tmp_path / "o"])
     hists = _hists(seed=4)
     want, got = cascade.recommend(hists, k=5), again.recommend(hists, k=5)
     assert [g.items for g in got] == [w.items for w in want]

@@ -82,23 +82,38 @@ def one_token_checkpoints(root: Path) -> list:
             save(root / "b", other, rec.tokenizer, rec.catalog)]
 
 
+def cascade_checkpoint(root: Path, ranker: Path) -> Path:
+    """A cascade directory (cascade.py): a random codes model over the one-token checkpoints' catalog + `ranker`."""
+    from genrec_fast import Recommender, load, preset
+    from genrec_fast.cascade import Cascade
+    from genrec_fast.checkpoint import save
+    cfg = dataclasses.replace(preset("tiny").model, item_eos=False)
+    codes = Recommender.random([f"sku{i}" for i in range(150)], cfg, vocab_size=200, item_tokens="codes",
+                               code_levels=2, code_branches=4, code_input="first", seed=3)
+    save(root / "codes", codes.model, codes.tokenizer, codes.catalog)
+    return Cascade(codes, load(ranker), 12, 0.4).save(root / "cascade", root / "codes", ranker)
+
+
 @pytest.fixture(scope="module")
 def servers(trained, tmp_path_factory):
     """{"pieces": (server, recommender), "ensemble": (server, recommender)}, started together."""
     _, run = trained
     root = tmp_path_factory.mktemp("serve")
     ens = one_token_checkpoints(root)
+    cascade = cascade_checkpoint(root, ens[0])
     started = {"pieces": Server([run / "best"], root / "pieces.log", "--engine", "litserve", "--max-wait-ms", "20"),
                "ensemble": Server(ens, root / "ensemble.log", "--engine", "litserve", "--max-wait-ms", "20",
                                   "--max-batch", "16"),
                "aiohttp": Server([run / "best"], root / "aiohttp.log", "--engine", "aiohttp", "--max-wait-ms", "20",
-                                 "--max-batch", "16")}
+                                 "--max-batch", "16"),
+               "cascade": Server([cascade], root / "cascade.log", "--engine", "aiohttp", "--max-batch", "16")}
     try:
         for s in started.values():
             s.wait_ready()
         yield {"pieces": (started["pieces"], genrec_fast.load(run / "best")),
                "ensemble": (started["ensemble"], genrec_fast.load(ens)),
-               "aiohttp": (started["aiohttp"], genrec_fast.load(run / "best"))}
+               "aiohttp": (started["aiohttp"], genrec_fast.load(run / "best")),
+               "cascade": (started["cascade"], genrec_fast.load(cascade))}
     finally:
         for s in started.values():
             s.stop()
@@ -136,7 +151,7 @@ def good_requests(rec, n: int, seed: int) -> list:
     return out
 
 
-@pytest.mark.parametrize("name", ["pieces", "ensemble", "aiohttp"])
+@pytest.mark.parametrize("name", ["pieces", "ensemble", "aiohttp", "cascade"])
 def test_answers_equal_recommend(servers, name):
     srv, rec = servers[name]
     assert httpx.get(f"{srv.url}/health", timeout=5).text == "ok"
@@ -265,6 +280,12 @@ def test_serve_cli_reports_bad_arguments_without_starting(tmp_path, capsys):
     assert "max_wait_ms: expected a positive number" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing"), "--max-wait-ms", "-1"]) == 2  # aiohttp: 0 is fine, < 0 is not
     assert "max_wait_ms: expected a number of milliseconds >= 0" in capsys.readouterr().err
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "cascade.json").write_text("{}")  # a cascade directory without its checkpoints
+    assert main(["serve", str(tmp_path / "c")]) == 2
+    assert "c/retriever: missing config.json" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "c"), str(tmp_path / "c")]) == 2
+    assert "is a cascade; it is served alone" in capsys.readouterr().err
 
 
 def test_resolve_ids_as_the_catalog_spells_them():

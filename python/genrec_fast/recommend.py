@@ -212,6 +212,9 @@ def load(path: str | Path | Sequence[str | Path], device: str | torch.device = "
     paths = list(path)
     if not paths:
         raise ValueError("path: expected a checkpoint directory or a non-empty list of them, got an empty list")
+    cascades = [str(p) for p in paths if (Path(p) / "cascade.json").is_file()]
+    if cascades:
+        raise ValueError(f"path: {cascades[0]} is a cascade; load it alone (an ensemble takes model checkpoints)")
     parts = [checkpoint.load_parts(p, device) for p in paths]
     check_same_files(paths, ("catalog.json", "tokenizer.model"))
     cfgs = [p[3] for p in parts]
