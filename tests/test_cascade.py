@@ -222,3 +222,13 @@ def test_cli_fits_saves_evaluates_and_serves_a_cascade(p5_file, tmp_path, capsys
     assert main(["cascade", str(tmp_path / "whole" / "best"), str(tmp_path / "codes" / "best"), "--data",
                  str(p5_file), "--out", str(tmp_path / "bad")]) == 2
     assert "ranker: expected a model with one token per item" in capsys.readouterr().err
+
+
+def test_an_ensemble_ranks_as_it_would_alone(pair):
+    from genrec_fast.ensemble import Ensemble
+    retriever, ranker = pair
+    other = _ranker(seed=1)
+    ens = Recommender(Ensemble([ranker.model, other.model]).eval(), ranker.tokenizer, ranker.catalog)
+    hists = _hists(seed=5)
+    got = Cascade(retriever, ens, N_ITEMS, 1.0).recommend(hists, k=6, num_beams=N_ITEMS, exclude_seen=True)
+    assert [g.items for g in got] == [w.items for w in ens.recommend(hists, k=6, exclude_seen=True)]
