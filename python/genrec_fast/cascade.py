@@ -11,9 +11,9 @@ catalog, the part that makes a one-token model slow at 1M items. Items are ranke
 
     score = (1 - weight) * log P_r(item) + weight * log P_o(item | candidates)
 
-weight 0 is the retriever's order (the retrieved items first), 1 the ranker's over the candidates. `fit_weight` chooses the weight on
-validation targets. A cascade is saved as a directory with cascade.json and the two checkpoints as retriever/
-and ranker/; `genrec_fast.load` reads it like any checkpoint.
+weight 0 is the retriever's order (the retrieved items first), 1 the ranker's over the candidates. `fit_weight`
+chooses the weight on validation targets. A cascade is saved as a directory with cascade.json and the two
+checkpoints as retriever/ and ranker/; `genrec_fast.load` reads it like any checkpoint.
 """
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from .beam_search import check_filters
+from .checkpoint import CASCADE
 from .decoding import first_step_heads
 from .evaluate import histories_for, metrics_from_ranks, target_ranks
 from .item_topk import candidate_logits
 from .recommend import Recommender
 
-CONFIG = "cascade.json"
-DEFAULT_CANDIDATES = 20  # the codes search's usual beam width; with the bias items 50 x 50 gave the same (Beauty, valid)
+DEFAULT_CANDIDATES = 20  # the codes search's usual beam width; with the bias items 50 x 50 gave the same (Beauty)
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # the grid `fit_weight` searches
 
 
@@ -75,13 +75,18 @@ class Cascade(Recommender):
 
     def decode(self, enc: dict, k: int, num_beams: int, exclude=None, allow=None, backend: str = "auto",
                length_penalty: float = 0.0):
-        """-> items (U, k) int64 item indices (-1 = none) and cascade scores (U, k) float32, best first; the
-        retriever searches max(beams, candidates, k, num_beams) beams for max(candidates, k) candidates."""
+        """-> items (U, k) int64 item indices (-1 = none) and cascade scores (U, k) float32, best first."""
+        return combine(*self.candidates_scored(enc, k, num_beams, exclude, allow, backend, length_penalty),
+                       self.weight, k)
+
+    def candidates_scored(self, enc: dict, k: int, num_beams: int, exclude=None, allow=None, backend: str = "auto",
+                          length_penalty: float = 0.0):
+        """The retriever's max(candidates, k) best of max(beams, candidates, k, num_beams) beams, then `rank` ->
+        candidates (U, C), log P_r (U, C), log P_o (U, C): what `combine` orders for any weight."""
         n = max(self.candidates, k)
         cand, log_r = self.retriever.decode(enc["retriever"], n, max(self.beams, n, num_beams), exclude, allow,
                                             backend, length_penalty)
-        cand, log_r, log_o = self.rank(enc["ranker"], cand, log_r, exclude, allow)
-        return combine(cand, log_r, log_o, self.weight, k)
+        return self.rank(enc["ranker"], cand, log_r, exclude, allow)
 
     @torch.inference_mode()
     def rank(self, enc: dict, cand: np.ndarray, log_r: np.ndarray, exclude=None, allow=None):
@@ -108,7 +113,7 @@ class Cascade(Recommender):
         cfg = {"candidates": self.candidates, "beams": self.beams, "bias_items": self.bias_items,
                "weight": self.weight, "fit": self.fit,
                "retriever_from": str(retriever_dir), "ranker_from": str(ranker_dir)}
-        (path / CONFIG).write_text(json.dumps(cfg, indent=2))
+        (path / CASCADE).write_text(json.dumps(cfg, indent=2))
         return path
 
 
@@ -152,7 +157,8 @@ def combine(cand: np.ndarray, log_r: np.ndarray, log_o: np.ndarray, weight: floa
     """The cascade's order: cand (U, N) item indices (-1 = none), the two log-probabilities (U, N) -> the best k
     items (U, k) and scores (U, k) by (1 - weight) log_r + weight log_o, ties in the retriever's order."""
     valid = cand >= 0
-    score = np.where(valid, (1 - weight) * np.where(valid, log_r, 0) + weight * np.where(valid, log_o, 0), -np.inf)
+    mixed = (1 - weight) * np.where(valid, log_r, 0) + weight * np.where(valid, log_o, 0)  # (no -inf * 0 = NaN)
+    score = np.where(valid, mixed, -np.inf)
     order = np.argsort(-score, axis=1, kind="stable")[:, :k]  # (U, k); -inf (no candidate) last
     items = np.take_along_axis(cand, order, 1)
     return items, np.take_along_axis(score, order, 1).astype(np.float32)
@@ -162,7 +168,7 @@ def load_cascade(path: str | Path, device: str | torch.device = "cpu") -> Cascad
     """A directory written by `Cascade.save` -> the cascade, its fit record in `.fit`."""
     from .recommend import load
     path = Path(path)
-    cfg = json.loads((path / CONFIG).read_text())
+    cfg = json.loads((path / CASCADE).read_text())
     cascade = Cascade(load(path / "retriever", device), load(path / "ranker", device), cfg["candidates"],
                       cfg["weight"], cfg.get("beams"), cfg.get("bias_items", True))
     cascade.fit = cfg.get("fit", {})
@@ -176,11 +182,9 @@ def fit_weight(cascade: Cascade, split, users=None, weights=WEIGHTS, batch_size:
     users = np.arange(len(split.train)) if users is None else np.asarray(users)
     hists, targets = histories_for(split, "valid", users)
     ranks = {w: [] for w in weights}  # per weight, the targets' ranks (U,)
-    n = max(cascade.candidates, 20)  # as `evaluate` calls `decode`: k = 20, num_beams = 20
     for s in range(0, len(users), batch_size):
         enc = cascade.encode_batch(hists[s:s + batch_size], [int(u) for u in users[s:s + batch_size]])
-        cand, log_r = cascade.retriever.decode(enc["retriever"], n, max(cascade.beams, n))
-        cand, log_r, log_o = cascade.rank(enc["ranker"], cand, log_r)
+        cand, log_r, log_o = cascade.candidates_scored(enc, 20, 20)  # as `evaluate` calls `decode`
         for w in weights:
             items, _ = combine(cand, log_r, log_o, w, 20)
             ranks[w].append(target_ranks(items, targets[s:s + batch_size]))

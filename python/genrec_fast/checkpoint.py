@@ -20,6 +20,12 @@ from .model import GenRec
 from .tokenizer import GenRecTokenizer
 
 FILES = ("config.json", "catalog.json", "tokenizer.model", "weights.pt")
+CASCADE = "cascade.json"  # marks a cascade directory (cascade.py): two checkpoints, retriever/ and ranker/
+
+
+def is_cascade(path: str | Path) -> bool:
+    """Whether `path` is a cascade directory written by `Cascade.save` rather than one model's checkpoint."""
+    return (Path(path) / CASCADE).is_file()
 
 
 def save(path: str | Path, model: GenRec, tokenizer: GenRecTokenizer, catalog: Catalog,

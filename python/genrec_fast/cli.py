@@ -148,7 +148,7 @@ def cmd_calibrate(args) -> int:
     from . import checkpoint
     from .calibrate import calibrate
     from .recommend import _recommender
-    if (Path(args.checkpoint) / "cascade.json").is_file():
+    if checkpoint.is_cascade(args.checkpoint):
         raise ValueError(f"checkpoint: {args.checkpoint} is a cascade; calibrate its retriever and ranker, then "
                          "build the cascade again (genrec-fast cascade)")
     model, tokenizer, catalog, train_cfg, cfg = checkpoint.load_parts(args.checkpoint, args.device)
@@ -166,9 +166,10 @@ def cmd_calibrate(args) -> int:
 def cmd_cascade(args) -> int:
     """A retriever's candidates reranked by a one-token ranker, the weight chosen on validation (cascade.py)."""
     from .cascade import Cascade, fit_weight
+    from .checkpoint import is_cascade
     from .recommend import load
     for name in ("retriever", "ranker"):
-        if (Path(getattr(args, name)) / "cascade.json").is_file():
+        if is_cascade(getattr(args, name)):
             raise ValueError(f"{name}: {getattr(args, name)} is a cascade; expected a model checkpoint")
     cascade = Cascade(load(args.retriever, args.device), load(args.ranker, args.device), args.candidates,
                       0.5 if args.weight is None else args.weight, args.beams, not args.no_bias_items)
@@ -350,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("retriever", help="checkpoint that proposes candidates (any item form)")
     q.add_argument("ranker", help="checkpoint of a one-token model (items of one token, no EOS step) that scores them")
     _add_data_args(q)
-    q.add_argument("--out", required=True, help="cascade directory to write (cascade.json + copies of both checkpoints)")
+    q.add_argument("--out", required=True,
+                   help="cascade directory to write (cascade.json + copies of both checkpoints)")
     q.add_argument("--candidates", type=int, default=20, help="candidates per user from the retriever (default 20)")
     q.add_argument("--beams", type=int, help="the retriever's beam width (default: --candidates; wider beams find "
                                              "better candidates, at the retriever's cost)")

@@ -203,7 +203,7 @@ def load(path: str | Path | Sequence[str | Path], device: str | torch.device = "
     A list of directories loads an ensemble: members trained on the same data with the same tokenizer
     (e.g. different `train.seed`), ranked by their mean token log-probabilities (ensemble.py). A directory
     written by `genrec-fast cascade` loads a `cascade.Cascade`."""
-    if isinstance(path, (str, Path)) and (Path(path) / "cascade.json").is_file():
+    if isinstance(path, (str, Path)) and checkpoint.is_cascade(path):
         from .cascade import load_cascade
         return load_cascade(path, device)
     if isinstance(path, (str, Path)):
@@ -212,7 +212,7 @@ def load(path: str | Path | Sequence[str | Path], device: str | torch.device = "
     paths = list(path)
     if not paths:
         raise ValueError("path: expected a checkpoint directory or a non-empty list of them, got an empty list")
-    cascades = [str(p) for p in paths if (Path(p) / "cascade.json").is_file()]
+    cascades = [str(p) for p in paths if checkpoint.is_cascade(p)]
     if cascades:
         raise ValueError(f"path: {cascades[0]} is a cascade; load it alone (an ensemble takes model checkpoints)")
     parts = [checkpoint.load_parts(p, device) for p in paths]

@@ -178,7 +178,7 @@ def check_arguments(paths: Sequence[Union[str, Path]], max_batch: int) -> None:
     if not paths:
         raise ValueError("checkpoint: expected at least one checkpoint directory")
     for p in paths:
-        if (Path(p) / "cascade.json").is_file():  # a cascade directory (cascade.py): its two checkpoints
+        if checkpoint.is_cascade(p):  # a cascade directory (cascade.py): its two checkpoints
             if len(paths) > 1:
                 raise ValueError(f"checkpoint: {p} is a cascade; it is served alone, not in an ensemble")
             check_arguments([Path(p) / "retriever", Path(p) / "ranker"], max_batch)
