@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "beam_step.h"
+#include "candidate_logits.h"
 #include "decoder_step.h"
 #include "first_step.h"
 #include "leaf_scores.h"
@@ -28,6 +29,7 @@ void bind_attention(py::module_& m);
 void bind_head_topk(py::module_& m);
 
 void bind_leaf_scores(py::module_& m);
+void bind_candidate_logits(py::module_& m);
 void bind_packed_attention(py::module_& m);
 void bind_first_step(py::module_& m);
 
@@ -43,6 +45,7 @@ PYBIND11_MODULE(_core, m) {
   bind_beam_search(m);
   bind_topk(m);
   bind_leaf_scores(m);
+  bind_candidate_logits(m);
   bind_packed_attention(m);
   bind_first_step(m);
   bind_attention(m);
@@ -286,6 +289,36 @@ void bind_leaf_scores(py::module_& m) {
       "out (rows, width) = dot(weight[slots], hidden[row]), -inf at empty slots (0): weight (weight_rows, dim) "
       "float32, slots (rows, width) int64, hidden (rows, dim) float32, out float32, all C-contiguous at raw "
       "host pointers that the caller keeps alive during the call.");
+}
+
+// ======================= a cascade's candidate logits =============================================
+void bind_candidate_logits(py::module_& m) {
+  m.def(
+      "candidate_logits",
+      [](std::uintptr_t weight, std::uintptr_t bias, int64_t weight_rows, int64_t dim, std::uintptr_t hidden,
+         std::uintptr_t items, int64_t users, int64_t n, std::uintptr_t pair_items, std::uintptr_t pair_offsets,
+         int64_t pairs, std::uintptr_t out, int threads) {
+        if (users * n > 0 && (weight == 0 || hidden == 0 || items == 0 || out == 0)) {
+          throw py::value_error("weight, hidden, items or out pointer is null");
+        }
+        if (users * pairs > 0 && (pair_items == 0 || pair_offsets == 0)) {
+          throw py::value_error("pair_items or pair_offsets pointer is null");
+        }
+        py::gil_scoped_release release;
+        genrec::candidate_logits(reinterpret_cast<const float*>(weight), reinterpret_cast<const float*>(bias),
+                                 weight_rows, dim, reinterpret_cast<const float*>(hidden),
+                                 reinterpret_cast<const int64_t*>(items), users, n,
+                                 reinterpret_cast<const int64_t*>(pair_items),
+                                 reinterpret_cast<const float*>(pair_offsets), pairs, reinterpret_cast<float*>(out),
+                                 threads);
+      },
+      py::arg("weight"), py::arg("bias"), py::arg("weight_rows"), py::arg("dim"), py::arg("hidden"), py::arg("items"),
+      py::arg("users"), py::arg("n"), py::arg("pair_items"), py::arg("pair_offsets"), py::arg("pairs"), py::arg("out"),
+      py::arg("threads"),
+      "out (users, n) = dot(weight[items], hidden[user]) + bias[items] (bias 0 = none) + the user's pair offsets "
+      "at the item (repeats summed), -inf at items -1: weight (weight_rows, dim) float32, hidden (users, dim) "
+      "float32, items (users, n) int64, pair_items (users, pairs) int64 (-1 = none), pair_offsets (users, pairs) "
+      "float32, out float32, all C-contiguous at raw host pointers that the caller keeps alive during the call.");
 }
 
 // ======================= packed self-attention ===================================================

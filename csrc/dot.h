@@ -13,12 +13,14 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return acc;
 }
 
-// Asks the cache for a row a later iteration reads (rows scattered over a table).
-inline void prefetch(const float* p) {
+// Asks the cache for a row a later iteration reads (rows scattered over a table): every 64-byte line of its
+// n floats (n = 64: four lines; one line alone left the other three to miss).
+inline void prefetch(const float* p, int64_t n = 16) {
 #if defined(__GNUC__)
-  __builtin_prefetch(p);
+  for (int64_t c = 0; c < n; c += 16) __builtin_prefetch(p + c);
 #else
   (void)p;
+  (void)n;
 #endif
 }
 

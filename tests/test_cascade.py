@@ -14,17 +14,20 @@ from genrec_fast.cascade import Cascade, combine, fit_weight
 from genrec_fast.cli import main
 from genrec_fast.data import leave_one_out, synthetic
 from genrec_fast.evaluate import evaluate, model_ranker
-from genrec_fast.item_topk import Head, candidate_logits
+from genrec_fast.item_topk import Head, _check_offsets, candidate_logits, candidate_logits_reference
 
 N_ITEMS = 40
 
 
-@settings(max_examples=50, deadline=None)
-@given(seed=st.integers(0, 2**31), U=st.integers(1, 6), n=st.integers(1, 30), first=st.integers(0, 5),
-       N=st.integers(1, 12), P=st.integers(0, 15), members=st.integers(1, 3), bias=st.booleans())
-def test_candidate_logits_are_the_full_logits_at_the_candidates(seed, U, n, first, N, P, members, bias):
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), U=st.integers(1, 40), n=st.integers(1, 30), first=st.integers(0, 5),
+       N=st.integers(1, 12), P=st.integers(0, 15), members=st.integers(1, 3), bias=st.booleans(),
+       C=st.sampled_from([1, 6, 17, 64]), path=st.sampled_from(["auto", "reference"]))
+def test_candidate_logits_are_the_full_logits_at_the_candidates(seed, U, n, first, N, P, members, bias, C, path):
+    """Both paths (on a CPU `auto` is the C++ core's) against the definition: full logits, offsets added by a
+    loop, read at the candidates."""
     rng = np.random.default_rng(seed)
-    V, C = first + n + 2, 6
+    V = first + n + 2
     heads = [Head(*(torch.from_numpy(rng.standard_normal(s)).float() for s in ((U, C), (V, C))),
                   torch.from_numpy(rng.standard_normal(V)).float() if bias else None) for _ in range(members)]
     cand = rng.integers(-1, n, (U, N))  # -1: no candidate
@@ -32,10 +35,15 @@ def test_candidate_logits_are_the_full_logits_at_the_candidates(seed, U, n, firs
     if seed % 5 == 0:
         hist[:] = -1  # no pair at all
     offsets = [torch.from_numpy(rng.standard_normal((U, P))).float() for _ in range(members)]
-    got = candidate_logits(heads, first, cand, (hist, offsets) if P else None).numpy()
+    history = (hist, offsets) if P else None
+    if path == "auto":
+        got = candidate_logits(heads, first, cand, history).numpy()
+    else:
+        checked = None if history is None else _check_offsets(*history, U, members)
+        got = candidate_logits_reference(heads, first, torch.from_numpy(cand), checked).numpy()
     want = np.zeros((U, N))
-    for m, h in enumerate(heads):  # the definition: full logits, offsets added by a loop, at the candidates
-        z = (h.x @ h.weight.T + (0 if h.bias is None else h.bias)).numpy().astype(np.float64)
+    for m, h in enumerate(heads):
+        z = (h.x.double() @ h.weight.double().T + (0 if h.bias is None else h.bias.double())).numpy()
         for u in range(U):
             for p in range(P):
                 if hist[u, p] >= 0:
@@ -43,6 +51,33 @@ def test_candidate_logits_are_the_full_logits_at_the_candidates(seed, U, n, firs
         want += np.take_along_axis(z, first + np.maximum(cand, 0), 1) / members
     want[cand < 0] = -np.inf
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_candidate_logits_native_equals_reference_at_scale():
+    """The C++ path against the torch one at a cascade's shape (many users over the thread split, ~340
+    candidates, ~320 pairs with repeats), to float rounding."""
+    rng = np.random.default_rng(3)
+    U, V, C, N, P, first = 300, 5000, 64, 340, 320, 4
+    heads = [Head(torch.randn(U, C), torch.randn(V, C), torch.randn(V))]
+    cand = rng.integers(-1, V - first, (U, N))
+    hist = torch.from_numpy(rng.integers(-1, 400, (U, P)))  # few distinct items: many repeats
+    cand[:, :100] = hist[:, :100].numpy()  # candidates that are pairs
+    off = [torch.randn(U, P)]
+    got = candidate_logits(heads, first, cand, (hist, off))
+    want = candidate_logits_reference(heads, first, torch.from_numpy(cand), _check_offsets(hist, off, U, 1))
+    assert torch.equal(got.isinf(), want.isinf()) and int(got.isinf().sum()) > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_candidate_logits_reject_bad_items():
+    heads = [Head(torch.randn(2, 4), torch.randn(10, 4), None)]
+    with pytest.raises(ValueError, match="items: index 8 beyond"):
+        candidate_logits(heads, 2, np.array([[0, 8], [1, 2]]))
+    with pytest.raises(ValueError, match=r"expected \(U=2, N\)"):
+        candidate_logits(heads, 2, np.array([0, 1]))
+    with pytest.raises(ValueError, match="pair item 9 at 1 is outside"):  # the C++ core's check
+        candidate_logits(heads, 2, np.array([[0, 1], [1, 2]]), (torch.tensor([[0, 9], [1, 1]]),
+                                                               [torch.zeros(2, 2)]))
 
 
 def _ranker(seed=0):

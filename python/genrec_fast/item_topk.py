@@ -88,15 +88,40 @@ def top_logits(head: Head, first_item: int, num_items: int, k: int, exclude=None
 def candidate_logits(heads: Sequence[Head], first_item: int, items, history: tuple | None = None) -> torch.Tensor:
     """The members' mean logit of given items, offsets added: items (U, N) item indices (-1 = none) -> (U, N)
     float32, -inf at -1 (cascade.py's ranker: N candidates instead of the catalog, so no normaliser).
-    history as in `item_topk`."""
+    history as in `item_topk`. On a CPU (float32 heads) the C++ core's gather-and-dot with a per-user lookup of
+    the offsets (`_core.candidate_logits`); elsewhere `candidate_logits_reference`."""
     x0, V = heads[0].x, heads[0].weight.shape[0]
     idx = torch.as_tensor(np.asarray(items), dtype=torch.long, device=x0.device)  # (U, N)
     if idx.dim() != 2 or idx.shape[0] != x0.shape[0]:
         raise ValueError(f"items: expected (U={x0.shape[0]}, N) item indices, got shape {tuple(idx.shape)}")
     if idx.numel() and int(idx.max()) >= V - first_item:
         raise ValueError(f"items: index {int(idx.max())} beyond the vocabulary's {V - first_item} item rows")
-    rows = first_item + idx.clamp(min=0)  # (U, N) vocabulary rows
     offsets = None if history is None else _check_offsets(*history, x0.shape[0], len(heads))
+    native = x0.device.type == "cpu" and all(h.weight.dtype == h.x.dtype == torch.float32 for h in heads)
+    if not native:
+        return candidate_logits_reference(heads, first_item, idx, offsets)
+    idx = idx.contiguous()
+    z = torch.zeros(idx.shape, dtype=torch.float32)
+    for m, h in enumerate(heads):
+        w, x = h.weight.detach()[first_item:].contiguous(), h.x.detach().contiguous()  # (V - first, C), (U, C)
+        b = None if h.bias is None else h.bias.detach()[first_item:].float().contiguous()
+        pair_items = offsets[0] if offsets is not None else idx.new_empty(0)  # (U, S)
+        pair_offsets = offsets[1][m] if offsets is not None else z.new_empty(0)  # (U, S)
+        out = torch.empty(idx.shape, dtype=torch.float32)
+        core().candidate_logits(w.data_ptr(), 0 if b is None else b.data_ptr(), w.shape[0], w.shape[1],
+                                x.data_ptr(), idx.data_ptr(), idx.shape[0], idx.shape[1], pair_items.data_ptr(),
+                                pair_offsets.data_ptr(), pair_items.shape[1] if offsets is not None else 0,
+                                out.data_ptr(), torch.get_num_threads())
+        z += out
+    return z / len(heads)
+
+
+def candidate_logits_reference(heads: Sequence[Head], first_item: int, idx: torch.Tensor,
+                               offsets: tuple | None = None) -> torch.Tensor:
+    """`candidate_logits` in torch ops (any device): idx (U, N) int64 item indices (-1 = none), offsets as
+    `_check_offsets` returns them (or None) -> (U, N) float32, -inf at -1."""
+    x0, V = heads[0].x, heads[0].weight.shape[0]
+    rows = first_item + idx.clamp(min=0)  # (U, N) vocabulary rows
     if offsets is not None:  # the bias pairs as sorted (user, item) keys; each candidate's among them
         hist_items = offsets[0].to(idx.device)
         pairs = RowPairs([hist_items], V - first_item)
