@@ -64,9 +64,9 @@ MODEL = dict(d_model=64, encoder_layers=2, decoder_layers=2, n_heads=2, ffn_dim=
 
 
 def code_branches(n_items: int, levels: int = 2, leaf: int = 16) -> int:
-    """Values per code level: the power of two nearest (n_items / leaf) ** (1 / levels), so that leaves
-    hold ~`leaf` items."""
-    return max(2, 1 << round(math.log2(max(2.0, (n_items / leaf) ** (1 / levels)))))
+    """Values per code level whose leaves hold ~`leaf` items (`collab_codes.branches_for`)."""
+    from genrec_fast.collab_codes import branches_for
+    return branches_for(n_items, levels, leaf)
 
 
 # ---------------------------------------------------------------------------------------------

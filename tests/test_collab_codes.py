@@ -2,6 +2,7 @@
 balanced unique codes, codes that only the training part shapes, and the "codes" tokenizer end to end
 through recommend() (C++ trie search against the Python reference, seen items pruned)."""
 import dataclasses
+import logging
 from collections import Counter
 
 import numpy as np
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from brute_force import assert_beam_search_is_exhaustive
 
 from genrec_fast import Recommender, SequenceData, preset
-from genrec_fast.collab_codes import balanced_codes, build_codes, cooccurrence
+from genrec_fast.collab_codes import balanced_codes, branches_for, build_codes, cooccurrence
 from genrec_fast.tokenizer import GenRecTokenizer
 from genrec_fast.train import Trainer
 
@@ -214,3 +215,23 @@ def test_codes_from_a_one_token_checkpoint_recover_its_clusters(tmp_path):
                                                                          pieces.tokenizer, pieces.catalog)))
     with pytest.raises(ValueError, match="not a one-token model"):
         Trainer(data, tmp_path / "p", p, progress=False)
+
+
+def test_branches_for_gives_leaves_of_about_the_asked_size():
+    assert branches_for(12_101, 1) == 128  # the codes preset's value on Beauty
+    assert branches_for(1_000_000, 1) == 8192  # leaves of ~122: the catalog benchmark's shape
+    assert branches_for(1_000_000, 2, 16) == 256
+    assert branches_for(10, 1) == 2  # at least two clusters
+
+
+def test_train_warns_when_leaves_are_large(caplog):
+    from genrec_fast.train import warn_large_leaves
+    big = balanced_codes(np.random.default_rng(0).standard_normal((4096, 4)), 1, 2)  # 2 leaves of 2,048
+    with caplog.at_level(logging.WARNING, logger="genrec_fast"):
+        warn_large_leaves(big, 1, 2)
+    assert "leaves of up to 2048 items" in caplog.text and "tokenizer.code_branches=32" in caplog.text
+    caplog.clear()
+    small = balanced_codes(np.random.default_rng(0).standard_normal((4096, 4)), 1, 64)  # leaves of 64
+    with caplog.at_level(logging.WARNING, logger="genrec_fast"):
+        warn_large_leaves(small, 1, 64)
+    assert caplog.text == ""

@@ -80,6 +80,14 @@ def test_the_recommended_preset_is_the_recorded_recommended_config():
         ("whole", False, True, True)
 
 
+def test_the_codes_preset_is_the_recorded_codes_config():
+    from pathlib import Path
+    recorded = (Path(__file__).resolve().parents[1] / "configs" /
+                "beauty-codes-leaf-l1-history-transition-both-calibrated.json")
+    assert load_config("codes") == load_config(str(recorded))
+    assert load_config("codes").tokenizer.item_tokens == "codes" and load_config("codes").model.leaf_head
+
+
 def test_sampled_softmax_fields():
     p = with_overrides(preset("small"), dict([parse_override("train.softmax=sampled"),
                                               parse_override("train.num_negatives=256")]))

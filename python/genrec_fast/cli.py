@@ -304,9 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     t.add_argument("--model", default="genrec", choices=("genrec", "sasrec"),
                    help="genrec (default) or the SASRec peer (sasrec.py; settings: --set sasrec.FIELD=VALUE)")
-    t.add_argument("--config", help="preset (recommended, tiny, small, base) or a JSON file such as "
+    t.add_argument("--config", help="preset (recommended, codes, tiny, small, base) or a JSON file such as "
                    "configs/beauty-whole-small-nouser.json (default recommended: one token per item with the history "
-                   "and transition biases; small: the paper's sub-word pieces)")
+                   "and transition biases; codes: the same with items as collaborative codes, the fast form at large "
+                   "catalogs; small: the paper's sub-word pieces)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one config field, e.g. --set tokenizer.item_tokens=whole (repeatable)")
     t.add_argument("--out", help="run directory (default runs/<data>-<config>)")

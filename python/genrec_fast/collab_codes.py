@@ -16,6 +16,7 @@ Memory is O(nnz + N * dim); a million items and five million interactions take ~
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -112,6 +113,16 @@ def build_codes(train: Sequence[np.ndarray], n_items: int, levels: int = 2, bran
                 window: int = 3, seed: int = 0) -> np.ndarray:
     """(n_items, levels + 1) collaborative codes from the training sequences (see the module docstring)."""
     return balanced_codes(spectral_embedding(cooccurrence(train, n_items, window), dim, seed=seed), levels, branches)
+
+
+LEAF_ITEMS = 96  # items per leaf the codes preset has on Beauty (12,101 / 128 clusters)
+LARGE_LEAF = 1024  # items per leaf from which `train` warns: the leaf head scores a whole leaf per beam
+
+
+def branches_for(n_items: int, levels: int, leaf: int = LEAF_ITEMS) -> int:
+    """Values per cluster level whose leaves hold ~`leaf` items: the power of two nearest
+    (n_items / leaf) ** (1 / levels), at least 2."""
+    return max(2, 1 << round(math.log2(max(2.0, (n_items / leaf) ** (1 / levels)))))
 
 
 def checkpoint_item_vectors(path, item_ids: Sequence) -> np.ndarray:

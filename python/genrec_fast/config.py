@@ -194,7 +194,7 @@ class Preset:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 
-PRESETS = ("tiny", "small", "base", "recommended")
+PRESETS = ("tiny", "small", "base", "recommended", "codes")
 
 # `small` plus these: the configuration the README recommends, as configs/whole-history-transition-both-calibrated.json
 # records it with its measured numbers (tests/test_config.py keeps the two equal). One token per item, no EOS step,
@@ -208,12 +208,22 @@ RECOMMENDED = {
     "tokenizer.item_tokens": "whole",
 }
 
+# `recommended` with items as collaborative codes (one cluster level of 128 + a leaf token, the leaf head): the fast
+# form at a million items and a cascade's retriever, as configs/beauty-codes-leaf-l1-history-transition-both-
+# calibrated.json records it (tests/test_config.py keeps the two equal). 128 clusters suit catalogs of ~10k items
+# (leaves of ~95 on Beauty); larger catalogs want more (`train` warns): 8,192 at a million items.
+CODES = {"model.leaf_head": True, "tokenizer.item_tokens": "codes", "tokenizer.code_levels": 1,
+         "tokenizer.code_branches": 128, "tokenizer.code_input": "first"}
+
 
 def preset(name: str) -> Preset:
     """Named configurations: `tiny` (tests), `small` (CPU; items as sub-word pieces, the paper's form), `base`
-    (BART-base dimensions), `recommended` (`small` + RECOMMENDED: one token per item with the biases)."""
+    (BART-base dimensions), `recommended` (`small` + RECOMMENDED: one token per item with the biases), `codes`
+    (`recommended` + CODES: items as collaborative codes)."""
     if name == "recommended":
         return with_overrides(preset("small"), RECOMMENDED)
+    if name == "codes":
+        return with_overrides(preset("recommended"), CODES)
     if name == "tiny":
         return Preset(
             ModelConfig(d_model=32, encoder_layers=1, decoder_layers=1, n_heads=2, ffn_dim=64, max_positions=128),

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, distributed
 from .batching import encode_padded, pad_targets
-from .collab_codes import balanced_codes, build_codes, checkpoint_item_vectors
+from .collab_codes import LARGE_LEAF, LEAF_ITEMS, balanced_codes, branches_for, build_codes, checkpoint_item_vectors
 from .config import ModelConfig, Preset, TrainConfig
 from .data import Catalog, SequenceData, Split, leave_one_out
 from .ema import WeightAverage
@@ -282,6 +282,7 @@ class Trainer:
                                         tok.code_dim, tok.code_window, seed=self.tcfg.seed)
                 log.info("item codes: %s values per level, built in %.1f s", (table.max(0) + 1).tolist(),
                          time.perf_counter() - t0)
+                warn_large_leaves(table, tok.code_levels, tok.code_branches)
             return GenRecTokenizer.train(self.split.train, self.data.item_codes, tok.vocab_size, tok.item_tokens,
                                          table, tok.code_input)
         if not self.group.enabled:
@@ -575,6 +576,16 @@ class Trainer:
             if "ema" not in state:
                 raise ValueError(f"resume: {last} was trained without train.ema_decay; resume it without it")
             self.ema.load_state_dict(state["ema"])
+
+
+def warn_large_leaves(table: np.ndarray, levels: int, branches: int) -> None:
+    """A code table (n_items, levels + 1) whose leaves are large (the leaf head scores every item of a leaf per
+    beam, so a leaf of thousands makes decoding slow) -> a warning naming the tokenizer.code_branches to use."""
+    largest = int(table[:, -1].max()) + 1
+    if largest >= LARGE_LEAF:
+        log.warning("item codes: leaves of up to %d items (%d items, tokenizer.code_branches=%d); decoding scores "
+                    "a whole leaf per beam: --set tokenizer.code_branches=%d gives leaves of ~%d", largest,
+                    len(table), branches, branches_for(len(table), levels), LEAF_ITEMS)
 
 
 def check_sampled_softmax(preset: Preset) -> None:
