@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "beam_step.h"
-#include "candidate_logits.h"
+#include "candidates.h"
 #include "decoder_step.h"
 #include "first_step.h"
 #include "leaf_scores.h"
@@ -291,7 +291,7 @@ void bind_leaf_scores(py::module_& m) {
       "host pointers that the caller keeps alive during the call.");
 }
 
-// ======================= a cascade's candidate logits =============================================
+// ======================= a cascade's candidates ===================================================
 void bind_candidate_logits(py::module_& m) {
   m.def(
       "candidate_logits",
@@ -319,6 +319,22 @@ void bind_candidate_logits(py::module_& m) {
       "at the item (repeats summed), -inf at items -1: weight (weight_rows, dim) float32, hidden (users, dim) "
       "float32, items (users, n) int64, pair_items (users, pairs) int64 (-1 = none), pair_offsets (users, pairs) "
       "float32, out float32, all C-contiguous at raw host pointers that the caller keeps alive during the call.");
+  m.def(
+      "append_new_items",
+      [](std::uintptr_t items, int64_t n, std::uintptr_t extra, int64_t extra_n, int64_t users, std::uintptr_t out,
+         int threads) {
+        if (users > 0 && ((n > 0 && items == 0) || (extra_n > 0 && extra == 0) || (n + extra_n > 0 && out == 0))) {
+          throw py::value_error("items, extra or out pointer is null");
+        }
+        py::gil_scoped_release release;
+        genrec::append_new_items(reinterpret_cast<const int64_t*>(items), n, reinterpret_cast<const int64_t*>(extra),
+                                 extra_n, users, reinterpret_cast<int64_t*>(out), threads);
+      },
+      py::arg("items"), py::arg("n"), py::arg("extra"), py::arg("extra_n"), py::arg("users"), py::arg("out"),
+      py::arg("threads"),
+      "out (users, n + extra_n) = items (users, n; distinct per row, -1 = none), then the extra items (users, "
+      "extra_n; -1 = none) in neither items nor earlier in extra, at their own positions, -1 elsewhere; int64, "
+      "C-contiguous at raw host pointers that the caller keeps alive during the call.");
 }
 
 // ======================= packed self-attention ===================================================

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from genrec_fast import Recommender, checkpoint, load, preset
-from genrec_fast.cascade import Cascade, combine, fit_weight
+from genrec_fast.cascade import Cascade, append_new_items, append_new_items_reference, combine, fit_weight
 from genrec_fast.cli import main
 from genrec_fast.data import leave_one_out, synthetic
 from genrec_fast.evaluate import evaluate, model_ranker
@@ -67,6 +67,27 @@ def test_candidate_logits_native_equals_reference_at_scale():
     want = candidate_logits_reference(heads, first, torch.from_numpy(cand), _check_offsets(hist, off, U, 1))
     assert torch.equal(got.isinf(), want.isinf()) and int(got.isinf().sum()) > 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), U=st.integers(0, 70), N=st.integers(0, 12), P=st.integers(0, 20),
+       n=st.integers(1, 30))
+def test_append_new_items_equals_its_reference(seed, U, N, P, n):
+    """The C++ join against the numpy definition: retrieved items first, then the extra items neither retrieved
+    nor repeated, at their own positions (-1 holes)."""
+    rng = np.random.default_rng(seed)
+    cand = np.full((U, N), -1, dtype=np.int64)  # distinct per row, -1 = none
+    for u in range(U):
+        cand[u] = np.where(rng.random(N) < 0.2, -1, rng.permutation(max(n, N))[:N])
+    extra = rng.integers(-1, n, (U, P))
+    got = append_new_items(cand, extra)
+    np.testing.assert_array_equal(got, append_new_items_reference(cand, extra))
+    for u in range(U):  # the definition, by a loop
+        seen, want = set(cand[u][cand[u] >= 0].tolist()), []
+        for x in extra[u].tolist():
+            want.append(x if x >= 0 and x not in seen else -1)
+            seen.add(x)
+        assert got[u, N:].tolist() == want
 
 
 def test_candidate_logits_reject_bad_items():

@@ -29,6 +29,7 @@ from .checkpoint import CASCADE
 from .decoding import first_step_heads
 from .evaluate import histories_for, metrics_from_ranks, target_ranks
 from .item_topk import candidate_logits
+from .native import core
 from .recommend import Recommender
 
 DEFAULT_CANDIDATES = 20  # the codes search's usual beam width; with the bias items 50 x 50 gave the same (Beauty)
@@ -139,18 +140,36 @@ def allowed(items: np.ndarray, exclude, allow, num_items: int) -> np.ndarray:
 
 def union(cand: np.ndarray, log_r: np.ndarray, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """cand (U, N) distinct per row (-1 = none), log_r (U, N), extra (U, P) items (-1 = none) -> cand then the
-    items of extra in neither cand nor earlier in extra (U, N + P), -1 elsewhere; log_r with each row's lowest
-    retrieved value for the added items (0 for a row with none retrieved)."""
+    items of extra in neither cand nor earlier in extra (U, N + P), -1 elsewhere (`append_new_items`); log_r with
+    each row's lowest retrieved value for the added items (0 for a row with none retrieved)."""
+    found = np.where(cand >= 0, log_r, np.inf).min(1, keepdims=True)  # (U, 1)
+    floor = np.where(np.isfinite(found), found, 0.0).astype(np.float32)
+    joined = append_new_items(cand, extra)  # (U, N + P)
+    return joined, np.concatenate([log_r, np.broadcast_to(floor, extra.shape)], 1)
+
+
+def append_new_items(cand: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """`append_new_items_reference` in one C++ pass (`_core.append_new_items`: a hash set per user)."""
+    cand, extra = (np.ascontiguousarray(a, dtype=np.int64) for a in (cand, extra))
+    if cand.ndim != 2 or extra.ndim != 2 or len(cand) != len(extra):
+        raise ValueError(f"cand, extra: expected (U, N) and (U, P) item tables, got shapes {cand.shape} and "
+                         f"{extra.shape}")
+    out = np.empty((len(cand), cand.shape[1] + extra.shape[1]), dtype=np.int64)
+    core().append_new_items(cand.ctypes.data, cand.shape[1], extra.ctypes.data, extra.shape[1], len(cand),
+                            out.ctypes.data, torch.get_num_threads())
+    return out
+
+
+def append_new_items_reference(cand: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """cand (U, N) distinct per row (-1 = none), extra (U, P) (-1 = none) -> (U, N + P): cand, then each extra item
+    in neither cand nor earlier in its row of extra, at its own position; -1 elsewhere."""
     extra = np.where((extra[:, :, None] == cand[:, None, :]).any(2), -1, extra)  # (U, P) not retrieved
     order = np.argsort(extra, axis=1, kind="stable")
     ranked = np.take_along_axis(extra, order, 1)
     dup = np.zeros(extra.shape, dtype=bool)
     dup[:, 1:] = ranked[:, 1:] == ranked[:, :-1]  # a repeat of the item before it in sorted order
     np.put_along_axis(dup, order, dup.copy(), 1)
-    extra = np.where(dup, -1, extra)
-    found = np.where(cand >= 0, log_r, np.inf).min(1, keepdims=True)  # (U, 1)
-    floor = np.where(np.isfinite(found), found, 0.0).astype(np.float32)
-    return np.concatenate([cand, extra], 1), np.concatenate([log_r, np.broadcast_to(floor, extra.shape)], 1)
+    return np.concatenate([cand, np.where(dup, -1, extra)], 1)
 
 
 def combine(cand: np.ndarray, log_r: np.ndarray, log_o: np.ndarray, weight: float, k: int):

@@ -1,6 +1,7 @@
-// A cascade's ranker (python/genrec_fast/cascade.py) scores a few hundred candidate items per user instead of
-// the catalog: each candidate's logit is gathered and dotted in one pass, its bias offsets (the user's
-// (item, offset) pairs, repeats summed) found by a per-user hash table.
+// A cascade's candidates (python/genrec_fast/cascade.py): the retriever's items joined by the ranker's bias items,
+// and the ranker's logits at a few hundred candidates per user instead of the catalog: each candidate's row
+// gathered and dotted in one pass, its bias offsets (the user's (item, offset) pairs, repeats summed) found in a
+// per-user hash table.
 #pragma once
 
 #include <cstdint>
@@ -15,5 +16,10 @@ namespace genrec {
 void candidate_logits(const float* weight, const float* bias, int64_t weight_rows, int64_t dim, const float* hidden,
                       const int64_t* items, int64_t users, int64_t n, const int64_t* pair_items,
                       const float* pair_offsets, int64_t pairs, float* out, int threads);
+
+// out (users, n + extra_n): each row's items (n, distinct, -1 = none) and then, at their own positions, the row's
+// extra items (extra_n, -1 = none) that are in neither items nor earlier in extra; -1 at every other position.
+void append_new_items(const int64_t* items, int64_t n, const int64_t* extra, int64_t extra_n, int64_t users,
+                      int64_t* out, int threads);
 
 }  // namespace genrec

@@ -1,4 +1,4 @@
-#include "candidate_logits.h"
+#include "candidates.h"
 
 #include <limits>
 #include <stdexcept>
@@ -22,27 +22,30 @@ void check_items(const int64_t* items, int64_t count, int64_t weight_rows, const
   }
 }
 
-// One user's pairs as an open-addressing hash table: item -> its offsets summed in table order (as torch's
-// index_add sums them). A sort per user and a binary search per candidate cost 3x more (a cascade's ~320 pairs
-// and ~340 candidates a user).
-class PairTable {
+// One user's items as an open-addressing hash table, each with a float sum: for the pairs, item -> its offsets
+// summed in table order (as torch's index_add sums them). A sort per user and a binary search per candidate cost
+// 3x more (a cascade's ~320 pairs and ~340 candidates a user).
+class ItemTable {
  public:
-  void build(const int64_t* items, const float* offsets, int64_t pairs) {
+  void reset(int64_t most) {  // room for `most` items, at most half full
     size_t capacity = 16;
-    while (capacity < 2 * static_cast<size_t>(pairs)) capacity <<= 1;  // at most half full
+    while (capacity < 2 * static_cast<size_t>(most)) capacity <<= 1;
     keys_.assign(capacity, -1);
     sums_.assign(capacity, 0.0f);
     mask_ = capacity - 1;
-    for (int64_t s = 0; s < pairs; ++s) {
-      if (items[s] < 0) continue;
-      const size_t at = slot(items[s]);
-      keys_[at] = items[s];
-      sums_[at] += offsets[s];
-    }
   }
 
-  // The summed offsets of `item`, 0 when it is no pair.
-  float offset(int64_t item) const {
+  // Adds value to item's sum (the item inserted if new; item >= 0); -> whether the item was new.
+  bool add(int64_t item, float value = 0.0f) {
+    const size_t at = slot(item);
+    const bool fresh = keys_[at] != item;
+    keys_[at] = item;
+    sums_[at] += value;
+    return fresh;
+  }
+
+  // The item's sum, 0 when it is absent.
+  float sum(int64_t item) const {
     const size_t at = slot(item);
     return keys_[at] == item ? sums_[at] : 0.0f;
   }
@@ -72,9 +75,12 @@ void candidate_logits(const float* weight, const float* bias, int64_t weight_row
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   constexpr int64_t kUsersPerThread = 16;  // ~5,000 dot products: below this a thread costs more than it saves
   parallel_for(users, threads, kUsersPerThread, [&](int64_t begin, int64_t end) {
-    PairTable table;  // this user's pairs
+    ItemTable table;  // this user's pairs
     for (int64_t u = begin; u < end; ++u) {
-      table.build(pair_items + u * pairs, pair_offsets + u * pairs, pairs);
+      table.reset(pairs);
+      for (int64_t s = u * pairs; s < (u + 1) * pairs; ++s) {
+        if (pair_items[s] >= 0) table.add(pair_items[s], pair_offsets[s]);
+      }
       const float* h = hidden + u * dim;
       const int64_t* c = items + u * n;
       float* o = out + u * n;
@@ -85,7 +91,28 @@ void candidate_logits(const float* weight, const float* bias, int64_t weight_row
         }
         if (m + 8 < n && c[m + 8] >= 0) prefetch(weight + c[m + 8] * dim, dim);  // rows are scattered over the table
         float z = dot(weight + c[m] * dim, h, dim) + (bias != nullptr ? bias[c[m]] : 0.0f);
-        o[m] = pairs > 0 ? z + table.offset(c[m]) : z;
+        o[m] = pairs > 0 ? z + table.sum(c[m]) : z;
+      }
+    }
+  });
+}
+
+void append_new_items(const int64_t* items, int64_t n, const int64_t* extra, int64_t extra_n, int64_t users,
+                      int64_t* out, int threads) {
+  if (n < 0 || extra_n < 0 || users < 0) throw std::invalid_argument("append_new_items: negative sizes");
+  constexpr int64_t kUsersPerThread = 64;
+  parallel_for(users, threads, kUsersPerThread, [&](int64_t begin, int64_t end) {
+    ItemTable seen;  // this user's items so far
+    for (int64_t u = begin; u < end; ++u) {
+      seen.reset(n + extra_n);
+      int64_t* o = out + u * (n + extra_n);
+      for (int64_t m = 0; m < n; ++m) {
+        o[m] = items[u * n + m];
+        if (o[m] >= 0) seen.add(o[m]);
+      }
+      for (int64_t m = 0; m < extra_n; ++m) {
+        const int64_t item = extra[u * extra_n + m];
+        o[n + m] = item >= 0 && seen.add(item) ? item : -1;
       }
     }
   });
