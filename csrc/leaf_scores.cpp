@@ -31,7 +31,7 @@ void leaf_scores(const float* weight, int64_t weight_rows, int64_t dim, const in
           out[r * width + m] = kNegInf;
           continue;
         }
-        if (m + 4 < width) prefetch(weight + s[m + 4] * dim);  // rows are scattered over the table
+        if (m + 8 < width) prefetch(weight + s[m + 8] * dim, dim);  // rows are scattered over the table
         out[r * width + m] = dot(weight + s[m] * dim, h, dim);
       }
     }
