@@ -115,6 +115,23 @@ def _ranker(seed=0):
     return rec
 
 
+def test_a_cascade_keeps_one_copy_of_equal_transition_tables(pair):
+    """Two models whose neighbour tables were fit on the same sequences share one copy; the answers stay."""
+    retriever, _ = pair
+    a, b = _ranker(0), _ranker(0)  # the same sequences: equal tables
+    hists = _hists()
+    want = [(r.items, r.scores) for r in Cascade(retriever, b).recommend(hists, k=5)]
+    assert a.model.transition.items is not b.model.transition.items
+    cascade = Cascade(a, b)  # a one-token retriever: any model proposes
+    ta, tb = a.model.transition, b.model.transition
+    assert tb.items is ta.items and tb.counts is ta.counts
+    assert [(r.items, r.scores) for r in Cascade(retriever, b).recommend(hists, k=5)] == want
+    assert cascade.ranker is b
+    c = _ranker(1)  # other sequences: nothing shared
+    Cascade(a, c)
+    assert c.model.transition.items is not a.model.transition.items
+
+
 def _retriever(seed=1):
     cfg = dataclasses.replace(preset("tiny").model, item_eos=False)
     return Recommender.random(list(range(N_ITEMS)), cfg, vocab_size=200, item_tokens="codes", code_levels=2,

@@ -64,6 +64,7 @@ class Cascade(Recommender):
         self.retriever, self.ranker, self.candidates, self.weight = retriever, ranker, candidates, float(weight)
         self.beams, self.bias_items = beams, bool(bias_items)
         self.fit: dict = {}  # what `fit_weight` measured, saved with the cascade
+        share_transition_table(retriever.model, ranker.model)
 
     @property
     def one_step(self) -> bool:
@@ -116,6 +117,22 @@ class Cascade(Recommender):
                "retriever_from": str(retriever_dir), "ranker_from": str(ranker_dir)}
         (path / CASCADE).write_text(json.dumps(cfg, indent=2))
         return path
+
+
+def share_transition_table(a: torch.nn.Module, b: torch.nn.Module) -> int:
+    """Model b's transition neighbour table (items, counts) replaced by model a's where the two are equal (both
+    fit on the same training sequences: the two models of a cascade, ~800 MB each at 1M items with both
+    directions), so that one copy stays in memory. -> the bytes b no longer holds."""
+    ta, tb = getattr(a, "transition", None), getattr(b, "transition", None)
+    if ta is None or tb is None or ta.items is tb.items:
+        return 0
+    same = all(x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
+               for x, y in ((ta.items, tb.items), (ta.counts, tb.counts)))
+    if not same:
+        return 0
+    freed = sum(t.numel() * t.element_size() for t in (tb.items, tb.counts))
+    tb.items, tb.counts = ta.items, ta.counts  # (buffers: not parameters, never trained)
+    return freed
 
 
 def check_candidates(n, name: str = "candidates") -> None:
