@@ -67,7 +67,7 @@ stage pytest_kernels 180 python -m pytest tests/test_kernels.py -q -rs -p no:cac
 tail -5 "$LOGS/pytest_kernels.log" 2>/dev/null
 stage pytest_loss 120 python -m pytest tests/test_loss.py -q -rs -p no:cacheprovider
 tail -3 "$LOGS/pytest_loss.log" 2>/dev/null
-stage pytest_item_topk 150 python -m pytest tests/test_item_topk.py tests/test_head_topk.py tests/test_cuda_graphs.py tests/test_device_search.py tests/test_history_bias.py tests/test_codes_history.py tests/test_transition_bias.py -q -rs -p no:cacheprovider
+stage pytest_item_topk 150 python -m pytest tests/test_item_topk.py tests/test_head_topk.py tests/test_cuda_graphs.py tests/test_device_search.py tests/test_history_bias.py tests/test_codes_history.py tests/test_transition_bias.py tests/test_cascade.py -q -rs -p no:cacheprovider
 stage bench_device_search 150 python benchmarks/bench_device_search.py  # it times the GPU too when torch sees one
 # issue 22 targets on the bench model: batch-1 p50 <= 2 ms (the "device graph" row), >= 50,000 users/s at 256 in bf16
 stage bench_decode_graphs 150 python benchmarks/bench_device_search.py --devices cuda --dtype bfloat16 --batches 1 32 256
@@ -84,6 +84,11 @@ tail -9 "$LOGS/bench_catalog_cuda.log" 2>/dev/null
 GENREC_CUDA_HEAD_TOPK=1 stage bench_catalog_cuda_kernel 150 python benchmarks/bench_catalog.py --device cuda \
   --threads 4 --sizes 12101,1000000
 tail -6 "$LOGS/bench_catalog_cuda_kernel.log" 2>/dev/null
+# the cascade at 1M items on the device (codes + leaf head propose, the one-token model scores the candidates; with
+# the codes model alone and the one-token model beside it): only when GENREC_STAGES names it (~3 min, not yet run)
+[[ " ${GENREC_STAGES:-} " == *" bench_catalog_cuda_cascade "* ]] && stage bench_catalog_cuda_cascade 240 \
+  python benchmarks/bench_catalog.py --device cuda --threads 4 --sizes 1000000 --both --leaf --cascade 20x20 \
+  --code-levels 1 --leaf-size 95 && tail -9 "$LOGS/bench_catalog_cuda_cascade.log"
 stage bench_recommend_gpu 120 python benchmarks/bench_recommend_gpu.py
 stage bench_recommend_vs_hf_cuda 150 python benchmarks/bench_recommend.py --device cuda --threads 4 --repeats 20
 stage profile_recommend_cuda 90 python benchmarks/profile_recommend.py --device cuda

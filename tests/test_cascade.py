@@ -188,6 +188,31 @@ def test_cascade_equals_brute_force(pair, weight, filters, bias_items):
             assert g.items == [items[j] for j in want]
 
 
+def test_the_device_search_gives_the_cascade_the_same_answers(pair):
+    """backend="device" (the retriever's trie search as tensors, the GPU path) = the C++ search, on the CPU."""
+    cascade, hists = Cascade(*pair, 6, 0.5), _hists(seed=5)
+    for filters in ({}, {"exclude_seen": True, "allowed_items": range(0, 40, 3)}):
+        want = cascade.recommend(hists, k=5, **filters)
+        got = cascade.recommend(hists, k=5, backend="device", **filters)
+        assert [g.items for g in got] == [w.items for w in want]
+        np.testing.assert_allclose([g.scores for g in got], [w.scores for w in want], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("backend", ["auto", "device"])
+def test_a_cascade_on_the_gpu_answers_as_on_the_cpu(pair, backend):
+    """Both models on the GPU: the ranker's candidate logits in torch ops (`candidate_logits_reference`)."""
+    import copy
+    retriever, ranker = (copy.deepcopy(r) for r in pair)
+    for r in (retriever, ranker):
+        r.model.to("cuda")
+    hists = _hists(seed=6)
+    want = Cascade(*pair, 6, 0.5).recommend(hists, k=5, exclude_seen=True)
+    got = Cascade(retriever, ranker, 6, 0.5).recommend(hists, k=5, exclude_seen=True, backend=backend)
+    assert [g.items for g in got] == [w.items for w in want]
+    np.testing.assert_allclose([g.scores for g in got], [w.scores for w in want], rtol=1e-4, atol=1e-4)
+
+
 def test_weight_zero_is_the_retriever_and_one_with_every_item_the_ranker(pair):
     retriever, ranker = pair
     hists = _hists(seed=3)
