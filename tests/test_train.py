@@ -480,3 +480,82 @@ def test_item_id_embed_false_keeps_the_id_table_out_of_the_model(tmp_path):
         a = model.encode(tokens, item_ids=ids, **kw)
         b = model.encode(tokens, item_ids=torch.zeros_like(ids), **kw)
         assert torch.equal(a, b) != on
+
+
+def _codes_preset(**train):
+    """A tiny codes model with the leaf head and both biases (the `codes` preset's shape)."""
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False, leaf_head=True, history_bias=True, transition_bias=True,
+                                  transition_reverse=True)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="codes", code_levels=1, code_branches=4,
+                                      code_input="first")
+    p.train = dataclasses.replace(p.train, **{"pretrain_epochs": 0, "finetune_epochs": 1, "drop_user_prob": 0.0,
+                                               **train})
+    return p
+
+
+@pytest.mark.parametrize("codes", [True, False])
+def test_sparse_tables_give_the_dense_gradient(tmp_path, codes):
+    """train.sparse_tables: the item and user tables' sparse gradients are the dense ones (same loss), on codes with
+    the leaf head (its leaf softmax gathers item vectors) and on a one-token model with both biases."""
+    d = synthetic(n_users=60, n_items=40, seed=3)
+    if codes:
+        p = _codes_preset()
+    else:
+        p = _sampled_preset(pretrain_epochs=0, finetune_epochs=1, drop_user_prob=0.0)
+        p.train = dataclasses.replace(p.train, softmax="full")
+        p.model = dataclasses.replace(p.model, history_bias=True, transition_bias=True)
+    grads = {}
+    for sparse in (False, True):
+        p.train = dataclasses.replace(p.train, sparse_tables=sparse)
+        torch.manual_seed(0)
+        t = Trainer(d, tmp_path / str(sparse), p, progress=False)
+        m = t.model
+        assert m.item_embed.sparse == sparse and m.user_embed.sparse == sparse and not m.shared.sparse
+        part = t.epoch_batches(pretrain=False)[0]
+        loss, _ = t._loss(part)
+        loss.backward()
+        grads[sparse] = (loss.item(), m.item_embed.weight.grad, m.user_embed.weight.grad)
+    (l0, i0, u0), (l1, i1, u1) = grads[False], grads[True]
+    assert i1.is_sparse and u1.is_sparse and not i0.is_sparse
+    assert l1 == pytest.approx(l0, rel=1e-6)
+    torch.testing.assert_close(i1.to_dense(), i0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(u1.to_dense(), u0, rtol=1e-5, atol=1e-7)
+    assert float(i0.abs().sum()) > 0
+
+
+def test_sparse_tables_train_codes_that_reload_and_resume(tmp_path):
+    """A codes model trained with sparse tables (only the item table: the user token is never written) learns the
+    planted chains, and its checkpoint reloads (recommend) and resumes (the SparseAdam state too)."""
+    d = synthetic(n_users=150, n_items=30, seed=6, follow_prob=0.9)
+    p = _codes_preset(finetune_epochs=3, eval_users=60, lr=5e-3, drop_user_prob=1.0, sparse_tables=True)
+    t = Trainer(d, tmp_path / "a", p, progress=False)
+    assert [q for g in t.sparse_opt.param_groups for q in g["params"]] == [t.model.item_embed.weight]
+    summary = t.run()
+    assert summary["best_valid_ndcg10"] > 0.3  # popularity is ~0.05 here
+    rec = load(tmp_path / "a" / "best")
+    assert len(rec.recommend([[d.item_ids[0]]], k=5)[0].items) == 5
+    from genrec_fast import checkpoint
+    state = checkpoint.load_train_state(tmp_path / "a" / "last")
+    saved = state["sparse_optimizer"]["state"]  # the item table's lazy Adam moments
+    p.train = dataclasses.replace(p.train, finetune_epochs=4)
+    again = Trainer(d, tmp_path / "a", p, progress=False)
+    again.resume()
+    assert again.epoch == 3 and len(saved) == 1
+    assert torch.equal(again.sparse_opt.state[again.model.item_embed.weight]["exp_avg"], saved[0]["exp_avg"])
+
+
+def test_sparse_tables_refuse_item_aux_and_large_dense_catalogs_warn(tmp_path, monkeypatch, caplog):
+    import logging
+    import sys
+    with pytest.raises(ValueError, match="train.sparse_tables: item_aux"):
+        TrainConfig(sparse_tables=True, item_aux=0.5)
+    monkeypatch.setattr(sys.modules["genrec_fast.train"], "LARGE_CATALOG", 30)
+    d = synthetic(n_users=30, n_items=40, seed=7)
+    with caplog.at_level(logging.WARNING, logger="genrec_fast.train"):
+        Trainer(d, tmp_path / "dense", _codes_preset(), progress=False)
+    assert "--set train.sparse_tables=true" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="genrec_fast.train"):
+        Trainer(d, tmp_path / "sparse", _codes_preset(sparse_tables=True), progress=False)
+    assert "sparse_tables" not in caplog.text

@@ -25,22 +25,26 @@ from .native import core
 NEG_INF = float("-inf")
 
 
-def leaf_scores_reference(item_weight: torch.Tensor, slots: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def leaf_scores_reference(item_weight: torch.Tensor, slots: torch.Tensor, hidden: torch.Tensor,
+                          sparse: bool = False) -> torch.Tensor:
     """The definition: item_weight (n_items + 1, C), slots (R, M) item index + 1 (0 = empty), hidden (R, C) ->
-    (R, M) `h . e_item`, -inf at empty slots. Differentiable."""
-    # index_select: ~2x faster than item_weight[slots] on CPU (a million-item table, 5,120 rows of ~95)
-    vectors = item_weight.index_select(0, slots.reshape(-1)).view(*slots.shape, item_weight.shape[1])  # (R, M, C)
+    (R, M) `h . e_item`, -inf at empty slots. Differentiable; `sparse`: item_weight's gradient as a sparse
+    tensor of the gathered rows (`train.sparse_tables`), else dense."""
+    # an embedding lookup is an index_select: ~2x faster than item_weight[slots] on CPU (a million-item table,
+    # 5,120 rows of ~95)
+    vectors = F.embedding(slots, item_weight, sparse=sparse)  # (R, M, C)
     z = torch.bmm(vectors, hidden[:, :, None].to(item_weight.dtype))[:, :, 0]  # (R, M)
     return z.masked_fill(slots == 0, NEG_INF)
 
 
-def leaf_scores(item_weight: torch.Tensor, slots: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def leaf_scores(item_weight: torch.Tensor, slots: torch.Tensor, hidden: torch.Tensor,
+                sparse: bool = False) -> torch.Tensor:
     """`leaf_scores_reference`; without autograd on float32 CPU tensors, the C++ core's gather-and-dot
     (`_core.leaf_scores`: never writes the (R, M, C) gathered vectors)."""
     native = (not torch.is_grad_enabled() and item_weight.device.type == "cpu" and hidden.device.type == "cpu"
               and item_weight.dtype == hidden.dtype == torch.float32)
     if not native:
-        return leaf_scores_reference(item_weight, slots, hidden)
+        return leaf_scores_reference(item_weight, slots, hidden, sparse)
     w, s, h = item_weight.detach().contiguous(), slots.contiguous(), hidden.detach().contiguous()
     out = torch.empty(s.shape, dtype=torch.float32)
     core().leaf_scores(w.data_ptr(), w.shape[0], w.shape[1], s.data_ptr(), h.data_ptr(), s.shape[0], s.shape[1],
@@ -97,10 +101,11 @@ class LeafHead(nn.Module):
             key = self.step_key(key, prefix[:, column], column)
         return key
 
-    def leaf_logits(self, hidden: torch.Tensor, key: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
+    def leaf_logits(self, hidden: torch.Tensor, key: torch.Tensor, item_weight: torch.Tensor,
+                    sparse: bool = False) -> torch.Tensor:
         """hidden (R, C), key (R,), item_weight (n_items + 1, C) -> (R, M) logits of the leaf's slots, -inf
-        for empty slots."""
-        return leaf_scores(item_weight, self.items[key], hidden)  # (R, M)
+        for empty slots (`sparse` as in `leaf_scores_reference`)."""
+        return leaf_scores(item_weight, self.items[key], hidden, sparse)  # (R, M)
 
     def vocab_logits(self, hidden: torch.Tensor, key: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
         """The last step's logits in the token layout: (R, V), the leaf slots at the last column's tokens,
@@ -133,11 +138,13 @@ class LeafHead(nn.Module):
         return z.scatter_add(1, (tokens - self.first[-1]).clamp(0, z.shape[1] - 1), values.to(z.dtype))
 
     def loss_terms(self, hidden: torch.Tensor, prefix: torch.Tensor, target: torch.Tensor,
-                   item_weight: torch.Tensor, smoothing: float, offsets: tuple | None = None) -> torch.Tensor:
+                   item_weight: torch.Tensor, smoothing: float, offsets: tuple | None = None,
+                   sparse: bool = False) -> torch.Tensor:
         """Cross-entropy of the leaf softmax per target: hidden (N, C) at the last step, prefix (N, L - 1)
         its cluster tokens, target (N,) its last token -> (N,). Label smoothing spreads over the leaf's
-        items (the classes the trie allows). offsets as in `window_logprobs`."""
-        z = self._offset(self.leaf_logits(hidden, self.keys(prefix), item_weight), offsets)  # (N, M)
+        items (the classes the trie allows). offsets as in `window_logprobs`; `sparse`: item_weight's gradient
+        as a sparse tensor (`leaf_scores_reference`)."""
+        z = self._offset(self.leaf_logits(hidden, self.keys(prefix), item_weight, sparse), offsets)  # (N, M)
         y = (target - self.first[-1])[:, None]  # (N, 1) leaf-local index
         logp = F.log_softmax(z, dim=-1)
         nll = -logp.gather(1, y)[:, 0]

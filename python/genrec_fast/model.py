@@ -417,7 +417,8 @@ class GenRec(nn.Module):
                                          self.final_logits_bias[0], head_labels, smoothing, ignore_index) * n_head
         rows = (labels[:, last] != ignore_index).nonzero()[:, 0]  # (N,) targets that reach the last step
         leaf = leaves.loss_terms(hidden[rows, last], labels[rows, :last], labels[rows, last], self.item_embed.weight,
-                                 smoothing if leaf_smoothing is None else leaf_smoothing)  # (N,)
+                                 smoothing if leaf_smoothing is None else leaf_smoothing,
+                                 sparse=self.item_embed.sparse)  # (N,)
         n = n_head + len(rows)
         loss = (total + leaf.sum()) / n if n else hidden.new_tensor(float("nan"))
         if item_aux and len(rows):
@@ -488,7 +489,7 @@ class GenRec(nn.Module):
                 total = total + leaves.loss_terms(hidden[rows, t], labels[rows, :last], labels[rows, t],
                                                   self.item_embed.weight,
                                                   smoothing if leaf_smoothing is None else leaf_smoothing,
-                                                  offsets=(tok[:, 0], val[:, 0])).sum()
+                                                  offsets=(tok[:, 0], val[:, 0]), sparse=self.item_embed.sparse).sum()
             n += len(rows)
         return total / n if n else hidden.new_tensor(float("nan"))
 

@@ -201,6 +201,11 @@ class Trainer:
             log.warning("train.softmax='full' over %d items: every step scores the whole catalog (1.6 s a step at "
                         "1M items on 2 CPU cores); --set train.softmax=sampled trains the same model at ~40 ms a step "
                         "there (benchmarks/README.md)", data.n_items)
+        elif (not self.sampled and not self.tcfg.sparse_tables and data.n_items >= LARGE_CATALOG
+              and self.group.is_main):
+            log.warning("%d items with dense tables: every step updates the whole item table with AdamW (the codes "
+                        "preset at 1M items on 2 cores: 350-405 ms a step); --set train.sparse_tables=true updates "
+                        "only the batch's rows (88-99 ms)", data.n_items)
         if self.group.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.tokenizer = self._train_tokenizer(preset)
@@ -294,10 +299,13 @@ class Trainer:
     def _make_optimizers(self) -> tuple:
         """AdamW over every trained parameter; with the sampled softmax, the embedding tables (token table =
         LM head, items, users) instead take sparse gradients and a lazy SparseAdam: a step then touches the
-        ~1,100 rows of its batch, not a dense update of every row (~0.9 s a step at a million items)."""
+        ~1,100 rows of its batch, not a dense update of every row (~0.9 s a step at a million items); with
+        train.sparse_tables the item and user tables (the full softmax's LM head stays dense)."""
         tables = []
-        if self.sampled:
-            for table in (self.model.shared, self.model.item_embed, self.model.user_embed):
+        sparse = [self.model.shared] if self.sampled else []
+        if self.sampled or self.tcfg.sparse_tables:
+            sparse += [self.model.item_embed, self.model.user_embed]
+            for table in sparse:
                 if table.weight.requires_grad:
                     table.sparse = True
                     tables.append(table.weight)
