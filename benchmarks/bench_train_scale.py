@@ -255,23 +255,31 @@ def time_steps(items: int, users: int, threads: int, steps: int, modes=("full", 
     return rows
 
 
-def time_recommended_steps(items: int, users: int, threads: int, steps: int) -> list:
+def time_recommended_steps(items: int, users: int, threads: int, steps: int, codes: bool = False) -> list:
     """Median ms per step of the recommended configuration (preset "recommended": history + transition bias,
-    both directions) with the full and the sampled softmax, through the trainer's own step (`_backward`, clip,
-    optimizers), and each trainer's set-up (the transition bias's neighbour table is built there)."""
+    both directions) with the full and the sampled softmax, or (`codes`) of the codes preset (leaves of ~96
+    items) with dense and with sparse tables (train.sparse_tables), through the trainer's own step (`_backward`,
+    clip, optimizers), and each trainer's set-up (the codes and the neighbour table are built there)."""
     import torch
-    from genrec_fast.config import preset
+    from genrec_fast.collab_codes import branches_for
+    from genrec_fast.config import preset, with_overrides
     from genrec_fast.train import Trainer, clip_grad_norm
     torch.set_num_threads(threads)
     data = synthetic_catalog(items, users)
+    common = {"train.pretrain_epochs": 0, "train.finetune_epochs": 1, "train.eval_users": 100,
+              "train.calibrate": False, "train.threads": threads}
+    if codes:
+        base = with_overrides(preset("codes"), {**common, "tokenizer.code_branches": branches_for(items, 1)})
+        modes = {"codes, dense tables": {"train.sparse_tables": False}, "codes, sparse tables": {
+            "train.sparse_tables": True}}
+    else:
+        base = with_overrides(preset("recommended"), {**common, "train.num_negatives": 1024})
+        modes = {f"recommended, {s}": {"train.softmax": s} for s in ("full", "sampled")}
     rows = []
-    for softmax in ("full", "sampled"):
-        p = preset("recommended")
-        p.train = dataclasses.replace(p.train, pretrain_epochs=0, finetune_epochs=1, eval_users=100, calibrate=False,
-                                      softmax=softmax, num_negatives=1024, threads=threads)
+    for mode, overrides in modes.items():
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            tr = Trainer(data, tmp, p, progress=False)
+            tr = Trainer(data, tmp, with_overrides(base, overrides), progress=False)
             init_s = time.perf_counter() - t0
             tr.model.train()
             times = []
@@ -282,9 +290,8 @@ def time_recommended_steps(items: int, users: int, threads: int, steps: int) -> 
                 for o in tr.optimizers:
                     o.step()
                 times.append(time.perf_counter() - t0)
-            rows.append({"items": items, "mode": f"recommended, {softmax}", "step_ms": round(
-                1000 * statistics.median(times[2:]), 1), "trainer_init_s": round(init_s, 1),
-                "steps_per_epoch": tr.steps_per_epoch(False)})
+            rows.append({"items": items, "mode": mode, "step_ms": round(1000 * statistics.median(times[2:]), 1),
+                         "trainer_init_s": round(init_s, 1), "steps_per_epoch": tr.steps_per_epoch(False)})
     return rows
 
 
@@ -300,6 +307,8 @@ def main() -> None:
     ap.add_argument("--recommended", action="store_true",
                     help="the recommended configuration (both biases): with --steps full vs sampled softmax, else "
                          "its epoch and calibration's pass over --eval-users users")
+    ap.add_argument("--codes", action="store_true",
+                    help="with --steps: the codes preset (leaf head, both biases) with dense vs sparse tables")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -313,10 +322,10 @@ def main() -> None:
         for n in args.items:
             print(json.dumps(time_checkpoint(n, args.users), indent=1))
         return
-    if args.steps and args.recommended:
+    if args.steps and (args.recommended or args.codes):
         print("| items | configuration, softmax | step ms | trainer set-up s | steps an epoch |\n|---|---|---|---|---|")
         for n in args.items:
-            for r in time_recommended_steps(n, args.users, args.threads, args.steps):
+            for r in time_recommended_steps(n, args.users, args.threads, args.steps, args.codes):
                 print(f"| {r['items']:,} | {r['mode']} | {r['step_ms']} | {r['trainer_init_s']} | "
                       f"{r['steps_per_epoch']:,} |", flush=True)
         return
