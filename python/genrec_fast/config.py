@@ -102,7 +102,7 @@ class TrainConfig:
     num_negatives: int = 1024  # uniform item draws per batch with softmax="sampled"
     sparse_tables: bool = False  # the item and user ID tables take sparse gradients and a lazy SparseAdam (no
     # weight decay on them), as softmax="sampled" does: a step updates its batch's rows, not the whole table (the
-    # codes preset at 1M items: 350-405 -> 88-99 ms a step on 2 cores). For the full softmax's models, e.g. codes
+    # codes preset at 1M items: 302-405 -> 64-99 ms a step on 2 cores). For the full softmax's models, e.g. codes
     # with the leaf head; not with item_aux (a softmax over every item vector)
     max_items: int = 20  # history window in items
     label_smoothing: float = 0.0

@@ -204,8 +204,8 @@ class Trainer:
         elif (not self.sampled and not self.tcfg.sparse_tables and data.n_items >= LARGE_CATALOG
               and self.group.is_main):
             log.warning("%d items with dense tables: every step updates the whole item table with AdamW (the codes "
-                        "preset at 1M items on 2 cores: 350-405 ms a step); --set train.sparse_tables=true updates "
-                        "only the batch's rows (88-99 ms)", data.n_items)
+                        "preset at 1M items on 2 cores: 302-405 ms a step); --set train.sparse_tables=true updates "
+                        "only the batch's rows (64-99 ms)", data.n_items)
         if self.group.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.tokenizer = self._train_tokenizer(preset)
