@@ -100,18 +100,17 @@ def candidate_logits(heads: Sequence[Head], first_item: int, items, history: tup
     native = x0.device.type == "cpu" and all(h.weight.dtype == h.x.dtype == torch.float32 for h in heads)
     if not native:
         return candidate_logits_reference(heads, first_item, idx, offsets)
-    idx = idx.contiguous()
-    z = torch.zeros(idx.shape, dtype=torch.float32)
+    idx, (U, N) = idx.contiguous(), idx.shape
+    z = torch.zeros((U, N), dtype=torch.float32)
+    # (U, S) pair items and (M, U, S) offsets; S = 0 without a bias
+    pair_items, pair_offsets = offsets if offsets is not None else (idx.new_empty(U, 0), z.new_empty(len(heads), U, 0))
     for m, h in enumerate(heads):
         w, x = h.weight.detach()[first_item:].contiguous(), h.x.detach().contiguous()  # (V - first, C), (U, C)
         b = None if h.bias is None else h.bias.detach()[first_item:].float().contiguous()
-        pair_items = offsets[0] if offsets is not None else idx.new_empty(0)  # (U, S)
-        pair_offsets = offsets[1][m] if offsets is not None else z.new_empty(0)  # (U, S)
-        out = torch.empty(idx.shape, dtype=torch.float32)
+        out = torch.empty((U, N), dtype=torch.float32)
         core().candidate_logits(w.data_ptr(), 0 if b is None else b.data_ptr(), w.shape[0], w.shape[1],
-                                x.data_ptr(), idx.data_ptr(), idx.shape[0], idx.shape[1], pair_items.data_ptr(),
-                                pair_offsets.data_ptr(), pair_items.shape[1] if offsets is not None else 0,
-                                out.data_ptr(), torch.get_num_threads())
+                                x.data_ptr(), idx.data_ptr(), U, N, pair_items.data_ptr(), pair_offsets[m].data_ptr(),
+                                pair_items.shape[1], out.data_ptr(), torch.get_num_threads())
         z += out
     return z / len(heads)
 
