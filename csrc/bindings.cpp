@@ -277,16 +277,18 @@ void bind_topk(py::module_& m) {
 void bind_leaf_scores(py::module_& m) {
   m.def(
       "leaf_scores",
-      [](std::uintptr_t weight, int64_t weight_rows, int64_t dim, std::uintptr_t slots, std::uintptr_t hidden,
-         int64_t rows, int64_t width, std::uintptr_t out, int threads) {
+      [](std::uintptr_t weight, int64_t weight_rows, int64_t dim, std::uintptr_t slots, std::uintptr_t starts,
+         std::uintptr_t hidden, int64_t rows, int64_t width, std::uintptr_t out, int threads) {
         py::gil_scoped_release release;
         genrec::leaf_scores(reinterpret_cast<const float*>(weight), weight_rows, dim,
-                            reinterpret_cast<const int64_t*>(slots), reinterpret_cast<const float*>(hidden), rows,
-                            width, reinterpret_cast<float*>(out), threads);
+                            reinterpret_cast<const int64_t*>(slots), reinterpret_cast<const int64_t*>(starts),
+                            reinterpret_cast<const float*>(hidden), rows, width, reinterpret_cast<float*>(out),
+                            threads);
       },
-      py::arg("weight"), py::arg("weight_rows"), py::arg("dim"), py::arg("slots"), py::arg("hidden"), py::arg("rows"),
-      py::arg("width"), py::arg("out"), py::arg("threads"),
-      "out (rows, width) = dot(weight[slots], hidden[row]), -inf at empty slots (0): weight (weight_rows, dim) "
+      py::arg("weight"), py::arg("weight_rows"), py::arg("dim"), py::arg("slots"), py::arg("starts"),
+      py::arg("hidden"), py::arg("rows"), py::arg("width"), py::arg("out"), py::arg("threads"),
+      "out (rows, width) = dot(weight[row], hidden[r]), -inf at empty slots (0); row = slots[r, m], or with "
+      "starts (rows,) int64 (0: none) starts[r] + m, a table laid out leaf by leaf. weight (weight_rows, dim) "
       "float32, slots (rows, width) int64, hidden (rows, dim) float32, out float32, all C-contiguous at raw "
       "host pointers that the caller keeps alive during the call.");
 }

@@ -242,4 +242,85 @@ def test_native_leaf_scores_rejects_slots_outside_the_table():
     for bad in (5, -1):
         s = torch.tensor([[1, bad]])
         with pytest.raises(ValueError, match=f"slot {bad} at 1 is outside the table's 5 rows"):
-            core().leaf_scores(w.data_ptr(), 5, 4, s.data_ptr(), h.data_ptr(), 1, 2, out.data_ptr(), 1)
+            core().leaf_scores(w.data_ptr(), 5, 4, s.data_ptr(), 0, h.data_ptr(), 1, 2, out.data_ptr(), 1)
+    w = torch.zeros(32, 4)  # leaf-blocked: two groups of 16 rows
+    for starts, slots, match in ((16, [0] * 16 + [9], "start 16 of row 0 with slot 16 reads rows up to 48 of"),
+                                 (3, [9], "start 3 of row 0 with slot 0 reads rows up to 19 of a"),
+                                 (32, [0, 0], None)):  # empty slots read nothing
+        s, at, out = torch.tensor([slots]), torch.tensor([starts]), torch.zeros(1, len(slots))
+        call = lambda: core().leaf_scores(w.data_ptr(), 32, 4, s.data_ptr(), at.data_ptr(), h.data_ptr(), 1,
+                                          len(slots), out.data_ptr(), 1)
+        if match is None:
+            call()
+            assert bool(torch.isinf(out).all())
+        else:
+            with pytest.raises(ValueError, match=match):
+                call()
+    at = torch.tensor([0])
+    with pytest.raises(ValueError, match="a multiple of 16 rows, got 31"):
+        core().leaf_scores(w.data_ptr(), 31, 4, s.data_ptr(), at.data_ptr(), h.data_ptr(), 1, 2, out.data_ptr(), 1)
+
+
+@given(st.integers(1, 30), st.integers(1, 12), st.integers(1, 40), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_leaf_ordered_scores_equal_the_scattered_ones(leaves, width, dim, seed):
+    """The leaf head's copy of the item table laid out leaf by leaf, in transposed groups of 16 rows
+    (`LeafHead.ordered`, read at starts[key] + slot), scores every row as the table read in place and as the
+    PyTorch definition, leaves with holes and empty leaves included."""
+    from genrec_fast.leaf_head import LeafHead, leaf_scores_reference
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, leaves * width + 1))
+    cells = rng.choice(leaves * width, n, replace=False)  # each item a distinct (leaf, slot): holes anywhere
+    head = LeafHead(np.stack([cells // width, cells % width], 1), np.array([5, 5 + leaves]), 5 + leaves + width)
+    weight = torch.from_numpy(rng.standard_normal((n + 1, dim)).astype(np.float32))
+    keys = torch.from_numpy(rng.integers(0, head.items.shape[0], int(rng.integers(1, 20))))
+    hidden = torch.from_numpy(rng.standard_normal((len(keys), dim)).astype(np.float32))
+    with torch.no_grad():
+        got = head.leaf_logits(hidden, keys, weight)
+        head.leaf_order = False
+        in_place = head.leaf_logits(hidden, keys, weight)
+    assert head._copy is not None and head._copy[2].shape == (len(head.order) // 16, dim, 16)
+    expected = leaf_scores_reference(weight, head.items[keys], hidden)
+    for scores in (got, in_place):
+        torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(torch.isinf(scores), head.items[keys] == 0)
+
+
+def test_leaf_ordered_copy_follows_the_weights():
+    """The ordered copy never serves stale vectors: in-place writes (version), a new table, and a fused
+    optimizer's steps (no version) followed by eval() all show in the next scores."""
+    rec = _rec()
+    model, hist = rec.model, [[ITEMS[3], ITEMS[40]]]
+
+    def scores():
+        with torch.no_grad():
+            return rec.recommend(hist, k=5, exclude_seen=False)[0]
+
+    def check():  # the ordered copy scores as the table read in place
+        out = scores()
+        type(model.leaves).leaf_order = False
+        try:
+            in_place = scores()
+        finally:
+            type(model.leaves).leaf_order = True
+        assert out.items == in_place.items
+        np.testing.assert_allclose(out.scores, in_place.scores, rtol=1e-5, atol=1e-5)
+        return out
+
+    first = check()
+    with torch.no_grad():
+        model.item_embed.weight[1:].mul_(-1.0)  # in place: the version counter moves
+    assert check() != first
+    model.item_embed.weight = torch.nn.Parameter(torch.randn_like(model.item_embed.weight))  # a new table
+    check()
+    opt = torch.optim.AdamW([model.item_embed.weight], lr=1.0, fused=True)  # leaves the version as it was
+    model.train()
+    version = model.item_embed.weight._version
+    model.item_embed.weight.grad = torch.randn_like(model.item_embed.weight)
+    opt.step()
+    assert model.item_embed.weight._version == version  # why train() / eval() drop the copy
+    before = model.leaves._copy
+    model.eval()
+    assert model.leaves._copy is None and before is None  # train() dropped it too
+    check()
+

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .native import core
 
 NEG_INF = float("-inf")
+LEAF_GROUP = 16  # rows of the leaf-blocked copy stored transposed together (csrc/leaf_scores.h: kLeafGroup)
 
 
 def leaf_scores_reference(item_weight: torch.Tensor, slots: torch.Tensor, hidden: torch.Tensor,
@@ -37,18 +38,31 @@ def leaf_scores_reference(item_weight: torch.Tensor, slots: torch.Tensor, hidden
     return z.masked_fill(slots == 0, NEG_INF)
 
 
+def _native(item_weight: torch.Tensor, hidden: torch.Tensor) -> bool:
+    """Whether the C++ core scores: without autograd, on float32 CPU tensors."""
+    return (not torch.is_grad_enabled() and item_weight.device.type == "cpu" and hidden.device.type == "cpu"
+            and item_weight.dtype == hidden.dtype == torch.float32)
+
+
 def leaf_scores(item_weight: torch.Tensor, slots: torch.Tensor, hidden: torch.Tensor,
                 sparse: bool = False) -> torch.Tensor:
     """`leaf_scores_reference`; without autograd on float32 CPU tensors, the C++ core's gather-and-dot
     (`_core.leaf_scores`: never writes the (R, M, C) gathered vectors)."""
-    native = (not torch.is_grad_enabled() and item_weight.device.type == "cpu" and hidden.device.type == "cpu"
-              and item_weight.dtype == hidden.dtype == torch.float32)
-    if not native:
+    if not _native(item_weight, hidden):
         return leaf_scores_reference(item_weight, slots, hidden, sparse)
-    w, s, h = item_weight.detach().contiguous(), slots.contiguous(), hidden.detach().contiguous()
+    return _leaf_scores_native(item_weight, slots, hidden)
+
+
+def _leaf_scores_native(weight: torch.Tensor, slots: torch.Tensor, hidden: torch.Tensor,
+                        starts: torch.Tensor | None = None) -> torch.Tensor:
+    """`_core.leaf_scores`: slots (R, M), hidden (R, C) -> (R, M). starts (R,): weight is the leaf-blocked copy
+    (`LeafHead.ordered`) and slot m of row r reads its row starts[r] + m."""
+    w, s, h = weight.detach().contiguous(), slots.contiguous(), hidden.detach().contiguous()
+    at = None if starts is None else starts.contiguous()
     out = torch.empty(s.shape, dtype=torch.float32)
-    core().leaf_scores(w.data_ptr(), w.shape[0], w.shape[1], s.data_ptr(), h.data_ptr(), s.shape[0], s.shape[1],
-                       out.data_ptr(), torch.get_num_threads())
+    rows, dim = (w.shape[0], w.shape[1]) if at is None else (w.shape[0] * w.shape[2], w.shape[1])
+    core().leaf_scores(w.data_ptr(), rows, dim, s.data_ptr(), 0 if at is None else at.data_ptr(),
+                       h.data_ptr(), s.shape[0], s.shape[1], out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -56,7 +70,13 @@ class LeafHead(nn.Module):
     """The leaves of a code table (n_items, L): the items of every cluster prefix, by leaf-local index.
 
     Its tables are buffers outside the state dict (derived from the tokenizer's code table, which the
-    checkpoint stores): they follow the model's `.to(device)` and never enter a checkpoint."""
+    checkpoint stores): they follow the model's `.to(device)` and never enter a checkpoint.
+
+    Scoring without autograd on the CPU reads the items' vectors from a copy of the item table laid out leaf by
+    leaf (`ordered`): a leaf's rows are contiguous, ~4x faster to read than rows scattered over a large table,
+    for n_items x C more floats (256 MB at 1M items, C 64). `leaf_order = False` reads the table in place."""
+
+    leaf_order = True
 
     def __init__(self, code_table: np.ndarray, first_tokens: np.ndarray, vocab_size: int):
         super().__init__()
@@ -73,6 +93,13 @@ class LeafHead(nn.Module):
         keys = table[:, :-1] @ strides  # (n_items,)
         items = np.zeros((n_keys, int(sizes[-1])), np.int64)  # (n_keys, M) item index + 1, 0 = empty slot
         items[keys, table[:, -1]] = np.arange(1, n + 1)
+        filled = items > 0  # the leaf-blocked copy's layout (`ordered`): each leaf's slots up to its last item,
+        # rounded up to whole groups of LEAF_GROUP
+        length = np.where(filled.any(1), items.shape[1] - filled[:, ::-1].argmax(1), 0)  # (n_keys,)
+        length = -(-length // LEAF_GROUP) * LEAF_GROUP
+        starts = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)  # (n_keys,) copy row of slot 0
+        padded = np.pad(items, ((0, 0), (0, max(0, int(length.max(initial=0)) - items.shape[1]))))
+        order = padded[np.arange(padded.shape[1])[None, :] < length[:, None]]  # (sum(length),) item index + 1
         first = np.asarray(first_tokens, np.int64)  # (L,) first token of every column
         self.levels, self.vocab_size = L, vocab_size
         # Python ints for the per-step arithmetic: no device sync inside a decode step
@@ -81,12 +108,19 @@ class LeafHead(nn.Module):
         codes = np.full((n + 1, L), -1, np.int64)  # (n_items + 1, L) every item id's tokens (0 = no item: -1)
         codes[1:] = table + first
         self.register_buffer("codes", torch.as_tensor(codes), persistent=False)
+        self.register_buffer("starts", torch.as_tensor(starts), persistent=False)  # (n_keys,)
+        self.register_buffer("order", torch.as_tensor(order), persistent=False)  # (rows of the ordered copy,)
+        self._copy: tuple | None = None  # (the item table copied, its data pointer and version, the copy)
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "LeafHead":
         if tokenizer.item_tokens != "codes":
             raise ValueError(f"model.leaf_head: needs tokenizer.item_tokens='codes', got {tokenizer.item_tokens!r}")
         return cls(tokenizer.code_table, tokenizer.code_first, tokenizer.vocab_size)
+
+    def train(self, mode: bool = True) -> "LeafHead":
+        self._copy = None  # training changes the table; a fused optimizer's steps leave its version as it was
+        return super().train(mode)
 
     def step_key(self, key: torch.Tensor | None, tokens: torch.Tensor, column: int) -> torch.Tensor:
         """The running key after feeding `tokens` (R,) of cluster column `column` (key None before the first).
@@ -105,7 +139,25 @@ class LeafHead(nn.Module):
                     sparse: bool = False) -> torch.Tensor:
         """hidden (R, C), key (R,), item_weight (n_items + 1, C) -> (R, M) logits of the leaf's slots, -inf
         for empty slots (`sparse` as in `leaf_scores_reference`)."""
-        return leaf_scores(item_weight, self.items[key], hidden, sparse)  # (R, M)
+        slots = self.items[key]  # (R, M)
+        if self.leaf_order and _native(item_weight, hidden):
+            return _leaf_scores_native(self.ordered(item_weight), slots, hidden, self.starts[key])
+        return leaf_scores(item_weight, slots, hidden, sparse)  # (R, M)
+
+    def ordered(self, item_weight: torch.Tensor) -> torch.Tensor:
+        """item_weight (n_items + 1, C)'s rows in leaf order, blocked: (rows / LEAF_GROUP, C, LEAF_GROUP), row
+        j = starts[key] + m the item in slot m of leaf `key` (row 0, the padding item, at empty slots), stored
+        at [j // LEAF_GROUP, :, j % LEAF_GROUP] (the C++ core scores a group in vector lanes). Copied again after `train()` / `eval()` and when the
+        table is replaced or changed in place (its version counter: `load_state_dict`, EMA swaps). Weights changed
+        with neither (a fused optimizer's step, which leaves no version, in eval mode; writes through `.data`)
+        need a `model.eval()` before the next recommendation."""
+        tag = (item_weight.data_ptr(), item_weight._version, item_weight.shape, item_weight.dtype)
+        if self._copy is None or self._copy[0] is not item_weight or self._copy[1] != tag:
+            self._copy = None  # the old copy's memory goes before the new one is made
+            rows = item_weight.detach().index_select(0, self.order)  # (R, C)
+            blocked = rows.view(-1, LEAF_GROUP, rows.shape[1]).transpose(1, 2).contiguous()  # (R / 16, C, 16)
+            self._copy = (item_weight, tag, blocked)
+        return self._copy[2]
 
     def vocab_logits(self, hidden: torch.Tensor, key: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
         """The last step's logits in the token layout: (R, V), the leaf slots at the last column's tokens,
