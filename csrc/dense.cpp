@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "fast_exp.h"
@@ -10,12 +12,10 @@ namespace genrec {
 namespace {
 
 constexpr int64_t kLanes = 16;  // one AVX-512 register of floats
-constexpr int64_t kOuts = 8;    // outputs per block of the row-vectorised kernel
 constexpr int64_t kDots = 4;    // outputs per block of the dot kernel
 constexpr int64_t kMinRows = 8;  // fewer rows run as dots: 16 lanes of rows would be mostly padding
-constexpr int64_t kWide = 32;      // rows a block from kWideRows rows on (two vectors of lanes)
-constexpr int64_t kWideOuts = 6;
-constexpr int64_t kWideRows = 64;
+constexpr int64_t kMaxLanes = 32;  // the most rows a block of the row-vectorised kernel holds (`linear_many`)
+constexpr int64_t kWideRows = 64;  // AVX-512: blocks of 32 rows from this many rows on
 
 // Few rows: each output a dot over `in`, in 16 vector lanes summed at the end (kDots dots over one x row at a time).
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -45,67 +45,84 @@ void linear_dots(const float* x, int64_t rows, int64_t in, int64_t ldx, const fl
   }
 }
 
-// Many rows: 16 rows in the vector lanes (x transposed into xt (in, 16) per block), kOuts outputs at a time,
-// each weight a scalar broadcast: no horizontal sums.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void linear_rows(const float* x, int64_t rows, int64_t in, int64_t ldx, const float* w, const float* b, int64_t out,
-                 float* y, int64_t ldy, float* __restrict xt) {
-  for (int64_t i0 = 0; i0 < rows; i0 += kLanes) {
-    const int64_t nr = std::min(kLanes, rows - i0);
-    for (int64_t c = 0; c < in; ++c) {
-      for (int64_t l = 0; l < kLanes; ++l) xt[c * kLanes + l] = l < nr ? x[(i0 + l) * ldx + c] : 0.0f;
-    }
-    for (int64_t o0 = 0; o0 < out; o0 += kOuts) {
-      const float* ws[kOuts];
-      for (int64_t o = 0; o < kOuts; ++o) ws[o] = w + std::min(o0 + o, out - 1) * in;
-      float acc[kOuts][kLanes] = {};
-      for (int64_t c = 0; c < in; ++c) {
-        const float* xc = xt + c * kLanes;
-        for (int64_t o = 0; o < kOuts; ++o) {
-          const float wc = ws[o][c];
-#pragma omp simd
-          for (int64_t l = 0; l < kLanes; ++l) acc[o][l] += wc * xc[l];
-        }
-      }
-      for (int64_t o = 0; o < std::min(kOuts, out - o0); ++o) {
-        const float bo = b ? b[o0 + o] : 0.0f;
-        for (int64_t l = 0; l < nr; ++l) y[(i0 + l) * ldy + o0 + o] = acc[o][l] + bo;
-      }
-    }
-  }
-}
-
-// Many more rows: 32 rows (two vectors) x kWideOuts outputs a block: 2 + kWideOuts loads feed 2 kWideOuts FMAs,
-// so the FMAs, not the loads, bound it (1.4x the 16-row kernel's speed at 3,700 rows x 64 -> 256).
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void linear_wide(const float* x, int64_t rows, int64_t in, int64_t ldx, const float* w, const float* b, int64_t out,
-                 float* y, int64_t ldy, float* __restrict xt) {
-  for (int64_t i0 = 0; i0 < rows; i0 += kWide) {
-    const int64_t nr = std::min(kWide, rows - i0);
-    for (int64_t l = 0; l < kWide; ++l) {  // x rows read in order, written down xt's columns
+// Many rows: Lanes rows in the vector lanes (x transposed into xt (in, Lanes) per block), Outs outputs at a
+// time, each weight a scalar broadcast: no horizontal sums. Lanes x Outs accumulators, sized per instruction set
+// (`linear_many`) so that they stay in registers.
+template <int64_t Lanes, int64_t Outs>
+inline __attribute__((always_inline)) void lanes_block(const float* x, int64_t rows, int64_t in, int64_t ldx,
+                                                       const float* w, const float* b, int64_t out, float* y,
+                                                       int64_t ldy, float* __restrict xt) {
+  for (int64_t i0 = 0; i0 < rows; i0 += Lanes) {
+    const int64_t nr = std::min(Lanes, rows - i0);
+    for (int64_t l = 0; l < Lanes; ++l) {  // x rows read in order, written down xt's columns
       const float* xl = x + (i0 + std::min(l, nr - 1)) * ldx;
-      for (int64_t c = 0; c < in; ++c) xt[c * kWide + l] = xl[c];
+      for (int64_t c = 0; c < in; ++c) xt[c * Lanes + l] = xl[c];
     }
-    for (int64_t o0 = 0; o0 < out; o0 += kWideOuts) {
-      const float* ws[kWideOuts];
-      for (int64_t o = 0; o < kWideOuts; ++o) ws[o] = w + std::min(o0 + o, out - 1) * in;
-      float acc[kWideOuts][kWide] = {};
+    for (int64_t o0 = 0; o0 < out; o0 += Outs) {
+      const float* ws[Outs];  // the last block repeats its last output (computed, not written)
+      for (int64_t o = 0; o < Outs; ++o) ws[o] = w + std::min(o0 + o, out - 1) * in;
+      float acc[Outs][Lanes] = {};
       for (int64_t c = 0; c < in; ++c) {
-        const float* xc = xt + c * kWide;
-        for (int64_t o = 0; o < kWideOuts; ++o) {
+        const float* xc = xt + c * Lanes;
+        for (int64_t o = 0; o < Outs; ++o) {
           const float wc = ws[o][c];
 #pragma omp simd
-          for (int64_t l = 0; l < kWide; ++l) acc[o][l] += wc * xc[l];
+          for (int64_t l = 0; l < Lanes; ++l) acc[o][l] += wc * xc[l];
         }
       }
-      const int64_t no = std::min(kWideOuts, out - o0);
-      float bo[kWideOuts];
-      for (int64_t o = 0; o < kWideOuts; ++o) bo[o] = b && o < no ? b[o0 + o] : 0.0f;
+      const int64_t no = std::min(Outs, out - o0);
+      float bo[Outs];
+      for (int64_t o = 0; o < Outs; ++o) bo[o] = b && o < no ? b[o0 + o] : 0.0f;
       for (int64_t l = 0; l < nr; ++l) {  // each row's outputs side by side
         float* yl = y + (i0 + l) * ldy + o0;
         for (int64_t o = 0; o < no; ++o) yl[o] = acc[o][l] + bo[o];
       }
     }
+  }
+}
+
+// AVX-512 (32 registers): 32 rows (two vectors) x 6 outputs from kWideRows rows on (2 + 6 loads feed 12 FMAs, so
+// the FMAs bound it: 1.4x 16 rows x 8 outputs at 3,700 rows x 64 -> 256), else 16 x 8. AVX2 + FMA (16
+// registers): 16 rows (two vectors) x 6 outputs, 12 accumulators (32 x 6 spilled: 1.3-1.4x slower on an AMD
+// EPYC, 5,120 rows). Baseline SSE: 8 x 6.
+__attribute__((target("avx512f"))) void many_avx512(const float* x, int64_t rows, int64_t in, int64_t ldx,
+                                                    const float* w, const float* b, int64_t out, float* y,
+                                                    int64_t ldy, float* __restrict xt) {
+  if (rows >= kWideRows) {
+    lanes_block<32, 6>(x, rows, in, ldx, w, b, out, y, ldy, xt);
+  } else {
+    lanes_block<16, 8>(x, rows, in, ldx, w, b, out, y, ldy, xt);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void many_avx2(const float* x, int64_t rows, int64_t in, int64_t ldx,
+                                                   const float* w, const float* b, int64_t out, float* y,
+                                                   int64_t ldy, float* __restrict xt) {
+  lanes_block<16, 6>(x, rows, in, ldx, w, b, out, y, ldy, xt);
+}
+
+void many_base(const float* x, int64_t rows, int64_t in, int64_t ldx, const float* w, const float* b, int64_t out,
+               float* y, int64_t ldy, float* __restrict xt) {
+  lanes_block<8, 6>(x, rows, in, ldx, w, b, out, y, ldy, xt);
+}
+
+void linear_many(const float* x, int64_t rows, int64_t in, int64_t ldx, const float* w, const float* b,
+                 int64_t out, float* y, int64_t ldy, float* __restrict xt) {
+  static const int isa = [] {  // the best the CPU has, or less when GENREC_CPU_ISA asks (tests: every path)
+    __builtin_cpu_init();
+    int best = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const char* ask = std::getenv("GENREC_CPU_ISA");
+    const std::string want = ask == nullptr ? "" : ask;
+    if (want == "base") best = 0;
+    if (want == "avx2") best = std::min(best, 1);
+    return best;
+  }();
+  if (isa == 2) {
+    many_avx512(x, rows, in, ldx, w, b, out, y, ldy, xt);
+  } else if (isa == 1) {
+    many_avx2(x, rows, in, ldx, w, b, out, y, ldy, xt);
+  } else {
+    many_base(x, rows, in, ldx, w, b, out, y, ldy, xt);
   }
 }
 
@@ -118,12 +135,8 @@ void linear(const float* x, int64_t rows, int64_t in, int64_t ldx, const float* 
     return;
   }
   thread_local std::vector<float> xt;
-  xt.resize(static_cast<size_t>(in * kWide));
-  if (rows >= kWideRows) {
-    linear_wide(x, rows, in, ldx, w, b, out, y, ldy, xt.data());
-  } else {
-    linear_rows(x, rows, in, ldx, w, b, out, y, ldy, xt.data());
-  }
+  xt.resize(static_cast<size_t>(in * kMaxLanes));
+  linear_many(x, rows, in, ldx, w, b, out, y, ldy, xt.data());
 }
 
 void add_layer_norm(float* x, const float* r, int64_t rows, int64_t dim, const float* w, const float* b, float eps) {

@@ -271,3 +271,17 @@ def test_decoder_step_errors_name_the_problem():
             decoder_step(m, torch.tensor([2]), cache)
         with pytest.raises(ValueError, match="exceeds max_positions=32"):  # as the PyTorch step
             m.decode_step_hidden(torch.tensor([2]), cache)
+
+
+def test_the_baseline_kernels_match_too():
+    """The dense layers' kernels are chosen by the CPU's instruction set (csrc/dense.cpp: AVX-512, AVX2 + FMA,
+    baseline); GENREC_CPU_ISA=base runs the baseline one, which this machine would never pick, through the
+    comparisons with the PyTorch model (first step, decoder step)."""
+    import os
+    import subprocess
+    import sys
+    tests = [f"{__file__}::test_first_step_matches_reference", f"{__file__}::test_decoder_step_matches_the_pytorch_step"]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                          env={**os.environ, "GENREC_CPU_ISA": "base"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "2 passed" in done.stdout
