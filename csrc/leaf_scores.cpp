@@ -40,6 +40,13 @@ void group_dots(const float* __restrict h, const float* __restrict block, int64_
   }
 }
 
+// The last slot of a row that holds an item, -1 for none: a leaf-blocked row reads the groups up to it.
+int64_t last_filled(const int64_t* s, int64_t width) {
+  int64_t last = width - 1;
+  while (last >= 0 && s[last] == 0) --last;
+  return last;
+}
+
 void check_reads(int64_t weight_rows, const int64_t* slots, const int64_t* starts, int64_t rows, int64_t width) {
   if (starts != nullptr && weight_rows % kLeafGroup != 0) {
     throw std::invalid_argument("leaf_scores: a leaf-blocked table has a multiple of " + std::to_string(kLeafGroup) +
@@ -57,8 +64,7 @@ void check_reads(int64_t weight_rows, const int64_t* slots, const int64_t* start
       }
       continue;
     }
-    int64_t last = width - 1;  // a row reads the whole groups up to its last filled slot
-    while (last >= 0 && s[last] == 0) --last;
+    const int64_t last = last_filled(s, width);
     if (last < 0) continue;
     const int64_t start = starts[r], end = start + (last / kLeafGroup + 1) * kLeafGroup;
     if (start < 0 || start % kLeafGroup != 0 || end > weight_rows) {
@@ -99,9 +105,8 @@ void leaf_scores(const float* weight, int64_t weight_rows, int64_t dim, const in
       const int64_t* s = slots + r * width;
       float* o = out + r * width;
       if (starts != nullptr) {
-        int64_t last = width - 1;  // the groups up to the last filled slot
-        while (last >= 0 && s[last] == 0) --last;
-        group_dots(h, weight + starts[r] * dim, last / kLeafGroup + 1, dim, z.data());
+        const int64_t last = last_filled(s, width);  // an empty row reads nothing (check_reads passed it)
+        if (last >= 0) group_dots(h, weight + starts[r] * dim, last / kLeafGroup + 1, dim, z.data());
         for (int64_t m = 0; m < width; ++m) o[m] = s[m] == 0 ? kNegInf : z[m];
         continue;
       }

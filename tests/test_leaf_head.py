@@ -261,6 +261,34 @@ def test_native_leaf_scores_rejects_slots_outside_the_table():
         core().leaf_scores(w.data_ptr(), 31, 4, s.data_ptr(), at.data_ptr(), h.data_ptr(), 1, 2, out.data_ptr(), 1)
 
 
+_GUARDED_READ = """
+import ctypes, mmap, sys
+import numpy as np, torch
+from genrec_fast.native import core
+page = mmap.PAGESIZE
+buf = mmap.mmap(-1, 2 * page)  # a table that ends where an unreadable page begins
+base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+assert libc.mprotect(base + page, page, 0) == 0  # PROT_NONE
+rows, dim = 16, 4  # one group of 16 rows, its last byte the page's last
+table = base + page - rows * dim * 4
+slots, starts, hidden = torch.tensor([[0, 0], [3, 0]]), torch.tensor([16, 0]), torch.ones(2, dim)
+out = torch.zeros(2, 2)
+core().leaf_scores(table, rows, dim, slots.data_ptr(), starts.data_ptr(), hidden.data_ptr(), 2, 2, out.data_ptr(), 1)
+print("ok", out[0].tolist())
+"""
+
+
+def test_an_empty_row_of_the_leaf_blocked_table_reads_nothing():
+    """A decoder row whose leaf is empty (its start may point past the table's end) reads no group: the table
+    here ends at an unreadable page, so a read past it would kill the child process."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _GUARDED_READ], capture_output=True, text=True)
+    assert done.returncode == 0 and "ok [-inf, -inf]" in done.stdout, (done.returncode, done.stderr[-1000:])
+
+
 @given(st.integers(1, 30), st.integers(1, 12), st.integers(1, 40), st.integers(0, 2**31 - 1))
 @settings(max_examples=40, deadline=None)
 def test_leaf_ordered_scores_equal_the_scattered_ones(leaves, width, dim, seed):
