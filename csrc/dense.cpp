@@ -2,10 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "fast_exp.h"
 
 namespace genrec {
@@ -108,18 +107,10 @@ void many_base(const float* x, int64_t rows, int64_t in, int64_t ldx, const floa
 
 void linear_many(const float* x, int64_t rows, int64_t in, int64_t ldx, const float* w, const float* b,
                  int64_t out, float* y, int64_t ldy, float* __restrict xt) {
-  static const int isa = [] {  // the best the CPU has, or less when GENREC_CPU_ISA asks (tests: every path)
-    __builtin_cpu_init();
-    int best = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const char* ask = std::getenv("GENREC_CPU_ISA");
-    const std::string want = ask == nullptr ? "" : ask;
-    if (want == "base") best = 0;
-    if (want == "avx2") best = std::min(best, 1);
-    return best;
-  }();
-  if (isa == 2) {
+  const Isa isa = cpu_isa();
+  if (isa == Isa::kAvx512) {
     many_avx512(x, rows, in, ldx, w, b, out, y, ldy, xt);
-  } else if (isa == 1) {
+  } else if (isa == Isa::kAvx2Fma) {
     many_avx2(x, rows, in, ldx, w, b, out, y, ldy, xt);
   } else {
     many_base(x, rows, in, ldx, w, b, out, y, ldy, xt);

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "dot.h"
 #include "parallel.h"
 
@@ -16,9 +17,8 @@ namespace {
 // h . the 16 vectors of each of `groups` groups, a group stored transposed (dim, 16): the 16 dots run in
 // the vector lanes (a broadcast of h[c] times a row of 16), no sum across lanes; four partial sums over c
 // keep the FMAs independent.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void group_dots(const float* __restrict h, const float* __restrict block, int64_t groups, int64_t dim,
-                float* __restrict out) {
+inline __attribute__((always_inline)) void group_dots_body(const float* __restrict h, const float* __restrict block,
+                                                           int64_t groups, int64_t dim, float* __restrict out) {
   for (int64_t g = 0; g < groups; ++g) {
     const float* b = block + g * dim * kLeafGroup;
     float acc[4][kLeafGroup] = {};
@@ -37,6 +37,27 @@ void group_dots(const float* __restrict h, const float* __restrict block, int64_
     }
 #pragma omp simd
     for (int64_t l = 0; l < kLeafGroup; ++l) out[g * kLeafGroup + l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+  }
+}
+
+__attribute__((target("avx512f"))) void group_dots_avx512(const float* h, const float* block, int64_t groups,
+                                                          int64_t dim, float* out) {
+  group_dots_body(h, block, groups, dim, out);
+}
+
+__attribute__((target("avx2,fma"))) void group_dots_avx2(const float* h, const float* block, int64_t groups,
+                                                         int64_t dim, float* out) {
+  group_dots_body(h, block, groups, dim, out);
+}
+
+void group_dots(const float* h, const float* block, int64_t groups, int64_t dim, float* out) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return group_dots_avx512(h, block, groups, dim, out);
+    case Isa::kAvx2Fma:
+      return group_dots_avx2(h, block, groups, dim, out);
+    default:
+      return group_dots_body(h, block, groups, dim, out);
   }
 }
 
