@@ -15,6 +15,8 @@ constexpr int64_t kDots = 4;    // outputs per block of the dot kernel
 constexpr int64_t kMinRows = 8;  // fewer rows run as dots: 16 lanes of rows would be mostly padding
 constexpr int64_t kMaxLanes = 32;  // the most rows a block of the row-vectorised kernel holds (`linear_many`)
 constexpr int64_t kWideRows = 64;  // AVX-512: blocks of 32 rows from this many rows on
+constexpr int64_t kTransposeRows = 16;  // AVX2 + FMA: from this many rows on, w transposed once per call (`outs_block`)
+constexpr int64_t kTileRows = 144;  // `outs_block`'s rows a tile (256 inputs: 144 kB)
 
 // Few rows: each output a dot over `in`, in 16 vector lanes summed at the end (kDots dots over one x row at a time).
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -80,6 +82,74 @@ inline __attribute__((always_inline)) void lanes_block(const float* x, int64_t r
   }
 }
 
+// Many rows, weights transposed: Outs outputs in the vector lanes, Rows rows at a time, each x entry a scalar
+// broadcast. wt (in, Outs) per block of Outs outputs (`transpose_weights`: once per call, the same for every row),
+// so no x row is copied and each row's outputs are stored side by side; Rows x Outs accumulators in registers.
+template <int64_t Rows, int64_t Outs>
+inline __attribute__((always_inline)) void outs_block(const float* x, int64_t rows, int64_t in, int64_t ldx,
+                                                      const float* __restrict wt, const float* __restrict bp,
+                                                      int64_t out, float* y, int64_t ldy) {
+  for (int64_t t0 = 0; t0 < rows; t0 += kTileRows) {  // a tile of x rows stays in cache over the output blocks
+    const int64_t t1 = std::min(rows, t0 + kTileRows);
+    for (int64_t o0 = 0; o0 < out; o0 += Outs) {
+      const float* wb = wt + o0 * in;  // (in, Outs)
+      const int64_t no = std::min(Outs, out - o0);
+      for (int64_t i0 = t0; i0 < t1; i0 += Rows) {
+        const int64_t nr = std::min(Rows, t1 - i0);
+        const float* xs[Rows];  // the last block repeats its last row (computed, not written)
+        for (int64_t r = 0; r < Rows; ++r) xs[r] = x + (i0 + std::min(r, nr - 1)) * ldx;
+        float acc[Rows][Outs];
+        for (int64_t r = 0; r < Rows; ++r) {
+#pragma omp simd
+          for (int64_t l = 0; l < Outs; ++l) acc[r][l] = bp[o0 + l];
+        }
+        for (int64_t c = 0; c < in; ++c) {
+          const float* wc = wb + c * Outs;
+          for (int64_t r = 0; r < Rows; ++r) {
+            const float xv = xs[r][c];
+#pragma omp simd
+            for (int64_t l = 0; l < Outs; ++l) acc[r][l] += xv * wc[l];
+          }
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          float* yr = y + (i0 + r) * ldy + o0;
+          if (no == Outs) {
+#pragma omp simd
+            for (int64_t l = 0; l < Outs; ++l) yr[l] = acc[r][l];
+          } else {
+            for (int64_t l = 0; l < no; ++l) yr[l] = acc[r][l];
+          }
+        }
+      }
+    }
+  }
+}
+
+// wt (ceil(out / Outs) blocks of (in, Outs)) = w (out, in) transposed block by block, zero past `out`; bp the bias
+// zero-padded to the blocks' width (zeros without one).
+void transpose_weights(const float* w, const float* b, int64_t in, int64_t out, int64_t outs, float* wt, float* bp) {
+  const int64_t padded = (out + outs - 1) / outs * outs;
+  for (int64_t o0 = 0; o0 < padded; o0 += outs) {
+    float* wb = wt + o0 * in;
+    for (int64_t l = 0; l < outs; ++l) {
+      const int64_t o = o0 + l;
+      if (o < out) {
+        const float* wo = w + o * in;
+        for (int64_t c = 0; c < in; ++c) wb[c * outs + l] = wo[c];
+      } else {
+        for (int64_t c = 0; c < in; ++c) wb[c * outs + l] = 0.0f;
+      }
+    }
+  }
+  for (int64_t o = 0; o < padded; ++o) bp[o] = b && o < out ? b[o] : 0.0f;
+}
+
+__attribute__((target("avx2,fma"))) void outs_avx2(const float* x, int64_t rows, int64_t in, int64_t ldx,
+                                                   const float* wt, const float* bp, int64_t out, float* y,
+                                                   int64_t ldy) {
+  outs_block<6, 16>(x, rows, in, ldx, wt, bp, out, y, ldy);
+}
+
 // AVX-512 (32 registers): 32 rows (two vectors) x 6 outputs from kWideRows rows on (2 + 6 loads feed 12 FMAs, so
 // the FMAs bound it: 1.4x 16 rows x 8 outputs at 3,700 rows x 64 -> 256), else 16 x 8. AVX2 + FMA (16
 // registers): 16 rows (two vectors) x 6 outputs, 12 accumulators (32 x 6 spilled: 1.3-1.4x slower on an AMD
@@ -125,12 +195,25 @@ void linear(const float* x, int64_t rows, int64_t in, int64_t ldx, const float* 
     linear_dots(x, rows, in, ldx, w, b, out, y, ldy);
     return;
   }
+  if (cpu_isa() == Isa::kAvx2Fma && rows >= kTransposeRows) {  // (the baseline kernel gained nothing so)
+    constexpr int64_t kOuts = 16;  // two AVX2 vectors of outputs
+    thread_local std::vector<float> wt, bp;
+    const int64_t padded = (out + kOuts - 1) / kOuts * kOuts;
+    wt.resize(static_cast<size_t>(in * padded));
+    bp.resize(static_cast<size_t>(padded));
+    transpose_weights(w, b, in, out, kOuts, wt.data(), bp.data());
+    outs_avx2(x, rows, in, ldx, wt.data(), bp.data(), out, y, ldy);
+    return;
+  }
   thread_local std::vector<float> xt;
   xt.resize(static_cast<size_t>(in * kMaxLanes));
   linear_many(x, rows, in, ldx, w, b, out, y, ldy, xt.data());
 }
 
-void add_layer_norm(float* x, const float* r, int64_t rows, int64_t dim, const float* w, const float* b, float eps) {
+namespace {
+
+inline __attribute__((always_inline)) void add_layer_norm_body(float* x, const float* r, int64_t rows, int64_t dim,
+                                                               const float* w, const float* b, float eps) {
   for (int64_t i = 0; i < rows; ++i) {
     float* xi = x + i * dim;
     if (r) {
@@ -151,8 +234,7 @@ void add_layer_norm(float* x, const float* r, int64_t rows, int64_t dim, const f
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void gelu(float* x, int64_t n) {
+inline __attribute__((always_inline)) void gelu_body(float* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float z = std::fabs(x[i]) * 0.70710678118654752f;  // |x| / sqrt 2
@@ -162,6 +244,32 @@ void gelu(float* x, int64_t n) {
     const float erf_abs = 1.0f - poly * exp_nonpositive(-z * z);
     const float erf = x[i] < 0.0f ? -erf_abs : erf_abs;
     x[i] = 0.5f * x[i] * (1.0f + erf);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void add_layer_norm_avx2(float* x, const float* r, int64_t rows, int64_t dim,
+                                                             const float* w, const float* b, float eps) {
+  add_layer_norm_body(x, r, rows, dim, w, b, eps);
+}
+
+__attribute__((target("avx2,fma"))) void gelu_avx2(float* x, int64_t n) { gelu_body(x, n); }
+
+}  // namespace
+
+// The AVX2 + FMA builds where the CPU has them (cpu_isa.h; AVX-512 CPUs too): the baseline build is SSE2.
+void add_layer_norm(float* x, const float* r, int64_t rows, int64_t dim, const float* w, const float* b, float eps) {
+  if (cpu_isa() == Isa::kBase) {
+    add_layer_norm_body(x, r, rows, dim, w, b, eps);
+  } else {
+    add_layer_norm_avx2(x, r, rows, dim, w, b, eps);
+  }
+}
+
+void gelu(float* x, int64_t n) {
+  if (cpu_isa() == Isa::kBase) {
+    gelu_body(x, n);
+  } else {
+    gelu_avx2(x, n);
   }
 }
 
