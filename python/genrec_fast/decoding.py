@@ -20,7 +20,7 @@ import torch
 from .beam_search import Trie, make_beam_search
 from .ensemble import Ensemble
 from .first_step import chosen as use_first_step, first_step
-from .first_step import decoder_step as native_decoder_step, encode as native_encode
+from .first_step import decoder_step as native_decoder_step, encode as native_encode, pointers as native_pointers
 from .item_topk import DEFAULT_CHUNK, Head, item_topk
 from .model import DecoderCache, GenRec
 
@@ -80,8 +80,9 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
     else:
         memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
     cache = model.start_decoding(memory, enc["mask"], enc["item_ids"])
-    if native:  # each step's decoder layers as one C++ call too
-        cache.native_step = native_decoder_step
+    if native:  # each step's decoder layers as one C++ call too, the weights' pointer table read once
+        table = native_pointers(model)
+        cache.native_step = lambda m, tokens, c: native_decoder_step(m, tokens, c, table=table)
     cache.capacity = trie.max_depth  # the longest decode: the K/V buffers never regrow
     search = make_beam_search(trie, U, num_beams, k, length_penalty=length_penalty, exclude=exclude,
                               allow=allow, backend=backend, threads=torch.get_num_threads())
@@ -107,8 +108,9 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
         now = np.asarray(search.active_users())
         new_width = _live_width(next_tokens, len(now), num_beams, trie.eos_id)
         keep = _first_slots(len(now), num_beams, new_width)  # the search rows the decoder will run
-        rows = parent[keep] // slots * width + parent[keep] % slots  # their parents among the decoder rows
-        _reorder(cache, rows, np.searchsorted(active, now), len(active) * width, device)
+        if step < model_steps:  # the decoder runs again: its rows follow the beams (else only EOS is left)
+            rows = parent[keep] // slots * width + parent[keep] % slots  # their parents among the decoder rows
+            _reorder(cache, rows, np.searchsorted(active, now), len(active) * width, device)
         tokens, active, width = torch.as_tensor(next_tokens[keep], device=device), now, new_width
     items, scores = search.results()
     return np.asarray(items), np.asarray(scores)

@@ -6,9 +6,9 @@ the history / transition offsets: `GenRec.encode`, `first_heads` and `bias_pairs
 batch-1 call at Beauty's size. `encode`: the same call stopping after the encoder, and `decoder_step`: one step of
 every beam row through the decoder layers, for the models the trie search decodes (`beam_decode`).
 
-The parameters are read in place: their pointers are collected on every call, so training steps, `calibrate`'s
-scaling, `.to()` or a replaced module are always seen, never a stale copy. `chosen` picks the C++ path for batches
-of up to `USERS_PER_THREAD` users a thread, where it gains. `first_step_reference` and `GenRec.decode_step_hidden`'s
+The parameters are read in place: their pointers are collected on every call (once per decode for its steps), so
+training steps, `calibrate`'s scaling, `.to()` or a replaced module are always seen, never a stale copy. `chosen`
+picks the C++ path for batches of up to `USERS_PER_THREAD` users a thread, where it gains. `first_step_reference` and `GenRec.decode_step_hidden`'s
 own ops are the definitions; tests hold the C++ paths to them.
 """
 from __future__ import annotations
@@ -25,13 +25,14 @@ _SIZES = ("dim", "heads", "ffn", "max_positions", "vocab", "n_users", "n_items",
           "decoder_layers", "positions_from_end", "recency_len", "width", "neighbors", "context")
 
 
-USERS_PER_THREAD = 128  # beyond this many users a thread PyTorch's ops (their GEMMs) are as fast (benchmarks/)
+USERS_PER_THREAD = 512  # beyond this many users a thread PyTorch's ops (their GEMMs) are as fast (1.0-1.1x the C++ at
+# 512 on one thread, 0.8-1.0x at 1,024: benchmarks/README.md)
 
 
 def chosen(model, enc: dict, encoder_only: bool = False) -> bool:
     """Whether decoding takes the C++ path (`first_step`, or with encoder_only `encode`): it can run, and the batch
-    is small enough to gain (the first step on one thread: 6x at 1 user, 1.8x at 16, even at 128, 0.9x at 256; the
-    C++ splits the users over the threads)."""
+    is small enough to gain (on one thread, 2026-12-07: the first step 1.2-1.4x PyTorch's ops at 128-256 users,
+    1.1x at 512; the encoder 1.0-1.1x at 256-512, the decoder step 1.5x; the C++ splits the users over the threads)."""
     why = unusable_encoder(model, enc) if encoder_only else unusable(model, enc)
     return why is None and enc["tokens"].shape[0] <= USERS_PER_THREAD * torch.get_num_threads()
 
@@ -198,10 +199,18 @@ def encode(model: GenRec, enc: dict, threads: int | None = None) -> torch.Tensor
     return _run(model, enc, True, False, threads)[0]
 
 
-def decoder_step(model: GenRec, tokens: torch.Tensor, cache, threads: int | None = None) -> torch.Tensor:
+def pointers(model: GenRec) -> tuple[list, list]:
+    """The model's sizes and weight pointers as the C++ calls read them, checked (ValueError on a bad tensor). A
+    decode reads them once (`decoder_step`'s `table`): its weights do not change between its steps."""
+    return _pointers(model)
+
+
+def decoder_step(model: GenRec, tokens: torch.Tensor, cache, threads: int | None = None,
+                 table: tuple[list, list] | None = None) -> torch.Tensor:
     """`model.decode_step_hidden(tokens, cache)` as one C++ call (csrc/decoder_step.h): tokens (R,) one new token
     per beam row (R = users x width, user-major) -> the decoder states (R, C); writes the rows' keys and values at
-    slot `cache.step` and advances it. The cache's buffers grow as the PyTorch step grows them."""
+    slot `cache.step` and advances it. The cache's buffers grow as the PyTorch step grows them. table: `pointers`
+    of this model read earlier in the same decode (else read now)."""
     C, H, t = model.cfg.d_model, model.cfg.n_heads, cache.step
     R, U = tokens.shape[0], cache.lengths.shape[0]
     for i in range(len(model.decoder.layers)):
@@ -217,7 +226,7 @@ def decoder_step(model: GenRec, tokens: torch.Tensor, cache, threads: int | None
                              f"{tuple(b.shape)} {b.dtype} on {b.device}")
     lengths, tokens = cache.lengths.long().contiguous(), tokens.long().contiguous()
     hidden = torch.empty(R, C)
-    sizes, ptrs = _pointers(model)
+    sizes, ptrs = _pointers(model) if table is None else table
     core().decoder_step(sizes, [model.embed_scale, model.decoder.layernorm_embedding.eps], ptrs, tokens.data_ptr(), R,
                         U, t, cache.self_k[0].shape[2], S, lengths.data_ptr(), [k.data_ptr() for k in cache.self_k],
                         [v.data_ptr() for v in cache.self_v], [k.data_ptr() for k in cache.cross_k],
