@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 from repeat_data import repeat_data
 
 from genrec_fast import Recommender, preset
 from genrec_fast.batching import pad_encoder, pad_targets
 from genrec_fast.ensemble import Ensemble
-from genrec_fast.history_bias import code_offsets
+from genrec_fast.history_bias import add_offsets, code_offsets
 from genrec_fast.train import Trainer
 
 ITEMS = [f"item{i}" for i in range(70)]
@@ -94,9 +95,30 @@ def test_code_offsets_match_prefixes():
     values = torch.tensor([[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]])  # (1, 2 rows, 3 positions)
     codes = torch.tensor([[[10, 20], [11, 21], [-1, -1]]])  # (1, 3, L=2): two history items and a non-item
     tok, val = code_offsets(values, codes, torch.zeros(1, 2, 0, dtype=torch.long))  # step 0: every item
-    assert tok.tolist() == [[[10, 11, 0], [10, 11, 0]]] and val.tolist() == [[[1, 2, 0], [4, 5, 0]]]
+    assert tok.tolist() == [[[10, 11, 0]]] and val.tolist() == [[[1, 2, 0], [4, 5, 0]]]  # tokens: one row a user
     tok, val = code_offsets(values, codes, torch.tensor([[[10], [12]]]))  # step 1: rows fed 10 and 12
-    assert tok.tolist() == [[[20, 21, 0], [20, 21, 0]]] and val.tolist() == [[[1, 0, 0], [0, 0, 0]]]
+    assert tok.tolist() == [[[20, 21, 0]]] and val.tolist() == [[[1, 0, 0], [0, 0, 0]]]
+
+
+@settings(max_examples=50, deadline=None)
+@given(U=st.integers(1, 3), W=st.integers(1, 4), S=st.integers(1, 6), X=st.integers(1, 8),
+       first=st.none() | st.integers(0, 3), seed=st.integers(0, 99))
+def test_per_user_offsets_equal_the_row_by_row_ones(U, W, S, X, first, seed):
+    """add_offsets' per-user form (tokens (U, 1, S) shared by a user's W rows) adds what the same tokens copied to
+    every row do, repeats summed, leaf columns (first) clamped."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(U * W, X, generator=g)
+    tokens = torch.randint(0, X + (first or 0), (U, 1, S), generator=g)
+    values = torch.randn(U, W, S, generator=g)
+    got = add_offsets(z, tokens, values, first)
+    rows = tokens.expand(U, W, S).reshape(U * W, S)
+    cols = rows if first is None else (rows - first).clamp(0, X - 1)
+    want = z.clone()
+    for r in range(U * W):
+        for j in range(S):
+            want[r, cols[r, j]] += values.reshape(U * W, S)[r, j]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(add_offsets(z, rows, values.reshape(U * W, S), first), want)
 
 
 @pytest.mark.parametrize("levels, history, transition, reverse", [

@@ -68,11 +68,25 @@ def code_offsets(values: torch.Tensor, codes: torch.Tensor, prefix: torch.Tensor
     """Items of several tokens (codes): at step t a history item's offset goes to its t-th token, in the rows
     whose first t tokens are the item's. values (B, W, S) offsets of W rows per user, codes (B, S, L) the
     tokens of each position's item (-1 off the history), prefix (B, W, t) the rows' tokens so far ->
-    tokens (B, W, S) (0 where no item) and values (B, W, S) (0 where the prefix differs)."""
+    tokens (B, 1, S) (0 where no item; the same for a user's W rows) and values (B, W, S) (0 where the prefix
+    differs): `add_offsets`' per-user form."""
     t = prefix.shape[-1]
     own = codes[:, None, :, t]  # (B, 1, S)
     match = (codes[:, None, :, :t] == prefix[:, :, None, :]).all(-1) & (own >= 0)  # (B, W, S)
-    return own.clamp(min=0).expand_as(match), values * match
+    return own.clamp(min=0), values * match
+
+
+def add_offsets(z: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor, first: int | None = None) -> torch.Tensor:
+    """z (R, X) + values on the columns of tokens, summed over repeats. tokens (R, S) and values (R, S), or per
+    user (`code_offsets`): tokens (U, 1, S), the same for each of a user's W rows, and values (U, W, S), R = U x W
+    user-major (the tokens never copied W times). first: the token of column 0 (a leaf head's slots); columns
+    tokens - first, clamped into [0, X) (values there must be 0); None: the columns are the tokens."""
+    if first is not None:
+        tokens = (tokens - first).clamp(0, z.shape[-1] - 1)
+    if values.dim() == 2:
+        return z.scatter_add(1, tokens, values.to(z.dtype))
+    U, W, S = values.shape
+    return z.view(U, W, -1).scatter_add(2, tokens.expand(U, W, S), values.to(z.dtype)).view(z.shape)
 
 
 def history_items(item_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .history_bias import add_offsets
 from .native import core
 
 NEG_INF = float("-inf")
 LEAF_GROUP = 16  # rows of the leaf-blocked copy stored transposed together (csrc/leaf_scores.h: kLeafGroup)
+
+
+def table_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`table[index]`, (*index.shape, *table.shape[1:]), as one index_select: 3-6x PyTorch's advanced indexing on a
+    CPU (a million items' codes at 76,800 rows: 1.6 -> 0.5 ms; the leaf table at 5,120 rows: 0.7 -> 0.12 ms)."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
 def leaf_scores_reference(item_weight: torch.Tensor, slots: torch.Tensor, hidden: torch.Tensor,
@@ -139,7 +146,7 @@ class LeafHead(nn.Module):
                     sparse: bool = False) -> torch.Tensor:
         """hidden (R, C), key (R,), item_weight (n_items + 1, C) -> (R, M) logits of the leaf's slots, -inf
         for empty slots (`sparse` as in `leaf_scores_reference`)."""
-        slots = self.items[key]  # (R, M)
+        slots = table_rows(self.items, key)  # (R, M)
         if self.leaf_order and _native(item_weight, hidden):
             return _leaf_scores_native(self.ordered(item_weight), slots, hidden, self.starts[key])
         return leaf_scores(item_weight, slots, hidden, sparse)  # (R, M)
@@ -171,7 +178,7 @@ class LeafHead(nn.Module):
                         hi: int | None = None, offsets: tuple | None = None) -> torch.Tensor:
         """`log_softmax(vocab_logits(...))[:, lo:hi]` without the (R, V) tensor: float32 (R, hi - lo), the leaf
         softmax's log-probabilities at the columns of their tokens inside [lo, hi), -inf elsewhere.
-        offsets: (tokens (R, S), values (R, S)) added to those tokens' logits first (`_offset`)."""
+        offsets: (tokens, values) added to those tokens' logits first (`_offset`)."""
         z = self._offset(self.leaf_logits(hidden, key, item_weight).float(), offsets)  # (R, M)
         logp = F.log_softmax(z, dim=-1)  # (R, M)
         hi = self.vocab_size if hi is None else hi
@@ -182,12 +189,10 @@ class LeafHead(nn.Module):
         return out
 
     def _offset(self, z: torch.Tensor, offsets: tuple | None) -> torch.Tensor:
-        """Leaf logits z (R, M) + values (R, S) at the leaf slots of last-column tokens (R, S), summed over
-        repeats. A value must be 0 unless its token is in the row's leaf (`history_bias.code_offsets`)."""
-        if offsets is None:
-            return z
-        tokens, values = offsets
-        return z.scatter_add(1, (tokens - self.first[-1]).clamp(0, z.shape[1] - 1), values.to(z.dtype))
+        """Leaf logits z (R, M) + values at the leaf slots of last-column tokens, summed over repeats: tokens
+        (R, S) and values (R, S), or per user (U, 1, S) and (U, W, S) (`history_bias.add_offsets`). A value must
+        be 0 unless its token is in the row's leaf (`history_bias.code_offsets`)."""
+        return z if offsets is None else add_offsets(z, *offsets, first=self.first[-1])
 
     def loss_terms(self, hidden: torch.Tensor, prefix: torch.Tensor, target: torch.Tensor,
                    item_weight: torch.Tensor, smoothing: float, offsets: tuple | None = None,

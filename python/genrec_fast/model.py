@@ -15,12 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .history_bias import HistoryBias, code_offsets, history_items
+from .history_bias import HistoryBias, add_offsets, code_offsets, history_items
 from .transition_bias import TransitionBias, context_items
 from .item_topk import Head
 from .kernels import attention
 from .kernels.packed_attention import packed_attention
-from .leaf_head import LeafHead
+from .leaf_head import LeafHead, table_rows
 from .loss import linear_cross_entropy
 
 
@@ -468,12 +468,13 @@ class GenRec(nn.Module):
         values, codes = [], []
         if self.history is not None:
             values.append(self.history.score(hidden, self.history.state(memory, item_ids, mask)))  # (B, L, S)
-            codes.append(leaves.codes[item_ids.masked_fill(~mask, 0)])  # (B, S, L) tokens of each position's item
+            # (B, S, L) tokens of each position's item
+            codes.append(table_rows(leaves.codes, item_ids.masked_fill(~mask, 0)))
         if self.transition is not None:
             items, t_values = self.transition.code_pairs(*transition)  # (B, N), (B, 2, N): cluster, leaf step
             leaf_step = (torch.arange(hidden.shape[1], device=items.device) >= leaves.levels - 1).long()
             values.append(t_values[:, leaf_step])  # (B, L, N)
-            codes.append(leaves.codes[items + 1])  # (B, N, L)
+            codes.append(table_rows(leaves.codes, items + 1))  # (B, N, L)
         values, codes = torch.cat(values, -1), torch.cat(codes, 1)
         last, total, n = leaves.levels - 1, hidden.new_zeros(()), 0
         for t in range(leaves.levels):
@@ -548,10 +549,12 @@ class GenRec(nn.Module):
                                  "codes needs the item_ids")
             codes = self._leaves().codes  # (n_items + 1, L) by item id, row 0 (no item) all -1
             if self.history is not None:
-                cache.history = (self.history.state(memory, item_ids, mask), codes[item_ids.masked_fill(~mask, 0)])
+                cache.history = (self.history.state(memory, item_ids, mask),
+                                 table_rows(codes, item_ids.masked_fill(~mask, 0)))
             if self.transition is not None:
                 items, values = self.transition.code_pairs(context_items(item_ids, mask, self.transition.context))
-                cache.transition = (codes[items + 1], values.float())  # (U, N, L), (U, 2, N): cluster, leaf step
+                # (U, N, L), (U, 2, N): cluster, leaf step
+                cache.transition = (table_rows(codes, items + 1), values.float())
         return cache
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
@@ -562,7 +565,7 @@ class GenRec(nn.Module):
             z = self.leaves.vocab_logits(hidden, cache.leaf_key, self.item_embed.weight)  # (R, V)
         else:
             z = self.lm_head(hidden)  # (R, V)
-        return z if offsets is None else z.scatter_add(1, offsets[0], offsets[1].to(z.dtype))
+        return z if offsets is None else add_offsets(z, *offsets)
 
     def decode_logprobs(self, tokens: torch.Tensor, cache: DecoderCache, lo: int = 0,
                         hi: int | None = None) -> torch.Tensor:
@@ -574,11 +577,12 @@ class GenRec(nn.Module):
         if at_leaf:
             return self.leaves.window_logprobs(hidden, cache.leaf_key, self.item_embed.weight, lo, hi, offsets)
         z = self.lm_head(hidden).float()  # (R, V)
-        return window_log_softmax(z if offsets is None else z.scatter_add(1, *offsets), lo, hi)
+        return window_log_softmax(z if offsets is None else add_offsets(z, *offsets), lo, hi)
 
     def _step_offsets(self, tokens: torch.Tensor, hidden: torch.Tensor, cache: DecoderCache) -> tuple | None:
         """The history and transition biases over codes at the step just run (`cache.step - 1`), whose states
-        are hidden (R, C) after feeding tokens (R,): -> (tokens (R, N), float32 values (R, N)), or None."""
+        are hidden (R, C) after feeding tokens (R,): -> per user (`add_offsets`) tokens (U, 1, N) and float32
+        values (U, W, N), R = U x W, or None."""
         if cache.history is None and cache.transition is None:
             return None
         t = cache.step - 1
@@ -597,7 +601,7 @@ class GenRec(nn.Module):
             values.append(t_values[:, leaf_step, None].expand(U, R // U, -1))  # (U, W, N): the same for every beam
             codes.append(t_codes)
         tok, val = code_offsets(torch.cat(values, -1), torch.cat(codes, 1), cache.prefix.view(U, R // U, t))
-        return tok.reshape(R, -1), val.reshape(R, -1).float()
+        return tok, val.float()
 
     def _leaf_aware_step(self, tokens: torch.Tensor, cache: DecoderCache) -> tuple[torch.Tensor, bool]:
         """One decoder step -> states (R, C) and whether they feed the leaf head (else the LM head); with a
