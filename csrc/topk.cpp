@@ -7,7 +7,9 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
+#include "cpu_isa.h"
 #include "dot.h"
 #include "fast_exp.h"
 #include "parallel.h"
@@ -18,7 +20,8 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kBlock = 64;  // columns per block of the top-k scan: one max, then rare inserts
 constexpr int kLanes = 16;      // users per tile of the fused head (one AVX-512 register of floats)
-constexpr int kItems = 8;       // columns per tile: 8 accumulator registers
+constexpr int kItems = 8;       // columns per tile at most (AVX-512: 8 accumulator registers)
+constexpr int kAvx2Items = 6;   // AVX2 + FMA: 6 columns x 2 registers of users (12 of 16 registers)
 constexpr int64_t kChunk = 512; // columns of w per pass over the users: 512 x 64 floats = 128 KB, in L2
 constexpr int64_t kSpan = 2048;          // columns per block of the split head: (users x 2048) scores, in L2
 constexpr int64_t kMinSplit = 1 << 14;   // columns per thread of the split head at least
@@ -55,21 +58,23 @@ float scan_row(const float* row, int64_t n, float* block_max, bool lse, float& r
   return row_max;
 }
 
-// One tile of the fused head: tile[jj][l] = bias[jj] + sum_c xt[c][l] * w[jj][c] for kItems rows of w and
+// One tile of the fused head: tile[jj][l] = bias[jj] + sum_c xt[c][l] * w[jj][c] for Items rows of w and
 // kLanes users (xt: (dim, kLanes), users along the lanes); tile_max[l] = max over the first n rows (NaN
-// ignored); with lse, each lane's running (max, sum of exp(x - max)) takes in those n entries.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void head_tile(const float* __restrict xt, const float* __restrict w, int64_t dim, const float* bias, int32_t n,
-               bool lse, float* __restrict tile, float* __restrict tile_max, float* __restrict lane_max,
-               float* __restrict lane_sum) {
-  float a[kItems][kLanes];
-  for (int jj = 0; jj < kItems; ++jj) {
-    const float b0 = bias != nullptr && jj < n ? bias[jj] : 0.0f;
+// ignored); with lse, each lane's running (max, sum of exp(x - max)) takes in those n entries. Items x kLanes
+// accumulators: sized per instruction set (`head_tile_for`) so that they stay in registers.
+template <int Items>
+inline __attribute__((always_inline)) void head_tile_body(const float* __restrict xt, const float* __restrict w,
+                                                          int64_t dim, const float* bias, int32_t n, bool lse,
+                                                          float* __restrict tile, float* __restrict tile_max,
+                                                          float* __restrict lane_max, float* __restrict lane_sum) {
+  float a[Items][kLanes];
+  for (int jj = 0; jj < Items; ++jj) {
+    const float b0 = bias != nullptr ? bias[jj] : 0.0f;  // Items entries (a short last tile's padded by the caller)
     for (int l = 0; l < kLanes; ++l) a[jj][l] = b0;
   }
   for (int64_t c = 0; c < dim; ++c) {
     const float* xc = xt + c * kLanes;
-    for (int jj = 0; jj < kItems; ++jj) {
+    for (int jj = 0; jj < Items; ++jj) {
       const float wc = w[jj * dim + c];
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) a[jj][l] += xc[l] * wc;
@@ -102,6 +107,38 @@ void head_tile(const float* __restrict xt, const float* __restrict w, int64_t di
     if (shift[l] == kNegInf) continue;  // every entry so far -inf (or NaN): nothing to add
     lane_max[l] = shift[l];
     lane_sum[l] = s[l];
+  }
+}
+
+using HeadTile = void (*)(const float*, const float*, int64_t, const float*, int32_t, bool, float*, float*, float*,
+                          float*);
+
+__attribute__((target("avx512f"))) void head_tile_avx512(const float* xt, const float* w, int64_t dim,
+                                                         const float* bias, int32_t n, bool lse, float* tile,
+                                                         float* tile_max, float* lane_max, float* lane_sum) {
+  head_tile_body<8>(xt, w, dim, bias, n, lse, tile, tile_max, lane_max, lane_sum);  // 8 of 32 registers
+}
+
+__attribute__((target("avx2,fma"))) void head_tile_avx2(const float* xt, const float* w, int64_t dim,
+                                                        const float* bias, int32_t n, bool lse, float* tile,
+                                                        float* tile_max, float* lane_max, float* lane_sum) {
+  head_tile_body<kAvx2Items>(xt, w, dim, bias, n, lse, tile, tile_max, lane_max, lane_sum);
+}
+
+void head_tile_base(const float* xt, const float* w, int64_t dim, const float* bias, int32_t n, bool lse,
+                    float* tile, float* tile_max, float* lane_max, float* lane_sum) {
+  head_tile_body<kItems>(xt, w, dim, bias, n, lse, tile, tile_max, lane_max, lane_sum);
+}
+
+// The tile kernel this CPU runs (cpu_isa.h) and its rows of w a tile.
+std::pair<HeadTile, int> head_tile_for() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return {head_tile_avx512, 8};
+    case Isa::kAvx2Fma:
+      return {head_tile_avx2, kAvx2Items};
+    default:
+      return {head_tile_base, kItems};
   }
 }
 
@@ -434,7 +471,9 @@ void StreamingTopK::head_users(int64_t block_begin, int64_t block_end, const flo
       for (int64_t c = 0; c < dim; ++c) xt[(b * dim + c) * kLanes + l] = x[u * dim + c];
     }
   }
-  std::vector<float> tail(kItems * dim, 0.0f);  // the last cols % kItems rows of w, zero-padded
+  const auto [tile_fn, items] = head_tile_for();
+  std::vector<float> tail(kItems * dim, 0.0f);  // the last cols % items rows of w, zero-padded
+  float tail_bias[kItems];                        // and their biases
   std::vector<float> lane_max(kLanes), lane_sum(kLanes);
   alignas(64) float tile[kItems * kLanes];
   alignas(64) float tile_max[kLanes];
@@ -447,15 +486,21 @@ void StreamingTopK::head_users(int64_t block_begin, int64_t block_end, const flo
       std::fill(lane_max.begin(), lane_max.end(), kNegInf);
       std::fill(lane_sum.begin(), lane_sum.end(), 0.0f);
       for (int64_t l = 0; l < lanes; ++l) thr[l] = threshold(u0 + l);
-      for (int64_t j = c0; j < c1; j += kItems) {
-        const int32_t n = static_cast<int32_t>(std::min<int64_t>(kItems, c1 - j));
+      for (int64_t j = c0; j < c1; j += items) {
+        const int32_t n = static_cast<int32_t>(std::min<int64_t>(items, c1 - j));
         const float* rows = w + j * dim;
-        if (n < kItems) {  // a short last tile: pad with zero rows, which are never read back
+        const float* tile_bias = bias == nullptr ? nullptr : bias + j;
+        if (n < items) {  // a short last tile: pad with zero rows, which are never read back
           std::fill(tail.begin(), tail.end(), 0.0f);
           std::copy(rows, rows + n * dim, tail.begin());
           rows = tail.data();
+          if (bias != nullptr) {
+            std::fill(tail_bias, tail_bias + kItems, 0.0f);
+            std::copy(bias + j, bias + j + n, tail_bias);
+            tile_bias = tail_bias;
+          }
         }
-        head_tile(&xt[b * dim * kLanes], rows, dim, bias == nullptr ? nullptr : bias + j, n, lse, tile, tile_max,
+        tile_fn(&xt[b * dim * kLanes], rows, dim, tile_bias, n, lse, tile, tile_max,
                   lane_max.data(), lane_sum.data());
         if (!topk) continue;
         for (int64_t l = 0; l < lanes; ++l) {

@@ -276,15 +276,17 @@ def test_decoder_step_errors_name_the_problem():
 def test_the_baseline_kernels_match_too():
     """The hand-blocked kernels are chosen by the CPU's instruction set (csrc/cpu_isa.h: AVX-512, AVX2 + FMA,
     baseline); GENREC_CPU_ISA=base runs the baseline ones, which this machine would never pick, through the
-    comparisons with PyTorch (dense layers: first step, decoder step; the leaf-blocked scores)."""
+    comparisons with PyTorch (dense layers: first step, decoder step; the leaf-blocked scores; the fused head's
+    tiles)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
-    leaf = Path(__file__).with_name("test_leaf_head.py")
+    leaf, topk = Path(__file__).with_name("test_leaf_head.py"), Path(__file__).with_name("test_item_topk.py")
     tests = [f"{__file__}::test_first_step_matches_reference", f"{__file__}::test_decoder_step_matches_the_pytorch_step",
-             f"{leaf}::test_leaf_ordered_scores_equal_the_scattered_ones"]
+             f"{leaf}::test_leaf_ordered_scores_equal_the_scattered_ones",
+             f"{topk}::test_fused_head_with_filters_over_several_tiles"]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                           env={**os.environ, "GENREC_CPU_ISA": "base"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "3 passed" in done.stdout
+    assert "4 passed" in done.stdout
