@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "fast_exp.h"
 #include "parallel.h"
 
@@ -21,9 +22,10 @@ constexpr int64_t kQueries = 4;  // queries at a time: independent FMA chains ov
 // kQueries queries (the last group repeats its last query), the scores run kKeys keys at a time over the key lanes
 // (k transposed and scaled), in registers across the head dimension; then each query's softmax, and the
 // outputs as the weighted sums of v rows, kKeys of the head's lanes at a time.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void sequence_head(const float* q, const float* k, const float* v, int64_t ld, int64_t len, int64_t hd, float scale,
-                   float* out, int64_t ldo, float* __restrict kt, float* __restrict p) {
+inline __attribute__((always_inline)) void sequence_head_body(const float* q, const float* k, const float* v,
+                                                              int64_t ld, int64_t len, int64_t hd, float scale,
+                                                              float* out, int64_t ldo, float* __restrict kt,
+                                                              float* __restrict p) {
   const int64_t padded = (len + kKeys - 1) / kKeys * kKeys;
   for (int64_t c = 0; c < hd; ++c) {
     float* row = kt + c * padded;
@@ -87,6 +89,24 @@ void sequence_head(const float* q, const float* k, const float* v, int64_t ld, i
   }
 }
 
+// The builds per instruction set (cpu_isa.h: `target_clones`' avx2 clone has no FMA).
+__attribute__((target("avx512f"))) void sequence_head_avx512(const float* q, const float* k, const float* v,
+                                                             int64_t ld, int64_t len, int64_t hd, float scale,
+                                                             float* out, int64_t ldo, float* kt, float* p) {
+  sequence_head_body(q, k, v, ld, len, hd, scale, out, ldo, kt, p);
+}
+
+__attribute__((target("avx2,fma"))) void sequence_head_avx2(const float* q, const float* k, const float* v,
+                                                            int64_t ld, int64_t len, int64_t hd, float scale,
+                                                            float* out, int64_t ldo, float* kt, float* p) {
+  sequence_head_body(q, k, v, ld, len, hd, scale, out, ldo, kt, p);
+}
+
+void sequence_head_base(const float* q, const float* k, const float* v, int64_t ld, int64_t len, int64_t hd,
+                        float scale, float* out, int64_t ldo, float* kt, float* p) {
+  sequence_head_body(q, k, v, ld, len, hd, scale, out, ldo, kt, p);
+}
+
 }  // namespace
 
 void packed_attention(const float* qkv, int64_t rows, const int64_t* offsets, int64_t num_seqs, int64_t heads,
@@ -105,6 +125,10 @@ void packed_attention(const float* qkv, int64_t rows, const int64_t* offsets, in
   }
   const int64_t C = heads * head_dim, ld = 3 * C;
   const int64_t per_thread = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, longest * longest));
+  const Isa isa = cpu_isa();
+  const auto sequence_head = isa == Isa::kAvx512    ? sequence_head_avx512
+                             : isa == Isa::kAvx2Fma ? sequence_head_avx2
+                                                    : sequence_head_base;
   parallel_for(num_seqs, threads, per_thread, [&](int64_t begin, int64_t end) {
     const int64_t padded = (longest + kKeys - 1) / kKeys * kKeys;
     std::vector<float> kt(padded * head_dim), p(kQueries * padded);
