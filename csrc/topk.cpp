@@ -383,7 +383,7 @@ void StreamingTopK::offsets_user(int64_t u, const int64_t* items, const float* o
   if (old > 0) std::inplace_merge(ex.begin(), ex.begin() + old, ex.end());
 }
 
-// ---- the fused head: scores of 16 users x 8 columns per tile, never stored ----
+// ---- the fused head: scores of 16 users x 6-8 columns per tile (per instruction set), never stored ----
 
 void StreamingTopK::add_head(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols,
                              int64_t first_item, bool topk, bool lse, int threads) {

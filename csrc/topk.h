@@ -29,7 +29,7 @@ class StreamingTopK {
            int threads);
 
   // The same as `add` of the scores x @ w.T (+ bias) without storing them: x (num_users, dim) and
-  // w (cols, dim) row-major, bias (cols,) or nullptr. A fused kernel (16 users x 8 columns per tile,
+  // w (cols, dim) row-major, bias (cols,) or nullptr. A fused kernel (16 users x 6-8 columns per tile,
   // vectorised across users) computes each tile in registers and folds it into the top-k and the
   // log-sum-exp at once; w is streamed in L2-sized chunks. Threads take blocks of 16 users; with fewer
   // blocks than threads (a request or a few) they take spans of the columns instead, each scanned into a
