@@ -223,7 +223,7 @@ def test_beam_decode_with_the_cpp_encoder_equals_the_pytorch_path(form, monkeypa
     rng = np.random.default_rng(5)
     hist = [[items[n] for n in rng.integers(0, 120, rng.integers(1, 15))] for _ in range(9)]
     calls = []
-    monkeypatch.setattr(decoding, "native_encode", lambda *a: calls.append(1) or encode(*a))
+    monkeypatch.setattr(decoding, "native_encode", lambda *a, **kw: calls.append(1) or encode(*a, **kw))
     got = rec.recommend(hist, k=10)
     assert calls  # the C++ encoder ran
     monkeypatch.setattr(decoding, "use_first_step", lambda model, enc, encoder_only=False: False)

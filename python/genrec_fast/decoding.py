@@ -75,13 +75,13 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
     U = enc["tokens"].shape[0]
     # (U, S, C), or one such tensor per member for an Ensemble; one C++ call for a CPU model (first_step.py)
     native = use_first_step(model, enc, encoder_only=True)
-    if native:
-        memory = native_encode(model, enc)
+    if native:  # the encoder and each step's decoder layers as one C++ call each, the weights' pointers read once
+        table = native_pointers(model)
+        memory = native_encode(model, enc, table=table)
     else:
         memory = model.encode(enc["tokens"], enc["user_ids"], enc["item_ids"], enc["mask"])
     cache = model.start_decoding(memory, enc["mask"], enc["item_ids"])
-    if native:  # each step's decoder layers as one C++ call too, the weights' pointer table read once
-        table = native_pointers(model)
+    if native:
         cache.native_step = lambda m, tokens, c: native_decoder_step(m, tokens, c, table=table)
     cache.capacity = trie.max_depth  # the longest decode: the K/V buffers never regrow
     search = make_beam_search(trie, U, num_beams, k, length_penalty=length_penalty, exclude=exclude,

@@ -190,13 +190,14 @@ def first_step(model: GenRec, enc: dict, threads: int | None = None) -> tuple[to
     return heads, pairs
 
 
-def encode(model: GenRec, enc: dict, threads: int | None = None) -> torch.Tensor:
+def encode(model: GenRec, enc: dict, threads: int | None = None,
+           table: tuple[list, list] | None = None) -> torch.Tensor:
     """`model.encode` of a padded batch at inference, as one C++ call (any item form): -> memory (U, S, C) float32,
-    zeros at the padding."""
+    zeros at the padding. table: `pointers` of this model read earlier in the same decode (else read now)."""
     why = unusable_encoder(model, enc)
     if why:
         raise ValueError(f"encode: {why}")
-    return _run(model, enc, True, False, threads)[0]
+    return _run(model, enc, True, False, threads, table)[0]
 
 
 def pointers(model: GenRec) -> tuple[list, list]:
@@ -236,13 +237,13 @@ def decoder_step(model: GenRec, tokens: torch.Tensor, cache, threads: int | None
     return hidden
 
 
-def _run(model: GenRec, enc: dict, memory: bool, first: bool, threads: int | None):
+def _run(model: GenRec, enc: dict, memory: bool, first: bool, threads: int | None, table: tuple | None = None):
     tokens, users, items = (enc[k].contiguous() for k in ("tokens", "user_ids", "item_ids"))
     mask = enc["mask"].contiguous()
     if mask.dtype != torch.bool or tokens.dtype != torch.long or tokens.shape != mask.shape:
         raise ValueError("enc: expected int64 ids and a bool mask of one shape (U, S)")
     U, S = tokens.shape
-    sizes, ptrs = _pointers(model)
+    sizes, ptrs = _pointers(model) if table is None else table
     P = (S if model.history is not None else 0) + sizes[12] * sizes[14] if first else 0
     mem = torch.empty(U, S, model.cfg.d_model) if memory else None
     heads = torch.empty(U, model.cfg.d_model) if first else None
