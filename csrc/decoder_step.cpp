@@ -6,10 +6,10 @@
 #include <stdexcept>
 #include <string>
 
-#include "cpu_isa.h"
 #include "dense.h"
 #include "dot.h"
 #include "fast_exp.h"
+#include "packed_attention.h"
 #include "parallel.h"
 
 namespace genrec {
@@ -43,102 +43,13 @@ void attend(const float* q, const float* k, const float* v, int64_t n, int64_t h
   }
 }
 
-// One user's g beam rows attending over its n encoder keys and values (one head): out row i (hd,) =
-// sum_j softmax_j(scale q_i . k_j) v_j, q rows at stride ldq, out rows at stride ldo, k and v (n, hd). The keys are
-// transposed once into kt (hd, n padded to kKeys) for the g rows, and kRows rows go together, so each step of a
-// loop feeds kRows independent vector accumulators (one row alone waits on each FMA's latency) and no score needs a
-// horizontal sum. scratch: hd (n + kKeys) + kRows (n + kKeys) floats.
-constexpr int64_t kKeys = 8;   // keys a vector of scores holds
-constexpr int64_t kDims = 16;  // value dimensions summed at a time
-constexpr int64_t kRows = 4;   // rows at a time
-
-inline __attribute__((always_inline)) void cross_rows_body(const float* q, int64_t ldq, int64_t g, const float* k,
-                                                           const float* v, int64_t n, int64_t hd, float scale,
-                                                           float* out, int64_t ldo, float* scratch) {
-  const int64_t np = (n + kKeys - 1) / kKeys * kKeys;
-  float* kt = scratch;     // (hd, np), zeros past n
-  float* p = kt + hd * np;  // (kRows, np)
-  for (int64_t d = 0; d < hd; ++d) {
-    for (int64_t j = 0; j < np; ++j) kt[d * np + j] = j < n ? k[j * hd + d] : 0.0f;
-  }
-  for (int64_t i0 = 0; i0 < g; i0 += kRows) {
-    const int64_t nr = std::min(kRows, g - i0);
-    const float* qs[kRows];  // the last block repeats its last row (computed, not written)
-    for (int64_t r = 0; r < kRows; ++r) qs[r] = q + (i0 + std::min(r, nr - 1)) * ldq;
-    for (int64_t j0 = 0; j0 < np; j0 += kKeys) {
-      float acc[kRows][kKeys] = {};
-      for (int64_t d = 0; d < hd; ++d) {
-        const float* kd = kt + d * np + j0;
-        for (int64_t r = 0; r < kRows; ++r) {
-          const float qd = qs[r][d] * scale;
-#pragma omp simd
-          for (int64_t j = 0; j < kKeys; ++j) acc[r][j] += qd * kd[j];
-        }
-      }
-      for (int64_t r = 0; r < kRows; ++r) {
-#pragma omp simd
-        for (int64_t j = 0; j < kKeys; ++j) p[r * np + j0 + j] = acc[r][j];
-      }
-    }
-    float inv[kRows];
-    for (int64_t r = 0; r < kRows; ++r) {
-      float* pr = p + r * np;
-      float mx = kNegInf;
-      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, pr[j]);
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
-        pr[j] = exp_nonpositive(pr[j] - mx);
-        sum += pr[j];
-      }
-      inv[r] = 1.0f / sum;
-    }
-    int64_t d0 = 0;
-    for (; d0 + kDims <= hd; d0 += kDims) {  // kRows x kDims sums in registers
-      float acc[kRows][kDims] = {};
-      for (int64_t j = 0; j < n; ++j) {
-        const float* vj = v + j * hd + d0;
-        for (int64_t r = 0; r < kRows; ++r) {
-          const float pj = p[r * np + j];
-#pragma omp simd
-          for (int64_t d = 0; d < kDims; ++d) acc[r][d] += pj * vj[d];
-        }
-      }
-      for (int64_t r = 0; r < nr; ++r) {
-        float* o = out + (i0 + r) * ldo + d0;
-#pragma omp simd
-        for (int64_t d = 0; d < kDims; ++d) o[d] = acc[r][d] * inv[r];
-      }
-    }
-    for (int64_t r = 0; r < nr; ++r) {  // the dimensions past the last whole kDims
-      for (int64_t d = d0; d < hd; ++d) {
-        float acc = 0.0f;
-        for (int64_t j = 0; j < n; ++j) acc += p[r * np + j] * v[j * hd + d];
-        out[(i0 + r) * ldo + d] = acc * inv[r];
-      }
-    }
-  }
-}
-
-__attribute__((target("avx2,fma"))) void cross_rows_avx2(const float* q, int64_t ldq, int64_t g, const float* k,
-                                                         const float* v, int64_t n, int64_t hd, float scale,
-                                                         float* out, int64_t ldo, float* scratch) {
-  cross_rows_body(q, ldq, g, k, v, n, hd, scale, out, ldo, scratch);
-}
-
-void cross_rows_base(const float* q, int64_t ldq, int64_t g, const float* k, const float* v, int64_t n, int64_t hd,
-                     float scale, float* out, int64_t ldo, float* scratch) {
-  cross_rows_body(q, ldq, g, k, v, n, hd, scale, out, ldo, scratch);
-}
-
 // Rows [r0, r1) through the decoder (x (n, C) their embedded tokens, overwritten with the last layer's states).
 void rows_step(const FirstStepModel& m, const DecoderCacheView& c, int64_t r0, int64_t r1, float* x) {
   const int64_t C = m.dim, H = m.heads, hd = C / H, n = r1 - r0, t = c.step;
   const int64_t width = c.rows / c.users;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   std::vector<float> q(n * C), k(n * C), v(n * C), y(n * C), tmp(n * C), hid(n * m.ffn);
-  std::vector<float> p(std::max(t + 1, c.memory_len)), kt((hd + kRows) * (c.memory_len + kKeys));
-  const auto cross = cpu_isa() == Isa::kBase ? cross_rows_base : cross_rows_avx2;
+  std::vector<float> p(t + 1), scratch(attention_block_scratch(c.memory_len, hd));
   for (size_t l = 0; l < m.decoder.size(); ++l) {
     const DecoderLayerWeights& w = m.decoder[l];
     linear(x, n, C, C, w.self_q.w, w.self_q.b, C, q.data(), C);
@@ -161,8 +72,8 @@ void rows_step(const FirstStepModel& m, const DecoderCacheView& c, int64_t r0, i
       const int64_t u = (r0 + i0) / width, i1 = std::min(n, (u + 1) * width - r0);
       for (int64_t h = 0; h < H; ++h) {
         const int64_t at = (u * H + h) * c.memory_len * hd;
-        cross(q.data() + i0 * C + h * hd, C, i1 - i0, c.cross_k[l] + at, c.cross_v[l] + at, c.lengths[u], hd, scale,
-              y.data() + i0 * C + h * hd, C, kt.data());
+        attention_block(q.data() + i0 * C + h * hd, C, i1 - i0, c.cross_k[l] + at, hd, c.cross_v[l] + at, hd,
+                        c.lengths[u], hd, scale, y.data() + i0 * C + h * hd, C, scratch.data());
       }
       i0 = i1;
     }
