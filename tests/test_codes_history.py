@@ -110,7 +110,7 @@ def test_per_user_offsets_equal_the_row_by_row_ones(U, W, S, X, first, seed):
     z = torch.randn(U * W, X, generator=g)
     tokens = torch.randint(0, X + (first or 0), (U, 1, S), generator=g)
     values = torch.randn(U, W, S, generator=g)
-    got = add_offsets(z, tokens, values, first)
+    got = add_offsets(z, (tokens, values), first)
     rows = tokens.expand(U, W, S).reshape(U * W, S)
     cols = rows if first is None else (rows - first).clamp(0, X - 1)
     want = z.clone()
@@ -118,7 +118,9 @@ def test_per_user_offsets_equal_the_row_by_row_ones(U, W, S, X, first, seed):
         for j in range(S):
             want[r, cols[r, j]] += values.reshape(U * W, S)[r, j]
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(add_offsets(z, rows, values.reshape(U * W, S), first), want)
+    torch.testing.assert_close(add_offsets(z, (rows, values.reshape(U * W, S)), first), want)
+    r = torch.arange(U * W)[:, None].expand(U * W, S)  # the same pairs as K entries
+    torch.testing.assert_close(add_offsets(z, (r.reshape(-1), rows.reshape(-1), values.reshape(-1)), first), want)
 
 
 @pytest.mark.parametrize("levels, history, transition, reverse", [

@@ -57,6 +57,14 @@ class HistoryBias(nn.Module):
         score = torch.einsum("bwc,bsc->bws", q, keys) / math.sqrt(q.shape[-1])  # (B, W, S)
         return (score + recency[:, None]).masked_fill(~is_item[:, None], 0.0)
 
+    def score_at(self, hidden: torch.Tensor, state: tuple, users: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`score`'s entries at K (row, position) pairs: hidden (K, C) the rows' states, users (K,) their users,
+        positions (K,) history positions -> (K,), without the (B, W, S) scores."""
+        keys, recency, is_item = state
+        q = self.query(hidden)  # (K, C)
+        score = (q * keys[users, positions]).sum(-1) / math.sqrt(q.shape[-1])  # (K,)
+        return (score + recency[users, positions]).masked_fill(~is_item[users, positions], 0.0)
+
 
 def biased_logits(logits: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """logits (B, V) + each position's offset (B, S) on its token (B, S), summed over repeats -> (B, V).
@@ -76,13 +84,18 @@ def code_offsets(values: torch.Tensor, codes: torch.Tensor, prefix: torch.Tensor
     return own.clamp(min=0), values * match
 
 
-def add_offsets(z: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor, first: int | None = None) -> torch.Tensor:
-    """z (R, X) + values on the columns of tokens, summed over repeats. tokens (R, S) and values (R, S), or per
-    user (`code_offsets`): tokens (U, 1, S), the same for each of a user's W rows, and values (U, W, S), R = U x W
-    user-major (the tokens never copied W times). first: the token of column 0 (a leaf head's slots); columns
-    tokens - first, clamped into [0, X) (values there must be 0); None: the columns are the tokens."""
+def add_offsets(z: torch.Tensor, offsets: tuple, first: int | None = None) -> torch.Tensor:
+    """z (R, X) + offset values on the columns of their tokens, summed over repeats. offsets: (tokens (R, S), values
+    (R, S)); or per user (`code_offsets`): (tokens (U, 1, S), the same for each of a user's W rows, values (U, W, S)),
+    R = U x W user-major (the tokens never copied W times); or K entries (rows (K,), tokens (K,), values (K,))
+    (`GenRec._step_offsets` after the first code step: only the pairs that match their row). first: the token of
+    column 0 (a leaf head's slots); columns tokens - first, clamped into [0, X) (values there must be 0); None: the
+    columns are the tokens."""
+    *rows, tokens, values = offsets
     if first is not None:
         tokens = (tokens - first).clamp(0, z.shape[-1] - 1)
+    if rows:
+        return z.index_put((rows[0], tokens), values.to(z.dtype), accumulate=True)
     if values.dim() == 2:
         return z.scatter_add(1, tokens, values.to(z.dtype))
     U, W, S = values.shape

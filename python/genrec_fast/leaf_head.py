@@ -189,10 +189,10 @@ class LeafHead(nn.Module):
         return out
 
     def _offset(self, z: torch.Tensor, offsets: tuple | None) -> torch.Tensor:
-        """Leaf logits z (R, M) + values at the leaf slots of last-column tokens, summed over repeats: tokens
-        (R, S) and values (R, S), or per user (U, 1, S) and (U, W, S) (`history_bias.add_offsets`). A value must
-        be 0 unless its token is in the row's leaf (`history_bias.code_offsets`)."""
-        return z if offsets is None else add_offsets(z, *offsets, first=self.first[-1])
+        """Leaf logits z (R, M) + values at the leaf slots of last-column tokens, summed over repeats, offsets in
+        any of `history_bias.add_offsets`' forms. A value must be 0 unless its token is in the row's leaf
+        (`history_bias.code_offsets`)."""
+        return z if offsets is None else add_offsets(z, offsets, first=self.first[-1])
 
     def loss_terms(self, hidden: torch.Tensor, prefix: torch.Tensor, target: torch.Tensor,
                    item_weight: torch.Tensor, smoothing: float, offsets: tuple | None = None,

@@ -565,7 +565,7 @@ class GenRec(nn.Module):
             z = self.leaves.vocab_logits(hidden, cache.leaf_key, self.item_embed.weight)  # (R, V)
         else:
             z = self.lm_head(hidden)  # (R, V)
-        return z if offsets is None else add_offsets(z, *offsets)
+        return z if offsets is None else add_offsets(z, offsets)
 
     def decode_logprobs(self, tokens: torch.Tensor, cache: DecoderCache, lo: int = 0,
                         hi: int | None = None) -> torch.Tensor:
@@ -577,12 +577,14 @@ class GenRec(nn.Module):
         if at_leaf:
             return self.leaves.window_logprobs(hidden, cache.leaf_key, self.item_embed.weight, lo, hi, offsets)
         z = self.lm_head(hidden).float()  # (R, V)
-        return window_log_softmax(z if offsets is None else add_offsets(z, *offsets), lo, hi)
+        return window_log_softmax(z if offsets is None else add_offsets(z, offsets), lo, hi)
 
     def _step_offsets(self, tokens: torch.Tensor, hidden: torch.Tensor, cache: DecoderCache) -> tuple | None:
         """The history and transition biases over codes at the step just run (`cache.step - 1`), whose states
-        are hidden (R, C) after feeding tokens (R,): -> per user (`add_offsets`) tokens (U, 1, N) and float32
-        values (U, W, N), R = U x W, or None."""
+        are hidden (R, C) after feeding tokens (R,), in `add_offsets`' forms: at the first step per user, tokens
+        (U, 1, N) and float32 values (U, W, N), R = U x W; after it, only the pairs whose item starts with the
+        row's tokens so far, (rows (K,), tokens (K,), values (K,)) (a row's leaf holds a few of its user's ~N).
+        None without the biases."""
         if cache.history is None and cache.transition is None:
             return None
         t = cache.step - 1
@@ -590,6 +592,8 @@ class GenRec(nn.Module):
         cache.prefix = tokens.new_zeros((len(tokens), 0)) if t == 0 else torch.cat([cache.prefix, tokens[:, None]], 1)
         U = (cache.history[1] if cache.history is not None else cache.transition[0]).shape[0]
         R = hidden.shape[0]  # rows: U users x R // U beams, user-major
+        if t > 0:
+            return self._matched_offsets(hidden, cache, t, U, R // U)
         values, codes = [], []
         if cache.history is not None:
             state, h_codes = cache.history
@@ -602,6 +606,29 @@ class GenRec(nn.Module):
             codes.append(t_codes)
         tok, val = code_offsets(torch.cat(values, -1), torch.cat(codes, 1), cache.prefix.view(U, R // U, t))
         return tok, val.float()
+
+    def _matched_offsets(self, hidden: torch.Tensor, cache: DecoderCache, t: int, U: int, W: int) -> tuple:
+        """`_step_offsets` at step t > 0 as (rows, tokens, values) of the K matching pairs: the values `code_offsets`
+        leaves non-zero, the history's scored at those pairs only (`HistoryBias.score_at`)."""
+        codes = torch.cat(([cache.history[1]] if cache.history is not None else []) +
+                          ([cache.transition[0]] if cache.transition is not None else []), 1)  # (U, N, L)
+        own = codes[:, :, t]  # (U, N) each pair's token at this step
+        match = (codes[:, None, :, :t] == cache.prefix.view(U, W, 1, t)).all(-1) & (own >= 0)[:, None]  # (U, W, N)
+        users, beams, pairs = match.nonzero(as_tuple=True)  # (K,) each
+        rows = users * W + beams
+        values = hidden.new_zeros(len(rows), dtype=torch.float32)
+        S = 0
+        if cache.history is not None:
+            state, h_codes = cache.history
+            S = h_codes.shape[1]
+            at = (pairs < S).nonzero()[:, 0]
+            values[at] = self.history.score_at(hidden[rows[at]], state, users[at], pairs[at]).float()
+        if cache.transition is not None:
+            t_values = cache.transition[1]  # (U, 2, N_t): cluster step, leaf step
+            leaf_step = int(t >= self._leaves().levels - 1)
+            at = (pairs >= S).nonzero()[:, 0]
+            values[at] = t_values[users[at], leaf_step, pairs[at] - S].float()
+        return rows, own[users, pairs], values
 
     def _leaf_aware_step(self, tokens: torch.Tensor, cache: DecoderCache) -> tuple[torch.Tensor, bool]:
         """One decoder step -> states (R, C) and whether they feed the leaf head (else the LM head); with a
