@@ -17,6 +17,7 @@ from genrec_fast import Recommender, preset
 from genrec_fast.batching import pad_encoder, pad_targets
 from genrec_fast.ensemble import Ensemble
 from genrec_fast.history_bias import add_offsets, code_offsets
+from genrec_fast.model import GenRec
 from genrec_fast.train import Trainer
 
 ITEMS = [f"item{i}" for i in range(70)]
@@ -140,6 +141,21 @@ def test_beam_search_with_history_bias_over_codes_is_exact(levels, history, tran
     other.model.load_state_dict(rec.model.state_dict(), strict=False)
     got_plain, _ = other.decode_batch([other.encode([3, 40, 3, 17], None)], k=70, num_beams=70)
     assert not np.array_equal(got_plain[0], np.argsort(-_brute(rec, [3, 40, 3, 17]), kind="stable"))
+
+
+@pytest.mark.parametrize("levels, transition", [(1, False), (1, True), (2, True)])
+def test_matched_offsets_equal_the_per_user_form(levels, transition, monkeypatch):
+    """On a CPU the code steps after the first add only the matching (row, token, value) pairs
+    (`GenRec._matched_offsets`); GPUs keep the per-user form (`_user_offsets`: no host sync). Both give the same
+    items and scores."""
+    rec = _rec(levels=levels, transition=transition, reverse=transition)
+    rng = np.random.default_rng(5)
+    hists = [[ITEMS[j] for j in rng.integers(0, 70, int(rng.integers(1, 9)))] for _ in range(9)]
+    matched = rec.recommend(hists, k=10)
+    monkeypatch.setattr(GenRec, "_matched_offsets", GenRec._user_offsets)
+    per_user = rec.recommend(hists, k=10)
+    assert [r.items for r in matched] == [r.items for r in per_user]
+    np.testing.assert_allclose([r.scores for r in matched], [r.scores for r in per_user], atol=1e-5)
 
 
 @pytest.mark.parametrize("transition", [False, True])

@@ -581,30 +581,34 @@ class GenRec(nn.Module):
 
     def _step_offsets(self, tokens: torch.Tensor, hidden: torch.Tensor, cache: DecoderCache) -> tuple | None:
         """The history and transition biases over codes at the step just run (`cache.step - 1`), whose states
-        are hidden (R, C) after feeding tokens (R,), in `add_offsets`' forms: at the first step per user, tokens
-        (U, 1, N) and float32 values (U, W, N), R = U x W; after it, only the pairs whose item starts with the
-        row's tokens so far, (rows (K,), tokens (K,), values (K,)) (a row's leaf holds a few of its user's ~N).
-        None without the biases."""
+        are hidden (R, C) after feeding tokens (R,), in `add_offsets`' forms: per user, tokens (U, 1, N) and
+        float32 values (U, W, N), R = U x W; on a CPU after the first step, only the pairs whose item starts with the
+        row's tokens so far, (rows (K,), tokens (K,), values (K,)) (a row's leaf holds a few of its user's ~N; on a
+        GPU their count would cost a host sync and break CUDA-graph capture). None without the biases."""
         if cache.history is None and cache.transition is None:
             return None
         t = cache.step - 1
         # the token fed at step t > 0 is the row's code token of column t - 1 (the rows' parents: `reorder`)
         cache.prefix = tokens.new_zeros((len(tokens), 0)) if t == 0 else torch.cat([cache.prefix, tokens[:, None]], 1)
         U = (cache.history[1] if cache.history is not None else cache.transition[0]).shape[0]
-        R = hidden.shape[0]  # rows: U users x R // U beams, user-major
-        if t > 0:
-            return self._matched_offsets(hidden, cache, t, U, R // U)
+        W = hidden.shape[0] // U  # rows: U users x W beams, user-major
+        if t > 0 and hidden.device.type == "cpu":
+            return self._matched_offsets(hidden, cache, t, U, W)
+        return self._user_offsets(hidden, cache, t, U, W)
+
+    def _user_offsets(self, hidden: torch.Tensor, cache: DecoderCache, t: int, U: int, W: int) -> tuple:
+        """`_step_offsets` per user: tokens (U, 1, N), float32 values (U, W, N) (`code_offsets`)."""
         values, codes = [], []
         if cache.history is not None:
             state, h_codes = cache.history
-            values.append(self.history.score(hidden.view(U, R // U, -1), state))  # (U, W, S)
+            values.append(self.history.score(hidden.view(U, W, -1), state))  # (U, W, S)
             codes.append(h_codes)
         if cache.transition is not None:
             t_codes, t_values = cache.transition
             leaf_step = int(t >= self._leaves().levels - 1)
-            values.append(t_values[:, leaf_step, None].expand(U, R // U, -1))  # (U, W, N): the same for every beam
+            values.append(t_values[:, leaf_step, None].expand(U, W, -1))  # (U, W, N): the same for every beam
             codes.append(t_codes)
-        tok, val = code_offsets(torch.cat(values, -1), torch.cat(codes, 1), cache.prefix.view(U, R // U, t))
+        tok, val = code_offsets(torch.cat(values, -1), torch.cat(codes, 1), cache.prefix.view(U, W, t))
         return tok, val.float()
 
     def _matched_offsets(self, hidden: torch.Tensor, cache: DecoderCache, t: int, U: int, W: int) -> tuple:
