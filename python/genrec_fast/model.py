@@ -584,7 +584,7 @@ class GenRec(nn.Module):
         are hidden (R, C) after feeding tokens (R,), in `add_offsets`' forms: per user, tokens (U, 1, N) and
         float32 values (U, W, N), R = U x W; on a CPU after the first step, only the pairs whose item starts with the
         row's tokens so far, (rows (K,), tokens (K,), values (K,)) (a row's leaf holds a few of its user's ~N; on a
-        GPU their count would cost a host sync and break CUDA-graph capture). None without the biases."""
+        GPU counting them is one more host sync a step, untried there). None without the biases."""
         if cache.history is None and cache.transition is None:
             return None
         t = cache.step - 1
