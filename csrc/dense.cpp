@@ -13,9 +13,8 @@ namespace {
 constexpr int64_t kLanes = 16;  // one AVX-512 register of floats
 constexpr int64_t kDots = 4;    // outputs per block of the dot kernel
 constexpr int64_t kMinRows = 8;  // fewer rows run as dots: 16 lanes of rows would be mostly padding
-constexpr int64_t kMaxLanes = 32;  // the most rows a block of the row-vectorised kernel holds (`linear_many`)
-constexpr int64_t kWideRows = 64;  // AVX-512: blocks of 32 rows from this many rows on
-constexpr int64_t kTransposeRows = 16;  // AVX2 + FMA: from this many rows on, w transposed once per call (`outs_block`)
+constexpr int64_t kMaxLanes = 16;  // the most rows a block of the row-vectorised kernel holds (`linear_many`)
+constexpr int64_t kTransposeRows = 16;  // AVX2 + FMA, AVX-512: from this many rows on, w transposed once per call
 constexpr int64_t kTileRows = 144;  // `outs_block`'s rows a tile (256 inputs: 144 kB)
 
 // Few rows: each output a dot over `in`, in 16 vector lanes summed at the end (kDots dots over one x row at a time).
@@ -144,24 +143,28 @@ void transpose_weights(const float* w, const float* b, int64_t in, int64_t out, 
   for (int64_t o = 0; o < padded; ++o) bp[o] = b && o < out ? b[o] : 0.0f;
 }
 
+// Weights transposed (`outs_block`), from kTransposeRows rows: AVX2 + FMA (16 registers) 6 rows x 16 outputs (two
+// vectors), 12 accumulators; AVX-512 (32 registers) 5 rows x 32 outputs (two vectors), 10 accumulators (on an AMD
+// EPYC with AVX-512, 5,120 rows: 102-112 GFLOP/s, against 98-110 for the AVX2 kernel and 70-82 for the AVX-512
+// row-vectorised one; 8 x 32 gains 1-3% there and loses 10% on one user's 20 rows).
 __attribute__((target("avx2,fma"))) void outs_avx2(const float* x, int64_t rows, int64_t in, int64_t ldx,
                                                    const float* wt, const float* bp, int64_t out, float* y,
                                                    int64_t ldy) {
   outs_block<6, 16>(x, rows, in, ldx, wt, bp, out, y, ldy);
 }
 
-// AVX-512 (32 registers): 32 rows (two vectors) x 6 outputs from kWideRows rows on (2 + 6 loads feed 12 FMAs, so
-// the FMAs bound it: 1.4x 16 rows x 8 outputs at 3,700 rows x 64 -> 256), else 16 x 8. AVX2 + FMA (16
-// registers): 16 rows (two vectors) x 6 outputs, 12 accumulators (32 x 6 spilled: 1.3-1.4x slower on an AMD
-// EPYC, 5,120 rows). Baseline SSE: 8 x 6.
+__attribute__((target("avx512f,fma"))) void outs_avx512(const float* x, int64_t rows, int64_t in, int64_t ldx,
+                                                       const float* wt, const float* bp, int64_t out, float* y,
+                                                       int64_t ldy) {
+  outs_block<5, 32>(x, rows, in, ldx, wt, bp, out, y, ldy);
+}
+
+// Rows in the lanes (`lanes_block`), kMinRows to kTransposeRows rows and the baseline build: AVX-512 16 rows x 8
+// outputs, AVX2 + FMA 16 x 6 (12 accumulators), baseline SSE 8 x 6.
 __attribute__((target("avx512f"))) void many_avx512(const float* x, int64_t rows, int64_t in, int64_t ldx,
                                                     const float* w, const float* b, int64_t out, float* y,
                                                     int64_t ldy, float* __restrict xt) {
-  if (rows >= kWideRows) {
-    lanes_block<32, 6>(x, rows, in, ldx, w, b, out, y, ldy, xt);
-  } else {
-    lanes_block<16, 8>(x, rows, in, ldx, w, b, out, y, ldy, xt);
-  }
+  lanes_block<16, 8>(x, rows, in, ldx, w, b, out, y, ldy, xt);
 }
 
 __attribute__((target("avx2,fma"))) void many_avx2(const float* x, int64_t rows, int64_t in, int64_t ldx,
@@ -195,14 +198,19 @@ void linear(const float* x, int64_t rows, int64_t in, int64_t ldx, const float* 
     linear_dots(x, rows, in, ldx, w, b, out, y, ldy);
     return;
   }
-  if (cpu_isa() == Isa::kAvx2Fma && rows >= kTransposeRows) {  // (the baseline kernel gained nothing so)
-    constexpr int64_t kOuts = 16;  // two AVX2 vectors of outputs
+  const Isa isa = cpu_isa();
+  if (isa != Isa::kBase && rows >= kTransposeRows) {  // (the baseline kernel gained nothing so)
+    const int64_t kOuts = isa == Isa::kAvx512 ? 32 : 16;  // two vectors of outputs
     thread_local std::vector<float> wt, bp;
     const int64_t padded = (out + kOuts - 1) / kOuts * kOuts;
     wt.resize(static_cast<size_t>(in * padded));
     bp.resize(static_cast<size_t>(padded));
     transpose_weights(w, b, in, out, kOuts, wt.data(), bp.data());
-    outs_avx2(x, rows, in, ldx, wt.data(), bp.data(), out, y, ldy);
+    if (isa == Isa::kAvx512) {
+      outs_avx512(x, rows, in, ldx, wt.data(), bp.data(), out, y, ldy);
+    } else {
+      outs_avx2(x, rows, in, ldx, wt.data(), bp.data(), out, y, ldy);
+    }
     return;
   }
   thread_local std::vector<float> xt;

@@ -273,20 +273,22 @@ def test_decoder_step_errors_name_the_problem():
             m.decode_step_hidden(torch.tensor([2]), cache)
 
 
-def test_the_baseline_kernels_match_too():
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_the_other_instruction_sets_kernels_match_too(isa):
     """The hand-blocked kernels are chosen by the CPU's instruction set (csrc/cpu_isa.h: AVX-512, AVX2 + FMA,
-    baseline); GENREC_CPU_ISA=base runs the baseline ones, which this machine would never pick, through the
-    comparisons with PyTorch (dense layers: first step, decoder step; the leaf-blocked scores; the fused head's
-    tiles)."""
+    baseline); GENREC_CPU_ISA=base|avx2 runs the kernels this machine would not pick through the comparisons with
+    PyTorch (dense layers: first step, decoder step; the leaf-blocked scores; the fused head's tiles; the packed
+    attention)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
-    leaf, topk = Path(__file__).with_name("test_leaf_head.py"), Path(__file__).with_name("test_item_topk.py")
-    tests = [f"{__file__}::test_first_step_matches_reference", f"{__file__}::test_decoder_step_matches_the_pytorch_step",
-             f"{leaf}::test_leaf_ordered_scores_equal_the_scattered_ones",
-             f"{topk}::test_fused_head_with_filters_over_several_tiles"]
+    here = Path(__file__)
+    tests = [f"{here}::test_first_step_matches_reference", f"{here}::test_decoder_step_matches_the_pytorch_step",
+             f"{here.with_name('test_leaf_head.py')}::test_leaf_ordered_scores_equal_the_scattered_ones",
+             f"{here.with_name('test_item_topk.py')}::test_fused_head_with_filters_over_several_tiles",
+             f"{here.with_name('test_packed_attention.py')}::test_equals_the_reference"]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-                          env={**os.environ, "GENREC_CPU_ISA": "base"}, capture_output=True, text=True)
+                          env={**os.environ, "GENREC_CPU_ISA": isa}, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "4 passed" in done.stdout
+    assert f"{len(tests)} passed" in done.stdout
