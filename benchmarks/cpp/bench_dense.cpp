@@ -5,7 +5,8 @@
 //   /tmp/bench_dense                        # the kernel this CPU picks (GENREC_CPU_ISA=base|avx2 asks for less)
 //
 // Against another version of dense.cpp, alternating call by call in one process (this VM's speed drifts):
-//   git show REV:csrc/dense.cpp | sed 's/namespace genrec {/namespace genrec_old {/; s/exp_nonpositive(/genrec::exp_nonpositive(/' > /tmp/dense_old.cpp
+//   git show REV:csrc/dense.cpp | sed 's/^namespace genrec {/namespace genrec_old {\nusing genrec::Isa;\nusing genrec::cpu_isa;/;
+//     s/exp_nonpositive(/genrec::exp_nonpositive(/' > /tmp/dense_old.cpp
 //   g++ -O3 -fopenmp-simd -fno-trapping-math -Icsrc -DWITH_OLD benchmarks/cpp/bench_dense.cpp csrc/dense.cpp /tmp/dense_old.cpp -o /tmp/bench_dense
 #include <algorithm>
 #include <chrono>
