@@ -230,6 +230,18 @@ void bind_topk(py::module_& m) {
     h.topk->add_head(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w),
                      reinterpret_cast<const float*>(bias), dim, cols, first_item, topk, lse, threads);
   };
+  const auto add_head_bf16 = [](TopKHolder& h, std::uintptr_t x, std::uintptr_t w16, std::uintptr_t bias,
+                                int64_t rows, int64_t dim, int64_t cols, int64_t first_item, bool topk, bool lse,
+                                int threads) {
+    if (rows != h.topk->num_users()) {
+      throw py::value_error("x has " + std::to_string(rows) + " rows, expected num_users=" +
+                            std::to_string(h.topk->num_users()));
+    }
+    if ((x == 0 && rows * dim > 0) || (w16 == 0 && cols * dim > 0)) throw py::value_error("x or w16 pointer is null");
+    py::gil_scoped_release release;
+    h.topk->add_head_bf16(reinterpret_cast<const float*>(x), reinterpret_cast<const uint16_t*>(w16),
+                          reinterpret_cast<const float*>(bias), dim, cols, first_item, topk, lse, threads);
+  };
   const auto add_offsets = [](TopKHolder& h, std::uintptr_t items, std::uintptr_t offsets, int64_t rows, int64_t n,
                               std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, int64_t dim, int threads) {
     if (rows != h.topk->num_users()) {
@@ -252,6 +264,8 @@ void bind_topk(py::module_& m) {
     h.topk->results(items.mutable_data(), values.mutable_data(), lse.mutable_data());
     return py::make_tuple(items, values, lse);
   };
+  m.def("bf16_head_supported", &genrec::bf16_head_supported,
+        "True where StreamingTopK.add_head_bf16 runs: AVX-512 chosen and the CPU has AVX512-BF16.");
   py::class_<TopKHolder>(m, "StreamingTopK",
                          "Per-user top-k of item scores fed in column chunks, with a running log-sum-exp.")
       .def(py::init(make), py::arg("num_users"), py::arg("k"), py::arg("num_items"),
@@ -264,6 +278,10 @@ void bind_topk(py::module_& m) {
            py::arg("cols"), py::arg("first_item"), py::arg("topk"), py::arg("lse"), py::arg("threads"),
            "`add` of the scores x @ w.T + bias, fused: x (rows, dim), w (cols, dim) float32 C-contiguous and "
            "bias (cols,) at raw host pointers (bias 0 = none); never stores the scores.")
+      .def("add_head_bf16", add_head_bf16, py::arg("x"), py::arg("w16"), py::arg("bias"), py::arg("rows"),
+           py::arg("dim"), py::arg("cols"), py::arg("first_item"), py::arg("topk"), py::arg("lse"), py::arg("threads"),
+           "`add_head` over w16 (cols, dim) bfloat16 bits (uint16), dim even, x float32: scores within a bound of "
+           "the float ones (x rounded to bfloat16 in the tiles). Only where `bf16_head_supported()`.")
       .def("add_offsets", add_offsets, py::arg("items"), py::arg("offsets"), py::arg("rows"), py::arg("n"),
            py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("dim"), py::arg("threads"),
            "Offsets on (user, item) logits, once, before any top-k add: items (rows, n) int64 (-1 = none; repeats "

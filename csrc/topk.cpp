@@ -9,6 +9,8 @@
 #include <string>
 #include <utility>
 
+#include <immintrin.h>
+
 #include "cpu_isa.h"
 #include "dot.h"
 #include "fast_exp.h"
@@ -62,24 +64,12 @@ float scan_row(const float* row, int64_t n, float* block_max, bool lse, float& r
 // kLanes users (xt: (dim, kLanes), users along the lanes); tile_max[l] = max over the first n rows (NaN
 // ignored); with lse, each lane's running (max, sum of exp(x - max)) takes in those n entries. Items x kLanes
 // accumulators: sized per instruction set (`head_tile_for`) so that they stay in registers.
+// Folds a tile's scores a[Items][kLanes] (its first n rows real) into tile / tile_max and, with lse, each lane's
+// running (max, sum of exp(x - max)): the second half of every tile kernel.
 template <int Items>
-inline __attribute__((always_inline)) void head_tile_body(const float* __restrict xt, const float* __restrict w,
-                                                          int64_t dim, const float* bias, int32_t n, bool lse,
-                                                          float* __restrict tile, float* __restrict tile_max,
-                                                          float* __restrict lane_max, float* __restrict lane_sum) {
-  float a[Items][kLanes];
-  for (int jj = 0; jj < Items; ++jj) {
-    const float b0 = bias != nullptr ? bias[jj] : 0.0f;  // Items entries (a short last tile's padded by the caller)
-    for (int l = 0; l < kLanes; ++l) a[jj][l] = b0;
-  }
-  for (int64_t c = 0; c < dim; ++c) {
-    const float* xc = xt + c * kLanes;
-    for (int jj = 0; jj < Items; ++jj) {
-      const float wc = w[jj * dim + c];
-#pragma omp simd
-      for (int l = 0; l < kLanes; ++l) a[jj][l] += xc[l] * wc;
-    }
-  }
+inline __attribute__((always_inline)) void tile_finish(const float (&a)[Items][kLanes], int32_t n, bool lse,
+                                                       float* __restrict tile, float* __restrict tile_max,
+                                                       float* __restrict lane_max, float* __restrict lane_sum) {
   float m[kLanes];
   for (int l = 0; l < kLanes; ++l) m[l] = kNegInf;
   for (int jj = 0; jj < n; ++jj) {
@@ -108,6 +98,31 @@ inline __attribute__((always_inline)) void head_tile_body(const float* __restric
     lane_max[l] = shift[l];
     lane_sum[l] = s[l];
   }
+}
+
+// One tile of the fused head: tile[jj][l] = bias[jj] + sum_c xt[c][l] * w[jj][c] for Items rows of w and
+// kLanes users (xt: (dim, kLanes), users along the lanes); tile_max[l] = max over the first n rows (NaN
+// ignored); with lse, each lane's running (max, sum of exp(x - max)) takes in those n entries. Items x kLanes
+// accumulators: sized per instruction set (`head_tile_for`) so that they stay in registers.
+template <int Items>
+inline __attribute__((always_inline)) void head_tile_body(const float* __restrict xt, const float* __restrict w,
+                                                          int64_t dim, const float* bias, int32_t n, bool lse,
+                                                          float* __restrict tile, float* __restrict tile_max,
+                                                          float* __restrict lane_max, float* __restrict lane_sum) {
+  float a[Items][kLanes];
+  for (int jj = 0; jj < Items; ++jj) {
+    const float b0 = bias != nullptr ? bias[jj] : 0.0f;  // Items entries (a short last tile's padded by the caller)
+    for (int l = 0; l < kLanes; ++l) a[jj][l] = b0;
+  }
+  for (int64_t c = 0; c < dim; ++c) {
+    const float* xc = xt + c * kLanes;
+    for (int jj = 0; jj < Items; ++jj) {
+      const float wc = w[jj * dim + c];
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) a[jj][l] += xc[l] * wc;
+    }
+  }
+  tile_finish<Items>(a, n, lse, tile, tile_max, lane_max, lane_sum);
 }
 
 using HeadTile = void (*)(const float*, const float*, int64_t, const float*, int32_t, bool, float*, float*, float*,
@@ -139,6 +154,69 @@ std::pair<HeadTile, int> head_tile_for() {
       return {head_tile_avx2, kAvx2Items};
     default:
       return {head_tile_base, kItems};
+  }
+}
+
+// ---- bfloat16 rows (add_head_bf16): AVX512-BF16 tiles, x rounded to bfloat16 pairs ----
+
+constexpr int kBf16Items = 8;  // rows of w per bfloat16 tile (8 accumulator registers)
+
+// float -> bfloat16 bits, rounded to nearest even (NaN stays NaN).
+inline uint32_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+inline float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// `head_tile_body` over bfloat16 rows w (Items, dim) and xt2 (dim / 2, kLanes): each lane x's pair (x[2c],
+// x[2c + 1]) rounded to bfloat16 in one 32-bit word, so one VDPBF16PS takes two columns for 16 users (float
+// accumulators; the bias in float).
+__attribute__((target("avx512f,avx512bf16"))) void head_tile_bf16(const uint32_t* xt2, const uint16_t* w,
+                                                                 int64_t dim, const float* bias, int32_t n,
+                                                                 bool lse, float* tile, float* tile_max,
+                                                                 float* lane_max, float* lane_sum) {
+  __m512 acc[kBf16Items];
+  for (int jj = 0; jj < kBf16Items; ++jj) acc[jj] = _mm512_set1_ps(bias != nullptr ? bias[jj] : 0.0f);
+  for (int64_t c2 = 0; c2 < dim / 2; ++c2) {
+    const __m512i xv = _mm512_loadu_si512(xt2 + c2 * kLanes);
+    for (int jj = 0; jj < kBf16Items; ++jj) {
+      uint32_t pair;
+      std::memcpy(&pair, w + jj * dim + 2 * c2, sizeof pair);
+      acc[jj] = _mm512_dpbf16_ps(acc[jj], (__m512bh)xv, (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)));
+    }
+  }
+  alignas(64) float a[kBf16Items][kLanes];
+  for (int jj = 0; jj < kBf16Items; ++jj) _mm512_store_ps(a[jj], acc[jj]);
+  tile_finish<kBf16Items>(a, n, lse, tile, tile_max, lane_max, lane_sum);
+}
+
+// `column_dots` over bfloat16 rows (x in float: each row widened, exactly): a few users' scan, memory-bound.
+__attribute__((target("avx512f")))
+void column_dots_bf16(const float* __restrict x, int64_t users, const uint16_t* __restrict w, const float* bias,
+                      int64_t n, int64_t dim, float* __restrict z, int64_t ld) {
+  thread_local std::vector<float> wf;
+  constexpr int64_t kRows = 4;
+  wf.resize(kRows * dim);
+  for (int64_t j0 = 0; j0 < n; j0 += kRows) {
+    const int64_t rows = std::min(kRows, n - j0);
+    const uint16_t* src = w + j0 * dim;
+    float* dst = wf.data();
+#pragma omp simd
+    for (int64_t i = 0; i < rows * dim; ++i) dst[i] = from_bf16(src[i]);
+    for (int64_t u = 0; u < users; ++u) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const float acc = dot(x + u * dim, dst + r * dim, dim);
+        z[u * ld + j0 + r] = bias != nullptr ? acc + bias[j0 + r] : acc;
+      }
+    }
   }
 }
 
@@ -387,6 +465,21 @@ void StreamingTopK::offsets_user(int64_t u, const int64_t* items, const float* o
 
 void StreamingTopK::add_head(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols,
                              int64_t first_item, bool topk, bool lse, int threads) {
+  head(x, w, nullptr, bias, dim, cols, first_item, topk, lse, threads);
+}
+
+void StreamingTopK::add_head_bf16(const float* x, const uint16_t* w16, const float* bias, int64_t dim, int64_t cols,
+                                  int64_t first_item, bool topk, bool lse, int threads) {
+  if (!bf16_head_supported()) {
+    throw std::invalid_argument("add_head_bf16: this CPU has no AVX512-BF16 (or GENREC_CPU_ISA asks for less)");
+  }
+  if (dim % 2 != 0) throw std::invalid_argument("add_head_bf16: expected an even dim, got " + std::to_string(dim));
+  head(x, nullptr, w16, bias, dim, cols, first_item, topk, lse, threads);
+}
+
+// add_head / add_head_bf16: rows of w in float, or of w16 in bfloat16 (the other nullptr).
+void StreamingTopK::head(const float* x, const float* w, const uint16_t* w16, const float* bias, int64_t dim,
+                         int64_t cols, int64_t first_item, bool topk, bool lse, int threads) {
   if (dim < 1 || cols < 0) {
     throw std::invalid_argument("add_head: expected dim >= 1 and cols >= 0, got dim=" + std::to_string(dim) +
                                 " cols=" + std::to_string(cols));
@@ -397,26 +490,28 @@ void StreamingTopK::add_head(const float* x, const float* w, const float* bias, 
   threads = resolve_threads(threads);
   const int64_t blocks = (num_users_ + kLanes - 1) / kLanes;
   if (blocks < threads || num_users_ < kTileMinUsers) {  // too few users to go round: split the columns
-    head_columns(x, w, bias, dim, cols, first_item, topk, lse, threads, blocks);
+    head_columns(x, w, w16, bias, dim, cols, first_item, topk, lse, threads, blocks);
     return;
   }
   parallel_for(blocks, threads, 1, [&](int64_t begin, int64_t end) {
-    head_users(begin, end, x, w, bias, dim, cols, first_item, topk, lse);
+    head_users(begin, end, x, w, w16, bias, dim, cols, first_item, topk, lse);
   });
 }
 
 // Too few users to give every thread a tile of them: up to `threads` spans of >= kMinSplit columns, each scanned
 // for every user into a partial top-k and log-sum-exp that starts empty (a copy with this object's filters),
 // merged here in span order. A span runs the tiles (kTileMinUsers users or more) or dots over dim.
-void StreamingTopK::head_columns(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols,
-                                 int64_t first_item, bool topk, bool lse, int threads, int64_t blocks) {
+void StreamingTopK::head_columns(const float* x, const float* w, const uint16_t* w16, const float* bias, int64_t dim,
+                                 int64_t cols, int64_t first_item, bool topk, bool lse, int threads, int64_t blocks) {
   const int64_t spans = std::max<int64_t>(1, std::min<int64_t>(threads, cols / kMinSplit));
   const auto run = [&](StreamingTopK& part, int64_t lo, int64_t hi) {
+    const float* b = bias == nullptr ? nullptr : bias + lo;
+    const float* wl = w == nullptr ? nullptr : w + lo * dim;
+    const uint16_t* w16l = w16 == nullptr ? nullptr : w16 + lo * dim;
     if (num_users_ >= kTileMinUsers) {
-      part.head_users(0, blocks, x, w + lo * dim, bias == nullptr ? nullptr : bias + lo, dim, hi - lo, first_item + lo,
-                      topk, lse);
+      part.head_users(0, blocks, x, wl, w16l, b, dim, hi - lo, first_item + lo, topk, lse);
     } else {
-      part.head_span(x, w, bias, dim, lo, hi, first_item, topk, lse);
+      part.head_span(x, wl, w16l, b, dim, hi - lo, first_item + lo, topk, lse);
     }
   };
   if (spans == 1) {
@@ -435,15 +530,20 @@ void StreamingTopK::head_columns(const float* x, const float* w, const float* bi
   for (const auto& p : parts) merge(p);
 }
 
-// Columns [begin, end) of the head for every user, kSpan at a time: the scores of a block into a buffer, then
-// each user's row into the top-k and log-sum-exp (add_user).
-void StreamingTopK::head_span(const float* x, const float* w, const float* bias, int64_t dim, int64_t begin,
-                              int64_t end, int64_t first_item, bool topk, bool lse) {
+// Columns [0, cols) of the head (rows of w or w16, from first_item) for every user, kSpan at a time: the scores
+// of a block into a buffer, then each user's row into the top-k and log-sum-exp (add_user).
+void StreamingTopK::head_span(const float* x, const float* w, const uint16_t* w16, const float* bias, int64_t dim,
+                              int64_t cols, int64_t first_item, bool topk, bool lse) {
   thread_local std::vector<float> z;
   z.resize(num_users_ * kSpan);  // (num_users, kSpan)
-  for (int64_t j = begin; j < end; j += kSpan) {
-    const int64_t n = std::min(kSpan, end - j);
-    column_dots(x, num_users_, w + j * dim, bias == nullptr ? nullptr : bias + j, n, dim, z.data(), kSpan);
+  for (int64_t j = 0; j < cols; j += kSpan) {
+    const int64_t n = std::min(kSpan, cols - j);
+    const float* b = bias == nullptr ? nullptr : bias + j;
+    if (w16 != nullptr) {
+      column_dots_bf16(x, num_users_, w16 + j * dim, b, n, dim, z.data(), kSpan);
+    } else {
+      column_dots(x, num_users_, w + j * dim, b, n, dim, z.data(), kSpan);
+    }
     for (int64_t u = 0; u < num_users_; ++u) add_user(u, z.data() + u * kSpan, n, first_item + j, topk, lse);
   }
 }
@@ -460,20 +560,31 @@ void StreamingTopK::merge(const StreamingTopK& part) {
 }
 
 void StreamingTopK::head_users(int64_t block_begin, int64_t block_end, const float* x, const float* w,
-                               const float* bias, int64_t dim, int64_t cols, int64_t first_item, bool topk,
-                               bool lse) {
+                               const uint16_t* w16, const float* bias, int64_t dim, int64_t cols, int64_t first_item,
+                               bool topk, bool lse) {
   const int64_t nb = block_end - block_begin;
-  std::vector<float> xt(nb * dim * kLanes, 0.0f);  // per block (dim, kLanes): users along the lanes
+  const bool half = w16 != nullptr;
+  const int64_t words = half ? dim / 2 : dim;  // per lane and block: floats, or bfloat16 pairs
+  std::vector<float> xt(half ? 0 : nb * dim * kLanes, 0.0f);  // per block (dim, kLanes): users along the lanes
+  std::vector<uint32_t> xt2(half ? nb * words * kLanes : 0, 0u);  // or (dim / 2, kLanes) bfloat16 pairs
   for (int64_t b = 0; b < nb; ++b) {
     for (int64_t l = 0; l < kLanes; ++l) {
       const int64_t u = (block_begin + b) * kLanes + l;
       if (u >= num_users_) break;
-      for (int64_t c = 0; c < dim; ++c) xt[(b * dim + c) * kLanes + l] = x[u * dim + c];
+      const float* xu = x + u * dim;
+      if (half) {
+        for (int64_t c = 0; c < words; ++c) {
+          xt2[(b * words + c) * kLanes + l] = to_bf16(xu[2 * c]) | (to_bf16(xu[2 * c + 1]) << 16);
+        }
+      } else {
+        for (int64_t c = 0; c < dim; ++c) xt[(b * dim + c) * kLanes + l] = xu[c];
+      }
     }
   }
-  const auto [tile_fn, items] = head_tile_for();
-  std::vector<float> tail(kItems * dim, 0.0f);  // the last cols % items rows of w, zero-padded
-  float tail_bias[kItems];                        // and their biases
+  const auto [tile_fn, items] = half ? std::pair<HeadTile, int>{nullptr, kBf16Items} : head_tile_for();
+  std::vector<float> tail(kItems * dim, 0.0f);      // the last cols % items rows of w, zero-padded
+  std::vector<uint16_t> tail16(kItems * dim, 0u);   // (or of w16)
+  float tail_bias[kItems];                           // and their biases
   std::vector<float> lane_max(kLanes), lane_sum(kLanes);
   alignas(64) float tile[kItems * kLanes];
   alignas(64) float tile_max[kLanes];
@@ -488,20 +599,32 @@ void StreamingTopK::head_users(int64_t block_begin, int64_t block_end, const flo
       for (int64_t l = 0; l < lanes; ++l) thr[l] = threshold(u0 + l);
       for (int64_t j = c0; j < c1; j += items) {
         const int32_t n = static_cast<int32_t>(std::min<int64_t>(items, c1 - j));
-        const float* rows = w + j * dim;
+        const float* rows = half ? nullptr : w + j * dim;
+        const uint16_t* rows16 = half ? w16 + j * dim : nullptr;
         const float* tile_bias = bias == nullptr ? nullptr : bias + j;
         if (n < items) {  // a short last tile: pad with zero rows, which are never read back
-          std::fill(tail.begin(), tail.end(), 0.0f);
-          std::copy(rows, rows + n * dim, tail.begin());
-          rows = tail.data();
+          if (half) {
+            std::fill(tail16.begin(), tail16.end(), uint16_t{0});
+            std::copy(rows16, rows16 + n * dim, tail16.begin());
+            rows16 = tail16.data();
+          } else {
+            std::fill(tail.begin(), tail.end(), 0.0f);
+            std::copy(rows, rows + n * dim, tail.begin());
+            rows = tail.data();
+          }
           if (bias != nullptr) {
             std::fill(tail_bias, tail_bias + kItems, 0.0f);
             std::copy(bias + j, bias + j + n, tail_bias);
             tile_bias = tail_bias;
           }
         }
-        tile_fn(&xt[b * dim * kLanes], rows, dim, tile_bias, n, lse, tile, tile_max,
-                  lane_max.data(), lane_sum.data());
+        if (half) {
+          head_tile_bf16(&xt2[b * words * kLanes], rows16, dim, tile_bias, n, lse, tile, tile_max, lane_max.data(),
+                         lane_sum.data());
+        } else {
+          tile_fn(&xt[b * dim * kLanes], rows, dim, tile_bias, n, lse, tile, tile_max, lane_max.data(),
+                  lane_sum.data());
+        }
         if (!topk) continue;
         for (int64_t l = 0; l < lanes; ++l) {
           if (tile_max[l] < thr[l]) continue;  // the usual case once the heap is full
@@ -539,6 +662,14 @@ void StreamingTopK::results(int64_t* items, float* values, float* lse) const {
     }
     lse[u] = static_cast<float>(norm);
   }
+}
+
+bool bf16_head_supported() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return cpu_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  }();
+  return ok;
 }
 
 }  // namespace genrec

@@ -38,6 +38,13 @@ class StreamingTopK {
   void add_head(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols, int64_t first_item,
                 bool topk, bool lse, int threads);
 
+  // `add_head` over w16, w's rows rounded to bfloat16 (cols, dim), dim even: each score is x . w16 (+ bias, in
+  // float) with x rounded to bfloat16 in the tiles (kept in float under 12 users), float sums. Twice the tiles'
+  // arithmetic of add_head, half its memory traffic, and scores within a bound of the float ones (item_topk's
+  // `precision="bfloat16"` re-scores its candidates in float). Throws where `bf16_head_supported()` is false.
+  void add_head_bf16(const float* x, const uint16_t* w16, const float* bias, int64_t dim, int64_t cols,
+                     int64_t first_item, bool topk, bool lse, int threads);
+
   // Offsets o on some logits, before any add with topk: items (num_users, n) row-major item indices (-1 = none;
   // repeats sum their offsets), offsets (num_users, n); x (num_users, dim), w (num_items, dim) row-major (row i =
   // item i), bias (num_items,) or nullptr. Each distinct pair's biased logit z + o (z = x_u . w_i + b_i, summed in
@@ -63,15 +70,17 @@ class StreamingTopK {
   void offer(int64_t u, float v, int32_t item);
   float threshold(int64_t u) const;
   void fold_lse(int64_t u, float lane_max, double lane_sum);
-  void head_columns(const float* x, const float* w, const float* bias, int64_t dim, int64_t cols, int64_t first_item,
-                    bool topk, bool lse, int threads, int64_t blocks);
-  void head_span(const float* x, const float* w, const float* bias, int64_t dim, int64_t begin, int64_t end,
+  void head(const float* x, const float* w, const uint16_t* w16, const float* bias, int64_t dim, int64_t cols,
+            int64_t first_item, bool topk, bool lse, int threads);
+  void head_columns(const float* x, const float* w, const uint16_t* w16, const float* bias, int64_t dim,
+                    int64_t cols, int64_t first_item, bool topk, bool lse, int threads, int64_t blocks);
+  void head_span(const float* x, const float* w, const uint16_t* w16, const float* bias, int64_t dim, int64_t cols,
                  int64_t first_item, bool topk, bool lse);
   void merge(const StreamingTopK& part);
   void offsets_user(int64_t u, const int64_t* items, const float* offsets, int64_t n, const float* x,
                     const float* w, const float* bias, int64_t dim);
-  void head_users(int64_t block_begin, int64_t block_end, const float* x, const float* w, const float* bias,
-                  int64_t dim, int64_t cols, int64_t first_item, bool topk, bool lse);
+  void head_users(int64_t block_begin, int64_t block_end, const float* x, const float* w, const uint16_t* w16,
+                  const float* bias, int64_t dim, int64_t cols, int64_t first_item, bool topk, bool lse);
 
   int64_t num_users_;
   int32_t k_;
@@ -88,5 +97,8 @@ class StreamingTopK {
   std::vector<double> off_sub_;   // (num_users,) sum of exp(z - off_ref) over the pairs: out of the lse
   std::vector<double> off_add_;   // (num_users,) sum of exp(z + o - off_ref): into it
 };
+
+// True where add_head_bf16 runs: AVX-512 chosen (cpu_isa.h) and the CPU has AVX512-BF16.
+bool bf16_head_supported();
 
 }  // namespace genrec

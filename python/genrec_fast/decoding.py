@@ -27,9 +27,10 @@ from .model import DecoderCache, GenRec
 
 @torch.inference_mode()
 def item_decode(model: GenRec | Ensemble, enc: dict, first_item: int, num_items: int, k: int, exclude=None,
-                allow=None, chunk: int = DEFAULT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+                allow=None, chunk: int = DEFAULT_CHUNK, precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """enc: padded encoder batch of U users -> the best k items (U, k) int64 (-1 = none left) and their
     log-probabilities (U, k), for a model whose item i is the single token first_item + i with no EOS step.
+    precision: the head's, as in `item_topk`.
 
     The same items and scores as `beam_decode` with num_beams >= k (tested), ties by smaller item index.
     """
@@ -37,7 +38,7 @@ def item_decode(model: GenRec | Ensemble, enc: dict, first_item: int, num_items:
         raise ValueError("item_decode: the model was trained with an EOS step after items (item_eos=True); "
                          "use beam_decode")
     heads, history = first_step_heads(model, enc)
-    return item_topk(heads, first_item, num_items, k, exclude, allow, chunk, history=history)
+    return item_topk(heads, first_item, num_items, k, exclude, allow, chunk, history=history, precision=precision)
 
 
 @torch.inference_mode()

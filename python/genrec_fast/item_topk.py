@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import bf16_head
 from .beam_search import check_filters
 from .device_search import top_by_score
 from .native import core
@@ -31,6 +32,7 @@ FUSED_MIN_USERS = 16
 FUSED_MIN_ITEMS = 2 ** 15
 DEFAULT_CHUNK = 8192  # vocabulary rows per matmul: (256 users x 8192) fp32 = 8 MB, measured fastest on CPU
 WHOLE_MATMUL_MAX = 256 * DEFAULT_CHUNK  # users x vocabulary up to which one matmul takes the whole vocabulary
+PRECISIONS = ("float32", "bfloat16")  # item_topk's head: float, or the bfloat16 scan (bf16_head.py)
 
 
 class Head(NamedTuple):
@@ -43,7 +45,7 @@ class Head(NamedTuple):
 
 def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, exclude=None, allow=None,
               chunk: int = DEFAULT_CHUNK, threads: int | None = None, fused: bool | None = None,
-              history: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+              history: tuple | None = None, precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Best k allowed items per user by mean log-probability over `heads` (one per ensemble member).
 
     Item i is vocabulary row first_item + i. -> items (U, k) int64 (-1 = none left), scores (U, k) float32
@@ -59,6 +61,11 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
     CPU offers the biased pairs to the C++ top-k before the scan, which then skips them, and its normaliser
     counts them biased (`StreamingTopK.add_offsets`); an ensemble's C++ scan and the torch loop (GPUs) add them
     to each chunk's member logits (`_ChunkOffsets`). The CUDA head + top-k kernel takes no offsets.
+
+    precision "bfloat16": one float32 model on a CPU with AVX512-BF16 scans the table rounded to bfloat16 and
+    re-scores its candidates in float (bf16_head.py): the same items, their logits to float rounding, the
+    normaliser within a per-user bound; elsewhere (or for a user whose candidates cannot prove their order)
+    the float head runs.
     """
     x0, w0 = heads[0].x, heads[0].weight
     U, V = x0.shape[0], w0.shape[0]
@@ -68,11 +75,16 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
         raise ValueError(f"k: expected a positive integer, got {k!r}")
     if chunk < 1:
         raise ValueError(f"chunk: expected a positive integer, got {chunk!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     ptr, ex_items, allow = check_filters(exclude, allow, U, num_items)
     heads = _drop_zero_bias(heads)
     scan = (heads, first_item, num_items, k, chunk, threads, fused)
     offsets = None if history is None else _check_offsets(*history, U, len(heads))
-    items, values, norms = _scan(*scan, ptr, ex_items, allow, offsets)
+    if precision == "bfloat16" and fused is not False and bf16_head.usable(heads, x0.shape[1]):
+        items, values, norms = _scan_bf16(*scan, ptr, ex_items, allow, offsets)
+    else:
+        items, values, norms = _scan(*scan, ptr, ex_items, allow, offsets)
     return items, _scores(items, values, norms[0] if len(norms) == 1 else norms.mean(0))
 
 
@@ -226,6 +238,53 @@ def _fused(heads: Sequence[Head], top, first_item: int, num_items: int, threads:
                      lo - first_item if is_item else 0, is_item, True, threads)
     items, values, norm = top.results()
     return items, values, norm[None].astype(np.float64)
+
+
+def _scan_bf16(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items, allow, offsets=None):
+    """`_scan` of one model through the bfloat16 head (bf16_head.py): k' candidates scanned, re-scored in float,
+    the best k kept where provably exact; the other users through `_scan`."""
+    h = heads[0]
+    x = h.x.float().contiguous()  # (U, C)
+    b = None if h.bias is None else h.bias.float().contiguous()  # (V,)
+    (U, C), V = x.shape, h.weight.shape[0]
+    threads = torch.get_num_threads() if threads is None else threads
+    k2 = bf16_head.candidates(k, num_items)
+    top = core().StreamingTopK(U, k2, num_items, ptr, ex_items, allow)
+    if offsets is not None:
+        _add_offsets(top, h, first_item, offsets[0], offsets[1][0], threads)
+    w16, w_max = bf16_head.rows(h.weight)  # (V, C) bfloat16 bits, max row norm
+    for lo, hi, is_item in _spans(V, first_item, num_items, V):
+        bias = 0 if b is None else b.data_ptr() + 4 * lo
+        top.add_head_bf16(x.data_ptr(), w16.data_ptr() + 2 * lo * C, bias, U, C, hi - lo,
+                          lo - first_item if is_item else 0, is_item, True, threads)
+    cand, approx, norm = top.results()  # (U, k') by scanned value, (U,)
+    history = None if offsets is None else (offsets[0], [offsets[1][0]])
+    exact = candidate_logits([h], first_item, cand, history).numpy()  # (U, k') float logits, -inf at -1
+    b_max = 0.0 if b is None else float(b.abs().max())
+    ok = bf16_head.exact_users(cand, approx, exact, k, bf16_head.error_bound(x, w_max, b_max), num_items)
+    items, values = bf16_head.best_k(cand, exact, k)
+    norm = norm.astype(np.float64)
+    redo = np.flatnonzero(~ok)
+    if len(redo):  # near ties around the k-th item (or NaN): those users through the float head
+        sub = _user_rows(redo, heads, ptr, ex_items, allow, offsets)
+        items[redo], values[redo], sub_norm = _scan(sub[0], first_item, num_items, k, chunk, threads, fused, *sub[1:])
+        norm[redo] = sub_norm[0]
+    return items, values, norm[None]
+
+
+def _user_rows(rows: np.ndarray, heads, ptr, ex_items, allow, offsets):
+    """`_scan`'s per-user arguments restricted to users `rows`: heads, exclude CSR, allow, offsets."""
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    heads = [Head(h.x[idx], h.weight, h.bias) for h in heads]
+    if ptr is not None:
+        parts = [ex_items[ptr[u]:ptr[u + 1]] for u in rows]
+        ex_items = np.concatenate(parts) if parts else ex_items[:0]
+        ptr = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+    if allow is not None and allow.ndim == 2:
+        allow = np.ascontiguousarray(allow[rows])
+    if offsets is not None:
+        offsets = (offsets[0][idx].contiguous(), offsets[1][:, idx].contiguous())
+    return heads, ptr, ex_items, allow, offsets
 
 
 def _fused_cuda(heads: Sequence[Head], first_item, num_items, k, ptr, ex_items, allow):

@@ -38,6 +38,9 @@ class Recommender:
         `train.mask_seen`, which never learned to rank a history's own items low)."""
         self.model, self.tokenizer, self.catalog, self.max_items = model, tokenizer, catalog, max_items
         self.use_users, self.exclude_seen = use_users, exclude_seen
+        # one-token models: "bfloat16" scans the head's table in bfloat16 on CPUs with AVX512-BF16, the same items
+        # (checked per user) and log-probabilities within a small per-user shift (bf16_head.py); "float32" the default
+        self.head_precision = "float32"
         for m in getattr(model, "members", [model]):  # leaf heads read the tokenizer's code table
             if m.cfg.leaf_head and m.leaves is None:
                 m.attach_leaves(tokenizer)
@@ -102,7 +105,8 @@ class Recommender:
             self.model.eval()
         if backend == "auto" and self.one_step and length_penalty == 0.0:
             first = int(self.tokenizer.item_flat[0]) if len(self.tokenizer.item_flat) else 0
-            return item_decode(self.model, enc, first, len(self.catalog.item_ids), k, exclude, allow)
+            return item_decode(self.model, enc, first, len(self.catalog.item_ids), k, exclude, allow,
+                               precision=self.head_precision)
         return beam_decode(self.model, self.trie, enc, k, num_beams, exclude=exclude, allow=allow,
                            length_penalty=length_penalty, backend=backend)
 
