@@ -169,13 +169,6 @@ inline uint32_t to_bf16(float f) {
   return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
-inline float from_bf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 // `head_tile_body` over bfloat16 rows w (Items, dim) and xt2 (dim / 2, kLanes): each lane x's pair (x[2c],
 // x[2c + 1]) rounded to bfloat16 in one 32-bit word, so one VDPBF16PS takes two columns for 16 users (float
 // accumulators; the bias in float).
@@ -198,24 +191,35 @@ __attribute__((target("avx512f,avx512bf16"))) void head_tile_bf16(const uint32_t
   tile_finish<kBf16Items>(a, n, lse, tile, tile_max, lane_max, lane_sum);
 }
 
-// `column_dots` over bfloat16 rows (x in float: each row widened, exactly): a few users' scan, memory-bound.
-__attribute__((target("avx512f")))
+// `column_dots` over bfloat16 rows, x rounded to bfloat16 too (as in the tiles): per row and user, VDPBF16PS over
+// 32 columns at a time (the last chunk by a masked load), then one sum across the lanes. A few users' scan: bound
+// by reading the table, half the bytes of the float rows.
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
 void column_dots_bf16(const float* __restrict x, int64_t users, const uint16_t* __restrict w, const float* bias,
                       int64_t n, int64_t dim, float* __restrict z, int64_t ld) {
-  thread_local std::vector<float> wf;
-  constexpr int64_t kRows = 4;
-  wf.resize(kRows * dim);
-  for (int64_t j0 = 0; j0 < n; j0 += kRows) {
-    const int64_t rows = std::min(kRows, n - j0);
-    const uint16_t* src = w + j0 * dim;
-    float* dst = wf.data();
-#pragma omp simd
-    for (int64_t i = 0; i < rows * dim; ++i) dst[i] = from_bf16(src[i]);
+  constexpr int64_t kChunkCols = 32;  // bfloat16 columns per register
+  const int64_t chunks = (dim + kChunkCols - 1) / kChunkCols;
+  thread_local std::vector<uint16_t> xb;  // (users, chunks * 32) x rounded, zero-padded
+  xb.assign(users * chunks * kChunkCols, 0);
+  for (int64_t u = 0; u < users; ++u) {
+    for (int64_t c = 0; c < dim; ++c) xb[u * chunks * kChunkCols + c] = static_cast<uint16_t>(to_bf16(x[u * dim + c]));
+  }
+  const int64_t rest = dim - (chunks - 1) * kChunkCols;
+  const __mmask32 last = rest == kChunkCols ? ~__mmask32{0} : (__mmask32{1} << rest) - 1;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* wj = w + j * dim;
+    if (j + 8 < n) _mm_prefetch(reinterpret_cast<const char*>(w + (j + 8) * dim), _MM_HINT_T0);
     for (int64_t u = 0; u < users; ++u) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const float acc = dot(x + u * dim, dst + r * dim, dim);
-        z[u * ld + j0 + r] = bias != nullptr ? acc + bias[j0 + r] : acc;
+      const uint16_t* xu = xb.data() + u * chunks * kChunkCols;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __mmask32 m = c + 1 == chunks ? last : ~__mmask32{0};
+        const __m512i wv = _mm512_maskz_loadu_epi16(m, wj + c * kChunkCols);
+        const __m512i xv = _mm512_loadu_si512(xu + c * kChunkCols);
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)wv, (__m512bh)xv);
       }
+      const float dotv = _mm512_reduce_add_ps(acc);
+      z[u * ld + j] = bias != nullptr ? dotv + bias[j] : dotv;
     }
   }
 }

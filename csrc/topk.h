@@ -39,9 +39,10 @@ class StreamingTopK {
                 bool topk, bool lse, int threads);
 
   // `add_head` over w16, w's rows rounded to bfloat16 (cols, dim), dim even: each score is x . w16 (+ bias, in
-  // float) with x rounded to bfloat16 in the tiles (kept in float under 12 users), float sums. Twice the tiles'
-  // arithmetic of add_head, half its memory traffic, and scores within a bound of the float ones (item_topk's
-  // `precision="bfloat16"` re-scores its candidates in float). Throws where `bf16_head_supported()` is false.
+  // float) with x rounded to bfloat16 too, float sums (VDPBF16PS: tiles of 16 users x 8 rows; under 12 users, per
+  // row and user over 32 columns at a time). Twice the tiles' arithmetic of add_head, half its memory traffic, and
+  // scores within a bound of the float ones (item_topk's `precision="bfloat16"` re-scores its candidates in
+  // float). Throws where `bf16_head_supported()` is false.
   void add_head_bf16(const float* x, const uint16_t* w16, const float* bias, int64_t dim, int64_t cols,
                      int64_t first_item, bool topk, bool lse, int threads);
 

@@ -19,6 +19,13 @@ from genrec_fast.native import core
 needs_bf16 = pytest.mark.skipif(not bf16_head.supported(), reason="needs a CPU with AVX512-BF16 (and AVX-512 in use)")
 
 
+@pytest.fixture(autouse=True)
+def _small_catalogs_too(monkeypatch):
+    """item_topk takes the bfloat16 head from bf16_head.MIN_ITEMS items (where it gains); the tests' catalogs are
+    smaller."""
+    monkeypatch.setattr(bf16_head, "MIN_ITEMS", 0)
+
+
 def _head(U, V, C, seed, bias=True, scale=0.2):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(U, C, generator=g)
@@ -27,25 +34,26 @@ def _head(U, V, C, seed, bias=True, scale=0.2):
     return Head(x, w, b)
 
 
-def _emulated(h: Head, tiles: bool) -> torch.Tensor:
-    """add_head_bf16's scores in float64: w rounded to bfloat16, x too in the tiles (>= 12 users)."""
-    x = h.x.bfloat16().double() if tiles else h.x.double()
-    z = x @ h.weight.bfloat16().double().T
+def _emulated(h: Head) -> torch.Tensor:
+    """add_head_bf16's scores in float64: x and w rounded to bfloat16."""
+    z = h.x.bfloat16().double() @ h.weight.bfloat16().double().T
     return z if h.bias is None else z + h.bias.double()
 
 
 @needs_bf16
 @pytest.mark.parametrize("U", [1, 5, 12, 16, 40])
 def test_scan_scores_are_the_rounded_rows_dot_products(U):
-    """The C++ scan's values (k = every item) against the float64 product of the rounded operands: tiles (>= 12
-    users) round x too, the dots keep it in float; float sums only between them."""
-    h = _head(U, 3001, 64, seed=U)
+    """The C++ scan's values (k = every item) against the float64 product of the rounded operands (float sums only
+    between them): the tiles (>= 12 users) and the per-row dots (fewer; 32 columns a register, so hidden sizes
+    of 64 and 40 cross a masked last chunk)."""
+    C = 40 if U % 2 else 64
+    h = _head(U, 3001, C, seed=U)
     V = h.weight.shape[0]
     top = core().StreamingTopK(U, V, V)
     w16 = h.weight.bfloat16().view(torch.int16).contiguous()
-    top.add_head_bf16(h.x.data_ptr(), w16.data_ptr(), h.bias.data_ptr(), U, 64, V, 0, True, True, 2)
+    top.add_head_bf16(h.x.data_ptr(), w16.data_ptr(), h.bias.data_ptr(), U, C, V, 0, True, True, 2)
     items, values, lse = top.results()
-    want = _emulated(h, tiles=U >= 12)
+    want = _emulated(h)
     got = torch.full((U, V), float("nan"), dtype=torch.float64)
     got.scatter_(1, torch.as_tensor(items), torch.as_tensor(values, dtype=torch.float64))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
@@ -65,7 +73,7 @@ def test_scan_names_bad_arguments():
 
 @needs_bf16
 @settings(max_examples=40, deadline=None)
-@given(U=st.integers(12, 70), V=st.integers(30, 4000), C=st.sampled_from([16, 32, 64, 96]),
+@given(U=st.integers(1, 70), V=st.integers(30, 4000), C=st.sampled_from([16, 32, 40, 64, 96]),
        first=st.integers(0, 5), k=st.integers(1, 40), seed=st.integers(0, 10_000), filters=st.booleans(),
        offsets=st.booleans(), bias=st.booleans())
 def test_same_items_as_the_reference(U, V, C, first, k, seed, filters, offsets, bias):
@@ -88,7 +96,12 @@ def test_same_items_as_the_reference(U, V, C, first, k, seed, filters, offsets, 
         for u, j in zip(*np.nonzero(hist.numpy() >= 0)):
             z[u, first + int(hist[u, j])] += off[u, j]
     want_items, want_scores = item_topk_reference([z], first, num_items, k, exclude, allow)
-    np.testing.assert_array_equal(items, want_items)
+    np.testing.assert_array_equal(items >= 0, want_items >= 0)
+    # the same items, up to float-rounding ties: each position's item has the reference's score there
+    logp = torch.log_softmax(z.double(), 1)[:, first:first + num_items].numpy()
+    at = np.take_along_axis(logp, np.maximum(items, 0), 1)
+    np.testing.assert_allclose(np.where(items >= 0, at, 0.0), np.where(items >= 0, want_scores, 0.0), atol=1e-5)
+    assert (np.where(items >= 0, want_items, -1) == items).mean() > 0.98  # (ties are rare)
     bound = bf16_head.error_bound(h.x, float(h.weight.norm(dim=1).max()),
                                   0.0 if h.bias is None else float(h.bias.abs().max()))
     found = items >= 0
@@ -182,3 +195,24 @@ def test_recommend_with_the_bfloat16_head_returns_the_same_items():
     rec.head_precision = "fp8"
     with pytest.raises(ValueError, match="precision"):
         rec.recommend(hists, k=20)
+
+
+@needs_bf16
+def test_small_catalogs_keep_the_float_head(monkeypatch):
+    monkeypatch.setattr(bf16_head, "MIN_ITEMS", 3000)
+    scans = []
+    scan_bf16 = item_topk_module._scan_bf16
+    monkeypatch.setattr(item_topk_module, "_scan_bf16", lambda *a: scans.append(1) or scan_bf16(*a))
+    h = _head(20, 3005, 32, seed=2)
+    item_topk([h], 0, 2999, 10, precision="bfloat16")
+    assert not scans
+    item_topk([h], 0, 3000, 10, precision="bfloat16")
+    assert scans == [1]
+
+
+def test_the_environment_sets_the_default_precision(monkeypatch):
+    from genrec_fast import Recommender
+    monkeypatch.setenv("GENREC_HEAD_PRECISION", "bfloat16")
+    assert Recommender.random(list(range(30)), "tiny", vocab_size=100).head_precision == "bfloat16"
+    monkeypatch.delenv("GENREC_HEAD_PRECISION")
+    assert Recommender.random(list(range(30)), "tiny", vocab_size=100).head_precision == "float32"

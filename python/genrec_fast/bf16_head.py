@@ -28,7 +28,10 @@ UNIT = 2.0 ** -8  # bfloat16's unit roundoff (8 significant bits, round to neare
 # 200,000 random rows is 14-21% of it (d 64); at 1M random items, 256 users, top 20, k' = 40 left 69% of the users
 # to the float head, k' = 68 or more none.
 EXTRA = 64
-MIN_USERS = 12  # csrc/topk.cpp's kTileMinUsers: fewer users scan with dots, which gain nothing in bfloat16
+# the catalog size from which item_topk takes it: below, the re-scoring and the longer top-k cost about what the
+# scan saves (recommend(), both biases, alternating: 256 users 0.87x at 12,101 items, 0.99x at 50,000, 1.08-1.09x
+# at 100,000, 1.26-1.35x at 300,000 and 1M; one user 0.96x at 100,000, 1.5x at 1M; benchmarks/bench_bf16_head.py)
+MIN_ITEMS = 2 ** 17
 
 
 def supported() -> bool:
@@ -37,11 +40,11 @@ def supported() -> bool:
     return bool(core().bf16_head_supported())
 
 
-def usable(heads, dim: int) -> bool:
-    """One float32 model on a CPU, at least MIN_USERS users, an even hidden size and a CPU that runs it."""
+def usable(heads, num_items: int) -> bool:
+    """One float32 model on a CPU, at least MIN_ITEMS items, an even hidden size and a CPU that runs it."""
     h = heads[0]
     return (len(heads) == 1 and h.x.device.type == "cpu" and h.x.dtype == h.weight.dtype == torch.float32
-            and h.x.shape[0] >= MIN_USERS and dim % 2 == 0 and supported())
+            and num_items >= MIN_ITEMS and h.x.shape[1] % 2 == 0 and supported())
 
 
 def rows(weight: torch.Tensor) -> tuple[torch.Tensor, float]:

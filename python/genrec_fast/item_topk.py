@@ -62,10 +62,10 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
     counts them biased (`StreamingTopK.add_offsets`); an ensemble's C++ scan and the torch loop (GPUs) add them
     to each chunk's member logits (`_ChunkOffsets`). The CUDA head + top-k kernel takes no offsets.
 
-    precision "bfloat16": one float32 model on a CPU with AVX512-BF16 scans the table rounded to bfloat16 and
-    re-scores its candidates in float (bf16_head.py): the same items, their logits to float rounding, the
-    normaliser within a per-user bound; elsewhere (or for a user whose candidates cannot prove their order)
-    the float head runs.
+    precision "bfloat16": one float32 model on a CPU with AVX512-BF16, from `bf16_head.MIN_ITEMS` items, scans
+    the table rounded to bfloat16 and re-scores its candidates in float (bf16_head.py): the same items, their
+    logits to float rounding, the normaliser within a per-user bound; elsewhere (or for a user whose candidates
+    cannot prove their order) the float head runs.
     """
     x0, w0 = heads[0].x, heads[0].weight
     U, V = x0.shape[0], w0.shape[0]
@@ -81,7 +81,7 @@ def item_topk(heads: Sequence[Head], first_item: int, num_items: int, k: int, ex
     heads = _drop_zero_bias(heads)
     scan = (heads, first_item, num_items, k, chunk, threads, fused)
     offsets = None if history is None else _check_offsets(*history, U, len(heads))
-    if precision == "bfloat16" and fused is not False and bf16_head.usable(heads, x0.shape[1]):
+    if precision == "bfloat16" and fused is not False and bf16_head.usable(heads, num_items):
         items, values, norms = _scan_bf16(*scan, ptr, ex_items, allow, offsets)
     else:
         items, values, norms = _scan(*scan, ptr, ex_items, allow, offsets)

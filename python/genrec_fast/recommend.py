@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from pathlib import Path
 from typing import Hashable, NamedTuple, Sequence
@@ -38,9 +39,10 @@ class Recommender:
         `train.mask_seen`, which never learned to rank a history's own items low)."""
         self.model, self.tokenizer, self.catalog, self.max_items = model, tokenizer, catalog, max_items
         self.use_users, self.exclude_seen = use_users, exclude_seen
-        # one-token models: "bfloat16" scans the head's table in bfloat16 on CPUs with AVX512-BF16, the same items
-        # (checked per user) and log-probabilities within a small per-user shift (bf16_head.py); "float32" the default
-        self.head_precision = "float32"
+        # one-token models: "bfloat16" scans the head's table in bfloat16 on CPUs with AVX512-BF16 from 131,072 items,
+        # the same items (checked per user) and log-probabilities within a small per-user shift (bf16_head.py);
+        # "float32" the default, or what GENREC_HEAD_PRECISION says (`genrec-fast serve` and the other commands)
+        self.head_precision = os.environ.get("GENREC_HEAD_PRECISION", "float32")
         for m in getattr(model, "members", [model]):  # leaf heads read the tokenizer's code table
             if m.cfg.leaf_head and m.leaves is None:
                 m.attach_leaves(tokenizer)
