@@ -11,6 +11,14 @@
 
 #include <immintrin.h>
 
+// The AVX512-BF16 intrinsics: GCC 10 and Clang 10 on. An older compiler builds without the bfloat16 head
+// (bf16_head_supported() false, add_head_bf16 throws).
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 10) || (!defined(__clang__) && __GNUC__ >= 10))
+#define GENREC_BF16_HEAD 1
+#else
+#define GENREC_BF16_HEAD 0
+#endif
+
 #include "cpu_isa.h"
 #include "dot.h"
 #include "fast_exp.h"
@@ -169,6 +177,7 @@ inline uint32_t to_bf16(float f) {
   return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
+#if GENREC_BF16_HEAD
 // `head_tile_body` over bfloat16 rows w (Items, dim) and xt2 (dim / 2, kLanes): each lane x's pair (x[2c],
 // x[2c + 1]) rounded to bfloat16 in one 32-bit word, so one VDPBF16PS takes two columns for 16 users (float
 // accumulators; the bias in float).
@@ -223,6 +232,11 @@ void column_dots_bf16(const float* __restrict x, int64_t users, const uint16_t* 
     }
   }
 }
+#else  // no AVX512-BF16 intrinsics: never called (bf16_head_supported() is false)
+void head_tile_bf16(const uint32_t*, const uint16_t*, int64_t, const float*, int32_t, bool, float*, float*, float*,
+                    float*) {}
+void column_dots_bf16(const float*, int64_t, const uint16_t*, const float*, int64_t, int64_t, float*, int64_t) {}
+#endif
 
 // z[i] = bias[ids[i]] + x . w[ids[i]] for n rows of w scattered over the table (bias may be nullptr); the sum
 // over dim runs in vector lanes, so it equals a matmul's to float rounding, not bit for bit.
@@ -669,11 +683,15 @@ void StreamingTopK::results(int64_t* items, float* values, float* lse) const {
 }
 
 bool bf16_head_supported() {
+#if GENREC_BF16_HEAD
   static const bool ok = [] {
     __builtin_cpu_init();
     return cpu_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
   }();
   return ok;
+#else
+  return false;
+#endif
 }
 
 }  // namespace genrec
