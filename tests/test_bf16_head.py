@@ -148,6 +148,9 @@ def test_the_rounded_table_is_kept_until_the_weights_change():
         h.weight[3, 0] += 1.0
     w16b, w_maxb = bf16_head.rows(h.weight)
     assert w16b is not w16 and int(w16b[3, 0]) != int(w16[3, 0])
+    with torch.inference_mode():  # a model made under inference_mode: no version counter
+        w = torch.randn(40, 8)
+    assert bf16_head.rows(w)[0] is bf16_head.rows(w)[0]
 
 
 def test_bad_precision_is_named():

@@ -49,8 +49,9 @@ def usable(heads, num_items: int) -> bool:
 
 def rows(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
     """weight (V, C) float32 -> its rows rounded to bfloat16 (V, C) as int16 bits, and max_i |w_i| (float);
-    kept on the weight tensor and made again only when the tensor changes (its data pointer, version or shape)."""
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    kept on the weight tensor and made again only when the tensor changes (its data pointer, version or shape; an
+    inference tensor, which keeps no version, by its pointer and shape)."""
+    key = (weight.data_ptr(), None if weight.is_inference() else weight._version, tuple(weight.shape))
     hit = getattr(weight, "_genrec_bf16", None)
     if hit is None or hit[0] != key:
         w = weight.detach().float().contiguous()
