@@ -219,3 +219,27 @@ def test_the_environment_sets_the_default_precision(monkeypatch):
     assert Recommender.random(list(range(30)), "tiny", vocab_size=100).head_precision == "bfloat16"
     monkeypatch.delenv("GENREC_HEAD_PRECISION")
     assert Recommender.random(list(range(30)), "tiny", vocab_size=100).head_precision == "float32"
+
+
+@needs_bf16
+def test_some_users_through_the_float_head_with_filters_and_offsets(monkeypatch):
+    """Half the users (a bound too wide for them) ranked again by the float head: their exclusions, allowed items
+    and offsets picked by row, so every user's result is the float path's."""
+    U, V = 36, 6000
+    h = _head(U, V + 4, 64, seed=11)
+    rng = np.random.default_rng(11)
+    exclude = [list(rng.integers(0, V, int(rng.integers(0, 30)))) for _ in range(U)]
+    allow = rng.random((U, V)) < 0.7
+    history = (torch.as_tensor(rng.integers(-1, V, (U, 9))), [torch.as_tensor(rng.normal(0, 3, (U, 9)),
+                                                                            dtype=torch.float32)])
+    want = item_topk([h], 3, V, 15, exclude, allow, history=history)
+    wide = lambda x, w_max, b_max: np.where(np.arange(x.shape[0]) % 2 == 0, 1e9, 0.0)  # noqa: E731
+    monkeypatch.setattr(bf16_head, "error_bound", wide)
+    redone = []
+    user_rows = item_topk_module._user_rows
+    monkeypatch.setattr(item_topk_module, "_user_rows", lambda rows, *a: redone.append(rows) or user_rows(rows, *a))
+    got = item_topk([h], 3, V, 15, exclude, allow, history=history, precision="bfloat16")
+    assert list(redone[0]) == list(range(0, U, 2))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1][::2], want[1][::2])  # the float head's own scores
+    np.testing.assert_allclose(got[1][1::2], want[1][1::2], atol=0.01)
