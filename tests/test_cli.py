@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import sys
 
 import pytest
@@ -48,6 +49,11 @@ def test_train_evaluate_recommend(p5_file, tmp_path, capsys, monkeypatch):
     assert "skipped 2 unknown item ids on 1 lines" in captured.err
     streamed = [json.loads(x)["items"] for x in captured.out.splitlines()]
     assert streamed == [r.items for r in genrec_fast.load(out / "best").recommend([[3, 5], [3]], k=4)]
+    monkeypatch.setenv("GENREC_HEAD_PRECISION", "float32")  # (restored after the test: the flag sets it)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("3 5\n"))  # a 40-item catalog runs in float either way
+    assert main(["recommend", str(out / "best"), "-k", "4", "--head-precision", "bfloat16"]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == streamed[0]
+    assert os.environ["GENREC_HEAD_PRECISION"] == "bfloat16" == genrec_fast.load(out / "best").head_precision
 
 
 def test_train_without_report_leaves_a_checkpoint_and_no_metrics(p5_file, tmp_path, capsys):

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,11 @@ from pathlib import Path
 from . import data as data_mod
 from .config import load_config, parse_override, with_overrides
 from .data import FORMATS, ID_ORDERS, leave_one_out
+
+PRECISIONS = ("float32", "bfloat16")  # item_topk.PRECISIONS
+PRECISION_HELP = ("one-token models' head: bfloat16 scans the table in bfloat16 on CPUs with AVX512-BF16 from 131,072 "
+                  "items (the same items, scores within a small per-user shift; else float32); default: "
+                  "$GENREC_HEAD_PRECISION or float32")
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -383,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never recommend a history's own items (always on for models trained with train.mask_seen)")
     r.add_argument("--skip-unknown", action="store_true", help="skip unknown item ids instead of failing")
     r.add_argument("--device", default="cpu")
+    r.add_argument("--head-precision", choices=PRECISIONS, help=PRECISION_HELP)
     r.set_defaults(func=cmd_recommend)
     s = sub.add_parser("serve", help="an HTTP endpoint (POST /recommend) batching concurrent requests")
     s.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
@@ -400,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int,
                    help="torch threads of the model's worker (default: all cores but one, for the HTTP process)")
     s.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--head-precision", choices=PRECISIONS, help=PRECISION_HELP)
     s.set_defaults(func=cmd_serve)
     return ap
 
@@ -407,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    if getattr(args, "head_precision", None):  # what every Recommender then takes (a serve worker process too)
+        os.environ["GENREC_HEAD_PRECISION"] = args.head_precision
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
