@@ -161,15 +161,17 @@ def test_bad_precision_is_named():
 
 def test_falls_back_to_float_where_the_cpu_cannot():
     """GENREC_CPU_ISA=avx2 (no AVX-512 in use): not supported, and precision="bfloat16" returns the float head's
-    items and scores exactly."""
+    items and scores exactly, with one warning that says so."""
     code = ("import numpy as np, torch; from genrec_fast import bf16_head; "
             "from genrec_fast.item_topk import Head, item_topk; torch.manual_seed(0); "
             "h = Head(torch.randn(20, 32), torch.randn(3000, 32), None); "
             "a = item_topk([h], 0, 3000, 10); b = item_topk([h], 0, 3000, 10, precision='bfloat16'); "
+            "c = item_topk([h], 0, 3000, 10, precision='bfloat16'); "
             "assert not bf16_head.supported(); assert all(np.array_equal(p, q) for p, q in zip(a, b)); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "GENREC_CPU_ISA": "avx2"},
                           capture_output=True, text=True)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+    assert done.stderr.count("has no AVX512-BF16") == 1
 
 
 @needs_bf16

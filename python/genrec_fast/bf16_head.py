@@ -18,6 +18,8 @@ B_u (the ranking is exact; scores of different users, or summed across models, c
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -32,6 +34,7 @@ EXTRA = 64
 # scan saves (recommend(), both biases, alternating: 256 users 0.87x at 12,101 items, 0.99x at 50,000, 1.08-1.09x
 # at 100,000, 1.26-1.35x at 300,000 and 1M; one user 0.96x at 100,000, 1.5x at 1M; benchmarks/bench_bf16_head.py)
 MIN_ITEMS = 2 ** 17
+_warned = False  # usable()'s warning, once a process
 
 
 def supported() -> bool:
@@ -41,8 +44,14 @@ def supported() -> bool:
 
 
 def usable(heads, num_items: int) -> bool:
-    """One float32 model on a CPU, at least MIN_ITEMS items, an even hidden size and a CPU that runs it."""
+    """One float32 model on a CPU, at least MIN_ITEMS items, an even hidden size and a CPU that runs it (asked
+    for on a CPU that cannot: a warning, once a process)."""
+    global _warned
     h = heads[0]
+    if h.x.device.type == "cpu" and not supported() and not _warned:
+        _warned = True
+        warnings.warn("precision='bfloat16': this CPU has no AVX512-BF16 (or GENREC_CPU_ISA asks for less); the head "
+                      "runs in float32", RuntimeWarning, stacklevel=3)
     return (len(heads) == 1 and h.x.device.type == "cpu" and h.x.dtype == h.weight.dtype == torch.float32
             and num_items >= MIN_ITEMS and h.x.shape[1] % 2 == 0 and supported())
 
