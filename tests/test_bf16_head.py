@@ -197,9 +197,9 @@ def test_recommend_with_the_bfloat16_head_returns_the_same_items():
     got = rec.recommend(hists, k=20, exclude_seen=True, allowed_items=allowed)
     assert [r.items for r in got] == [r.items for r in want]
     np.testing.assert_allclose([r.scores for r in got], [r.scores for r in want], atol=0.02)
-    rec.head_precision = "fp8"
-    with pytest.raises(ValueError, match="precision"):
-        rec.recommend(hists, k=20)
+    with pytest.raises(ValueError, match="head_precision .* got 'fp8'"):
+        rec.head_precision = "fp8"
+    assert rec.head_precision == "bfloat16"
 
 
 @needs_bf16
@@ -221,6 +221,9 @@ def test_the_environment_sets_the_default_precision(monkeypatch):
     assert Recommender.random(list(range(30)), "tiny", vocab_size=100).head_precision == "bfloat16"
     monkeypatch.delenv("GENREC_HEAD_PRECISION")
     assert Recommender.random(list(range(30)), "tiny", vocab_size=100).head_precision == "float32"
+    monkeypatch.setenv("GENREC_HEAD_PRECISION", "bf16")
+    with pytest.raises(ValueError, match="GENREC_HEAD_PRECISION"):
+        Recommender.random(list(range(30)), "tiny", vocab_size=100)
 
 
 @needs_bf16

@@ -16,6 +16,7 @@ from .beam_search import Trie
 from .config import ModelConfig, preset
 from .data import Catalog, item_codes
 from .decoding import beam_decode, item_decode
+from .item_topk import PRECISIONS
 from .ensemble import Ensemble, check_same_files
 from .model import GenRec
 from .tokenizer import EOS_ID, Encoded, GenRecTokenizer
@@ -42,12 +43,24 @@ class Recommender:
         # one-token models: "bfloat16" scans the head's table in bfloat16 on CPUs with AVX512-BF16 from 131,072 items,
         # the same items (checked per user) and log-probabilities within a small per-user shift (bf16_head.py);
         # "float32" the default, or what GENREC_HEAD_PRECISION says (`genrec-fast serve` and the other commands)
+        self._precision = "float32"
         self.head_precision = os.environ.get("GENREC_HEAD_PRECISION", "float32")
         for m in getattr(model, "members", [model]):  # leaf heads read the tokenizer's code table
             if m.cfg.leaf_head and m.leaves is None:
                 m.attach_leaves(tokenizer)
         self._trie: Trie | None = None
         self._ids: np.ndarray | None = None  # catalog.item_ids as an object array, built on first use
+
+    @property
+    def head_precision(self) -> str:
+        """One-token models' head: "float32" or "bfloat16" (item_topk's `precision`; bf16_head.py)."""
+        return self._precision
+
+    @head_precision.setter
+    def head_precision(self, value: str) -> None:
+        if value not in PRECISIONS:
+            raise ValueError(f"head_precision (or GENREC_HEAD_PRECISION): expected one of {PRECISIONS}, got {value!r}")
+        self._precision = value
 
     @property
     def trie(self) -> Trie:
@@ -108,7 +121,7 @@ class Recommender:
         if backend == "auto" and self.one_step and length_penalty == 0.0:
             first = int(self.tokenizer.item_flat[0]) if len(self.tokenizer.item_flat) else 0
             return item_decode(self.model, enc, first, len(self.catalog.item_ids), k, exclude, allow,
-                               precision=self.head_precision)
+                               precision=self._precision)
         return beam_decode(self.model, self.trie, enc, k, num_beams, exclude=exclude, allow=allow,
                            length_penalty=length_penalty, backend=backend)
 
