@@ -12,9 +12,11 @@ columns); an item left out of the candidates scanned at most a_k' (the last cand
 when a_k' < a_k - 2 B_u (a_k: the k-th best scanned value) none of them can beat the k-th re-scored candidate.
 Users for whom the check fails (near ties around the k-th item, NaN) are ranked again by the float head.
 
-The normaliser (log-sum-exp over the vocabulary) comes from the bfloat16 scan: each term within a factor
-exp(B_u) of the float one, so the returned log-probabilities are the float ones shifted per user by at most
-B_u (the ranking is exact; scores of different users, or summed across models, carry that error).
+The normaliser (log-sum-exp over the vocabulary) comes from the bfloat16 scan: each unbiased term within a factor
+exp(B_u) of the float one, so the returned log-probabilities are the float ones shifted per user by at most ~B_u
+(exactly log(1 +- (exp(+-B_u) - 1) S0 / S), S0 / S the unbiased over the biased softmax mass: 1 without the biases'
+offsets, larger where they push down items that carry much of the mass). The ranking is exact; scores of different
+users, or summed across models, carry that error.
 """
 from __future__ import annotations
 
