@@ -219,25 +219,27 @@ void bind_topk(py::module_& m) {
     py::gil_scoped_release release;
     h.topk->add(reinterpret_cast<const float*>(ptr), ld, cols, first_item, topk, lse, threads);
   };
-  const auto add_head = [](TopKHolder& h, std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, int64_t rows,
-                           int64_t dim, int64_t cols, int64_t first_item, bool topk, bool lse, int threads) {
+  // add_head's and add_head_bf16's arguments: x (rows, dim) for every user, w (cols, dim)
+  const auto check_head = [](const TopKHolder& h, std::uintptr_t x, std::uintptr_t w, int64_t rows, int64_t dim,
+                             int64_t cols) {
     if (rows != h.topk->num_users()) {
       throw py::value_error("x has " + std::to_string(rows) + " rows, expected num_users=" +
                             std::to_string(h.topk->num_users()));
     }
     if ((x == 0 && rows * dim > 0) || (w == 0 && cols * dim > 0)) throw py::value_error("x or w pointer is null");
+  };
+  const auto add_head = [check_head](TopKHolder& h, std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias,
+                                     int64_t rows, int64_t dim, int64_t cols, int64_t first_item, bool topk, bool lse,
+                                     int threads) {
+    check_head(h, x, w, rows, dim, cols);
     py::gil_scoped_release release;
     h.topk->add_head(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w),
                      reinterpret_cast<const float*>(bias), dim, cols, first_item, topk, lse, threads);
   };
-  const auto add_head_bf16 = [](TopKHolder& h, std::uintptr_t x, std::uintptr_t w16, std::uintptr_t bias,
-                                int64_t rows, int64_t dim, int64_t cols, int64_t first_item, bool topk, bool lse,
-                                int threads) {
-    if (rows != h.topk->num_users()) {
-      throw py::value_error("x has " + std::to_string(rows) + " rows, expected num_users=" +
-                            std::to_string(h.topk->num_users()));
-    }
-    if ((x == 0 && rows * dim > 0) || (w16 == 0 && cols * dim > 0)) throw py::value_error("x or w16 pointer is null");
+  const auto add_head_bf16 = [check_head](TopKHolder& h, std::uintptr_t x, std::uintptr_t w16, std::uintptr_t bias,
+                                          int64_t rows, int64_t dim, int64_t cols, int64_t first_item, bool topk,
+                                          bool lse, int threads) {
+    check_head(h, x, w16, rows, dim, cols);
     py::gil_scoped_release release;
     h.topk->add_head_bf16(reinterpret_cast<const float*>(x), reinterpret_cast<const uint16_t*>(w16),
                           reinterpret_cast<const float*>(bias), dim, cols, first_item, topk, lse, threads);

@@ -68,10 +68,6 @@ float scan_row(const float* row, int64_t n, float* block_max, bool lse, float& r
   return row_max;
 }
 
-// One tile of the fused head: tile[jj][l] = bias[jj] + sum_c xt[c][l] * w[jj][c] for Items rows of w and
-// kLanes users (xt: (dim, kLanes), users along the lanes); tile_max[l] = max over the first n rows (NaN
-// ignored); with lse, each lane's running (max, sum of exp(x - max)) takes in those n entries. Items x kLanes
-// accumulators: sized per instruction set (`head_tile_for`) so that they stay in registers.
 // Folds a tile's scores a[Items][kLanes] (its first n rows real) into tile / tile_max and, with lse, each lane's
 // running (max, sum of exp(x - max)): the second half of every tile kernel.
 template <int Items>
