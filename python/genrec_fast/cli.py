@@ -13,8 +13,8 @@ from pathlib import Path
 from . import data as data_mod
 from .config import load_config, parse_override, with_overrides
 from .data import FORMATS, ID_ORDERS, leave_one_out
+from .item_topk import PRECISIONS
 
-PRECISIONS = ("float32", "bfloat16")  # item_topk.PRECISIONS
 PRECISION_HELP = ("one-token models' head: bfloat16 scans the table in bfloat16 on CPUs with AVX512-BF16 from 131,072 "
                   "items (the same items, scores within a small per-user shift; else float32); default: "
                   "$GENREC_HEAD_PRECISION or float32")

@@ -16,8 +16,8 @@ from .beam_search import Trie
 from .config import ModelConfig, preset
 from .data import Catalog, item_codes
 from .decoding import beam_decode, item_decode
-from .item_topk import PRECISIONS
 from .ensemble import Ensemble, check_same_files
+from .item_topk import PRECISIONS
 from .model import GenRec
 from .tokenizer import EOS_ID, Encoded, GenRecTokenizer
 
@@ -40,11 +40,8 @@ class Recommender:
         `train.mask_seen`, which never learned to rank a history's own items low)."""
         self.model, self.tokenizer, self.catalog, self.max_items = model, tokenizer, catalog, max_items
         self.use_users, self.exclude_seen = use_users, exclude_seen
-        # one-token models: "bfloat16" scans the head's table in bfloat16 on CPUs with AVX512-BF16 from 131,072 items,
-        # the same items (checked per user) and log-probabilities within a small per-user shift (bf16_head.py);
-        # "float32" the default, or what GENREC_HEAD_PRECISION says (`genrec-fast serve` and the other commands)
         self._precision = "float32"
-        self.head_precision = os.environ.get("GENREC_HEAD_PRECISION", "float32")
+        self.head_precision = os.environ.get("GENREC_HEAD_PRECISION", "float32")  # (the commands' --head-precision)
         for m in getattr(model, "members", [model]):  # leaf heads read the tokenizer's code table
             if m.cfg.leaf_head and m.leaves is None:
                 m.attach_leaves(tokenizer)
@@ -53,7 +50,9 @@ class Recommender:
 
     @property
     def head_precision(self) -> str:
-        """One-token models' head: "float32" or "bfloat16" (item_topk's `precision`; bf16_head.py)."""
+        """One-token models' head: "float32" (the default unless GENREC_HEAD_PRECISION says otherwise) or
+        "bfloat16": the table scanned in bfloat16 on CPUs with AVX512-BF16 from 131,072 items, the same items (proved
+        per user) and log-probabilities within a small per-user shift (item_topk's `precision`; bf16_head.py)."""
         return self._precision
 
     @head_precision.setter
