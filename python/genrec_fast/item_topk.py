@@ -223,19 +223,21 @@ def _scores(items: np.ndarray, values: np.ndarray, norm: np.ndarray) -> np.ndarr
     return np.where(items >= 0, values - norm[:, None], -np.inf).astype(np.float32)
 
 
-def _fused(heads: Sequence[Head], top, first_item: int, num_items: int, threads: int):
-    """One model's head fused with the top-k in C++ (`StreamingTopK.add_head`)."""
+def _fused(heads: Sequence[Head], top, first_item: int, num_items: int, threads: int, w16=None):
+    """One model's head fused with the top-k in C++ (`StreamingTopK.add_head`, or `add_head_bf16` over w16, the
+    weight's rows in bfloat16 bits (V, C))."""
     if len(heads) != 1:
         raise ValueError(f"fused: the fused head takes one model, got {len(heads)}")
     h = heads[0]
     x = h.x.float().contiguous()  # (U, C)
-    w = h.weight.float().contiguous()  # (V, C)
+    w = h.weight.float().contiguous() if w16 is None else w16  # (V, C)
     b = None if h.bias is None else h.bias.float().contiguous()  # (V,)
-    U, C = x.shape
-    for lo, hi, is_item in _spans(w.shape[0], first_item, num_items, w.shape[0]):
+    (U, C), V = x.shape, w.shape[0]
+    add, size = (top.add_head, 4) if w16 is None else (top.add_head_bf16, 2)
+    for lo, hi, is_item in _spans(V, first_item, num_items, V):
         bias = 0 if b is None else b.data_ptr() + 4 * lo
-        top.add_head(x.data_ptr(), w.data_ptr() + 4 * lo * C, bias, U, C, hi - lo,
-                     lo - first_item if is_item else 0, is_item, True, threads)
+        add(x.data_ptr(), w.data_ptr() + size * lo * C, bias, U, C, hi - lo, lo - first_item if is_item else 0,
+            is_item, True, threads)
     items, values, norm = top.results()
     return items, values, norm[None].astype(np.float64)
 
@@ -244,26 +246,18 @@ def _scan_bf16(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_i
     """`_scan` of one model through the bfloat16 head (bf16_head.py): k' candidates scanned, re-scored in float,
     the best k kept where provably exact; the other users through `_scan`."""
     h = heads[0]
-    x = h.x.float().contiguous()  # (U, C)
-    b = None if h.bias is None else h.bias.float().contiguous()  # (V,)
-    (U, C), V = x.shape, h.weight.shape[0]
     threads = torch.get_num_threads() if threads is None else threads
-    k2 = bf16_head.candidates(k, num_items)
-    top = core().StreamingTopK(U, k2, num_items, ptr, ex_items, allow)
+    top = core().StreamingTopK(h.x.shape[0], bf16_head.candidates(k, num_items), num_items, ptr, ex_items, allow)
     if offsets is not None:
         _add_offsets(top, h, first_item, offsets[0], offsets[1][0], threads)
     w16, w_max = bf16_head.rows(h.weight)  # (V, C) bfloat16 bits, max row norm
-    for lo, hi, is_item in _spans(V, first_item, num_items, V):
-        bias = 0 if b is None else b.data_ptr() + 4 * lo
-        top.add_head_bf16(x.data_ptr(), w16.data_ptr() + 2 * lo * C, bias, U, C, hi - lo,
-                          lo - first_item if is_item else 0, is_item, True, threads)
-    cand, approx, norm = top.results()  # (U, k') by scanned value, (U,)
+    cand, approx, norm = _fused(heads, top, first_item, num_items, threads, w16)  # (U, k') by scanned value, (1, U)
     history = None if offsets is None else (offsets[0], [offsets[1][0]])
     exact = candidate_logits([h], first_item, cand, history).numpy()  # (U, k') float logits, -inf at -1
-    b_max = 0.0 if b is None else float(b.abs().max())
-    ok = bf16_head.exact_users(cand, approx, exact, k, bf16_head.error_bound(x, w_max, b_max), num_items)
+    b_max = 0.0 if h.bias is None else float(h.bias.abs().max())
+    ok = bf16_head.exact_users(cand, approx, exact, k, bf16_head.error_bound(h.x.float(), w_max, b_max), num_items)
     items, values = bf16_head.best_k(cand, exact, k)
-    norm = norm.astype(np.float64)
+    norm = norm[0]
     redo = np.flatnonzero(~ok)
     if len(redo):  # near ties around the k-th item (or NaN): those users through the float head
         sub = _user_rows(redo, heads, ptr, ex_items, allow, offsets)
