@@ -34,6 +34,13 @@ def _head(U, V, C, seed, bias=True, scale=0.2):
     return Head(x, w, b)
 
 
+def _spy_redone(monkeypatch) -> list:
+    """The users each call hands back to the float head (`item_topk._user_rows`' rows), as they come."""
+    redone, user_rows = [], item_topk_module._user_rows
+    monkeypatch.setattr(item_topk_module, "_user_rows", lambda rows, *a: redone.append(rows) or user_rows(rows, *a))
+    return redone
+
+
 def _emulated(h: Head) -> torch.Tensor:
     """add_head_bf16's scores in float64: x and w rounded to bfloat16."""
     z = h.x.bfloat16().double() @ h.weight.bfloat16().double().T
@@ -125,9 +132,7 @@ def test_users_that_cannot_be_proved_go_through_the_float_head(monkeypatch):
     h = _head(40, 5000, 64, seed=3)
     want = item_topk([h], 2, 4990, 20)
     monkeypatch.setattr(bf16_head, "error_bound", lambda x, w_max, b_max: np.full(x.shape[0], 1e9))
-    redone = []
-    user_rows = item_topk_module._user_rows
-    monkeypatch.setattr(item_topk_module, "_user_rows", lambda rows, *a: redone.append(rows) or user_rows(rows, *a))
+    redone = _spy_redone(monkeypatch)
     got = item_topk([h], 2, 4990, 20, precision="bfloat16")
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
@@ -245,9 +250,7 @@ def test_some_users_through_the_float_head_with_filters_and_offsets(monkeypatch)
     want = item_topk([h], 3, V, 15, exclude, allow, history=history)
     wide = lambda x, w_max, b_max: np.where(np.arange(x.shape[0]) % 2 == 0, 1e9, 0.0)  # noqa: E731
     monkeypatch.setattr(bf16_head, "error_bound", wide)
-    redone = []
-    user_rows = item_topk_module._user_rows
-    monkeypatch.setattr(item_topk_module, "_user_rows", lambda rows, *a: redone.append(rows) or user_rows(rows, *a))
+    redone = _spy_redone(monkeypatch)
     got = item_topk([h], 3, V, 15, exclude, allow, history=history, precision="bfloat16")
     assert list(redone[0]) == list(range(0, U, 2))
     np.testing.assert_array_equal(got[0], want[0])
