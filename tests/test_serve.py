@@ -7,6 +7,7 @@ SIGKILL of its whole process group).
 """
 import asyncio
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -186,6 +187,8 @@ BAD = [  # body, status, the field the error names
     ({"history": [0], "allowed_items": [{"id": 1}]}, 422, "allowed_items"),
     ({"history": [0], "user": [1]}, 422, "user"),
     ({"histroy": [0]}, 422, "histroy"),
+    ({"history": [0], "unknown_items": "drop"}, 422, "unknown_items"),
+    ({"history": ["no such item"], "unknown_items": "skip"}, 422, "history"),  # nothing known is left
     ([1, 2], 422, "body"),
 ]
 
@@ -215,6 +218,28 @@ def test_not_json_and_the_server_still_answers(servers, name):
     assert r.status_code == 400 and r.json()["field"] == "body"
     body = {"history": rec.catalog.item_ids[:3], "k": 4}
     assert_answer(rec, body, srv.post(body))
+
+
+@pytest.mark.parametrize("name", ["pieces", "aiohttp"])
+def test_unknown_items_skip_drops_them_as_recommend_does(servers, name):
+    srv, rec = servers[name]
+    hist = rec.catalog.item_ids[:3]
+    mixed = [hist[0], "no such item", hist[1], 10 ** 9, hist[2]]
+    r = srv.post({"history": mixed, "k": 5})
+    assert r.status_code == 422 and '"unknown_items": "skip"' in r.json()["error"]
+    assert_answer(rec, {"history": hist, "k": 5}, srv.post({"history": mixed, "k": 5, "unknown_items": "skip"}))
+
+
+def test_a_body_not_sent_as_json_is_named_on_litserve(servers):
+    """curl -d sends application/x-www-form-urlencoded, which LitServe's FastAPI front end does not parse."""
+    srv, rec = servers["pieces"]
+    body = json.dumps({"history": rec.catalog.item_ids[:3], "k": 4}).encode()
+    r = httpx.post(f"{srv.url}/recommend", content=body,
+                   headers={"content-type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert r.status_code == 415 and r.json()["field"] == "body"
+    assert "Content-Type: application/json" in r.json()["error"]
+    r = httpx.post(f"{srv.url}/recommend", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert_answer(rec, {"history": rec.catalog.item_ids[:3], "k": 4}, r)
 
 
 @pytest.mark.parametrize("name", ["pieces", "ensemble", "aiohttp"])
@@ -275,7 +300,19 @@ def test_serve_cli_defaults_are_the_modules():
 
 def test_serve_cli_reports_bad_arguments_without_starting(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "missing: no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["serve", str(tmp_path / "empty")]) == 2
     assert "missing config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: a bad port or thread count, before anything loads
+        main(["serve", str(tmp_path / "empty"), "--port", "-5"])
+    assert "expected a positive integer, got '-5'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", str(tmp_path / "empty"), "--port", "70000"])
+    assert "from 1 to 65535" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", str(tmp_path / "empty"), "--threads", "0"])
+    assert "--threads: expected a positive integer" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing"), "--engine", "litserve", "--max-wait-ms", "0"]) == 2
     assert "max_wait_ms: expected a positive number" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing"), "--max-wait-ms", "-1"]) == 2  # aiohttp: 0 is fine, < 0 is not
@@ -283,7 +320,7 @@ def test_serve_cli_reports_bad_arguments_without_starting(tmp_path, capsys):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "cascade.json").write_text("{}")  # a cascade directory without its checkpoints
     assert main(["serve", str(tmp_path / "c")]) == 2
-    assert "c/retriever: missing config.json" in capsys.readouterr().err
+    assert "c/retriever: no such directory" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "c"), str(tmp_path / "c")]) == 2
     assert "is a cascade; it is served alone" in capsys.readouterr().err
 
@@ -292,3 +329,12 @@ def test_resolve_ids_as_the_catalog_spells_them():
     ints, strs = {5: 0, -2: 1}, {"5": 0, "sku1": 1}
     assert [resolve(ints, x) for x in (5, "5", "-2", "05", " 5", "5.0", "x")] == [5, 5, -2, None, None, None, None]
     assert [resolve(strs, x) for x in ("5", 5, "sku1", 6)] == ["5", "5", "sku1", None]
+
+
+def test_a_port_in_use_is_an_error_not_a_traceback(trained, capsys):
+    _, run = trained
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["serve", str(run / "best"), "--port", str(s.getsockname()[1]), "--threads", "1"]) == 2
+    assert "error:" in capsys.readouterr().err

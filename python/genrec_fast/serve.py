@@ -64,7 +64,11 @@ class RecommendAPI(ls.LitAPI):
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422 for a body that does not fit `RecommendRequest`, as {"error", "field"} (first problem)."""
+    """FastAPI's 422 for a body that does not fit `RecommendRequest`, as {"error", "field"} (first problem); a
+    body not sent as JSON (FastAPI parses it only with Content-Type: application/json) -> 415 saying so."""
+    if "json" not in request.headers.get("content-type", ""):
+        return response(Rejected(415, "body", "body: send it as JSON, with the header Content-Type: application/json "
+                                              f"(got {request.headers.get('content-type') or 'none'})"))
     return response(rejection(exc.errors()))
 
 

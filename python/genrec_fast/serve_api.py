@@ -1,14 +1,18 @@
 """The contract of `genrec-fast serve`, shared by its engines (serve.py: LitServe; serve_aio.py: aiohttp).
 
     POST /recommend  {"history": [item ids, oldest first], "user": optional id, "k": optional int (10),
-                      "exclude_seen": optional bool, "allowed_items": optional list of item ids}
+                      "exclude_seen": optional bool, "allowed_items": optional list of item ids,
+                      "unknown_items": optional "error" (default) or "skip" (history ids the catalog
+                      lacks, e.g. items added after training, are dropped, as recommend()'s argument)}
                  ->  {"items": [item ids, best first], "scores": [log-probabilities]}
     GET  /health     200 "ok" once the model is loaded
 
 Item and user ids are ints or strings as in the catalog ("5" also finds the catalog's 5 and 5 its "5").
 A malformed request gets a 4xx {"error": "<field>: <what is wrong>", "field": "<field>"}: 400 for a body
-that is not JSON, 422 for a wrong field (missing or empty history, wrong types, k < 1 or above the
-catalog size, unknown item ids); it never affects the other requests of its batch.
+that is not JSON, 415 for one not sent as JSON on the LitServe engine (its FastAPI front end reads a body
+only with Content-Type: application/json; the aiohttp engine reads any), 422 for a wrong field (missing or
+empty history, wrong types, k < 1 or above the catalog size, unknown item ids); it never affects the other
+requests of its batch.
 
 Requests of one batch may ask for different k / exclude_seen / allowed_items: `answer` makes one
 `recommend()` call per distinct (k, exclude_seen, allowed_items) group, so each request gets exactly what a
@@ -21,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Hashable, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, Hashable, List, Literal, NamedTuple, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +49,7 @@ EXPECTED = {  # what each field should be, for error messages
     "k": "a positive integer (default 10)",
     "exclude_seen": "true, false or null",
     "allowed_items": "a list of item ids (ints or strings) or null",
+    "unknown_items": '"error", "skip" or null',
 }
 
 
@@ -57,6 +62,7 @@ class RecommendRequest(BaseModel):
     k: Optional[int] = Field(DEFAULT_K, ge=1)  # null: the default
     exclude_seen: Optional[bool] = None
     allowed_items: Optional[List[Id]] = None
+    unknown_items: Optional[Literal["error", "skip"]] = None  # null: "error"
 
 
 class Query(NamedTuple):
@@ -103,7 +109,10 @@ def to_query(rec: Recommender, req: RecommendRequest) -> Union[Query, Rejected]:
     history = [resolve(items, x) for x in req.history]
     if None in history:
         bad = [x for x, i in zip(req.history, history) if i is None]
-        return Rejected(422, "history", f"history: unknown item ids {bad[:5]}")
+        history = [i for i in history if i is not None] if req.unknown_items == "skip" else []
+        if not history:
+            return Rejected(422, "history", f"history: unknown item ids {bad[:5]}" + (
+                "" if req.unknown_items == "skip" else ' ("unknown_items": "skip" drops them)'))
     allowed = None
     if req.allowed_items is not None:
         allowed = tuple(resolve(items, x) for x in req.allowed_items)
@@ -183,6 +192,4 @@ def check_arguments(paths: Sequence[Union[str, Path]], max_batch: int) -> None:
                 raise ValueError(f"checkpoint: {p} is a cascade; it is served alone, not in an ensemble")
             check_arguments([Path(p) / "retriever", Path(p) / "ranker"], max_batch)
             continue
-        missing = [f for f in checkpoint.FILES if not (Path(p) / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"checkpoint {p}: missing {', '.join(missing)}")
+        checkpoint.check_checkpoint(p)
