@@ -41,7 +41,7 @@ def test_loading_refuses_pickled_code(trained, tmp_path):
     checkpoint.save(tmp_path / "c", rec.model, rec.tokenizer, rec.catalog)
     with open(tmp_path / "c" / "weights.pt", "wb") as f:
         pickle.dump({"x": NotATensor()}, f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="weights.pt cannot be read \\(UnpicklingError: Weights only load failed"):
         genrec_fast.load(tmp_path / "c")
 
 

@@ -3,6 +3,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,11 @@ def test_train_evaluate_recommend(p5_file, tmp_path, capsys, monkeypatch):
     assert "skipped 2 unknown item ids on 1 lines" in captured.err
     streamed = [json.loads(x)["items"] for x in captured.out.splitlines()]
     assert streamed == [r.items for r in genrec_fast.load(out / "best").recommend([[3, 5], [3]], k=4)]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("3 5\n99999\n3\n"))  # a line of unknown ids only: answered empty
+    assert main(["recommend", str(out / "best"), "-k", "4", "--skip-unknown"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["items"] for x in lines] == [streamed[0], [], streamed[1]]
+    assert lines[1]["error"] == "no known item ids in the history" and "error" not in lines[0]
     monkeypatch.setenv("GENREC_HEAD_PRECISION", "float32")  # (restored after the test: the flag sets it)
     monkeypatch.setattr(sys, "stdin", io.StringIO("3 5\n"))  # a 40-item catalog runs in float either way
     with warnings.catch_warnings():  # (a CPU without AVX512-BF16 warns that it runs in float32)
@@ -88,7 +94,7 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["train", "--data", str(bad), "--config", "tiny", "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "bad.txt:2: item id 'x' is not an integer" in capsys.readouterr().err
     assert main(["recommend", str(tmp_path / "missing")]) == 2
-    assert "missing config.json" in capsys.readouterr().err
+    assert "missing: no such directory" in capsys.readouterr().err
     assert main(["train", "--data", str(bad), "--set", "train.epochs=3", "--quiet"]) == 2
     assert "train has no field 'epochs'" in capsys.readouterr().err
 
@@ -110,3 +116,63 @@ def test_calibrate_writes_a_checkpoint_that_scores_as_it_reports(p5_file, tmp_pa
     assert m["NDCG@10"] == pytest.approx(got["valid_ndcg10"]["after" if got["applied"] else "before"], abs=1e-6)
     assert main(["calibrate", str(out / "best"), "--data", str(p5_file), "--out", str(out / "x"), "--users", "1"]) == 2
     assert "calibrate needs at least 2 validation users" in capsys.readouterr().err
+
+
+def test_checkpoint_paths_and_devices_are_named(p5_file, tmp_path, capsys):
+    import shutil
+    import torch
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(p5_file), "--config", "tiny", "--pretrain-epochs", "0",
+                 "--finetune-epochs", "1", "--out", str(out), "--quiet", "--no-report"]) == 0
+    capsys.readouterr()
+    (tmp_path / "sas").mkdir()
+    (tmp_path / "sas" / "sasrec.json").write_text("{}")
+    (tmp_path / "file.txt").write_text("x")
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "best", broken)
+    (broken / "weights.pt").write_bytes(b"not a checkpoint")
+    for path, said in ((out, f"a run directory; its checkpoint is {out / 'best'}"),
+                       (tmp_path / "file.txt", "a file, expected a checkpoint directory"),
+                       (tmp_path / "sas", "a SASRec model"),
+                       (broken, "weights.pt cannot be read")):
+        assert main(["recommend", str(path)]) == 2
+        assert said in capsys.readouterr().err, path
+    assert main(["evaluate", str(out / "best"), "--quiet"]) == 2  # no --data: the synthetic data is not its data
+    assert "--data: not given, so the built-in synthetic data was read" in capsys.readouterr().err
+    assert main(["recommend", str(out / "best"), "--device", "gpu"]) == 2
+    assert "--device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="device: expected 'cpu'"):
+        genrec_fast.load(out / "best", device="tpu0")
+    if not torch.cuda.is_available():
+        assert main(["train", "--data", str(tmp_path / "never read"), "--device", "cuda"]) == 2
+        assert "--device: 'cuda' needs a CUDA GPU" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            genrec_fast.load(out / "best", device="cuda")
+
+
+def test_a_run_directory_is_not_overwritten_unless_asked(p5_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(p5_file), "--config", "tiny", "--pretrain-epochs", "0", "--finetune-epochs", "1",
+            "--out", str(out), "--quiet", "--no-report"]
+    assert main(args) == 0
+    (out / "best" / "marker").write_text("the first run")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert f"--out {out}: holds a run already (best/, last/); --resume continues it" in capsys.readouterr().err
+    assert (out / "best" / "marker").exists()
+    assert main(args + ["--overwrite"]) == 0
+    assert (out / "best" / "config.json").exists() and not (out / "best" / "marker").exists()
+    assert main(["train", "--model", "sasrec", "--out", str(out)]) == 2  # the SASRec peer checks it too
+    assert "holds a run already" in capsys.readouterr().err
+
+
+def test_default_run_directories_are_named_after_the_data(tmp_path):
+    from genrec_fast.cli import build_parser, run_dir
+    (tmp_path / "beauty").mkdir()
+    (tmp_path / "beauty" / "sequential_data.txt").write_text("1 2 3\n")
+    (tmp_path / "ratings.csv").write_text("user,item,timestamp\n")
+    for data, want in ((None, "synthetic-recommended"), (tmp_path / "beauty" / "sequential_data.txt",
+                                                         "beauty-recommended"),
+                       (tmp_path / "beauty", "beauty-recommended"), (tmp_path / "ratings.csv", "ratings-recommended")):
+        args = build_parser().parse_args(["train"] + ([] if data is None else ["--data", str(data)]))
+        assert run_dir(args, "recommended") == Path("runs") / want

@@ -259,7 +259,7 @@ def test_history_bias_refuses_what_it_cannot_score(tmp_path):
         Trainer(repeat_data(np.random.default_rng(0)), tmp_path / "codes", p, progress=False)
     rec = _rec()
     enc = rec.encode_batch([np.array([1, 2])], [None])
-    with pytest.raises(ValueError, match="use item_decode"):
+    with pytest.raises(ValueError, match="only item_decode runs"):
         beam_decode(rec.model, rec.trie, enc, 5)
     with pytest.raises(ValueError, match="one offsets tensor per head"):
         rng = np.random.default_rng(0)

@@ -82,7 +82,7 @@ def test_bad_requests(trained, small_synthetic):
             rec.recommend([[-5]], unknown_items="skip")
     with pytest.raises(ValueError, match="k: expected a positive integer"):
         rec.recommend([good], k=0)
-    with pytest.raises(ValueError, match="num_beams: must be >= k"):
+    with pytest.raises(ValueError, match=r"num_beams: expected an integer >= k \(10\), got 5"):
         rec.recommend([good], k=10, num_beams=5)
     with pytest.raises(ValueError, match="users: expected 1 entries"):
         rec.recommend([good], users=[1, 2])
@@ -217,3 +217,16 @@ def test_concurrent_calls_from_threads_equal_serial_ones(trained, small_syntheti
             got = list(pool.map(lambda r: rec.recommend([r[0]], k=10, exclude_seen=r[1])[0], requests))
             assert [g.items for g in got] == [s.items for s in serial]
             assert [g.scores for g in got] == [s.scores for s in serial]
+
+
+def test_loose_arguments_are_refused(trained):
+    rec, _ = trained
+    hist = [rec.catalog.item_ids[:3]]
+    for kwargs, said in (({"k": True}, "k: expected a positive integer, got True"),
+                         ({"k": 5, "num_beams": 4.0}, "num_beams: expected an integer >= k"),
+                         ({"exclude_seen": "yes"}, "exclude_seen: expected True, False or None, got 'yes'"),
+                         ({"batch_size": True}, "batch_size: expected a positive integer")):
+        with pytest.raises(ValueError, match=said):
+            rec.recommend(hist, **kwargs)
+    assert rec.recommend(hist, k=3, exclude_seen=np.bool_(True))[0].items == rec.recommend(hist, k=3,
+                                                                                           exclude_seen=True)[0].items

@@ -266,7 +266,7 @@ def test_transition_bias_refuses_what_it_cannot_score(tmp_path):
         Trainer(_successor_data(np.random.default_rng(0))[0], tmp_path / "x", p, progress=False)
     rec = _rec()
     enc = rec.encode_batch([np.array([1, 2])], [None])
-    with pytest.raises(ValueError, match="use item_decode"):
+    with pytest.raises(ValueError, match="only item_decode runs"):
         beam_decode(rec.model, rec.trie, enc, 5)
 
 

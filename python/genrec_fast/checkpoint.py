@@ -60,18 +60,40 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_parts(path: str | Path, device: str | torch.device = "cpu"):
-    """-> (model in eval mode, tokenizer, catalog, train config or None, config dict)."""
+def check_checkpoint(path: str | Path) -> Path:
+    """`path` as a Path if it holds every file of `FILES`, else a FileNotFoundError (missing path, a file, a run
+    directory whose checkpoint is `best/`, a checkpoint missing files) or a ValueError (a SASRec checkpoint)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path}: no such directory")
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path}: a file, expected a checkpoint directory (e.g. runs/NAME/best)")
+    if (path / "sasrec.json").is_file():
+        raise ValueError(f"checkpoint {path}: a SASRec model (`train --model sasrec`), the peer baseline: "
+                         "`genrec-fast report` scores it; load, evaluate, recommend and serve take GenRec checkpoints")
     missing = [f for f in FILES if not (path / f).is_file()]
+    if missing and (path / "best" / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {path}: a run directory; its checkpoint is {path / 'best'}")
     if missing:
         raise FileNotFoundError(f"checkpoint {path}: missing {', '.join(missing)}")
+    return path
+
+
+def load_parts(path: str | Path, device: str | torch.device = "cpu"):
+    """-> (model in eval mode, tokenizer, catalog, train config or None, config dict)."""
+    path = check_checkpoint(path)
     cfg = json.loads((path / "config.json").read_text())
     catalog = Catalog(**json.loads((path / "catalog.json").read_text()))
     tokenizer = GenRecTokenizer.load(path, catalog.item_codes)
     with torch.device("meta"):  # no random init (1-2 s at a million items), no second copy: the weights replace it
         model = GenRec(model_config_from_dict(cfg["model"]))
-    model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True), assign=True)
+    try:
+        weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file raises anything from pickle to zip errors
+        first = (str(e).strip().splitlines() or [""])[0]  # (torch's own messages run to a page)
+        raise ValueError(f"checkpoint {path}: weights.pt cannot be read ({type(e).__name__}: {first}); "
+                         "it is damaged or not a genrec_fast checkpoint") from e
+    model.load_state_dict(weights, assign=True)
     train_cfg = TrainConfig(**cfg["train"]) if cfg.get("train") else None
     return model.to(device).eval(), tokenizer, catalog, train_cfg, cfg
 

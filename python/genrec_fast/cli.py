@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from . import data as data_mod
 from .config import load_config, parse_override, with_overrides
 from .data import FORMATS, ID_ORDERS, leave_one_out
+from .device import check_device
 from .item_topk import PRECISIONS
 
 PRECISION_HELP = ("one-token models' head: bfloat16 scans the table in bfloat16 on CPUs with AVX512-BF16 from 131,072 "
@@ -20,9 +22,31 @@ PRECISION_HELP = ("one-token models' head: bfloat16 scans the table in bfloat16 
                   "$GENREC_HEAD_PRECISION or float32")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port, 1-65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return value
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--data", required=required, help="data file or directory (default: the synthetic dataset)")
-    p.add_argument("--format", default="p5", choices=FORMATS, help="data format (default p5)")
+    p.add_argument("--format", default="p5", choices=FORMATS,
+                   help="p5 (default: a line per user, 'user item item ...', oldest first), movielens (u.data or "
+                        "ratings.dat), csv / tsv (a header naming user, item and timestamp columns), parquet (user, "
+                        "item and timestamp columns)")
     p.add_argument("--id-order", default="random", choices=ID_ORDERS, help="item id order (default random)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random id order")
 
@@ -46,12 +70,11 @@ def cmd_train(args) -> int:
     overrides = dict(parse_override(x) for x in args.set)
     overrides.update({k: v for k, v in flags.items() if v is not None})  # explicit flags win over --set
     p = with_overrides(load_config(args.config or "recommended"), overrides)
-    data = load_data(args)
     main_rank = env_rank() == 0
+    out = run_dir(args, Path(args.config or "recommended").stem, main_rank)
+    data = load_data(args)
     if main_rank:
         print(data.summary(), flush=True)
-    config = Path(args.config or "recommended").stem
-    out = Path(args.out or f"runs/{'synthetic' if args.data is None else Path(args.data).name}-{config}")
     t0 = time.perf_counter()
     rec = train(data, out, p, device=args.device, resume=args.resume, progress=not args.quiet)
     train_s = time.perf_counter() - t0
@@ -96,10 +119,9 @@ def cmd_train_sasrec(args) -> int:
     if unknown:
         raise ValueError(f"config: sasrec has no field {sorted(unknown)[0]!r}; expected one of {sorted(fields)}")
     cfg = SASRecConfig(**spec)
+    out = run_dir(args, "sasrec")
     data = load_data(args)
     print(data.summary(), flush=True)
-    name = "synthetic" if args.data is None else Path(args.data).name
-    out = Path(args.out or f"runs/{name}-sasrec")
     t0 = time.perf_counter()
     model = train_sasrec(data, out, cfg, progress=not args.quiet)
     train_s = time.perf_counter() - t0
@@ -110,6 +132,27 @@ def cmd_train_sasrec(args) -> int:
     print(format_table({k: v for k, v in rep.items() if k in ("valid", "test")}))
     print(f"trained in {train_s:.0f} s; checkpoint {out / 'best'}; metrics {out / 'metrics.json'}")
     return 0
+
+
+def run_dir(args, config: str, main_rank: bool = True) -> Path:
+    """--out, or runs/<data>-<config>: <data> is "synthetic", the data file's stem, or for P5's usual file name
+    (sequential_data.txt) its folder's name. A directory that holds a run already (best/ or last/) is an error
+    unless --resume continues it or --overwrite replaces it (the main rank removes its best/ and last/)."""
+    if args.out:
+        out = Path(args.out)
+    else:
+        data = Path(args.data) if args.data else None
+        name = ("synthetic" if data is None else data.resolve().name if data.is_dir()
+                else data.resolve().parent.name if data.stem == "sequential_data" else data.stem)
+        out = Path("runs") / f"{name}-{config}"
+    held = [n for n in ("best", "last") if (out / n).exists()]
+    if held and not (getattr(args, "resume", False) or args.overwrite):
+        raise ValueError(f"--out {out}: holds a run already ({', '.join(n + '/' for n in held)}); --resume "
+                         "continues it, --overwrite replaces it, or name another --out")
+    if held and args.overwrite and main_rank and not getattr(args, "resume", False):
+        for n in held:  # (the other files of a run are rewritten as it trains)
+            shutil.rmtree(out / n)
+    return out
 
 
 def _print_samples(rec, data, n: int = 3) -> None:
@@ -132,6 +175,9 @@ def _load_matching_data(args, catalog):
     """--data, checked against a checkpoint's catalog (`rec.catalog`, or a SASRec checkpoint's catalog.json)."""
     data = load_data(args)
     if data.item_ids != catalog.item_ids or data.user_ids != catalog.user_ids:
+        if args.data is None:
+            raise ValueError("--data: not given, so the built-in synthetic data was read, and the checkpoint was "
+                             "trained on other data: pass its data file (with the same --format, --id-order, --seed)")
         raise ValueError("--data does not match the checkpoint's catalog (train and evaluate on the same file "
                          "with the same --id-order/--seed)")
     return data
@@ -227,7 +273,8 @@ RECOMMEND_CHUNK = 1024  # lines a `recommend()` call: a large file streams out c
 
 def cmd_recommend(args) -> int:
     """One JSON line of recommendations per history line, written as each chunk of lines is ranked; a bad line
-    stops the run with an error naming it, after the lines before it are answered."""
+    stops the run with an error naming it, after the lines before it are answered. With --skip-unknown a line
+    whose ids are all unknown is answered with no items and an "error" (the answers stay one per line)."""
     rec = _load_checkpoints(args)
     skipped = [0, 0]  # unknown ids dropped (--skip-unknown), lines they were on
     rows = []  # (user, history of known ids)
@@ -254,7 +301,7 @@ def cmd_recommend(args) -> int:
 
 def _known_items(index: dict, history: list, line: int, skip: bool, skipped: list) -> list:
     """The history's ids that the catalog knows; unknown ones are an error naming the line, or (skip) dropped
-    and counted in skipped = [ids, lines]."""
+    and counted in skipped = [ids, lines] (None when none is left: the line gets an empty answer)."""
     bad = [x for x in history if x not in index]
     if bad and not skip:
         raise ValueError(f"line {line}: unknown item ids {bad[:5]} (--skip-unknown drops them)")
@@ -262,18 +309,22 @@ def _known_items(index: dict, history: list, line: int, skip: bool, skipped: lis
         history = [x for x in history if x in index]
         skipped[0] += len(bad)
         skipped[1] += 1
-    if not history:
-        raise ValueError(f"line {line}: " + ("no known item ids" if bad else "no item ids") + " in the history")
-    return history
+    if not history and not bad:
+        raise ValueError(f"line {line}: no item ids in the history")
+    return history or None
 
 
 def _print_recommendations(rec, rows: list, args) -> None:
     if not rows:
         return
-    users = [u for u, _ in rows]
-    recs = rec.recommend([h for _, h in rows], k=args.k, users=users,
-                         exclude_seen=True if args.exclude_seen else None)
-    for u, r in zip(users, recs):
+    known = [(u, h) for u, h in rows if h is not None]  # (None: every id of the line unknown, --skip-unknown)
+    recs = iter(rec.recommend([h for _, h in known], k=args.k, users=[u for u, _ in known],
+                              exclude_seen=True if args.exclude_seen else None) if known else [])
+    for u, h in rows:
+        if h is None:
+            print(json.dumps({"user": u, "items": [], "scores": [], "error": "no known item ids in the history"}))
+            continue
+        r = next(recs)
         print(json.dumps({"user": u, "items": r.items, "scores": [round(s, 5) for s in r.scores]}))
     sys.stdout.flush()
 
@@ -316,13 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "catalogs; small: the paper's sub-word pieces)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one config field, e.g. --set tokenizer.item_tokens=whole (repeatable)")
-    t.add_argument("--out", help="run directory (default runs/<data>-<config>)")
+    t.add_argument("--out", help="run directory (default runs/<data>-<config>: <data> is the data file's name, or its "
+                                 "folder's for P5's sequential_data.txt)")
     for name, typ in (("pretrain-epochs", int), ("finetune-epochs", int), ("batch-size", int), ("lr", float),
-                      ("eval-users", int), ("threads", int)):
+                      ("eval-users", int), ("threads", positive_int)):
         t.add_argument(f"--{name}", type=typ)
     t.add_argument("--dropout", type=float, help="model dropout (default: the config's)")
     t.add_argument("--drop-user-prob", type=float, help="share of training examples without the user token")
     t.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    t.add_argument("--overwrite", action="store_true", help="replace the run in --out (default: an --out that holds "
+                                                            "one is an error)")
     t.add_argument("--no-report", action="store_true",
                    help="skip the final report (~2 min on Beauty; e.g. for ensemble members, which "
                         "`genrec-fast report` scores together); with --model sasrec: validation only")
@@ -394,17 +448,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="an HTTP endpoint (POST /recommend) batching concurrent requests")
     s.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
     s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default), 0.0.0.0 or ::")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=port, default=8000)
     s.add_argument("--engine", default="aiohttp", choices=("aiohttp", "litserve"),  # serve_api.ENGINES
                    help="aiohttp (default: one process, the least CPU per request) or litserve (a model worker "
                         "process; several workers or GPUs)")
-    s.add_argument("--max-batch", type=int, default=64,  # serve_api.MAX_BATCH
+    s.add_argument("--max-batch", type=positive_int, default=64,  # serve_api.MAX_BATCH
                    help="requests per model call at most (default 64)")
     s.add_argument("--max-wait-ms", type=float, default=None,  # serve_api.MAX_WAIT_MS[engine]
                    help="how long a batch waits for more requests once none are queued (default: aiohttp 0, "
                         "litserve 2 ms)")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--threads", type=int,
+    s.add_argument("--threads", type=positive_int,
                    help="torch threads of the model's worker (default: all cores but one, for the HTTP process)")
     s.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     s.add_argument("--head-precision", choices=PRECISIONS, help=PRECISION_HELP)
@@ -418,8 +472,10 @@ def main(argv=None) -> int:
     if getattr(args, "head_precision", None):  # what every Recommender then takes (a serve worker process too)
         os.environ["GENREC_HEAD_PRECISION"] = args.head_precision
     try:
+        if getattr(args, "device", None) is not None:  # before any data or model is loaded
+            check_device(args.device, "--device")
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:  # OSError: files, and a serve port already in use
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -66,8 +66,10 @@ def beam_decode(model: GenRec | Ensemble, trie: Trie, enc: dict, k: int, num_bea
     item, adds log 1 = 0 to the item's score.
     """
     if (model.history is not None or model.transition is not None) and not model.cfg.leaf_head:
-        raise ValueError("beam_decode: a model with model.history_bias or model.transition_bias ranks its "
-                         "one-token items in one step: use item_decode (recommend's backend='auto')")
+        raise ValueError(f"beam_decode (backend={backend!r}): a model with model.history_bias or "
+                         "model.transition_bias (the recommended configuration) ranks its one-token items in one "
+                         "decoder step, which only item_decode runs: recommend's backend='auto' (without a length "
+                         "penalty); the trie searches are for items of several tokens")
     if backend == "device":  # the search as device tensors (device_search.py): no host copy per step
         from .device_search import device_beam_decode
         return device_beam_decode(model, trie, enc, k, num_beams, exclude=exclude, allow=allow,

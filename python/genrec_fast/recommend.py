@@ -16,6 +16,7 @@ from .beam_search import Trie
 from .config import ModelConfig, preset
 from .data import Catalog, item_codes
 from .decoding import beam_decode, item_decode
+from .device import check_device
 from .ensemble import Ensemble, check_same_files
 from .item_topk import PRECISIONS
 from .model import GenRec
@@ -145,9 +146,9 @@ class Recommender:
         allowed_items: optional collection of original item ids that may be recommended.
         unknown_items: 'error' (ValueError) or 'skip' (dropped with a warning) for ids not in the catalog.
         """
+        _check_args(histories, k, num_beams, users, exclude_seen, unknown_items, batch_size, backend)
         num_beams = max(k, 20) if num_beams is None else num_beams
-        exclude_seen = self.exclude_seen if exclude_seen is None else exclude_seen
-        _check_args(histories, k, num_beams, users, unknown_items, batch_size, backend)
+        exclude_seen = self.exclude_seen if exclude_seen is None else bool(exclude_seen)
         idx = [self._history_indices(h, n, unknown_items) for n, h in enumerate(histories)]
         uidx = [None] * len(idx) if users is None else [self.catalog.user_index.get(u) for u in users]
         allow = self._allow_mask(allowed_items)
@@ -198,18 +199,24 @@ class Recommender:
         return [Recommendations(i[:n], s[:n]) for i, s, n in zip(ids, scores.tolist(), found)]
 
 
-def _check_args(histories, k, num_beams, users, unknown_items, batch_size, backend) -> None:
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_args(histories, k, num_beams, users, exclude_seen, unknown_items, batch_size, backend) -> None:
     if isinstance(histories, (str, bytes)) or not hasattr(histories, "__len__"):
         raise TypeError("histories: expected a list of item-id lists")
-    if not isinstance(k, (int, np.integer)) or k < 1:
+    if not _is_int(k) or k < 1:
         raise ValueError(f"k: expected a positive integer, got {k!r}")
-    if not isinstance(num_beams, (int, np.integer)) or num_beams < k:
-        raise ValueError(f"num_beams: must be >= k ({k}), got {num_beams}")
+    if num_beams is not None and (not _is_int(num_beams) or num_beams < k):
+        raise ValueError(f"num_beams: expected an integer >= k ({k}), got {num_beams!r}")
+    if exclude_seen is not None and not isinstance(exclude_seen, (bool, np.bool_)):
+        raise ValueError(f"exclude_seen: expected True, False or None, got {exclude_seen!r}")
     if users is not None and len(users) != len(histories):
         raise ValueError(f"users: expected {len(histories)} entries (one per history), got {len(users)}")
     if unknown_items not in UNKNOWN_ITEMS:
         raise ValueError(f"unknown_items: expected one of {UNKNOWN_ITEMS}, got {unknown_items!r}")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -221,6 +228,7 @@ def load(path: str | Path | Sequence[str | Path], device: str | torch.device = "
     A list of directories loads an ensemble: members trained on the same data with the same tokenizer
     (e.g. different `train.seed`), ranked by their mean token log-probabilities (ensemble.py). A directory
     written by `genrec-fast cascade` loads a `cascade.Cascade`."""
+    check_device(device)
     if isinstance(path, (str, Path)) and checkpoint.is_cascade(path):
         from .cascade import load_cascade
         return load_cascade(path, device)

@@ -27,6 +27,7 @@ from .batching import encode_padded, pad_targets
 from .collab_codes import LARGE_LEAF, LEAF_ITEMS, balanced_codes, branches_for, build_codes, checkpoint_item_vectors
 from .config import ModelConfig, Preset, TrainConfig
 from .data import Catalog, SequenceData, Split, leave_one_out
+from .device import check_device
 from .ema import WeightAverage
 from .evaluate import evaluate, model_ranker
 from .loss import NegativeSampler, item_cross_entropy, sampled_cross_entropy
@@ -190,7 +191,7 @@ class Trainer:
         self.data, self.out = data, Path(out_dir)
         self.group = group if group is not None else distributed.current()
         self.split = leave_one_out(data)
-        self.tcfg, self.device = preset.train, torch.device(device)
+        self.tcfg, self.device = preset.train, check_device(device)
         self.progress = progress and self.group.is_main
         self.sampled = self.tcfg.softmax == "sampled"
         if self.sampled:  # before the tokenizer: that takes seconds at a million items
