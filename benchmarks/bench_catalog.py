@@ -90,6 +90,9 @@ class SASRecBlock(nn.Module):
         return (h + self.fc2(F.relu(self.fc1(h)))) * keep
 
 
+SCORES_BYTES = 2 ** 30  # the reference's (users, n_items) score matrix at most: in user chunks beyond 1M items
+
+
 class SASRec(nn.Module):
     """Kang & McAuley 2018 at inference: item + position embeddings, causal blocks, last position @ E.T."""
 
@@ -108,8 +111,9 @@ class SASRec(nn.Module):
         for b in self.blocks:
             x = b(x, keep)
         h = self.norm(x[:, -1])  # (B, d)
-        scores = h @ self.item.weight[1:].T  # (B, n_items)
-        return scores.topk(k, dim=1)
+        rows = max(1, SCORES_BYTES // (4 * (self.item.num_embeddings - 1)))  # users a chunk: batch 256 whole to 1M
+        top = [(c @ self.item.weight[1:].T).topk(k, dim=1) for c in h.split(rows)]  # (rows, n_items) scores each
+        return torch.cat([v for v, _ in top]), torch.cat([i for _, i in top])
 
 
 def sasrec_batch(histories: list) -> torch.Tensor:
