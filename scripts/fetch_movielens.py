@@ -34,4 +34,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if any(a.startswith("-") for a in sys.argv[1:]):  # --help (or any option): the usage, never a directory named so
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     sys.exit(main(sys.argv[1:]))
