@@ -18,7 +18,7 @@
 #   GENREC_CHECK_ARCHIVE=PATH  where the .tgz goes (default OUTDIR/gpu_check.tgz)
 #   GENREC_BASE_CONFIG=FILE    the config of that training (default configs/beauty-base-gpu.json)
 #   GENREC_STAGES="a b"        run only these stages (default all but pytest_all; the build always runs)
-#   GENREC_BUDGET_S=420        seconds for the whole call (from the build on): a stage gets at most what is left,
+#   GENREC_BUDGET_S=420        seconds for the whole call (from its start): a stage gets at most what is left,
 #                              and once under 30 s are left the remaining stages are skipped (noted in summary.txt)
 # Stages run in a fixed order, issue 22's measurements first, whatever the order of GENREC_STAGES.
 set -uo pipefail
