@@ -19,7 +19,8 @@
 #   GENREC_BASE_CONFIG=FILE    the config of that training (default configs/beauty-base-gpu.json)
 #   GENREC_STAGES="a b"        run only these stages (default all but pytest_all; the build always runs)
 #   GENREC_BUDGET_S=420        seconds for the whole call (from its start): a stage gets at most what is left,
-#                              and once under 30 s are left the remaining stages are skipped (noted in summary.txt)
+#                              and once under 30 s (GENREC_MIN_STAGE_S) are left the remaining stages are skipped
+#                              (noted in summary.txt)
 # Stages run in a fixed order, issue 22's measurements first, whatever the order of GENREC_STAGES.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
@@ -38,7 +39,8 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, log to NAME.
   if [[ -n "${GENREC_STAGES:-}" && $name != build && " $GENREC_STAGES " != *" $name "* ]]; then return 0; fi
   if [[ -n "${GENREC_BUDGET_S:-}" ]]; then
     local left=$(( GENREC_BUDGET_S - ($(date +%s) - T0) ))
-    if (( left < 30 )); then echo "$name: skipped, ${left} s of GENREC_BUDGET_S left" | tee -a "$LOGS/summary.txt"; return 1; fi
+    if (( left < ${GENREC_MIN_STAGE_S:-30} )); then
+      echo "$name: skipped, ${left} s of GENREC_BUDGET_S left" | tee -a "$LOGS/summary.txt"; return 1; fi
     (( limit > left )) && limit=$left
   fi
   echo "== $name (limit ${limit}s)"
