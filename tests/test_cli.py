@@ -176,3 +176,33 @@ def test_default_run_directories_are_named_after_the_data(tmp_path):
                        (tmp_path / "beauty", "beauty-recommended"), (tmp_path / "ratings.csv", "ratings-recommended")):
         args = build_parser().parse_args(["train"] + ([] if data is None else ["--data", str(data)]))
         assert run_dir(args, "recommended") == Path("runs") / want
+
+
+def test_csv_columns_and_ids_that_look_like_numbers(tmp_path, capsys, monkeypatch):
+    """--columns names a CSV's columns; a catalog of string ids ("27", "x4") is read back from the ids as typed."""
+    rows = [(u, f"x{(u + j) % 9}" if (u + j) % 3 else str((u + j) % 9 + 20), j) for u in range(40) for j in range(6)]
+    (tmp_path / "r.csv").write_text("userId,movieId,ts\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    out = tmp_path / "run"
+    base = ["train", "--data", str(tmp_path / "r.csv"), "--format", "csv", "--config", "tiny", "--pretrain-epochs",
+            "0", "--finetune-epochs", "1", "--out", str(out), "--quiet", "--no-report"]
+    assert main(base) == 2
+    assert "--columns USER,ITEM,TIME" in capsys.readouterr().err
+    assert main(base + ["--columns", "userId,movieId"]) == 2
+    assert "--columns: expected USER,ITEM,TIME" in capsys.readouterr().err
+    assert main(base + ["--columns", "userId, movieId, ts"]) == 0
+    capsys.readouterr()
+    rec = genrec_fast.load(out / "best")
+    assert "23" in rec.catalog.item_index and 23 not in rec.catalog.item_index  # string ids, digits or not
+    monkeypatch.setattr(sys, "stdin", io.StringIO("x4 23 x5\n"))
+    assert main(["recommend", str(out / "best"), "-k", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == rec.recommend([["x4", "23", "x5"]], k=3)[0].items
+
+
+def test_training_that_cannot_learn_is_refused(tmp_path, capsys):
+    short = tmp_path / "short.txt"  # 3 items a user: after validation and test, one item to train on, no target
+    short.write_text("".join(f"{u} {u + 1} {u + 2} {u + 3}\n" for u in range(1, 30)))
+    assert main(["train", "--data", str(short), "--config", "tiny", "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert "no finetuning examples" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--batch-size", "0"])
+    assert "--batch-size: expected a positive integer" in capsys.readouterr().err

@@ -1,3 +1,4 @@
+import re
 import sys
 from unittest import mock
 
@@ -174,7 +175,7 @@ def csv_files(draw):
             row["item"] = draw(st.sampled_from(['"a,b"', '"x""y"', '"7"', '"q\nr"']))
         if kind == "bad time":
             row["timestamp"] = draw(st.sampled_from(["soon", "", "nan"]))
-        clean &= kind in ("row", "quoted", "empty")
+        clean &= kind in ("row", "quoted", "empty") and all(row[c].strip() for c in ("user", "item"))  # "": an error
         lines.append({"empty": "", "blank": "  ", "separators": sep * (len(cols) - 1),
                       "short": sep.join(list(row.values())[:-1])}.get(kind, sep.join(row.values())))
     text = eol.join(lines) + draw(st.sampled_from(["", eol]))
@@ -237,7 +238,10 @@ def test_parquet_equals_csv_reference(tmp_path, rows, int_users, int_times):
         times = times.cast(pa.int64())
     pq.write_table(pa.table({"user": users, "item": pa.array(items, pa.string()), "timestamp": times}),
                    tmp_path / "log.parquet")
-    assert outcome(load, tmp_path / "log.parquet", "parquet") == outcome(D._load_csv_reference, tmp_path / "log.csv")
+    def same_place(result):  # an error names its own file and row (Parquet rows from 1, CSV lines after the header)
+        return result[:2] + (re.sub(r"^\S+?:\d+: ", "", result[2]),) if result[0] == "error" else result
+    assert same_place(outcome(load, tmp_path / "log.parquet", "parquet")) == \
+        same_place(outcome(D._load_csv_reference, tmp_path / "log.csv"))
 
 
 @pytest.mark.parametrize("text, by_reference", [
@@ -301,3 +305,28 @@ def test_number_items_equals_reference(histories):
 
 def test_python_whitespace_is_what_strip_removes():
     assert D._PY_WHITESPACE == "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
+
+
+def test_encodings_and_empty_cells_are_named(tmp_path):
+    bom = b"\xef\xbb\xbf"  # Excel's "CSV UTF-8", Notepad
+    (tmp_path / "b.txt").write_bytes(bom + b"1 5 6 7\n2 6 7 5\n")
+    assert load_p5(tmp_path / "b.txt", id_order="original").user_ids == [1, 2]
+    (tmp_path / "b.csv").write_bytes(bom + b"user,item,timestamp\n1,a,1\n1,b,2\n1,c,3\n")
+    assert load_csv(tmp_path / "b.csv").item_ids == ["a", "b", "c"]
+    (tmp_path / "l.txt").write_bytes(b"1 5 6 7\n2 6 \xe9 5\n")
+    with pytest.raises(DataFormatError, match=r"l.txt:2: byte b'\\xe9' is not UTF-8 text"):
+        load_p5(tmp_path / "l.txt")
+    (tmp_path / "l.csv").write_bytes(b"user,item,timestamp\n1,a,1\n1,caf\xe9,3\n")
+    with pytest.raises(DataFormatError, match=r"l.csv:3: byte b'\\xe9' is not UTF-8 text"):
+        load_csv(tmp_path / "l.csv")
+    for body, said in (("1,4,3\n1,,2\n1,5,1\n", "e.csv:3: column 'item' is empty"),
+                       ("1,4,3\n1,5,NaN\n1,6,1\n", "e.csv:3: timestamp 'NaN' is not a finite number"),
+                       ("1,4,3\n1,5,inf\n", "e.csv:3: timestamp 'inf' is not a finite number")):
+        with pytest.raises(DataFormatError, match=said):
+            load_csv(write(tmp_path, "e.csv", "user,item,timestamp\n" + body))
+    spaced = write(tmp_path, "s.csv", "user, item, timestamp\n1,a,1\n1,b,2\n1,c,3\n")
+    assert load_csv(spaced).item_ids == ["a", "b", "c"]
+    renamed = write(tmp_path, "r.csv", "userId,movieId,timestamp\n1,10,1\n1,11,2\n1,12,3\n")
+    with pytest.raises(DataFormatError, match="column 'user' not in header .* --columns USER,ITEM,TIME"):
+        load_csv(renamed)
+    assert load_csv(renamed, user_col="userId", item_col="movieId").item_ids == [10, 11, 12]

@@ -81,3 +81,15 @@ def test_progress_bars_only_on_a_terminal(capsys):
     evaluate(popularity_ranker(split, d.n_items), split, "test", batch_size=10, progress=True)
     err = capsys.readouterr().err
     assert "\r" not in err and "eval test" not in err
+
+
+def test_baselines_on_a_catalog_smaller_than_the_list():
+    """3 items, a history holding all of them: the rows stay (U, 20) with -1 past the catalog, nothing to rank
+    is a miss, not a crash."""
+    d = from_user_sequences([(1, [1, 2, 3, 1, 2]), (2, [2, 3, 1, 2]), (3, [3, 1, 2, 3])], id_order="original")
+    s = leave_one_out(d)
+    top = popularity_ranker(s, d.n_items)([s.test_history(u) for u in range(3)], [0, 1, 2], True)
+    assert top.shape == (3, 20) and (top[:, 0] == -1).all()  # every item seen: none left
+    np.testing.assert_array_equal(target_ranks(np.zeros((2, 0), dtype=np.int64), np.array([1, 2])), [-1, -1])
+    m = evaluate(popularity_ranker(s, d.n_items), s, "test", exclude_seen=True, progress=False)
+    assert m["HR@20"] == 0.0

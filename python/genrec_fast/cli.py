@@ -33,6 +33,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def port(text: str) -> int:
     """argparse type: a TCP port, 1-65535."""
     value = positive_int(text)
@@ -47,6 +58,8 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="p5 (default: a line per user, 'user item item ...', oldest first), movielens (u.data or "
                         "ratings.dat), csv / tsv (a header naming user, item and timestamp columns), parquet (user, "
                         "item and timestamp columns)")
+    p.add_argument("--columns", metavar="USER,ITEM,TIME", help="csv / tsv / parquet: the user, item and timestamp "
+                                                                "columns' names (default user,item,timestamp)")
     p.add_argument("--id-order", default="random", choices=ID_ORDERS, help="item id order (default random)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random id order")
 
@@ -54,7 +67,14 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 def load_data(args) -> data_mod.SequenceData:
     if args.data is None:
         return data_mod.synthetic(id_order=args.id_order, seed=args.seed)
-    return data_mod.load(args.data, args.format, id_order=args.id_order, seed=args.seed)
+    columns = {}
+    if args.columns:
+        names = [c.strip() for c in args.columns.split(",")]
+        if args.format not in ("csv", "tsv", "parquet") or len(names) != 3 or not all(names):
+            raise ValueError(f"--columns: expected USER,ITEM,TIME (three names) with --format csv, tsv or parquet, "
+                             f"got {args.columns!r} with --format {args.format}")
+        columns = dict(zip(("user_col", "item_col", "time_col"), names))
+    return data_mod.load(args.data, args.format, id_order=args.id_order, seed=args.seed, **columns)
 
 
 def cmd_train(args) -> int:
@@ -283,8 +303,9 @@ def cmd_recommend(args) -> int:
             tokens = line.split()
             if not tokens:
                 continue
-            parse = [_id(t) for t in tokens]
-            user, history = (parse[0], parse[1:]) if args.with_user else (None, parse)
+            user, history = (tokens[0], tokens[1:]) if args.with_user else (None, tokens)
+            user = None if user is None else _lookup(rec.catalog.user_index, user)
+            history = [_lookup(rec.catalog.item_index, t) for t in history]
             try:
                 rows.append((user, _known_items(rec.catalog.item_index, history, n, args.skip_unknown, skipped)))
             except ValueError:  # the lines before the bad one still get their answers
@@ -346,8 +367,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _id(token: str):
-    return int(token) if token.lstrip("-").isdigit() else token
+def _lookup(index: dict, token: str):
+    """A token of an input line as the catalog spells the id: the string itself, else its int ("27" finds the
+    catalog's 27, or its "27" in a catalog of string ids); an unknown token as an int where it is one."""
+    if token in index:
+        return token
+    number = int(token) if token.lstrip("-").isdigit() else None
+    return token if number is None else number
 
 
 ENSEMBLE_HELP = ("checkpoint directory (or a cascade directory: genrec-fast cascade); several = an ensemble of models "
@@ -369,8 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config field, e.g. --set tokenizer.item_tokens=whole (repeatable)")
     t.add_argument("--out", help="run directory (default runs/<data>-<config>: <data> is the data file's name, or its "
                                  "folder's for P5's sequential_data.txt)")
-    for name, typ in (("pretrain-epochs", int), ("finetune-epochs", int), ("batch-size", int), ("lr", float),
-                      ("eval-users", int), ("threads", positive_int)):
+    for name, typ in (("pretrain-epochs", non_negative_int), ("finetune-epochs", non_negative_int),
+                      ("batch-size", positive_int), ("lr", float), ("eval-users", non_negative_int),
+                      ("threads", positive_int)):
         t.add_argument(f"--{name}", type=typ)
     t.add_argument("--dropout", type=float, help="model dropout (default: the config's)")
     t.add_argument("--drop-user-prob", type=float, help="share of training examples without the user token")

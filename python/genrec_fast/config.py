@@ -135,6 +135,12 @@ class TrainConfig:
     # the base config's H100 epoch: ~33 s instead of ~42 s); evaluation after training runs in full fp32
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.pretrain_epochs < 0 or self.finetune_epochs < 0 or self.eval_users < 0:
+            raise ValueError(f"train.batch_size must be >= 1 and train.pretrain_epochs, train.finetune_epochs and "
+                             f"train.eval_users >= 0, got {self.batch_size!r}, {self.pretrain_epochs!r}, "
+                             f"{self.finetune_epochs!r} and {self.eval_users!r}")
+        if not self.lr >= 0:
+            raise ValueError(f"train.lr must be >= 0, got {self.lr!r}")
         for name in ("drop_user_prob", "pretrain_last_prob", "cloze_mix", "history_drop", "history_reorder"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)!r}")

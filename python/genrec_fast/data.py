@@ -9,13 +9,15 @@ Interaction logs (CSV/TSV, MovieLens, Parquet) load column by column with pyarro
 (`_from_columns`); the row-by-row loaders they replaced stay as plain references
 (`_load_csv_reference`, `_load_movielens_reference`, `_from_rows`) and the tests compare the two.
 A CSV the fast parser cannot read exactly like the reference (a malformed line, a blank line with
-separators, a non-numeric or NaN timestamp) is re-read by the reference, which names the bad line.
+separators, a non-numeric, NaN or infinite timestamp, an empty id, bytes that are not UTF-8) is re-read by
+the reference, which names the bad line.
 """
 from __future__ import annotations
 
 import csv
 import itertools
 import logging
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -204,11 +206,33 @@ def _int(token: str, path: Path, line: int, what: str) -> int:
         raise DataFormatError(path, line, f"{what} {token!r} is not an integer") from None
 
 
+NAME_COLUMNS = "name other columns with user_col=, item_col=, time_col=, or --columns USER,ITEM,TIME on the command line"
+
+
+def _not_utf8(p: Path, e: UnicodeDecodeError) -> DataFormatError:
+    """A DataFormatError naming the line of the first byte that is not UTF-8 (read again as bytes to find it)."""
+    raw = p.read_bytes()
+    try:
+        raw.decode("utf-8")
+        at = e.start
+    except UnicodeDecodeError as whole:
+        at = whole.start
+    return DataFormatError(p, raw[:at].count(b"\n") + 1, f"byte {raw[at:at + 1]!r} is not UTF-8 text "
+                                                          "(save the file as UTF-8)")
+
+
 def load_p5(path: str | Path, *, id_order: str = "random", seed: int = 0, skip_empty: bool = True) -> SequenceData:
-    """P5's `sequential_data.txt`: one line per user, `user item1 item2 ...`, time order."""
+    """P5's `sequential_data.txt`: one line per user, `user item1 item2 ...`, time order (UTF-8, a BOM allowed)."""
     p = _resolve(path, "sequential_data.txt")
+    try:
+        return _load_p5(p, id_order, seed, skip_empty)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(p, e) from None
+
+
+def _load_p5(p: Path, id_order: str, seed: int, skip_empty: bool) -> SequenceData:
     histories, empty, seen_users = [], 0, set()
-    with p.open() as f:
+    with p.open(encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             tokens = line.split()
             if not tokens:
@@ -222,7 +246,7 @@ def load_p5(path: str | Path, *, id_order: str = "random", seed: int = 0, skip_e
             seen_users.add(uid)
             histories.append((uid, [_int(t, p, n, "item id") for t in tokens[1:]]))
     if empty:
-        warnings.warn(f"{p}: skipped {empty} empty lines", stacklevel=2)
+        warnings.warn(f"{p}: skipped {empty} empty lines", stacklevel=3)
     if not histories:
         raise ValueError(f"{p}: no users (expected one line per user: `user item1 item2 ...`)")
     return from_user_sequences(histories, id_order=id_order, seed=seed, name=p.parent.name or p.name)
@@ -298,8 +322,9 @@ def load_csv(path: str | Path, *, sep: str = ",", user_col: str = "user", item_c
 
     Ids are integers when every id in the column is an integer, strings otherwise. Read into columns
     by pyarrow (multithreaded); a file it cannot read exactly like `_load_csv_reference` (a malformed
-    line, a blank line with separators, a non-numeric or NaN timestamp) is read by the reference,
-    which raises the DataFormatError naming the line.
+    line, a blank line with separators, a non-numeric, NaN or infinite timestamp, an empty id, bytes that
+    are not UTF-8) is read by the reference, which raises the DataFormatError naming the line. A UTF-8 BOM
+    is dropped.
     """
     p = _resolve(path)
     header = _csv_header(p, sep)
@@ -314,19 +339,23 @@ def load_csv(path: str | Path, *, sep: str = ",", user_col: str = "user", item_c
 
 
 def _csv_header(p: Path, sep: str) -> list | None:
-    """The first record of the file as the csv module reads it (None for an empty file)."""
-    with p.open(newline="") as f:
-        return next(csv.reader(f, delimiter=sep), None)
+    """The first record of the file as the csv module reads it (None for an empty file; a UTF-8 BOM dropped)."""
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as f:
+            return next(csv.reader(f, delimiter=sep), None)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(p, e) from None
 
 
 def _header_columns(p: Path, header: list | None, names: Sequence[str]) -> list:
     """The header position of each wanted column; DataFormatError at line 1 when one is missing."""
     if header is None:
         raise DataFormatError(p, 1, "empty file, expected a header line")
+    stripped = [h.strip() for h in header]  # ("user, item, timestamp" names its columns too)
     for c in names:
-        if c not in header:
-            raise DataFormatError(p, 1, f"column {c!r} not in header {header}")
-    return [header.index(c) for c in names]
+        if c not in stripped:
+            raise DataFormatError(p, 1, f"column {c!r} not in header {header} ({NAME_COLUMNS})")
+    return [stripped.index(c) for c in names]
 
 
 def _distinct_in_header(header: list, names: list) -> bool:
@@ -338,7 +367,15 @@ def _load_csv_reference(path: str | Path, *, sep: str = ",", user_col: str = "us
                         time_col: str = "timestamp", id_order: str = "random", seed: int = 0) -> SequenceData:
     """Plain reference of `load_csv`: the csv module, one Python tuple per row."""
     p = _resolve(path)
-    with p.open(newline="") as f:
+    try:
+        return _read_csv_reference(p, sep, user_col, item_col, time_col, id_order, seed)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(p, e) from None
+
+
+def _read_csv_reference(p: Path, sep: str, user_col: str, item_col: str, time_col: str, id_order: str,
+                        seed: int) -> SequenceData:
+    with p.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=sep)
         header = next(reader, None)
         cols = _header_columns(p, header, (user_col, item_col, time_col))
@@ -353,7 +390,13 @@ def _load_csv_reference(path: str | Path, *, sep: str = ",", user_col: str = "us
                 t = float(ts)
             except ValueError:
                 raise DataFormatError(p, n, f"timestamp {ts!r} is not a number") from None
-            rows.append((rec[cols[0]].strip(), rec[cols[1]].strip(), t))
+            if not math.isfinite(t):
+                raise DataFormatError(p, n, f"timestamp {ts!r} is not a finite number")
+            user, item = rec[cols[0]].strip(), rec[cols[1]].strip()
+            for name, value in ((user_col, user), (item_col, item)):
+                if not value:
+                    raise DataFormatError(p, n, f"column {name!r} is empty")
+            rows.append((user, item, t))
     rows = _intify(rows)
     return _from_rows(rows, id_order, seed, p.stem)
 
@@ -370,8 +413,11 @@ def _read_csv_columns(p: Path, sep: str, names: list) -> tuple | None:
     except pa.ArrowException:  # a ragged line, a blank or non-numeric timestamp, not UTF-8
         return None
     times = table.column(names[2]).to_numpy()
-    if np.isnan(times).any():  # the reference orders NaN times its own way
+    if not np.isfinite(times).all():  # the reference names the line of a NaN or infinite time
         return None
+    users, items = (pc.utf8_trim(table.column(c), _PY_WHITESPACE) for c in names[:2])
+    if pc.min(pc.utf8_length(users)).as_py() == 0 or pc.min(pc.utf8_length(items)).as_py() == 0:
+        return None  # an empty id: the reference names its line
     return _encode_ids(table.column(names[0])), _encode_ids(table.column(names[1])), times
 
 
@@ -398,7 +444,7 @@ def load_parquet(path: str | Path, *, user_col: str = "user", item_col: str = "i
         raise DataFormatError(p, 0, f"not a Parquet file ({e})") from None
     for c in (user_col, item_col, time_col):
         if c not in available:
-            raise DataFormatError(p, 0, f"column {c!r} not in columns {available}")
+            raise DataFormatError(p, 0, f"column {c!r} not in columns {available} ({NAME_COLUMNS})")
     table = pq.read_table(p, columns=list(dict.fromkeys((user_col, item_col, time_col))))
     users, items = (_parquet_ids(p, table.column(c), c) for c in (user_col, item_col))
     times = _parquet_times(p, table.column(time_col), time_col)
@@ -413,6 +459,9 @@ def _parquet_ids(p: Path, col: pa.ChunkedArray, name: str) -> tuple:
     if pa.types.is_integer(col.type):
         return _first_appearance_codes(col)
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        empty = pc.equal(pc.utf8_length(pc.utf8_trim(col, _PY_WHITESPACE)), 0)
+        if pc.any(empty).as_py():
+            raise DataFormatError(p, pc.index(empty, True).as_py() + 1, f"column {name!r} is empty")
         return _encode_ids(col)
     raise DataFormatError(p, 0, f"column {name!r} has type {col.type}, expected integers or strings")
 

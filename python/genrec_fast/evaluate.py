@@ -31,6 +31,9 @@ def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict:
 
 
 def target_ranks(top: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """top (U, K) item indices (-1 = none), targets (U,) -> each target's 0-based rank in its row, -1 if absent."""
+    if top.shape[1] == 0:  # (a catalog with nothing left to rank)
+        return np.full(len(targets), -1)
     match = top == targets[:, None]  # (U, K)
     return np.where(match.any(1), match.argmax(1), -1)
 
@@ -102,8 +105,9 @@ def id_leak_ranker(item_codes: Sequence[str]) -> Ranker:
 
 
 def _first_unseen(order: np.ndarray, history: np.ndarray) -> np.ndarray:
+    """The first max(KS) items of `order` not in `history`, -1 past the catalog's end (rows of one length)."""
     head = order[:max(KS) + len(history)]
-    return head[~np.isin(head, history)][:max(KS)]
+    return _pad(head[~np.isin(head, history)][None, :max(KS)])[0]
 
 
 def _pad(items: np.ndarray) -> np.ndarray:

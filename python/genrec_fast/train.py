@@ -266,6 +266,10 @@ class Trainer:
         self.epoch, self.step, self.best, self.bad_epochs = 0, 0, -1.0, 0
         self.best_finetune = -1.0  # patience counts finetuning epochs since finetuning's own best (`validate`)
         self.rng = np.random.default_rng(self.tcfg.seed)
+        if self.tcfg.finetune_epochs and not any(len(s) >= 2 for s in self.split.train):
+            raise ValueError("no finetuning examples: every user's training sequence (the history before its "
+                             "validation and test items) holds fewer than 2 items; users need 4 or more items "
+                             "(or set train.finetune_epochs=0)")
         self.total_steps = (self.tcfg.pretrain_epochs * self.steps_per_epoch(True)
                             + self.tcfg.finetune_epochs * self.steps_per_epoch(False))  # of the lr schedule
         self.decay_steps = self.total_steps  # where the cosine ends (train.budget_schedule moves it earlier)
@@ -553,8 +557,9 @@ class Trainer:
     def _log(self, row: dict) -> None:
         if not self.group.is_main:
             return
-        with (self.out / "log.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        with (self.out / "log.jsonl").open("a") as f:  # (a NaN loss as null: the file stays JSON)
+            f.write(json.dumps(finite) + "\n")
         v = row.get("valid", {})
         log.info("epoch %d %s%s%s", row["epoch"], row["phase"], f" loss {row['loss']:.4f}" if "loss" in row else "",
                  f" valid NDCG@10 {v['NDCG@10']:.4f} HR@10 {v['HR@10']:.4f}" if v else "")
@@ -632,7 +637,7 @@ def plot_curves(out_dir: str | Path) -> Path:
     rows = [json.loads(x) for x in (Path(out_dir) / "log.jsonl").read_text().splitlines() if x.strip()]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     trained = [r for r in rows if "loss" in r]  # not the final validation of a run cut by its time budget
-    a.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], marker="o")
+    a.plot([r["epoch"] for r in trained], [math.nan if r["loss"] is None else r["loss"] for r in trained], marker="o")
     a.set(xlabel="epoch", ylabel="training loss", title="masked item prediction loss")
     ev = [r for r in rows if "valid" in r]
     for key in ("NDCG@10", "HR@10"):
