@@ -119,7 +119,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--big", action="store_true", help="also load 50M rows")
     ap.add_argument("--repeats", type=int, default=1, help="loads per size (median time reported)")
-    ap.add_argument("--reference-rows", type=int, default=1_000_000, help="rows for the reference comparison")
+    ap.add_argument("--reference-rows", type=int, default=1_000_000,
+                    help="rows for the reference comparison (0: none)")
     ap.add_argument("--tmp-dir", default=None, help="where the CSVs are written (default: the system temp dir)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
@@ -132,11 +133,15 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_load_", dir=args.tmp_dir) as d:
         small = Path(d) / "small.csv"
-        write_log(small, args.reference_rows)
-        results.append(("reference (csv module, a tuple per row)", args.reference_rows,
-                        measure_file(small, reference=True, repeats=args.repeats)))
-        results.append(("columnar (pyarrow + numpy)", args.reference_rows, measure_file(small, repeats=args.repeats)))
-        small.unlink()
+        if args.reference_rows < 1:
+            small = None
+        if small is not None:
+            write_log(small, args.reference_rows)
+            results.append(("reference (csv module, a tuple per row)", args.reference_rows,
+                            measure_file(small, reference=True, repeats=args.repeats)))
+            results.append(("columnar (pyarrow + numpy)", args.reference_rows,
+                            measure_file(small, repeats=args.repeats)))
+            small.unlink()
     for rows in [5_000_000] + ([50_000_000] if args.big else []):
         if rows < 50_000_000 or _enough_disk(args.tmp_dir, rows):
             results.append(("columnar (pyarrow + numpy)", rows,

@@ -96,6 +96,11 @@ def test_cli_trains_sasrec_and_names_bad_settings(tmp_path, capsys):
     later = json.loads((tmp_path / "later.json").read_text())
     assert later["valid"]["sasrec"] == rep["valid"]["sasrec"] | {"seconds": later["valid"]["sasrec"]["seconds"]}
     assert {"sasrec", "sasrec+exclude_seen"} <= set(later["test"])
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "explore" / "best"), "--part", "valid", "--quiet"]) == 0  # as report
+    assert json.loads(capsys.readouterr().out)["NDCG@10"] == pytest.approx(later["valid"]["sasrec"]["NDCG@10"])
+    assert main(["recommend", str(tmp_path / "explore" / "best")]) == 2
+    assert "a SASRec model" in capsys.readouterr().err
     assert main(["train", "--model", "sasrec", "--set", "train.lr=0.1"]) == 2
     assert "sasrec.FIELD=VALUE" in capsys.readouterr().err
     assert main(["train", "--model", "sasrec", "--set", "sasrec.depth=3"]) == 2

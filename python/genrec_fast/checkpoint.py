@@ -70,7 +70,7 @@ def check_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"checkpoint {path}: a file, expected a checkpoint directory (e.g. runs/NAME/best)")
     if (path / "sasrec.json").is_file():
         raise ValueError(f"checkpoint {path}: a SASRec model (`train --model sasrec`), the peer baseline: "
-                         "`genrec-fast report` scores it; load, evaluate, recommend and serve take GenRec checkpoints")
+                         "`genrec-fast evaluate` and `report` score it; load, recommend and serve take GenRec checkpoints")
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing and (path / "best" / "config.json").is_file():
         raise FileNotFoundError(f"checkpoint {path}: a run directory; its checkpoint is {path / 'best'}")

@@ -205,12 +205,17 @@ def _load_matching_data(args, catalog):
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, model_ranker
-    rec = _load_checkpoints(args)
-    data = _load_matching_data(args, rec.catalog)
+    if _is_sasrec(args.checkpoint):  # the SASRec peer (`train --model sasrec`): its own ranker, same evaluation
+        from .sasrec import sasrec_ranker
+        model, data = _sasrec_and_data(args)
+        ranker = sasrec_ranker(model)
+    else:
+        rec = _load_checkpoints(args)
+        data = _load_matching_data(args, rec.catalog)
+        ranker = model_ranker(rec, args.num_beams, use_user=not args.no_user)
     split = leave_one_out(data)
     users = None if not args.users else list(range(min(args.users, data.n_users)))
-    m = evaluate(model_ranker(rec, args.num_beams, use_user=not args.no_user), split, args.part, users,
-                 exclude_seen=args.exclude_seen, progress=not args.quiet)
+    m = evaluate(ranker, split, args.part, users, exclude_seen=args.exclude_seen, progress=not args.quiet)
     print(json.dumps(m, indent=2))
     return 0
 
@@ -257,8 +262,10 @@ def cmd_cascade(args) -> int:
 def cmd_report(args) -> int:
     """The full report `train` writes (valid, test, excluding seen items, no user token, baselines)."""
     from .evaluate import format_table, report
-    if len(args.checkpoint) == 1 and (Path(args.checkpoint[0]) / "sasrec.json").is_file():
-        rep = _report_sasrec(args)  # a SASRec peer trained with --no-report: its test, afterwards
+    if _is_sasrec(args.checkpoint):
+        from .sasrec import report_sasrec
+        model, data = _sasrec_and_data(args)  # a SASRec peer trained with --no-report: its test, afterwards
+        rep = report_sasrec(model, leave_one_out(data))
     else:
         rec = _load_checkpoints(args)
         data = _load_matching_data(args, rec.catalog)
@@ -274,12 +281,17 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _report_sasrec(args) -> dict:
-    """`report` of a SASRec checkpoint (`train --model sasrec`): validation, test and test without seen items."""
-    from .sasrec import load, report_sasrec
+def _is_sasrec(checkpoints: list) -> bool:
+    """One checkpoint, written by `train --model sasrec` (evaluate and report score it; ensembles take GenRec's)."""
+    return len(checkpoints) == 1 and (Path(checkpoints[0]) / "sasrec.json").is_file()
+
+
+def _sasrec_and_data(args):
+    """The SASRec checkpoint and its --data (checked against its catalog.json)."""
     from .data import Catalog
-    data = _load_matching_data(args, Catalog(**json.loads((Path(args.checkpoint[0]) / "catalog.json").read_text())))
-    return report_sasrec(load(args.checkpoint[0]), leave_one_out(data))
+    from .sasrec import load
+    path = Path(args.checkpoint[0])
+    return load(path), _load_matching_data(args, Catalog(**json.loads((path / "catalog.json").read_text())))
 
 
 def _train_seconds(checkpoint: Path) -> float | None:
