@@ -330,3 +330,11 @@ def test_encodings_and_empty_cells_are_named(tmp_path):
     with pytest.raises(DataFormatError, match="column 'user' not in header .* --columns USER,ITEM,TIME"):
         load_csv(renamed)
     assert load_csv(renamed, user_col="userId", item_col="movieId").item_ids == [10, 11, 12]
+
+
+def test_p5_ids_are_plain_integers(tmp_path):
+    """int() would read '1_0' as 10, '+3' as 3 and '٣' as 3, merging distinct ids without a word."""
+    for token in ("1_0", "+3", "\u0663", "--3"):
+        with pytest.raises(DataFormatError, match=re.escape(f"p.txt:2: item id {token!r} is not an integer")):
+            load_p5(write(tmp_path, "p.txt", f"1 5 6 7\n2 6 {token} 5\n"))
+    assert load_p5(write(tmp_path, "p.txt", "1 5 6 -7\n2 6 -7 5\n"), id_order="original").item_ids == [5, 6, -7]

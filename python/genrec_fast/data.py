@@ -206,6 +206,14 @@ def _int(token: str, path: Path, line: int, what: str) -> int:
         raise DataFormatError(path, line, f"{what} {token!r} is not an integer") from None
 
 
+def _plain_int(token: str, path: Path, line: int, what: str) -> int:
+    """A P5 id: ASCII digits with an optional '-' (not '1_0', '+3' or other scripts' digits, which int() takes:
+    P5's ids are plain integers, and those spellings would merge distinct ids silently)."""
+    if token.isascii() and token.lstrip("-").isdigit() and token.count("-") <= int(token[0] == "-"):
+        return int(token)
+    raise DataFormatError(path, line, f"{what} {token!r} is not an integer")
+
+
 NAME_COLUMNS = "name other columns with user_col=, item_col=, time_col=, or --columns USER,ITEM,TIME on the command line"
 
 
@@ -240,11 +248,11 @@ def _load_p5(p: Path, id_order: str, seed: int, skip_empty: bool) -> SequenceDat
                     raise DataFormatError(p, n, "empty line")
                 empty += 1
                 continue
-            uid = _int(tokens[0], p, n, "user id")
+            uid = _plain_int(tokens[0], p, n, "user id")
             if uid in seen_users:
                 raise DataFormatError(p, n, f"user {uid} appears on more than one line")
             seen_users.add(uid)
-            histories.append((uid, [_int(t, p, n, "item id") for t in tokens[1:]]))
+            histories.append((uid, [_plain_int(t, p, n, "item id") for t in tokens[1:]]))
     if empty:
         warnings.warn(f"{p}: skipped {empty} empty lines", stacklevel=3)
     if not histories:
