@@ -230,3 +230,22 @@ def test_loose_arguments_are_refused(trained):
             rec.recommend(hist, **kwargs)
     assert rec.recommend(hist, k=3, exclude_seen=np.bool_(True))[0].items == rec.recommend(hist, k=3,
                                                                                            exclude_seen=True)[0].items
+
+
+def test_a_huge_k_is_the_whole_catalog(trained, monkeypatch):
+    """k (and the beams) beyond the catalog explore nothing more: the same answer as k = the catalog size, without
+    (users x k) search arrays (k = 10**9 would need gigabytes: the decode is stopped before it if they reach it)."""
+    rec, _ = trained
+    hist, n = [rec.catalog.item_ids[:3]], len(rec.catalog.item_ids)
+    decode = rec.decode
+
+    def bounded(enc, k, num_beams, *args, **kwargs):
+        assert k <= n and num_beams <= n, (k, num_beams)
+        return decode(enc, k, num_beams, *args, **kwargs)
+
+    monkeypatch.setattr(rec, "decode", bounded)
+    whole, huge = rec.recommend(hist, k=n)[0], rec.recommend(hist, k=10 ** 9)[0]
+    assert huge.items == whole.items and len(huge.items) == n
+    np.testing.assert_allclose(huge.scores, whole.scores, rtol=1e-6)
+    narrow = rec.recommend(hist, k=5, num_beams=10 ** 9)[0]
+    assert narrow.items == rec.recommend(hist, k=5, num_beams=n)[0].items

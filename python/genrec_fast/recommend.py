@@ -148,6 +148,8 @@ class Recommender:
         """
         _check_args(histories, k, num_beams, users, exclude_seen, unknown_items, batch_size, backend)
         num_beams = max(k, 20) if num_beams is None else num_beams
+        n_items = len(self.catalog.item_ids)  # more beams than items explore nothing more: the same results,
+        k, num_beams = min(k, n_items), min(num_beams, n_items)  # without (k x beams) arrays for a huge k
         exclude_seen = self.exclude_seen if exclude_seen is None else bool(exclude_seen)
         idx = [self._history_indices(h, n, unknown_items) for n, h in enumerate(histories)]
         uidx = [None] * len(idx) if users is None else [self.catalog.user_index.get(u) for u in users]

@@ -11,8 +11,8 @@ Item and user ids are ints or strings as in the catalog ("5" also finds the cata
 A malformed request gets a 4xx {"error": "<field>: <what is wrong>", "field": "<field>"}: 400 for a body
 that is not JSON, 415 for one not sent as JSON on the LitServe engine (its FastAPI front end reads a body
 only with Content-Type: application/json; the aiohttp engine reads any), 422 for a wrong field (missing or
-empty history, wrong types, k < 1 or above the catalog size, unknown item ids); it never affects the other
-requests of its batch.
+empty history, wrong types, k < 1, unknown item ids); it never affects the other requests of its batch. A k
+beyond the catalog returns every allowed item, as `recommend()` does.
 
 Requests of one batch may ask for different k / exclude_seen / allowed_items: `answer` makes one
 `recommend()` call per distinct (k, exclude_seen, allowed_items) group, so each request gets exactly what a
@@ -119,9 +119,7 @@ def to_query(rec: Recommender, req: RecommendRequest) -> Union[Query, Rejected]:
         if None in allowed:
             bad = [x for x, i in zip(req.allowed_items, allowed) if i is None]
             return Rejected(422, "allowed_items", f"allowed_items: unknown item ids {bad[:5]}")
-    k = DEFAULT_K if req.k is None else req.k
-    if k > len(items):
-        return Rejected(422, "k", f"k: at most the catalog size ({len(items)}), got {k}")
+    k = DEFAULT_K if req.k is None else req.k  # (beyond the catalog: every allowed item, as recommend())
     user = None if req.user is None else resolve(rec.catalog.user_index, req.user)
     user = req.user if user is None else user  # an unknown user is served from the history alone
     exclude_seen = rec.exclude_seen if req.exclude_seen is None else req.exclude_seen
