@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .beam_search import check_filters
 from .checkpoint import CASCADE
@@ -211,14 +212,16 @@ def load_cascade(path: str | Path, device: str | torch.device = "cpu") -> Cascad
     return cascade
 
 
-def fit_weight(cascade: Cascade, split, users=None, weights=WEIGHTS, batch_size: int = 256) -> dict:
+def fit_weight(cascade: Cascade, split, users=None, weights=WEIGHTS, batch_size: int = 256,
+               progress: bool = True) -> dict:
     """Choose `cascade.weight` on the validation targets of `users` (default all): the NDCG@10 of every weight
     in `weights`, the best set on the cascade; a 2-fold check (the weight chosen on one half of the users, scored
     on the other) says whether it holds on users it was not chosen on. -> the record, also in `cascade.fit`."""
     users = np.arange(len(split.train)) if users is None else np.asarray(users)
     hists, targets = histories_for(split, "valid", users)
     ranks = {w: [] for w in weights}  # per weight, the targets' ranks (U,)
-    for s in range(0, len(users), batch_size):
+    for s in tqdm(range(0, len(users), batch_size), desc="cascade weight", disable=None if progress else True,
+                  leave=False):  # (None: a bar on a terminal only)
         enc = cascade.encode_batch(hists[s:s + batch_size], [int(u) for u in users[s:s + batch_size]])
         cand, log_r, log_o = cascade.candidates_scored(enc, 20, 20)  # as `evaluate` calls `decode`
         for w in weights:

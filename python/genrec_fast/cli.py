@@ -253,7 +253,7 @@ def cmd_cascade(args) -> int:
     data = _load_matching_data(args, cascade.catalog)
     if args.weight is None:
         users = None if not args.users else list(range(min(args.users, data.n_users)))
-        print(json.dumps(fit_weight(cascade, leave_one_out(data), users), indent=2))
+        print(json.dumps(fit_weight(cascade, leave_one_out(data), users, progress=not args.quiet), indent=2))
     cascade.save(args.out, args.retriever, args.ranker)
     print(f"cascade {args.out} (weight {cascade.weight}, {cascade.candidates} candidates of {cascade.beams} beams)")
     return 0
@@ -462,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight", type=float, help="the ranker's weight in [0, 1] (default: chosen on validation)")
     q.add_argument("--users", type=int, default=0, help="choose the weight on the first N users (0 = all)")
     q.add_argument("--device", default="cpu")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_cascade)
     f = sub.add_parser("report", help="the full report of train (valid, test, excluding seen, baselines) "
                                       "for a checkpoint or an ensemble")
