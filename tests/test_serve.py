@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx", reason="the HTTP client of the tests is not
 
 import genrec_fast  # noqa: E402
 from genrec_fast.cli import main  # noqa: E402
-from genrec_fast.serve_api import Query, Rejected, answer, resolve, wait_healthy  # noqa: E402
+from genrec_fast.serve_api import Query, Rejected, answer, resolve, wait_healthy  # noqa: E402  (resolve: data.resolve_id)
 
 START_TIMEOUT_S = 90  # two servers import torch at once on a shared 2-core CPU: ~10 s; 90 leaves margin
 
@@ -313,7 +313,7 @@ def test_serve_cli_reports_bad_arguments_without_starting(tmp_path, capsys):
     assert "missing config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: a bad port or thread count, before anything loads
         main(["serve", str(tmp_path / "empty"), "--port", "-5"])
-    assert "expected a positive integer, got '-5'" in capsys.readouterr().err
+    assert "--port: expected a port number from 1 to 65535, got '-5'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", str(tmp_path / "empty"), "--port", "70000"])
     assert "from 1 to 65535" in capsys.readouterr().err

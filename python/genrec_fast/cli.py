@@ -22,34 +22,22 @@ PRECISION_HELP = ("one-token models' head: bfloat16 scans the table in bfloat16 
                   "$GENREC_HEAD_PRECISION or float32")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def int_in(low: int, high: int | None = None, what: str = ""):
+    """argparse type: an integer in [low, high] (high None: no upper end)."""
+    what = what or ("a positive integer" if low == 1 and high is None else f"an integer >= {low}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def port(text: str) -> int:
-    """argparse type: a TCP port, 1-65535."""
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
-    return value
+positive_int, non_negative_int, port = int_in(1), int_in(0), int_in(1, 65535, "a port number from 1 to 65535")
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -166,10 +154,10 @@ def run_dir(args, config: str, main_rank: bool = True) -> Path:
                 else data.resolve().parent.name if data.stem == "sequential_data" else data.stem)
         out = Path("runs") / f"{name}-{config}"
     held = [n for n in ("best", "last") if (out / n).exists()]
-    if held and not (getattr(args, "resume", False) or args.overwrite):
+    if held and not (args.resume or args.overwrite):
         raise ValueError(f"--out {out}: holds a run already ({', '.join(n + '/' for n in held)}); --resume "
                          "continues it, --overwrite replaces it, or name another --out")
-    if held and args.overwrite and main_rank and not getattr(args, "resume", False):
+    if held and args.overwrite and main_rank and not args.resume:
         for n in held:  # (the other files of a run are rewritten as it trains)
             shutil.rmtree(out / n)
     return out
@@ -380,12 +368,10 @@ def cmd_serve(args) -> int:
 
 
 def _lookup(index: dict, token: str):
-    """A token of an input line as the catalog spells the id: the string itself, else its int ("27" finds the
-    catalog's 27, or its "27" in a catalog of string ids); an unknown token as an int where it is one."""
-    if token in index:
-        return token
-    number = int(token) if token.lstrip("-").isdigit() else None
-    return token if number is None else number
+    """A token of an input line as the catalog spells the id (`data.resolve_id`: "27" finds a catalog's 27 or its
+    "27"); an unknown one as typed, an int where it is one (for the error naming it)."""
+    found = data_mod.resolve_id(index, token)
+    return found if found is not None else int(token) if token.lstrip("-").isdigit() else token
 
 
 ENSEMBLE_HELP = ("checkpoint directory (or a cascade directory: genrec-fast cascade); several = an ensemble of models "

@@ -30,6 +30,7 @@ from typing import Dict, Hashable, List, Literal, NamedTuple, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import checkpoint
+from .data import resolve_id as resolve  # (the name the tests and engines use)
 from .recommend import Recommendations, Recommender
 
 API_PATH = "/recommend"
@@ -89,18 +90,6 @@ class Rejected(NamedTuple):
 
     def body(self) -> dict:
         return {"error": self.message, "field": self.field}
-
-
-def resolve(index: dict, x: Hashable):
-    """An id as the catalog spells it: x itself, else 5 <-> "5" (canonical spellings only: not "05", " 5");
-    None when the catalog has neither."""
-    if x in index:
-        return x
-    try:
-        other = str(x) if isinstance(x, int) else int(x)
-    except ValueError:
-        return None
-    return other if other in index and str(other) == str(x) else None
 
 
 def to_query(rec: Recommender, req: RecommendRequest) -> Union[Query, Rejected]:
