@@ -206,10 +206,13 @@ def _int(token: str, path: Path, line: int, what: str) -> int:
         raise DataFormatError(path, line, f"{what} {token!r} is not an integer") from None
 
 
+_P5_LINE = re.compile(r"[ \t]*-?[0-9]+(?:[ \t]+-?[0-9]+)*[ \t\r\n]*").fullmatch  # ids as `_plain_int` takes them
+
+
 def _plain_int(token: str, path: Path, line: int, what: str) -> int:
     """A P5 id: ASCII digits with an optional '-' (not '1_0', '+3' or other scripts' digits, which int() takes:
     P5's ids are plain integers, and those spellings would merge distinct ids silently)."""
-    if token.isascii() and token.lstrip("-").isdigit() and token.count("-") <= int(token[0] == "-"):
+    if re.fullmatch(_INT_PATTERN, token):
         return int(token)
     raise DataFormatError(path, line, f"{what} {token!r} is not an integer")
 
@@ -222,8 +225,8 @@ def _not_utf8(p: Path, e: UnicodeDecodeError) -> DataFormatError:
     raw = p.read_bytes()
     try:
         raw.decode("utf-8")
-        at = e.start
-    except UnicodeDecodeError as whole:
+        at = e.start  # (not reached: the file did not decode)
+    except UnicodeDecodeError as whole:  # e.start counts from the decoder's last buffer, this from the file's start
         at = whole.start
     return DataFormatError(p, raw[:at].count(b"\n") + 1, f"byte {raw[at:at + 1]!r} is not UTF-8 text "
                                                           "(save the file as UTF-8)")
@@ -248,11 +251,14 @@ def _load_p5(p: Path, id_order: str, seed: int, skip_empty: bool) -> SequenceDat
                     raise DataFormatError(p, n, "empty line")
                 empty += 1
                 continue
-            uid = _plain_int(tokens[0], p, n, "user id")
+            if _P5_LINE(line) is None:  # one match a line; the token at fault named by `_plain_int`
+                for what, t in zip(itertools.chain(["user id"], itertools.repeat("item id")), tokens):
+                    _plain_int(t, p, n, what)
+            uid = int(tokens[0])
             if uid in seen_users:
                 raise DataFormatError(p, n, f"user {uid} appears on more than one line")
             seen_users.add(uid)
-            histories.append((uid, [_plain_int(t, p, n, "item id") for t in tokens[1:]]))
+            histories.append((uid, [int(t) for t in tokens[1:]]))
     if empty:
         warnings.warn(f"{p}: skipped {empty} empty lines", stacklevel=3)
     if not histories:
@@ -423,10 +429,15 @@ def _read_csv_columns(p: Path, sep: str, names: list) -> tuple | None:
     times = table.column(names[2]).to_numpy()
     if not np.isfinite(times).all():  # the reference names the line of a NaN or infinite time
         return None
-    users, items = (pc.utf8_trim(table.column(c), _PY_WHITESPACE) for c in names[:2])
-    if pc.min(pc.utf8_length(users)).as_py() == 0 or pc.min(pc.utf8_length(items)).as_py() == 0:
+    try:
+        users, items = _encode_ids(table.column(names[0])), _encode_ids(table.column(names[1]))
+    except ValueError:  # an id int() refuses ('--5'), as the reference's does, unless an empty id stops it first
+        if any(_first_empty(table.column(c)) is not None for c in names[:2]):
+            return None
+        raise
+    if _empty_id_row(*users) is not None or _empty_id_row(*items) is not None:
         return None  # an empty id: the reference names its line
-    return _encode_ids(table.column(names[0])), _encode_ids(table.column(names[1])), times
+    return users, items, times
 
 
 def _convert_options(types: dict) -> pa_csv.ConvertOptions:
@@ -467,10 +478,16 @@ def _parquet_ids(p: Path, col: pa.ChunkedArray, name: str) -> tuple:
     if pa.types.is_integer(col.type):
         return _first_appearance_codes(col)
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        empty = pc.equal(pc.utf8_length(pc.utf8_trim(col, _PY_WHITESPACE)), 0)
-        if pc.any(empty).as_py():
-            raise DataFormatError(p, pc.index(empty, True).as_py() + 1, f"column {name!r} is empty")
-        return _encode_ids(col)
+        try:
+            codes, ids = _encode_ids(col)
+            row = _empty_id_row(codes, ids)
+        except ValueError:  # an id int() refuses: an empty one is named first, as in a CSV
+            row = _first_empty(col)
+            if row is None:
+                raise
+        if row is not None:
+            raise DataFormatError(p, row + 1, f"column {name!r} is empty")
+        return codes, ids
     raise DataFormatError(p, 0, f"column {name!r} has type {col.type}, expected integers or strings")
 
 
@@ -564,6 +581,19 @@ def _encode_ids(col) -> tuple[np.ndarray, np.ndarray]:
     return _merge_equal_ids(codes, [int(v) for v in ids])  # rare: '٣', '--5' (int() raises), ids past int64
 
 
+def _empty_id_row(codes: np.ndarray, ids: np.ndarray) -> int | None:
+    """`_encode_ids`' output -> the first row whose (stripped) id is empty, else None (a look at the distinct ids;
+    the rows only when one is empty)."""
+    empty = np.flatnonzero(ids == "") if ids.dtype == object else ()
+    return None if not len(empty) else int(np.argmax(codes == empty[0]))
+
+
+def _first_empty(col) -> int | None:
+    """The first row of a string column whose stripped value is empty, else None (a pass over every cell)."""
+    empty = pc.equal(pc.utf8_length(pc.utf8_trim(col, _PY_WHITESPACE)), 0)
+    return pc.index(empty, True).as_py() if pc.any(empty).as_py() else None
+
+
 def _int_values(col):
     """The string column as int64 (pyarrow) when every stripped value is a plain ASCII integer in range, else None."""
     decimal = pc.ascii_is_decimal(col)  # the common case: only digits, no sign, no spaces
@@ -618,6 +648,18 @@ def synthetic(n_users: int = 2000, n_items: int = 300, seed: int = 0, follow_pro
             items.append(cur)
         histories.append((u + 1, [x + 1 for x in items]))
     return from_user_sequences(histories, id_order=id_order, seed=seed, name="synthetic (planted successor chains)")
+
+
+def resolve_id(index: dict, x):
+    """An id as the catalog spells it: x itself, else 5 <-> "5" (canonical spellings only: not "05", " 5");
+    None when the catalog has neither (`Catalog.item_index` / `user_index`)."""
+    if x in index:
+        return x
+    try:
+        other = str(x) if isinstance(x, int) else int(x)
+    except ValueError:
+        return None
+    return other if other in index and str(other) == str(x) else None
 
 
 @dataclass
