@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from genrec_fast.config import load_config, parse_override, preset, with_overrides
+from genrec_fast.config import for_catalog, load_config, parse_override, preset, with_overrides
 
 
 def test_json_config_overrides_its_preset(tmp_path):
@@ -92,7 +92,7 @@ def test_sampled_softmax_fields():
     p = with_overrides(preset("small"), dict([parse_override("train.softmax=sampled"),
                                               parse_override("train.num_negatives=256")]))
     assert (p.train.softmax, p.train.num_negatives) == ("sampled", 256)
-    assert (preset("small").train.softmax, preset("small").train.num_negatives) == ("full", 1024)
+    assert (preset("small").train.softmax, preset("small").train.num_negatives) == ("auto", 1024)
     with pytest.raises(ValueError, match="train.softmax must be one of"):
         with_overrides(p, {"train.softmax": "sampeld"})
     with pytest.raises(ValueError, match="train.num_negatives must be >= 0"):
@@ -108,3 +108,28 @@ def test_smoothing_fields():
         with_overrides(p, {"train.label_smoothing": -0.1})
     with pytest.raises(ValueError, match=r"train.item_aux must be >= 0"):
         with_overrides(p, {"train.item_aux": -1})
+
+
+def test_for_catalog_fixes_the_auto_settings_by_the_catalogs_size():
+    small, big = for_catalog(preset("recommended"), 12_101), for_catalog(preset("recommended"), 1_000_000)
+    assert (small.train.softmax, small.train.sparse_tables) == ("full", False)  # the tuned recipe as recorded
+    assert (big.train.softmax, big.train.sparse_tables) == ("sampled", True)
+    assert big.model == small.model == preset("recommended").model
+    # the codes preset's 128 clusters on ML-100K, Beauty, Yelp; doubled until leaves hold <= 192 items above
+    sizes = (1_682, 12_101, 20_033, 24_576, 24_577, 1_000_000, 10_000_000)
+    assert [for_catalog(preset("codes"), n).tokenizer.code_branches for n in sizes] == [
+        128, 128, 128, 128, 256, 8192, 65536]
+    codes = for_catalog(preset("codes"), 1_000_000).train
+    assert (codes.softmax, codes.sparse_tables) == ("full", True)  # the leaf head trains with the full softmax
+    pieces = for_catalog(preset("small"), 1_000_000).train  # several pieces an item: no sampled softmax
+    assert (pieces.softmax, pieces.sparse_tables) == ("full", True)
+    explicit = with_overrides(preset("recommended"), {"train.softmax": "full", "train.sparse_tables": False,
+                                                      "tokenizer.code_branches": 64})
+    assert for_catalog(explicit, 10**6) == explicit  # (max_leaf is 0 outside the codes preset)
+    aux = for_catalog(with_overrides(preset("codes"), {"train.item_aux": 0.5}), 10**6).train
+    assert aux.sparse_tables is False  # item_aux's softmax over every item vector is a dense gradient
+    assert for_catalog(with_overrides(preset("codes"), {"tokenizer.max_leaf": 0}), 10**6).tokenizer.code_branches == 128
+    with pytest.raises(ValueError, match="tokenizer.max_leaf must be >= 0"):
+        with_overrides(preset("codes"), {"tokenizer.max_leaf": -1})
+    with pytest.raises(ValueError, match="train.softmax must be one of"):
+        with_overrides(preset("codes"), {"train.softmax": "automatic"})

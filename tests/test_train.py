@@ -322,7 +322,7 @@ def _sampled_preset(**train_fields):
     p = preset("tiny")
     p.model = dataclasses.replace(p.model, item_eos=False)
     p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
-    p.train = dataclasses.replace(p.train, softmax="sampled", num_negatives=8, **train_fields)
+    p.train = dataclasses.replace(p.train, **{"softmax": "sampled", "num_negatives": 8, **train_fields})
     return p
 
 
@@ -410,6 +410,27 @@ def test_full_softmax_over_a_large_catalog_warns_and_names_the_sampled_one(tmp_p
     assert "train.softmax" not in caplog.text
 
 
+def test_auto_settings_take_their_catalog_scale_form_from_large_catalog_items(tmp_path, monkeypatch, caplog):
+    """train.softmax="auto" and train.sparse_tables=None (the defaults) are the sampled softmax and sparse tables
+    from LARGE_CATALOG items (logged, saved resolved in the checkpoint), the full softmax and dense tables below."""
+    import logging
+    import sys
+    p = _sampled_preset(softmax="auto", pretrain_epochs=0, finetune_epochs=1)
+    d = synthetic(n_users=30, n_items=40, seed=7)
+    small = Trainer(d, tmp_path / "small", p, progress=False)
+    assert not small.sampled and small.sparse_opt is None and small.tcfg.sparse_tables is False
+    monkeypatch.setattr(sys.modules["genrec_fast.train"], "LARGE_CATALOG", 30)
+    with caplog.at_level(logging.INFO, logger="genrec_fast.train"):
+        big = Trainer(d, tmp_path / "big", p, progress=False)
+    assert big.sampled and big.sparse_opt is not None
+    assert "train.softmax='sampled', train.sparse_tables=True (chosen for the catalog's size" in caplog.text
+    big.run()
+    saved = json.loads((tmp_path / "big" / "best" / "config.json").read_text())["train"]
+    assert (saved["softmax"], saved["sparse_tables"]) == ("sampled", True)
+    codes = Trainer(d, tmp_path / "codes", _codes_preset(), progress=False)  # a leaf head: full, sparse tables
+    assert not codes.sampled and codes.tcfg.sparse_tables and codes.sparse_opt is not None
+
+
 def test_clip_grad_norm_takes_sparse_gradients_as_their_dense_equivalent():
     from genrec_fast.train import clip_grad_norm
     g = torch.Generator().manual_seed(0)
@@ -444,7 +465,7 @@ def test_sampled_softmax_trains_checkpoints_and_resumes(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
     assert max(r["valid"]["NDCG@10"] for r in rows) > 0.3  # popularity is ~0.05 here: it learned the chains
     p.train = dataclasses.replace(p.train, softmax="full")
-    with pytest.raises(ValueError, match="train.softmax='sampled'; resume it with the same"):
+    with pytest.raises(ValueError, match="trained with sparse tables .*resume it with the same"):
         Trainer(d, tmp_path, p, progress=False).resume()
 
 
@@ -553,7 +574,7 @@ def test_sparse_tables_refuse_item_aux_and_large_dense_catalogs_warn(tmp_path, m
     monkeypatch.setattr(sys.modules["genrec_fast.train"], "LARGE_CATALOG", 30)
     d = synthetic(n_users=30, n_items=40, seed=7)
     with caplog.at_level(logging.WARNING, logger="genrec_fast.train"):
-        Trainer(d, tmp_path / "dense", _codes_preset(), progress=False)
+        Trainer(d, tmp_path / "dense", _codes_preset(sparse_tables=False), progress=False)
     assert "--set train.sparse_tables=true" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="genrec_fast.train"):

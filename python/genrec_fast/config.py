@@ -74,7 +74,8 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
 
-SOFTMAXES = ("full", "sampled")
+SOFTMAXES = ("auto", "full", "sampled")
+LARGE_CATALOG = 100_000  # items from which the "auto" settings switch to their catalog-scale form (for_catalog)
 
 
 @dataclass
@@ -94,16 +95,18 @@ class TrainConfig:
     history_drop: float = 0.0  # finetuning drops each history item this often (afresh every epoch; one stays)
     history_reorder: float = 0.0  # finetuning shuffles a random stretch of this share of each history (afresh every epoch)
     mask_seen: bool = False  # softmax without the input's own items (data without repeats; use exclude_seen)
-    softmax: str = "full"  # the training softmax: over every token ("full"), or "sampled": over the
+    softmax: str = "auto"  # the training softmax: over every token ("full"), or "sampled": over the
     # batch's targets plus num_negatives uniform item draws (log-Q corrected), with lazy (sparse) Adam updates
     # of the token, item and user tables (no weight decay on them): a step's cost stops growing with the
     # catalog. Needs one token per target: tokenizer.item_tokens="whole", model.item_eos=False. With the history /
-    # transition bias each row's biased items are classes of its softmax too (loss.sampled_cross_entropy)
+    # transition bias each row's biased items are classes of its softmax too (loss.sampled_cross_entropy).
+    # "auto": sampled from LARGE_CATALOG items where the configuration allows it, else full (for_catalog)
     num_negatives: int = 1024  # uniform item draws per batch with softmax="sampled"
-    sparse_tables: bool = False  # the item and user ID tables take sparse gradients and a lazy SparseAdam (no
+    sparse_tables: bool | None = None  # the item and user ID tables take sparse gradients and a lazy SparseAdam (no
     # weight decay on them), as softmax="sampled" does: a step updates its batch's rows, not the whole table (the
     # codes preset at 1M items: 302-405 -> 64-99 ms a step on 2 cores). For the full softmax's models, e.g. codes
-    # with the leaf head; not with item_aux (a softmax over every item vector)
+    # with the leaf head; not with item_aux (a softmax over every item vector). None: on from LARGE_CATALOG
+    # items without item_aux (for_catalog)
     max_items: int = 20  # history window in items
     label_smoothing: float = 0.0
     leaf_smoothing: float | None = None  # with model.leaf_head: label smoothing of the leaf softmax over a
@@ -181,6 +184,8 @@ class TokenizerConfig:
     # "codes": collaborative codes learned from the training interactions (collab_codes.py)
     code_levels: int = 2  # "codes": cluster levels before the last, unique-making token
     code_branches: int = 32  # "codes": values per cluster level (a power of two)
+    max_leaf: int = 0  # "codes": code_branches doubles until the mean leaf holds at most this many items
+    # (n_items / code_branches ** code_levels; 0 = code_branches as given), so a preset scales with the catalog
     code_dim: int = 32  # "codes": dimensions of the spectral item embedding that is clustered
     code_window: int = 3  # "codes": items at most this far apart in a sequence count as co-occurring
     code_input: str = "all"  # "codes": the encoder reads "all" code tokens of an item (one position each)
@@ -195,6 +200,8 @@ class TokenizerConfig:
             raise ValueError(f"tokenizer.code_input must be 'all' or 'first', got {self.code_input!r}")
         if self.code_branches < 2 or self.code_branches & (self.code_branches - 1):
             raise ValueError(f"tokenizer.code_branches must be a power of two >= 2, got {self.code_branches!r}")
+        if self.max_leaf < 0:
+            raise ValueError(f"tokenizer.max_leaf must be >= 0 (0 = code_branches as given), got {self.max_leaf!r}")
         for name in ("code_levels", "code_dim", "code_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tokenizer.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -224,9 +231,9 @@ RECOMMENDED = {
 # `recommended` with items as collaborative codes (one cluster level of 128 + a leaf token, the leaf head): the fast
 # form at a million items and a cascade's retriever, as configs/beauty-codes-leaf-l1-history-transition-both-
 # calibrated.json records it (tests/test_config.py keeps the two equal). 128 clusters suit catalogs of ~10k items
-# (leaves of ~95 on Beauty); larger catalogs want more (`train` warns): 8,192 at a million items.
+# (leaves of ~95 on Beauty, ~157 on Yelp); max_leaf doubles them on larger catalogs: 8,192 at a million items.
 CODES = {"model.leaf_head": True, "tokenizer.item_tokens": "codes", "tokenizer.code_levels": 1,
-         "tokenizer.code_branches": 128, "tokenizer.code_input": "first"}
+         "tokenizer.code_branches": 128, "tokenizer.max_leaf": 192, "tokenizer.code_input": "first"}
 
 
 def preset(name: str) -> Preset:
@@ -259,6 +266,34 @@ def preset(name: str) -> Preset:
 
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "tokenizer": TokenizerConfig}
+
+
+def sampled_softmax_needs(p: Preset) -> list[str]:
+    """What the configuration lacks for train.softmax='sampled' (one item token per target), as field names."""
+    needs = [(p.tokenizer.item_tokens == "whole", "tokenizer.item_tokens='whole' (one token per item)"),
+             (not p.model.item_eos, "model.item_eos=False (no EOS step after the item)"),
+             (not p.model.encoder_causal, "model.encoder_causal=False (one target per example)"),
+             (not p.train.mask_seen, "train.mask_seen=False (the seen items' mask is a full-softmax option)")]
+    return [what for ok, what in needs if not ok]
+
+
+def for_catalog(p: Preset, n_items: int, large: int = LARGE_CATALOG) -> Preset:
+    """p with its catalog-dependent settings fixed for a catalog of n_items: train.softmax "auto" becomes
+    "sampled" from `large` items where the configuration allows it (else "full"), train.sparse_tables None
+    becomes True from `large` items without item_aux, and tokenizer.code_branches doubles while the mean leaf
+    (n_items / code_branches ** code_levels) holds more than tokenizer.max_leaf items. Fields set explicitly stay."""
+    t, tok = p.train, p.tokenizer
+    big = n_items >= large
+    softmax = t.softmax
+    if softmax == "auto":
+        softmax = "sampled" if big and not sampled_softmax_needs(p) else "full"
+    sparse = t.sparse_tables if t.sparse_tables is not None else big and not t.item_aux
+    branches = tok.code_branches
+    if tok.item_tokens == "codes" and tok.max_leaf:
+        while n_items > tok.max_leaf * branches ** tok.code_levels:
+            branches *= 2
+    return Preset(p.model, dataclasses.replace(t, softmax=softmax, sparse_tables=sparse),
+                  dataclasses.replace(tok, code_branches=branches))
 
 
 def load_config(name_or_path: str) -> Preset:

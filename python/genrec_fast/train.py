@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed
 from .batching import encode_padded, pad_targets
 from .collab_codes import LARGE_LEAF, LEAF_ITEMS, balanced_codes, branches_for, build_codes, checkpoint_item_vectors
-from .config import ModelConfig, Preset, TrainConfig
+from .config import LARGE_CATALOG, ModelConfig, Preset, TrainConfig, for_catalog, sampled_softmax_needs
 from .data import Catalog, SequenceData, Split, leave_one_out
 from .device import check_device
 from .ema import WeightAverage
@@ -38,7 +38,6 @@ from .tokenizer import BOS_ID, PAD_ID, GenRecTokenizer
 from .transition_bias import OwnPairs, context_items, mask_positions
 
 log = logging.getLogger(__name__)
-LARGE_CATALOG = 100_000  # items from which train warns that the full softmax is slow
 IGNORE = -100
 
 
@@ -191,8 +190,9 @@ class Trainer:
         self.data, self.out = data, Path(out_dir)
         self.group = group if group is not None else distributed.current()
         self.split = leave_one_out(data)
-        self.tcfg, self.device = preset.train, check_device(device)
         self.progress = progress and self.group.is_main
+        preset = self._for_catalog(preset, data.n_items)
+        self.tcfg, self.device = preset.train, check_device(device)
         self.sampled = self.tcfg.softmax == "sampled"
         if self.sampled:  # before the tokenizer: that takes seconds at a million items
             check_sampled_softmax(preset)
@@ -275,6 +275,19 @@ class Trainer:
         self.decay_steps = self.total_steps  # where the cosine ends (train.budget_schedule moves it earlier)
         n_eval = self.tcfg.eval_users or data.n_users
         self.eval_users = np.sort(np.random.default_rng(self.tcfg.seed + 1).permutation(data.n_users)[:n_eval])
+
+    def _for_catalog(self, preset: Preset, n_items: int) -> Preset:
+        """The preset with its "auto" settings fixed for this catalog (config.for_catalog), logged where they
+        take their catalog-scale form."""
+        fixed = for_catalog(preset, n_items, LARGE_CATALOG)
+        chosen = [f"{key}={now!r}" for key, was, now in (
+            ("train.softmax", preset.train.softmax, fixed.train.softmax),
+            ("train.sparse_tables", preset.train.sparse_tables, fixed.train.sparse_tables),
+            ("tokenizer.code_branches", preset.tokenizer.code_branches, fixed.tokenizer.code_branches))
+            if was != now and now not in ("full", False)]
+        if chosen and self.group.is_main:
+            log.info("%d items: %s (chosen for the catalog's size; set them to override)", n_items, ", ".join(chosen))
+        return fixed
 
     def _train_tokenizer(self, preset: Preset) -> GenRecTokenizer:
         """Sentencepiece trained on the training part; with several ranks, by rank 0 alone and sent to the others."""
@@ -574,8 +587,9 @@ class Trainer:
         if state is None:
             raise FileNotFoundError(f"resume: {last} has no train_state.pt")
         if ("sparse_optimizer" in state) != (self.sparse_opt is not None):
-            was = "sampled" if "sparse_optimizer" in state else "full"
-            raise ValueError(f"resume: {last} was trained with train.softmax={was!r}; resume it with the same")
+            how = "with" if "sparse_optimizer" in state else "without"
+            raise ValueError(f"resume: {last} was trained {how} sparse tables (train.softmax='sampled' or "
+                             "train.sparse_tables=true); resume it with the same settings")
         self.model.load_state_dict(model.state_dict())
         self.tokenizer = tokenizer
         self.opt.load_state_dict(state["optimizer"])
@@ -603,11 +617,7 @@ def warn_large_leaves(table: np.ndarray, levels: int, branches: int) -> None:
 
 def check_sampled_softmax(preset: Preset) -> None:
     """ValueError, naming the field, unless the configuration has one item token per target."""
-    needs = [(preset.tokenizer.item_tokens == "whole", "tokenizer.item_tokens='whole' (one token per item)"),
-             (not preset.model.item_eos, "model.item_eos=False (no EOS step after the item)"),
-             (not preset.model.encoder_causal, "model.encoder_causal=False (one target per example)"),
-             (not preset.train.mask_seen, "train.mask_seen=False (the seen items' mask is a full-softmax option)")]
-    missing = [what for ok, what in needs if not ok]
+    missing = sampled_softmax_needs(preset)
     if missing:
         raise ValueError(f"train.softmax='sampled' needs {' and '.join(missing)}")
 
