@@ -12,7 +12,7 @@ import torch
 
 from genrec_fast import Recommender, SequenceData, load, preset
 from genrec_fast import calibrate as calibrate_mod
-from genrec_fast.calibrate import Decoded, bias_groups, calibrate, candidates, fit, scale_biases
+from genrec_fast.calibrate import Candidates, Decoded, bias_groups, calibrate, candidates, fit, scale_biases
 from genrec_fast.data import leave_one_out
 from genrec_fast.ensemble import Ensemble
 from genrec_fast.evaluate import evaluate, model_ranker
@@ -150,6 +150,25 @@ def test_candidate_ndcg_is_the_evaluators_ndcg_of_the_scaled_model(history, tran
         scale_biases(other.model, dict(zip(groups, scales)))
         want = evaluate(model_ranker(other), split, "valid", progress=False)["NDCG@10"]
         assert cands.ndcg(torch.tensor(scales)) == pytest.approx(want, abs=1e-9)
+
+
+def test_candidate_ndcg_of_a_subset_in_chunks_is_the_evaluators_on_those_users(monkeypatch):
+    """ndcg(scales, users) in chunks of 7 users, with the subset's rows kept between calls of the same users
+    and gathered afresh for other users: the evaluator's NDCG@10 of the scaled model on those users."""
+    data = _data()
+    split = leave_one_out(data)
+    rec = _rec(data, True, True, True)
+    groups = bias_groups(rec.model)
+    cands = candidates(rec, split, np.arange(data.n_users), progress=False)
+    monkeypatch.setattr(Candidates, "CHUNK", 7)
+    perm = torch.from_numpy(np.random.default_rng(2).permutation(data.n_users))
+    halves = (perm[:data.n_users // 2], perm[data.n_users // 2:])
+    for scales in (np.ones(3), np.array([0.5, 3.0, 0.0]), np.array([2.0, 1.5, 4.0])):
+        other = copy.deepcopy(rec)
+        scale_biases(other.model, dict(zip(groups, scales)))
+        for users in halves + (halves[0],):
+            want = evaluate(model_ranker(other), split, "valid", users.numpy(), progress=False)["NDCG@10"]
+            assert cands.ndcg(torch.tensor(scales), users) == pytest.approx(want, abs=1e-9)
 
 
 def test_fit_never_loses_on_its_users_and_calibrate_applies_only_a_held_out_gain():

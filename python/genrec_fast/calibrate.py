@@ -90,18 +90,40 @@ class Candidates:
     TOP largest logits of the items off every bias (U, TOP), and the logits (U, K) and offsets (G, U, K) of the
     items on some bias (the target left out; -inf logit = padding)."""
 
+    CHUNK = 512  # users a step of `ndcg`: its (users, K) temporaries stay in cache (~1 MB at K = 278)
+
     def __init__(self, t_z, t_off, rest, z, off):
         self.t_z, self.t_off, self.rest, self.z, self.off = t_z, t_off, rest, z, off
+        self._users, self._subset = None, None  # the last `users` asked for and those users' fields
 
     def ndcg(self, scales: torch.Tensor, users: torch.Tensor | None = None) -> float:
-        """scales (G,) -> mean NDCG@10 over `users` (indices; default all)."""
-        sel = (lambda x, d=0: x) if users is None else (lambda x, d=0: x.index_select(d, users))
+        """scales (G,) -> mean NDCG@10 over `users` (indices; default all). A fit asks ~100 times for the same
+        users: their rows are gathered once (the last `users` object is kept), and scored in chunks of users."""
+        c = self if users is None else self._select(users)
         s = scales.to(torch.float64)
-        t = sel(self.t_z) + (s[:, None] * sel(self.t_off, 1)).sum(0)  # (U,)
-        z = sel(self.z) + (s[:, None, None] * sel(self.off, 1)).sum(0)  # (U, K)
-        rank = (sel(self.rest) > t[:, None]).sum(1) + (z > t[:, None]).sum(1)  # (U,) items strictly above
-        gain = torch.where(rank < TOP, 1.0 / torch.log2(rank.double() + 2), torch.zeros((), dtype=torch.float64))
-        return float(gain.mean())
+        total, n = 0.0, len(c.t_z)
+        for a in range(0, n, self.CHUNK):
+            b = min(a + self.CHUNK, n)
+            t = c.t_z[a:b] + _weighted(s, c.t_off[:, a:b])  # (u,)
+            z = c.z[a:b] + _weighted(s, c.off[:, a:b])  # (u, K)
+            rank = (c.rest[a:b] > t[:, None]).sum(1) + (z > t[:, None]).sum(1)  # (u,) items strictly above
+            total += float(torch.where(rank < TOP, 1.0 / torch.log2(rank.double() + 2), 0.0).sum())
+        return total / max(n, 1)
+
+    def _select(self, users: torch.Tensor) -> "Candidates":
+        if users is not self._users:
+            self._users = users
+            self._subset = Candidates(self.t_z[users], self.t_off[:, users], self.rest[users], self.z[users],
+                                      self.off[:, users])
+        return self._subset
+
+
+def _weighted(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_g s[g] * x[g] over the first dimension, without a (G, ...) temporary."""
+    out = x[0] * s[0]
+    for g in range(1, len(s)):
+        out.add_(x[g], alpha=float(s[g]))
+    return out
 
 
 @torch.inference_mode()
