@@ -135,6 +135,21 @@ def test_calibrate_a_codes_model_on_a_sample_of_users(monkeypatch):
     assert out["valid_ndcg10"]["after"] >= base
 
 
+def test_calibrate_a_one_token_model_on_a_sample_of_users_beyond_candidate_users(monkeypatch):
+    data = _data()
+    split = leave_one_out(data)
+    rec = _rec(data, True, True, True)
+    trained = copy.deepcopy(rec)
+    monkeypatch.setattr(calibrate_mod, "CANDIDATE_USERS", 80)
+    out = calibrate(rec, split, seed=4, progress=False)
+    assert out["users"] == 80 < data.n_users
+    users = np.sort(np.random.default_rng(4).choice(data.n_users, 80, replace=False))
+    base = evaluate(model_ranker(trained), split, "valid", users, progress=False)["NDCG@10"]
+    assert base == pytest.approx(out["valid_ndcg10"]["before"], abs=1e-9)
+    got = evaluate(model_ranker(rec), split, "valid", users, progress=False)["NDCG@10"]
+    assert got == pytest.approx(out["valid_ndcg10"]["after" if out["applied"] else "before"], abs=1e-9)
+
+
 @pytest.mark.parametrize("history, transition, reverse", [(True, True, True), (True, False, False),
                                                           (False, True, False)])
 def test_candidate_ndcg_is_the_evaluators_ndcg_of_the_scaled_model(history, transition, reverse):

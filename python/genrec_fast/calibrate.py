@@ -17,7 +17,9 @@ one-token model that is the exact full ranking (every catalog item scored: an it
 logit, so only the top 10 of those need keeping per user: `Candidates`). A model the trie search ranks
 (collaborative codes with the leaf head) adds its offsets inside every code step's log-softmax, so its ranking is
 no sum of fixed terms: there each factor set tried is one beam-search ranking of the validation targets, as the
-evaluator ranks them (`Decoded`), on `DECODE_USERS` users drawn at random unless `users` says otherwise.
+evaluator ranks them (`Decoded`), on `DECODE_USERS` users drawn at random unless `users` says otherwise; a
+one-token model on at most `CANDIDATE_USERS` (its `Candidates` hold ~K = 300 biased items a user: 200,000 users
+were 6.9 GB and 3 min at 599k items).
 `calibrate` also measures what the fit is worth on users it did not see (fitted on
 one half of the users, measured on the other: 2-fold) and keeps the model as trained unless that gains: on
 MovieLens latest-small's 671 users the halves' factors disagreed and lost 2% on the other half.
@@ -41,6 +43,7 @@ from .row_pairs import RowPairs
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
 TOP = 10  # NDCG@10
 DECODE_USERS = 6000  # a trie-search model: the validation users it is calibrated on by default (~1.5 s a factor set)
+CANDIDATE_USERS = 50_000  # a one-token model: all validation users up to this many, else a sample of this many
 
 
 def bias_groups(model) -> list[str]:
@@ -112,7 +115,7 @@ class Candidates:
 
     def _select(self, users: torch.Tensor) -> "Candidates":
         if users is not self._users:
-            self._users = users
+            self._users, self._subset = users, None  # (the last subset freed before the next is gathered)
             self._subset = Candidates(self.t_z[users], self.t_off[:, users], self.rest[users], self.z[users],
                                       self.off[:, users])
         return self._subset
@@ -245,8 +248,8 @@ def fit(cands: Candidates, groups: Sequence[str], users: torch.Tensor | None = N
 
 
 def calibrate(rec, split: Split, users: Sequence[int] | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Fit the bias factors on the validation targets of `users` (default all; for a trie-search model
-    `DECODE_USERS` of them drawn with `seed`) and apply them to `rec.model` if the 2-fold estimate gains.
+    """Fit the bias factors on the validation targets of `users` (default all, at most `CANDIDATE_USERS` for a
+    one-token model and `DECODE_USERS` for a trie-search model, drawn with `seed`) and apply them to `rec.model` if the 2-fold estimate gains.
     -> {"scales": {group: factor} (all 1 if not applied), "applied": bool, "valid_ndcg10": before/after on those
     users, "heldout_ndcg10": before/after of the 2-fold fit (each half's factors measured on the other half),
     "users": n}."""
@@ -254,10 +257,10 @@ def calibrate(rec, split: Split, users: Sequence[int] | None = None, seed: int =
     n = len(split.train)
     if users is not None:
         users = np.asarray(users)
-    elif rec.one_step or n <= DECODE_USERS:
+    elif n <= (limit := CANDIDATE_USERS if rec.one_step else DECODE_USERS):
         users = np.arange(n)
-    else:  # a trie-search model decodes once a factor set: a random sample
-        users = np.sort(np.random.default_rng(seed).choice(n, DECODE_USERS, replace=False))
+    else:  # a trie-search model decodes once a factor set; a one-token model's candidates grow with the users
+        users = np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
     if len(users) < 2:
         raise ValueError(f"users: calibrate needs at least 2 validation users, got {len(users)}")
     cands = candidates(rec, split, users, progress=progress) if rec.one_step else Decoded(rec, split, users, groups,
