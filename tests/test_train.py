@@ -429,6 +429,9 @@ def test_auto_settings_take_their_catalog_scale_form_from_large_catalog_items(tm
     assert (saved["softmax"], saved["sparse_tables"]) == ("sampled", True)
     codes = Trainer(d, tmp_path / "codes", _codes_preset(), progress=False)  # a leaf head: full, sparse tables
     assert not codes.sampled and codes.tcfg.sparse_tables and codes.sparse_opt is not None
+    p = _codes_preset()
+    p.tokenizer = dataclasses.replace(p.tokenizer, max_leaf=5)  # 40 items: 4 clusters of 10 -> 8 clusters of 5
+    assert int(Trainer(d, tmp_path / "leaf", p, progress=False).tokenizer.code_table[:, 0].max()) + 1 == 8
 
 
 def test_clip_grad_norm_takes_sparse_gradients_as_their_dense_equivalent():
