@@ -249,7 +249,8 @@ def fit(cands: Candidates, groups: Sequence[str], users: torch.Tensor | None = N
 
 def calibrate(rec, split: Split, users: Sequence[int] | None = None, seed: int = 0, progress: bool = True) -> dict:
     """Fit the bias factors on the validation targets of `users` (default all, at most `CANDIDATE_USERS` for a
-    one-token model and `DECODE_USERS` for a trie-search model, drawn with `seed`) and apply them to `rec.model` if the 2-fold estimate gains.
+    one-token model and `DECODE_USERS` for a trie-search model, drawn with `seed`) and apply them to
+    `rec.model` if the 2-fold estimate gains.
     -> {"scales": {group: factor} (all 1 if not applied), "applied": bool, "valid_ndcg10": before/after on those
     users, "heldout_ndcg10": before/after of the 2-fold fit (each half's factors measured on the other half),
     "users": n}."""

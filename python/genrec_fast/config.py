@@ -129,8 +129,8 @@ class TrainConfig:
     # end (re-planned after every epoch: the whole epochs that fit at the last epoch's seconds per step),
     # not after the last scheduled epoch, so a run the budget cuts still anneals its learning rate
     calibrate: bool = False  # after training: one factor per bias (history, transition, reverse), fitted on all
-    # validation targets (up to 50,000 users; a codes model: 6,000 of them, decoded), scales the kept model's bias weights if it gains
-    # on held-out users (calibrate.py)
+    # validation targets (up to 50,000 users; a codes model: 6,000 of them, decoded), scales the kept model's
+    # bias weights if it gains on held-out users (calibrate.py)
     num_beams: int = 20
     seed: int = 0
     threads: int = 0  # torch threads (0 = library default)
