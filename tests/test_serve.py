@@ -24,7 +24,8 @@ httpx = pytest.importorskip("httpx", reason="the HTTP client of the tests is not
 
 import genrec_fast  # noqa: E402
 from genrec_fast.cli import main  # noqa: E402
-from genrec_fast.serve_api import Query, Rejected, answer, resolve, wait_healthy  # noqa: E402  (resolve: data.resolve_id)
+from genrec_fast.data import resolve_id  # noqa: E402
+from genrec_fast.serve_api import Query, Rejected, answer, wait_healthy  # noqa: E402
 
 START_TIMEOUT_S = 90  # two servers import torch at once on a shared 2-core CPU: ~10 s; 90 leaves margin
 
@@ -334,8 +335,8 @@ def test_serve_cli_reports_bad_arguments_without_starting(tmp_path, capsys):
 
 def test_resolve_ids_as_the_catalog_spells_them():
     ints, strs = {5: 0, -2: 1}, {"5": 0, "sku1": 1}
-    assert [resolve(ints, x) for x in (5, "5", "-2", "05", " 5", "5.0", "x")] == [5, 5, -2, None, None, None, None]
-    assert [resolve(strs, x) for x in ("5", 5, "sku1", 6)] == ["5", "5", "sku1", None]
+    assert [resolve_id(ints, x) for x in (5, "5", "-2", "05", " 5", "5.0", "x")] == [5, 5, -2, None, None, None, None]
+    assert [resolve_id(strs, x) for x in ("5", 5, "sku1", 6)] == ["5", "5", "sku1", None]
 
 
 def test_a_port_in_use_is_an_error_not_a_traceback(trained, capsys):

@@ -37,7 +37,8 @@ MIN_ITEMS = 3  # leave-one-out needs a train item, a validation target and a tes
 # what str.strip() removes: every character c with c.isspace() (tests check it against Python)
 _PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
                   "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
-_INT_PATTERN = r"^-?[0-9]+$"  # a plain integer id: the reference, int() and pyarrow's cast all agree on it
+_INT = r"-?[0-9]+"  # a plain integer id: the reference, int() and pyarrow's cast all agree on it
+_INT_PATTERN = rf"^{_INT}$"
 
 
 class DataFormatError(ValueError):
@@ -206,7 +207,7 @@ def _int(token: str, path: Path, line: int, what: str) -> int:
         raise DataFormatError(path, line, f"{what} {token!r} is not an integer") from None
 
 
-_P5_LINE = re.compile(r"[ \t]*-?[0-9]+(?:[ \t]+-?[0-9]+)*[ \t\r\n]*").fullmatch  # ids as `_plain_int` takes them
+_P5_LINE = re.compile(rf"[ \t]*{_INT}(?:[ \t]+{_INT})*[ \t\r\n]*").fullmatch  # ids as `_plain_int` takes them
 
 
 def _plain_int(token: str, path: Path, line: int, what: str) -> int:
@@ -217,7 +218,8 @@ def _plain_int(token: str, path: Path, line: int, what: str) -> int:
     raise DataFormatError(path, line, f"{what} {token!r} is not an integer")
 
 
-NAME_COLUMNS = "name other columns with user_col=, item_col=, time_col=, or --columns USER,ITEM,TIME on the command line"
+NAME_COLUMNS = ("name other columns with user_col=, item_col=, time_col=, or --columns USER,ITEM,TIME on the "
+                "command line")
 
 
 def _not_utf8(p: Path, e: UnicodeDecodeError) -> DataFormatError:

@@ -30,7 +30,7 @@ from typing import Dict, Hashable, List, Literal, NamedTuple, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import checkpoint
-from .data import resolve_id as resolve  # (the name the tests and engines use)
+from .data import resolve_id
 from .recommend import Recommendations, Recommender
 
 API_PATH = "/recommend"
@@ -95,7 +95,7 @@ class Rejected(NamedTuple):
 def to_query(rec: Recommender, req: RecommendRequest) -> Union[Query, Rejected]:
     """Check a request's ids and k against the model's catalog."""
     items = rec.catalog.item_index
-    history = [resolve(items, x) for x in req.history]
+    history = [resolve_id(items, x) for x in req.history]
     if None in history:
         bad = [x for x, i in zip(req.history, history) if i is None]
         history = [i for i in history if i is not None] if req.unknown_items == "skip" else []
@@ -104,12 +104,12 @@ def to_query(rec: Recommender, req: RecommendRequest) -> Union[Query, Rejected]:
                 "" if req.unknown_items == "skip" else ' ("unknown_items": "skip" drops them)'))
     allowed = None
     if req.allowed_items is not None:
-        allowed = tuple(resolve(items, x) for x in req.allowed_items)
+        allowed = tuple(resolve_id(items, x) for x in req.allowed_items)
         if None in allowed:
             bad = [x for x, i in zip(req.allowed_items, allowed) if i is None]
             return Rejected(422, "allowed_items", f"allowed_items: unknown item ids {bad[:5]}")
     k = DEFAULT_K if req.k is None else req.k  # (beyond the catalog: every allowed item, as recommend())
-    user = None if req.user is None else resolve(rec.catalog.user_index, req.user)
+    user = None if req.user is None else resolve_id(rec.catalog.user_index, req.user)
     user = req.user if user is None else user  # an unknown user is served from the history alone
     exclude_seen = rec.exclude_seen if req.exclude_seen is None else req.exclude_seen
     return Query(history, user, k, exclude_seen, allowed)
