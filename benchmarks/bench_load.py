@@ -132,10 +132,8 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f} at the start")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_load_", dir=args.tmp_dir) as d:
-        small = Path(d) / "small.csv"
-        if args.reference_rows < 1:
-            small = None
-        if small is not None:
+        if args.reference_rows > 0:
+            small = Path(d) / "small.csv"
             write_log(small, args.reference_rows)
             results.append(("reference (csv module, a tuple per row)", args.reference_rows,
                             measure_file(small, reference=True, repeats=args.repeats)))
