@@ -1,4 +1,5 @@
-"""`genrec-fast`: train (and evaluate), evaluate a checkpoint, recommend from histories, serve over HTTP."""
+"""`genrec-fast`: train (and evaluate), evaluate or report a checkpoint, calibrate its biases, build a cascade,
+recommend from histories, serve over HTTP."""
 from __future__ import annotations
 
 import argparse
@@ -90,7 +91,7 @@ def cmd_train(args) -> int:
         return 0
     if args.no_report:
         print(f"trained in {train_s:.0f} s; checkpoint {out / 'best'}; curves {out / 'curves.png'}; no report "
-              f"(--no-report): `genrec-fast report {out / 'best'} --data ...` writes it")
+              f"(--no-report): `genrec-fast report {out / 'best'} --data ... --out metrics.json` writes it")
         return 0
     rep = report(rec, leave_one_out(data), data.item_codes, p.train.num_beams, progress=not args.quiet)
     rep["train_seconds"] = round(train_s, 1)
@@ -427,8 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "items, or codes with the leaf head)")
     _add_data_args(c)
     c.add_argument("--out", required=True, help="checkpoint directory to write")
-    c.add_argument("--users", type=int, default=0, help="fit on the first N users' validation targets (0 = all; "
-                                                         "a codes model: 6,000 drawn at random)")
+    c.add_argument("--users", type=int, default=0, help="fit on the first N users' validation targets (0 = the default: "
+                                                         "a one-token model all users up to 50,000, else 50,000 drawn "
+                                                         "at random; a codes model 6,000 drawn at random)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_calibrate)

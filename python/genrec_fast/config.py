@@ -1,4 +1,4 @@
-"""Model and training configuration: dataclasses and the named presets (recommended, tiny, small, base)."""
+"""Model and training configuration: dataclasses and the named presets (recommended, codes, tiny, small, base)."""
 from __future__ import annotations
 
 import dataclasses
@@ -209,6 +209,8 @@ class TokenizerConfig:
 
 @dataclass
 class Preset:
+    """A whole configuration: the model, its training and its tokenizer (`preset(name)`, `load_config`)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -280,8 +282,9 @@ def sampled_softmax_needs(p: Preset) -> list[str]:
 def for_catalog(p: Preset, n_items: int, large: int = LARGE_CATALOG) -> Preset:
     """p with its catalog-dependent settings fixed for a catalog of n_items: train.softmax "auto" becomes
     "sampled" from `large` items where the configuration allows it (else "full"), train.sparse_tables None
-    becomes True from `large` items without item_aux, and tokenizer.code_branches doubles while the mean leaf
-    (n_items / code_branches ** code_levels) holds more than tokenizer.max_leaf items. Fields set explicitly stay."""
+    becomes True from `large` items without item_aux (values set explicitly stay), and, at any size,
+    tokenizer.code_branches (set or not) doubles while the mean leaf (n_items / code_branches ** code_levels)
+    holds more than tokenizer.max_leaf items (max_leaf 0 keeps it)."""
     t, tok = p.train, p.tokenizer
     big = n_items >= large
     softmax = t.softmax

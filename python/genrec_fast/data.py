@@ -93,6 +93,7 @@ class Split:
 
 
 def leave_one_out(data: SequenceData) -> Split:
+    """Each user's last item is the test target, the second-to-last the validation target (`Split`)."""
     train = [s[:-2] for s in data.sequences]
     valid = np.array([s[-2] for s in data.sequences], dtype=np.int64)
     test = np.array([s[-1] for s in data.sequences], dtype=np.int64)

@@ -274,6 +274,11 @@ class Stack(nn.Module):
 
 
 class GenRec(nn.Module):
+    """The BART-style encoder-decoder of GenRec: token + position (+ user and item id) embeddings summed at
+    the input; `encode` a history, `decode_step` / `decode_logprobs` one step of the search over item tokens,
+    `logits` the teacher-forced logits that loss.py trains by masked item prediction. The optional leaf head
+    and history / transition biases follow `cfg` (ModelConfig)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

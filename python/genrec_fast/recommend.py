@@ -27,6 +27,8 @@ BACKENDS = ("auto", "cpp", "reference", "device")
 
 
 class Recommendations(NamedTuple):
+    """One user's recommendations, as `recommend()` returns them."""
+
     items: list  # original item ids, best first
     scores: list  # log-probability of each item under the model
 
@@ -112,8 +114,9 @@ class Recommender:
         """Padded encoder batch -> item indices (B, k) (-1 = none) and log-probability scores (B, k).
 
         backend "auto": one decoder step + top-k for one-token models (`one_step`), else the C++ trie search;
-        "cpp" / "reference": the C++ / Python trie beam search for any model; "device": the trie search as
-        tensors on the model's device (device_search.py; meant for GPUs, not yet measured on one)."""
+        "cpp" / "reference": the C++ / Python trie beam search; "device": the trie search as tensors on the
+        model's device (device_search.py; meant for GPUs, not yet measured on one). One-token models with the
+        history or transition bias run only "auto" (a ValueError otherwise)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if self.model.training:  # (a trainer validating); eval() itself walks every module: ~0.5 ms

@@ -286,7 +286,8 @@ class Trainer:
             ("tokenizer.code_branches", preset.tokenizer.code_branches, fixed.tokenizer.code_branches))
             if was != now and now not in ("full", False)]
         if chosen and self.group.is_main:
-            log.info("%d items: %s (chosen for the catalog's size; set them to override)", n_items, ", ".join(chosen))
+            log.info("%d items: %s (chosen for the catalog's size; set train.softmax / train.sparse_tables to "
+                     "override, tokenizer.max_leaf=0 to keep tokenizer.code_branches)", n_items, ", ".join(chosen))
         return fixed
 
     def _train_tokenizer(self, preset: Preset) -> GenRecTokenizer:
