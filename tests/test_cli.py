@@ -160,8 +160,20 @@ def test_a_run_directory_is_not_overwritten_unless_asked(p5_file, tmp_path, caps
     assert main(args) == 2
     assert f"--out {out}: holds a run already (best/, last/); --resume continues it" in capsys.readouterr().err
     assert (out / "best" / "marker").exists()
+    (out / "metrics.json").write_text("{}")  # the first run's report
+    short = tmp_path / "short.txt"  # loads, but Trainer refuses it (no finetuning examples)
+    short.write_text("".join(f"{u} {u + 1} {u + 2} {u + 3}\n" for u in range(1, 30)))
+    for data, said in ((tmp_path / "missing.txt", "missing.txt"), (short, "no finetuning examples")):
+        bad = [str(data) if a == str(p5_file) else a for a in args]
+        assert main(bad + ["--overwrite"]) == 2  # the old run stays until training writes
+        assert said in capsys.readouterr().err
+        assert (out / "best" / "marker").exists() and (out / "last").is_dir() and (out / "metrics.json").exists()
+    assert main(args + ["--overwrite", "--resume"]) == 2
+    assert "--resume, --overwrite: expected one of them" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
     assert (out / "best" / "config.json").exists() and not (out / "best" / "marker").exists()
+    assert not (out / "metrics.json").exists() and sorted(p.name for p in out.iterdir()) == [
+        "best", "curves.png", "last", "log.jsonl", "train_summary.json"]  # (--no-report: no metrics.json)
     assert main(["train", "--model", "sasrec", "--out", str(out)]) == 2  # the SASRec peer checks it too
     assert "holds a run already" in capsys.readouterr().err
 

@@ -80,12 +80,13 @@ def cmd_train(args) -> int:
     overrides.update({k: v for k, v in flags.items() if v is not None})  # explicit flags win over --set
     p = with_overrides(load_config(args.config or "recommended"), overrides)
     main_rank = env_rank() == 0
-    out = run_dir(args, Path(args.config or "recommended").stem, main_rank)
+    out = run_dir(args, Path(args.config or "recommended").stem)
     data = load_data(args)
     if main_rank:
         print(data.summary(), flush=True)
     t0 = time.perf_counter()
-    rec = train(data, out, p, device=args.device, resume=args.resume, progress=not args.quiet)
+    with replacing_run(out, args.overwrite and main_rank):
+        rec = train(data, out, p, device=args.device, resume=args.resume, progress=not args.quiet)
     train_s = time.perf_counter() - t0
     if not main_rank:  # rank 0 wrote the checkpoints and reports them
         return 0
@@ -132,7 +133,8 @@ def cmd_train_sasrec(args) -> int:
     data = load_data(args)
     print(data.summary(), flush=True)
     t0 = time.perf_counter()
-    model = train_sasrec(data, out, cfg, progress=not args.quiet)
+    with replacing_run(out, args.overwrite):
+        model = train_sasrec(data, out, cfg, progress=not args.quiet)
     train_s = time.perf_counter() - t0
     rep = report_sasrec(model, leave_one_out(data), test=not args.no_report)  # --no-report: validation only
     rep["train_seconds"] = round(train_s, 1)
@@ -143,10 +145,17 @@ def cmd_train_sasrec(args) -> int:
     return 0
 
 
-def run_dir(args, config: str, main_rank: bool = True) -> Path:
+RUN_FILES = ("best", "last", "log.jsonl", "metrics.json", "train_summary.json", "curves.png")  # what `train` writes
+REPLACED = ".replaced-run"  # (under --out: the previous run while --overwrite trains its replacement)
+
+
+def run_dir(args, config: str) -> Path:
     """--out, or runs/<data>-<config>: <data> is "synthetic", the data file's stem, or for P5's usual file name
     (sequential_data.txt) its folder's name. A directory that holds a run already (best/ or last/) is an error
-    unless --resume continues it or --overwrite replaces it (the main rank removes its best/ and last/)."""
+    unless --resume continues it or --overwrite replaces it (`replacing_run` removes it once training writes)."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume, --overwrite: expected one of them (--resume continues the run in --out, "
+                         "--overwrite replaces it)")
     if args.out:
         out = Path(args.out)
     else:
@@ -158,10 +167,31 @@ def run_dir(args, config: str, main_rank: bool = True) -> Path:
     if held and not (args.resume or args.overwrite):
         raise ValueError(f"--out {out}: holds a run already ({', '.join(n + '/' for n in held)}); --resume "
                          "continues it, --overwrite replaces it, or name another --out")
-    if held and args.overwrite and main_rank and not args.resume:
-        for n in held:  # (the other files of a run are rewritten as it trains)
-            shutil.rmtree(out / n)
     return out
+
+
+@contextlib.contextmanager
+def replacing_run(out: Path, replace: bool):
+    """A block that trains into `out`. With `replace` (--overwrite, on the main rank) the previous run's files
+    (RUN_FILES) are moved into out/.replaced-run first; a block that fails before writing any of them (bad
+    configuration, Ctrl-C while the tokenizer trains) gets them back, else they are deleted with the block."""
+    old = [n for n in RUN_FILES if (out / n).exists()] if replace else []
+    trash = out / REPLACED
+    if old:
+        shutil.rmtree(trash, ignore_errors=True)  # (left by a run that was killed)
+        trash.mkdir()
+        for n in old:
+            (out / n).rename(trash / n)
+    try:
+        yield
+    except BaseException:
+        if old and not any((out / n).exists() for n in RUN_FILES):
+            for n in old:
+                (trash / n).rename(out / n)
+        raise
+    finally:
+        if old:
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def _print_samples(rec, data, n: int = 3) -> None:
