@@ -119,3 +119,25 @@ def test_patience_waits_for_min_steps(tmp_path, small_synthetic):
         return json.loads((tmp_path / str(min_steps) / "train_summary.json").read_text())
     assert (run(0)["epochs"], run(0)["stopped_by"]) == (2, "patience")
     assert (run(10**6)["epochs"], run(10**6)["stopped_by"]) == (4, "max_epochs")
+
+
+def test_cli_refuses_what_sasrec_would_ignore(tmp_path, capsys, monkeypatch):
+    """GenRec's flags, --resume, a GPU and mistyped settings are errors before any data is read or trained."""
+    monkeypatch.setattr("genrec_fast.cli.check_device", lambda device, name="": torch.device(device))  # a GPU here
+    never = ["--data", str(tmp_path / "never read.txt"), "--out", str(tmp_path / "run")]
+    for extra, said in ((["--resume"], "--resume is not supported with --model sasrec"),
+                        (["--pretrain-epochs", "2"], "--pretrain-epochs is not supported with --model sasrec"),
+                        (["--finetune-epochs", "2"], "--finetune-epochs is not supported"),
+                        (["--drop-user-prob", "0.1"], "--drop-user-prob is not supported"),
+                        (["--device", "cuda"], "--device cuda: SASRec trains on the CPU here"),
+                        (["--set", "sasrec.max_minutes=abc"], "sasrec.max_minutes expects float, got 'abc'"),
+                        (["--set", "sasrec.blocks=true"], "sasrec.blocks expects int, got True"),
+                        (["--set", "sasrec.max_minutes=-1"], "sasrec.max_minutes must be >= 0")):
+        assert main(["train", "--model", "sasrec", *never, *extra]) == 2, extra
+        assert said in capsys.readouterr().err, extra
+    (tmp_path / "list.json").write_text("[1]")
+    assert main(["train", "--model", "sasrec", *never, "--config", str(tmp_path / "list.json")]) == 2
+    assert "expected a JSON object with a \"sasrec\" object" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    from genrec_fast.sasrec import config_from
+    assert config_from({"lr": 1, "max_minutes": 2}).max_minutes == 2.0  # an int for a float: as config.py takes it

@@ -109,14 +109,9 @@ def cmd_train_sasrec(args) -> int:
     "sasrec" section (`--config`) changes its settings."""
     import dataclasses
     from .evaluate import format_table
-    from .sasrec import SASRecConfig, report_sasrec, train_sasrec
-    fields = {f.name for f in dataclasses.fields(SASRecConfig)}
-    spec = {}
-    if args.config is not None:
-        spec = json.loads(Path(args.config).read_text()).get("sasrec", {}) if Path(args.config).is_file() else None
-        if spec is None:
-            raise ValueError(f"config: {args.config!r} is not a JSON file (with --model sasrec: a file with a "
-                             "\"sasrec\" section)")
+    from .sasrec import config_from, report_sasrec, train_sasrec
+    _check_sasrec_flags(args)
+    spec = {} if args.config is None else _sasrec_section(args.config)
     for key, value in map(parse_override, args.set):
         section, _, name = key.partition(".")
         if section != "sasrec":
@@ -125,10 +120,7 @@ def cmd_train_sasrec(args) -> int:
     flags = {"lr": args.lr, "batch_size": args.batch_size, "threads": args.threads, "dropout": args.dropout,
              "eval_users": args.eval_users}
     spec.update({k: v for k, v in flags.items() if v is not None})
-    unknown = set(spec) - fields
-    if unknown:
-        raise ValueError(f"config: sasrec has no field {sorted(unknown)[0]!r}; expected one of {sorted(fields)}")
-    cfg = SASRecConfig(**spec)
+    cfg = config_from(spec)
     out = run_dir(args, "sasrec")
     data = load_data(args)
     print(data.summary(), flush=True)
@@ -143,6 +135,39 @@ def cmd_train_sasrec(args) -> int:
     print(format_table({k: v for k, v in rep.items() if k in ("valid", "test")}))
     print(f"trained in {train_s:.0f} s; checkpoint {out / 'best'}; metrics {out / 'metrics.json'}")
     return 0
+
+
+def _sasrec_section(config: str) -> dict:
+    """The "sasrec" object of fields of a JSON config file (none: {}); a ValueError naming the file otherwise."""
+    if not Path(config).is_file():
+        raise ValueError(f"config: {config!r} is not a JSON file (with --model sasrec: a file with a \"sasrec\" "
+                         "section; presets are GenRec's)")
+    try:
+        spec = json.loads(Path(config).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config: {config} is not valid JSON ({e})") from None
+    spec = spec.get("sasrec", {}) if isinstance(spec, dict) else None
+    if not isinstance(spec, dict):
+        raise ValueError(f"config: {config}: expected a JSON object with a \"sasrec\" object of fields "
+                         "(with --model sasrec)")
+    return spec
+
+
+GENREC_ONLY = ("pretrain_epochs", "finetune_epochs", "drop_user_prob")  # train's flags that SASRec has no use for
+
+
+def _check_sasrec_flags(args) -> None:
+    """--model sasrec: a ValueError naming a flag given that SASRec would ignore (--resume, GenRec's settings, a
+    --device other than cpu)."""
+    if args.resume:
+        raise ValueError("--resume is not supported with --model sasrec (it keeps no training state to continue; "
+                         "--overwrite trains it again)")
+    for name in GENREC_ONLY:
+        if getattr(args, name) is not None:
+            raise ValueError(f"--{name.replace('_', '-')} is not supported with --model sasrec (a GenRec setting; "
+                             "SASRec's are --set sasrec.FIELD=VALUE)")
+    if check_device(args.device, "--device").type != "cpu":
+        raise ValueError(f"--device {args.device}: SASRec trains on the CPU here; expected --device cpu")
 
 
 RUN_FILES = ("best", "last", "log.jsonl", "metrics.json", "train_summary.json", "curves.png")  # what `train` writes

@@ -58,6 +58,21 @@ class SASRecConfig:
                 raise ValueError(f"sasrec.{name} must be >= 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"sasrec.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("n_items", "eval_users", "threads", "lr", "max_minutes", "patience"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"sasrec.{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+def config_from(spec: dict) -> SASRecConfig:
+    """A SASRecConfig from {field: value} (a JSON config's "sasrec" section, `--set sasrec.FIELD=VALUE`s): an
+    unknown field or a value of the wrong type (as config.py checks GenRec's: true is no int, "abc" no float; an
+    int for a float becomes a float) raises ValueError naming the field, before any training."""
+    from .config import _typed
+    types = {f.name: str(f.type) for f in dataclasses.fields(SASRecConfig)}
+    unknown = sorted(set(spec) - set(types))
+    if unknown:
+        raise ValueError(f"config: sasrec has no field {unknown[0]!r}; expected one of {sorted(types)}")
+    return SASRecConfig(**{name: _typed(f"sasrec.{name}", types[name], v) for name, v in spec.items()})
 
 
 class Block(nn.Module):
