@@ -133,3 +133,29 @@ def test_for_catalog_fixes_the_auto_settings_by_the_catalogs_size():
         with_overrides(preset("codes"), {"tokenizer.max_leaf": -1})
     with pytest.raises(ValueError, match="train.softmax must be one of"):
         with_overrides(preset("codes"), {"train.softmax": "automatic"})
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("train.patience", 0, "train.patience must be >= 1"), ("train.max_items", 0, "train.max_items must be >= 1"),
+    ("train.num_beams", 0, "train.num_beams must be >= 1"), ("model.n_heads", 0, "model.n_heads must be >= 1"),
+    ("model.dropout", 2.0, r"model.dropout must be in \[0, 1\)"), ("train.warmup_steps", -1, "warmup_steps"),
+    ("tokenizer.vocab_size", 0, "tokenizer.vocab_size must be >= 1")])
+def test_values_that_would_fail_later_are_refused_naming_the_field(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        with_overrides(preset("small"), {key: value})
+
+
+def test_a_json_config_without_preset_overrides_the_recommended_one(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"train": {"lr": 0.002}}))
+    p = load_config(str(f))
+    assert p.train.lr == 0.002 and p.tokenizer == preset("recommended").tokenizer
+    f.write_text(json.dumps({"trian": {"lr": 0.002}}))
+    with pytest.raises(ValueError, match="did you mean 'train'"):
+        load_config(str(f))
+    f.write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="expected an object"):
+        load_config(str(f))
+    f.write_text(json.dumps({"train": 3}))
+    with pytest.raises(ValueError, match="'train' must be an object"):
+        load_config(str(f))

@@ -249,3 +249,25 @@ def test_a_huge_k_is_the_whole_catalog(trained, monkeypatch):
     np.testing.assert_allclose(huge.scores, whole.scores, rtol=1e-6)
     narrow = rec.recommend(hist, k=5, num_beams=10 ** 9)[0]
     assert narrow.items == rec.recommend(hist, k=5, num_beams=n)[0].items
+
+
+def test_ids_match_as_the_cli_and_server_match_them(trained, small_synthetic):
+    """recommend() finds "5" in a catalog of ints and 5 in one of strings (`data.resolve_id`), for histories,
+    users and allowed_items alike, with the same results as the catalog's own spelling."""
+    rec, _ = trained
+    d = small_synthetic
+    hists = [[d.item_ids[i] for i in s[:-1]] for s in d.sequences[:4]]
+    users, allowed = d.user_ids[:4], d.item_ids[::3]
+    want = rec.recommend(hists, k=5, users=users, allowed_items=allowed)
+    got = rec.recommend([[str(x) for x in h] for h in hists], k=5, users=[str(u) for u in users],
+                        allowed_items=[str(x) for x in allowed])
+    assert [r.items for r in got] == [r.items for r in want]
+    assert [r.scores for r in got] == [r.scores for r in want]
+    anonymous = rec.recommend(hists, k=5, allowed_items=allowed)
+    assert [r.scores for r in got] != [r.scores for r in anonymous]  # the users were found, not dropped
+    with pytest.raises(ValueError, match=r"unknown item ids \['05'\]"):  # canonical spellings only
+        rec.recommend([["05"]], k=5)
+    strings = genrec_fast.Recommender.random([str(i) for i in range(1, 40)], "tiny", vocab_size=300)
+    a = strings.recommend([[3, 17]], k=5, allowed_items=range(1, 20))
+    b = strings.recommend([["3", "17"]], k=5, allowed_items=[str(i) for i in range(1, 20)])
+    assert a == b and set(a[0].items) <= {str(i) for i in range(1, 20)}

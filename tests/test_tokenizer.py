@@ -155,3 +155,8 @@ def test_first_duplicate_finds_a_repeated_piece_sequence(seqs):
     else:
         i, j = got
         assert i != j and seqs[i] == seqs[j]
+
+
+def test_a_vocabulary_below_the_texts_characters_is_a_value_error_naming_the_field():
+    with pytest.raises(ValueError, match="tokenizer.vocab_size: 5 is below the"):
+        GenRecTokenizer.train([np.array([1, 2])], ["item_1", "item_2", "item_3"], 5)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,12 @@ class ModelConfig:
     eos_id: int = 3
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "n_heads", "ffn_dim", "max_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.encoder_positions not in ("start", "end"):
@@ -144,6 +151,15 @@ class TrainConfig:
                              f"{self.finetune_epochs!r} and {self.eval_users!r}")
         if not self.lr >= 0:
             raise ValueError(f"train.lr must be >= 0, got {self.lr!r}")
+        for name in ("max_items", "num_beams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.patience < 1:
+            raise ValueError(f"train.patience must be >= 1 (finetuning epochs without a gain before stopping; a value "
+                             f"above train.finetune_epochs never stops early), got {self.patience!r}")
+        for name in ("weight_decay", "warmup_steps", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("drop_user_prob", "pretrain_last_prob", "cloze_mix", "history_drop", "history_reorder"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"train.{name} must be in [0, 1], got {getattr(self, name)!r}")
@@ -194,6 +210,8 @@ class TokenizerConfig:
     # data (use its `last` weights: chosen by no validation), instead of the co-occurrence embedding
 
     def __post_init__(self) -> None:
+        if self.vocab_size < 1:
+            raise ValueError(f"tokenizer.vocab_size must be >= 1, got {self.vocab_size!r}")
         if self.item_tokens not in ("pieces", "whole", "codes"):
             raise ValueError(f"tokenizer.item_tokens must be 'pieces', 'whole' or 'codes', got {self.item_tokens!r}")
         if self.code_input not in ("all", "first"):
@@ -301,7 +319,8 @@ def for_catalog(p: Preset, n_items: int, large: int = LARGE_CATALOG) -> Preset:
 
 def load_config(name_or_path: str) -> Preset:
     """A preset name, or a JSON file {"preset": name, "model": {...}, "train": {...}, "tokenizer": {...}}
-    whose sections override the preset's fields (other top-level keys, such as notes, are ignored)."""
+    whose sections override the preset's fields ("preset" defaults to "recommended", the CLI's default; other
+    top-level keys, such as notes, are ignored unless they look like a misspelled section)."""
     if name_or_path in PRESETS:
         return preset(name_or_path)
     path = Path(name_or_path)
@@ -311,12 +330,22 @@ def load_config(name_or_path: str) -> Preset:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"config: {path} is not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"config: {path} holds a JSON {type(spec).__name__}; expected an object "
+                         '{"preset": NAME, "model": {...}, "train": {...}, "tokenizer": {...}}')
     if "members" in spec:
         m = spec["members"]
         raise ValueError(f"config: {path} describes an ensemble of configs/{m['config']} trained with the seeds "
                          f"{m['seeds']}: train it once per seed (--set train.seed=S), then score the runs together "
                          "with `genrec-fast report CHECKPOINT ...` (its \"command\" field has both steps)")
-    out = preset(spec.get("preset", "small"))
+    for key, value in spec.items():
+        close = difflib.get_close_matches(key, list(SECTIONS), 1, 0.7)
+        if key not in SECTIONS and isinstance(value, dict) and close:
+            raise ValueError(f"config: {path} has a section {key!r}; did you mean {close[0]!r}? (sections: "
+                             f"{sorted(SECTIONS)})")
+        if key in SECTIONS and not isinstance(value, dict):
+            raise ValueError(f"config: {path}: {key!r} must be an object of fields, got {value!r}")
+    out = preset(spec.get("preset", "recommended"))
     for section in SECTIONS:
         out = with_overrides(out, {f"{section}.{k}": v for k, v in spec.get(section, {}).items()})
     return out

@@ -14,7 +14,7 @@ from . import checkpoint
 from .batching import encode_histories, pad_encoder
 from .beam_search import Trie
 from .config import ModelConfig, preset
-from .data import Catalog, item_codes
+from .data import Catalog, item_codes, resolve_id
 from .decoding import beam_decode, item_decode
 from .device import check_device
 from .ensemble import Ensemble, check_same_files
@@ -140,7 +140,8 @@ class Recommender:
         """Top-k distinct items per history (original ids), best first, with their scores.
 
         histories: one list of original item ids per request, oldest first; longer than the
-          model's window keeps the most recent items.
+          model's window keeps the most recent items. An id matches the catalog's as the CLI and the server
+          match it (`data.resolve_id`): 5 finds a catalog's "5" and "5" its 5.
         users: optional original user ids (None entries allowed); an unknown user is served from
           the history alone (as is every user when the model was trained without user tokens).
         num_beams: beam width (default max(k, 20)); k <= num_beams.
@@ -155,7 +156,7 @@ class Recommender:
         k, num_beams = min(k, n_items), min(num_beams, n_items)  # without (k x beams) arrays for a huge k
         exclude_seen = self.exclude_seen if exclude_seen is None else bool(exclude_seen)
         idx = [self._history_indices(h, n, unknown_items) for n, h in enumerate(histories)]
-        uidx = [None] * len(idx) if users is None else [self.catalog.user_index.get(u) for u in users]
+        uidx = [None] * len(idx) if users is None else [_index(self.catalog.user_index, u) for u in users]
         allow = self._allow_mask(allowed_items)
         out: list[Recommendations] = []
         for s in range(0, len(idx), batch_size):
@@ -172,7 +173,11 @@ class Recommender:
         history = list(history)
         if not history:
             raise ValueError(f"histories[{n}]: empty history; at least one item is needed")
-        known = list(map(self.catalog.item_index.get, history))
+        index = self.catalog.item_index
+        known = list(map(index.get, history))
+        if None not in known:
+            return known
+        known = [_index(index, x) if i is None else i for x, i in zip(history, known)]
         if None not in known:
             return known
         bad = [x for x, i in zip(history, known) if i is None]
@@ -189,10 +194,12 @@ class Recommender:
         if allowed_items is None:
             return None
         mask = np.zeros(len(self.catalog.item_ids), dtype=bool)
-        unknown = [x for x in allowed_items if x not in self.catalog.item_index]
+        allowed_items = list(allowed_items)
+        rows = [_index(self.catalog.item_index, x) for x in allowed_items]
+        unknown = [x for x, i in zip(allowed_items, rows) if i is None]
         if unknown:
             raise ValueError(f"allowed_items: unknown item ids {unknown[:5]}")
-        mask[[self.catalog.item_index[x] for x in allowed_items]] = True
+        mask[rows] = True
         return mask
 
     def _to_ids(self, items: np.ndarray, scores: np.ndarray) -> list[Recommendations]:
@@ -202,6 +209,18 @@ class Recommender:
             self._ids[:] = self.catalog.item_ids
         ids, found = self._ids[np.maximum(items, 0)].tolist(), (items >= 0).sum(1).tolist()
         return [Recommendations(i[:n], s[:n]) for i, s, n in zip(ids, scores.tolist(), found)]
+
+
+def _index(index: dict, x) -> int | None:
+    """x's row in a catalog index (`Catalog.item_index` / `user_index`) as `data.resolve_id` spells it, or None."""
+    i = index.get(x)
+    if i is None and x is not None:
+        try:
+            key = resolve_id(index, x)
+        except TypeError:  # (not an id: an unknown one)
+            key = None
+        i = None if key is None else index[key]
+    return i
 
 
 def _is_int(x) -> bool:

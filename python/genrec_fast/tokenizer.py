@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,12 +197,19 @@ class GenRecTokenizer:
               code_table: np.ndarray | None = None, code_input: str = "all") -> "GenRecTokenizer":
         """Train BPE (deterministic) on the text the encoder reads besides whole item tokens (see `training_lines`)."""
         model = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(training_lines(histories, item_codes, item_tokens)), model_writer=model,
-            model_type="bpe", vocab_size=vocab_size, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            user_defined_symbols=[MASK], character_coverage=1.0, hard_vocab_limit=False,
-            max_sentence_length=1 << 22, split_by_number=True, num_threads=2, minloglevel=2,
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(training_lines(histories, item_codes, item_tokens)), model_writer=model,
+                model_type="bpe", vocab_size=vocab_size, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                user_defined_symbols=[MASK], character_coverage=1.0, hard_vocab_limit=False,
+                max_sentence_length=1 << 22, split_by_number=True, num_threads=2, minloglevel=2,
+            )
+        except RuntimeError as e:
+            if "smaller than required_chars" not in str(e):
+                raise
+            need = re.search(r"(\d+) vs (\d+)", str(e))
+            raise ValueError(f"tokenizer.vocab_size: {vocab_size} is below the {need.group(2) if need else 'more'} "
+                             "pieces the text's characters and the special tokens need; raise it") from None
         return cls(model.getvalue(), item_codes, item_tokens, code_table, code_input)
 
     def save(self, directory: Path) -> None:
