@@ -65,6 +65,39 @@ def test_logs_plot_and_resume(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # resumed after epoch 2, not from scratch
 
 
+class _Killed(Exception):
+    """Stands for the process being killed in the middle of an epoch."""
+
+
+def test_resume_after_a_kill_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
+    """With dropout (torch's generator) and the user-token drops (numpy's), a run killed in epoch 3 and resumed
+    from last/ (epoch 2) logs the same losses and validations and ends with the same weights as a run never
+    stopped: train_state holds every generator."""
+    d = synthetic(n_users=120, n_items=30, seed=6)
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, dropout=0.3, attention_dropout=0.1, activation_dropout=0.1)
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=2, eval_users=50)
+    train(d, tmp_path / "whole", p, progress=False)
+    epoch = Trainer.train_epoch
+
+    def killed_in_epoch_3(self, pretrain):
+        if self.epoch == 2:
+            raise _Killed
+        return epoch(self, pretrain)
+    monkeypatch.setattr(Trainer, "train_epoch", killed_in_epoch_3)
+    with pytest.raises(_Killed):
+        train(d, tmp_path / "cut", p, progress=False)
+    monkeypatch.setattr(Trainer, "train_epoch", epoch)
+    train(d, tmp_path / "cut", p, progress=False, resume=True)
+    logs = [[json.loads(x) for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("whole", "cut")]
+    for row in logs[0] + logs[1]:  # (the timings differ)
+        del row["elapsed_s"], row["valid"]["seconds"]
+    assert [r["epoch"] for r in logs[1]] == [1, 2, 3] and logs[0] == logs[1]
+    whole, cut = (torch.load(tmp_path / run / "last" / "weights.pt") for run in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
 def test_patience_counts_finetuning_epochs_only(tmp_path):
     """With lr 0 every validation equals the first: pretraining epochs 1-2 never count, finetuning epoch 3 is
     finetuning's best, 4 and 5 are two without a gain: patience 2 stops there and `best` stays epoch 1's."""

@@ -551,18 +551,40 @@ class Trainer:
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def _save(self, name: str, with_state: bool = False) -> None:
+        """Write the checkpoint `out_dir/name` (rank 0); with_state adds train_state.pt, which every rank must
+        call for (the ranks' torch generator states are gathered)."""
+        torch_rng = self._torch_rng_states() if with_state else None
         if not self.group.is_main:
             return
         state = None
         if with_state:
             state = {"optimizer": self.opt.state_dict(), "epoch": self.epoch, "step": self.step, "best": self.best,
                      "bad_epochs": self.bad_epochs, "best_finetune": self.best_finetune,
-                     "rng": json.dumps(self.rng.bit_generator.state)}
+                     "rng": json.dumps(self.rng.bit_generator.state), "torch_rng": torch_rng}
             if self.sparse_opt is not None:
                 state["sparse_optimizer"] = self.sparse_opt.state_dict()
             if self.ema is not None:
                 state["ema"] = self.ema.state_dict()
         checkpoint.save(self.out / name, self.model, self.tokenizer, self.catalog, self.tcfg, state, info=self.info())
+
+    def _torch_rng_states(self) -> list[dict]:
+        """Every rank's torch generator states, [rank] -> {"cpu": ..., "cuda": ... on a CUDA device} (uint8
+        tensors): the dropout masks, which differ per rank, go on from them after a resume."""
+        own = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            own["cuda"] = torch.cuda.get_rng_state(self.device)
+        return self.group.all_gather(own)
+
+    def _restore_torch_rng(self, states: list[dict] | None) -> None:
+        """This rank's torch generators as `_torch_rng_states` saved them. A state written before they were
+        saved, or by fewer ranks than this rank's number, leaves the generator as seeded (dropout masks then
+        differ from an uninterrupted run's); a CUDA state is restored on a CUDA device only."""
+        if not states or self.group.rank >= len(states):
+            return
+        own = states[self.group.rank]
+        torch.set_rng_state(own["cpu"])
+        if "cuda" in own and self.device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda"], self.device)
 
     def info(self) -> dict:
         """What a checkpoint records of the data it was trained on."""
@@ -579,7 +601,8 @@ class Trainer:
                  f" valid NDCG@10 {v['NDCG@10']:.4f} HR@10 {v['HR@10']:.4f}" if v else "")
 
     def resume(self) -> None:
-        """Continue from `out_dir/last` (weights, optimizer, epoch, best score, RNG); every rank reads it."""
+        """Continue from `out_dir/last` (weights, optimizer, epoch, best score, numpy's and torch's generators);
+        every rank reads it."""
         last = self.out / "last"
         model, tokenizer, catalog, _, _ = checkpoint.load_parts(last, self.device)
         if catalog.item_ids != self.catalog.item_ids or catalog.user_ids != self.catalog.user_ids:
@@ -600,6 +623,7 @@ class Trainer:
                                                              state["bad_epochs"])
         self.best_finetune = state.get("best_finetune", self.best)  # states written before it: the old rule
         self.rng.bit_generator.state = json.loads(state["rng"])
+        self._restore_torch_rng(state.get("torch_rng"))  # (absent from states written before it was saved)
         if self.ema is not None:
             if "ema" not in state:
                 raise ValueError(f"resume: {last} was trained without train.ema_decay; resume it without it")
