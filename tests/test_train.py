@@ -98,6 +98,25 @@ def test_resume_after_a_kill_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
 
 
+def test_resume_with_another_config_names_the_fields_that_differ(tmp_path):
+    """A resume whose config changes the model (or whether the user table trains) is a one-line ValueError that
+    names each field, saved -> now, instead of torch's mismatch of every weight; other train fields may change."""
+    d = synthetic(n_users=60, n_items=20, seed=6)
+    p = preset("tiny")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=0, eval_users=20)
+    train(d, tmp_path, p, progress=False)
+    other = preset("tiny")
+    other.model = dataclasses.replace(p.model, d_model=64, dropout=0.0)
+    other.train = dataclasses.replace(p.train, drop_user_prob=1.0)
+    with pytest.raises(ValueError) as e:
+        Trainer(d, tmp_path, other, progress=False).resume()
+    msg = str(e.value)
+    assert "\n" not in msg and "model.d_model 32 -> 64" in msg and "model.dropout 0.1 -> 0.0" in msg
+    assert "train.drop_user_prob 0.2 -> 1.0" in msg and "repeat the run's --config and --set" in msg
+    other.model, other.train = p.model, dataclasses.replace(p.train, finetune_epochs=1, lr=2e-3)
+    Trainer(d, tmp_path, other, progress=False).resume()  # a longer schedule, another learning rate: fine
+
+
 def test_patience_counts_finetuning_epochs_only(tmp_path):
     """With lr 0 every validation equals the first: pretraining epochs 1-2 never count, finetuning epoch 3 is
     finetuning's best, 4 and 5 are two without a gain: patience 2 stops there and `best` stays epoch 1's."""

@@ -602,11 +602,17 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from `out_dir/last` (weights, optimizer, epoch, best score, numpy's and torch's generators);
-        every rank reads it."""
+        every rank reads it. The model config must be the one `last` was trained with (a ValueError names the
+        fields that differ); train fields may change (a longer schedule), those that do are logged."""
         last = self.out / "last"
-        model, tokenizer, catalog, _, _ = checkpoint.load_parts(last, self.device)
+        model, tokenizer, catalog, train_cfg, _ = checkpoint.load_parts(last, self.device)
         if catalog.item_ids != self.catalog.item_ids or catalog.user_ids != self.catalog.user_ids:
             raise ValueError(f"resume: {last} was trained on other data (item or user ids differ)")
+        changes = self._config_changes(model.cfg, tokenizer, train_cfg)
+        if changes:
+            raise ValueError(f"resume: {last} was trained with another configuration ({'; '.join(changes)}); "
+                             f"repeat the run's --config and --set (its config is {last / 'config.json'})")
+        self._log_train_changes(train_cfg)
         state = checkpoint.load_train_state(last)
         if state is None:
             raise FileNotFoundError(f"resume: {last} has no train_state.pt")
@@ -628,6 +634,28 @@ class Trainer:
             if "ema" not in state:
                 raise ValueError(f"resume: {last} was trained without train.ema_decay; resume it without it")
             self.ema.load_state_dict(state["ema"])
+
+    def _config_changes(self, model_cfg: ModelConfig, tokenizer: GenRecTokenizer,
+                        train_cfg: TrainConfig | None) -> list[str]:
+        """'section.field saved -> now' for each setting of a saved run that this run cannot continue with: any
+        model field (the weights' shapes, or the function they were trained for), the tokenizer's item form,
+        and whether the user table trains (train.drop_user_prob = 1: the optimizer's parameters differ)."""
+        saved, now = dataclasses.asdict(model_cfg), dataclasses.asdict(self.model.cfg)
+        out = [f"model.{k} {saved[k]!r} -> {now[k]!r}" for k in saved if saved[k] != now.get(k)]
+        out += [f"tokenizer.{k} {getattr(tokenizer, k)!r} -> {getattr(self.tokenizer, k)!r}"
+                for k in ("item_tokens", "code_input") if getattr(tokenizer, k) != getattr(self.tokenizer, k)]
+        if train_cfg is not None and train_cfg.uses_user_token != self.tcfg.uses_user_token:
+            out.append(f"train.drop_user_prob {train_cfg.drop_user_prob!r} -> {self.tcfg.drop_user_prob!r}")
+        return out
+
+    def _log_train_changes(self, train_cfg: TrainConfig | None) -> None:
+        """Log the train fields a resume changes (a longer schedule, another learning rate: allowed)."""
+        if train_cfg is None or not self.group.is_main:
+            return
+        saved, now = dataclasses.asdict(train_cfg), dataclasses.asdict(self.tcfg)
+        changed = [f"train.{k} {saved[k]!r} -> {now[k]!r}" for k in saved if saved[k] != now.get(k)]
+        if changed:
+            log.info("resume: train settings changed since %s: %s", self.out / "last", "; ".join(changed))
 
 
 def warn_large_leaves(table: np.ndarray, levels: int, branches: int) -> None:
