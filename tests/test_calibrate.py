@@ -248,3 +248,27 @@ def test_train_calibrates_the_kept_model(tmp_path):
     p.model = dataclasses.replace(p.model, history_bias=False, transition_bias=False, transition_reverse=False)
     with pytest.raises(ValueError, match="train.calibrate: needs"):
         Trainer(data, tmp_path / "none", p, progress=False)
+
+
+def test_resuming_a_calibrated_run_keeps_its_best_as_calibrated_once(tmp_path):
+    """A resumed run that trains no epoch (its schedule is done) leaves best/ calibrated once: the same weights
+    and factors after every resume, never factors applied again to weights they scaled already."""
+    p = preset("tiny")
+    p.model = dataclasses.replace(p.model, item_eos=False, history_bias=True, transition_bias=True,
+                                  transition_neighbors=5)
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=1, eval_users=0, lr=3e-3,
+                                  calibrate=True)
+    data, run = _data(4, n_users=150), tmp_path / "run"
+    train(data, run, p, progress=False)
+    first = json.loads((run / "train_summary.json").read_text())["calibration"]
+    weights = torch.load(run / "best" / "weights.pt")
+    assert first["applied"] and set(first["scales"].values()) - {0.0, 1.0}  # factors that compound if re-applied
+    for _ in range(2):
+        train(data, run, p, progress=False, resume=True)
+        again = json.loads((run / "train_summary.json").read_text())["calibration"]
+        assert again["scales"] == first["scales"] and again["applied"]
+        now = torch.load(run / "best" / "weights.pt")
+        assert all(torch.equal(weights[k], now[k]) for k in weights)
+    recorded = json.loads((run / "best" / "config.json").read_text())["info"]["calibration"]
+    assert recorded["scales"] == first["scales"]

@@ -753,6 +753,15 @@ def train(data: SequenceData, out_dir: str | Path, preset: Preset, device: str =
 
 
 def _calibrate_best(trainer: Trainer, rec: Recommender, progress: bool) -> dict:
+    """Fit the bias factors of `best/` (loaded as `rec`, scaled in place) on the validation targets; if they are
+    applied, best/ is rewritten with them, its info recording the calibration. A best/ that records one already
+    holds scaled weights (a resumed run none of whose epochs beat it): it is kept as it is and its record
+    returned, so the factors always come from the trained weights and never multiply over resumes."""
+    recorded = calibration_of(trainer.out / "best")
+    if recorded is not None:
+        log.info("calibration: %s is calibrated already (factors %s), kept as it is", trainer.out / "best",
+                 recorded.get("scales"))
+        return dict(recorded, reused=True)
     from .calibrate import calibrate
     t0 = time.perf_counter()
     out = calibrate(rec, trainer.split, progress=progress)
@@ -765,3 +774,8 @@ def _calibrate_best(trainer: Trainer, rec: Recommender, progress: bool) -> dict:
              out["heldout_ndcg10"]["after"])
     return out
 
+
+def calibration_of(path: str | Path) -> dict | None:
+    """The calibration a checkpoint's config.json records in its info (written by `train.calibrate` or
+    `genrec-fast calibrate`: its weights are the scaled ones), or None."""
+    return (json.loads((Path(path) / "config.json").read_text()).get("info") or {}).get("calibration")
