@@ -65,6 +65,27 @@ def test_train_evaluate_recommend(p5_file, tmp_path, capsys, monkeypatch):
     assert os.environ["GENREC_HEAD_PRECISION"] == "bfloat16" == genrec_fast.load(out / "best").head_precision
 
 
+def test_recommend_answers_each_line_as_it_arrives(trained):
+    """A program that writes one history and waits gets its answer while stdin stays open."""
+    import select
+    import subprocess
+    rec, out = trained
+    items = " ".join(str(i) for i in rec.catalog.item_ids[:3])
+    with subprocess.Popen([sys.executable, "-m", "genrec_fast.cli", "recommend", str(out / "best"), "-k", "2"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            for _ in range(2):
+                proc.stdin.write(items + "\n")
+                proc.stdin.flush()
+                ready, _, _ = select.select([proc.stdout], [], [], 120)  # (the start imports torch: seconds)
+                assert ready, "no answer while the input stays open"
+                assert json.loads(proc.stdout.readline())["items"] == rec.recommend([items.split()], k=2)[0].items
+            proc.stdin.close()
+            assert proc.wait(60) == 0 and proc.stdout.read() == ""
+        finally:
+            proc.kill()
+
+
 def test_train_without_report_leaves_a_checkpoint_and_no_metrics(p5_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data", str(p5_file), "--config", "tiny", "--pretrain-epochs", "0",

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import shutil
 import sys
 import time
@@ -344,18 +345,26 @@ def _train_seconds(checkpoint: Path) -> float | None:
     return json.loads(f.read_text()).get("train_seconds") if f.is_file() else None
 
 
-RECOMMEND_CHUNK = 1024  # lines a `recommend()` call: a large file streams out chunk by chunk
+RECOMMEND_CHUNK = 1024  # lines a `recommend()` call at most: a large file streams out chunk by chunk
 
 
 def cmd_recommend(args) -> int:
-    """One JSON line of recommendations per history line, written as each chunk of lines is ranked; a bad line
-    stops the run with an error naming it, after the lines before it are answered. With --skip-unknown a line
-    whose ids are all unknown is answered with no items and an "error" (the answers stay one per line)."""
+    """One JSON line of recommendations per history line, written as each chunk of lines is ranked: up to
+    RECOMMEND_CHUNK lines, fewer whenever no more input is available yet (a program that writes a history and
+    waits gets its answer at once). A bad line stops the run with an error naming it, after the lines before it
+    are answered. With --skip-unknown a line whose ids are all unknown is answered with no items and an "error"
+    (the answers stay one per line)."""
     rec = _load_checkpoints(args)
     skipped = [0, 0]  # unknown ids dropped (--skip-unknown), lines they were on
     rows = []  # (user, history of known ids)
+    n = 0  # input lines read
     with contextlib.nullcontext(sys.stdin) if args.input in (None, "-") else open(args.input) as stream:
-        for n, line in enumerate(stream, 1):
+        for line in input_lines(stream):
+            if line is None:  # the input would block: answer what has arrived
+                _print_recommendations(rec, rows, args)
+                rows = []
+                continue
+            n += 1
             tokens = line.split()
             if not tokens:
                 continue
@@ -374,6 +383,31 @@ def cmd_recommend(args) -> int:
     if skipped[0]:
         print(f"skipped {skipped[0]} unknown item ids on {skipped[1]} lines (--skip-unknown)", file=sys.stderr)
     return 0
+
+
+def input_lines(stream, block: int = 1 << 16):
+    """The lines of a text stream, with None between them wherever reading on would wait for the writer (no
+    complete line buffered, none readable now: select() on POSIX). A stream without a file descriptor (or off
+    POSIX) yields its lines alone. Lines are decoded as the stream's encoding, a bad byte replaced."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is None or os.name != "posix":
+        yield from stream
+        return
+    encoding, pending = getattr(stream, "encoding", None) or "utf-8", b""
+    while True:
+        if not select.select([fd], [], [], 0)[0]:
+            yield None
+        chunk = os.read(fd, block)  # (waits for the writer, or b"" at the end)
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            yield line.decode(encoding, errors="replace")
+    if pending:
+        yield pending.decode(encoding, errors="replace")
 
 
 def _known_items(index: dict, history: list, line: int, skip: bool, skipped: list) -> list:
