@@ -171,6 +171,25 @@ def test_checkpoint_paths_and_devices_are_named(p5_file, tmp_path, capsys):
             genrec_fast.load(out / "best", device="cuda")
 
 
+def test_bad_numbers_and_devices_are_one_line_errors(tmp_path, capsys):
+    """Checked before anything is loaded: the message names the flag and what it expects."""
+    for argv, said in ((["evaluate", "ckpt", "--users", "-5"], "--users: expected an integer >= 0, got '-5'"),
+                       (["evaluate", "ckpt", "--num-beams", "0"], "--num-beams: expected a positive integer"),
+                       (["report", "ckpt", "--out", "m.json", "--num-beams", "0"], "--num-beams: expected a positive"),
+                       (["recommend", "ckpt", "-k", "0"], "-k/--k: expected a positive integer, got '0'"),
+                       (["calibrate", "ckpt", "--out", "x", "--users", "-1"], "--users: expected an integer >= 0"),
+                       (["cascade", "a", "b", "--out", "x", "--candidates", "0"], "--candidates: expected a positive"),
+                       (["serve", "ckpt", "--max-wait-ms", "-5"], "--max-wait-ms: expected a number >= 0")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert said in capsys.readouterr().err, argv
+    for device in ("mps", "xpu", "meta", "cpu:0x"):
+        for argv in (["recommend", str(tmp_path)], ["train", "--data", str(tmp_path / "never read")]):
+            assert main(argv + ["--device", device]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: --device: expected 'cpu', 'cuda' or 'cuda:N'") and "Traceback" not in err
+
+
 def test_a_run_directory_is_not_overwritten_unless_asked(p5_file, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--data", str(p5_file), "--config", "tiny", "--pretrain-epochs", "0", "--finetune-epochs", "1",

@@ -42,6 +42,17 @@ def int_in(low: int, high: int | None = None, what: str = ""):
 positive_int, non_negative_int, port = int_in(1), int_in(0), int_in(1, 65535, "a port number from 1 to 65535")
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--data", required=required, help="data file or directory (default: the synthetic dataset)")
     p.add_argument("--format", default="p5", choices=FORMATS,
@@ -504,8 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
     _add_data_args(e)
     e.add_argument("--part", default="test", choices=("valid", "test"))
-    e.add_argument("--users", type=int, default=0, help="evaluate the first N users only (0 = all)")
-    e.add_argument("--num-beams", type=int, default=20)
+    e.add_argument("--users", type=non_negative_int, default=0, help="evaluate the first N users only (0 = all)")
+    e.add_argument("--num-beams", type=positive_int, default=20)
     e.add_argument("--exclude-seen", action="store_true")
     e.add_argument("--no-user", action="store_true", help="omit the user token (as for a new user)")
     e.add_argument("--device", default="cpu")
@@ -517,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "items, or codes with the leaf head)")
     _add_data_args(c)
     c.add_argument("--out", required=True, help="checkpoint directory to write")
-    c.add_argument("--users", type=int, default=0, help="fit on the first N users' validation targets (0 = the default: "
+    c.add_argument("--users", type=non_negative_int, default=0, help="fit on the first N users' validation targets (0 = the default: "
                                                          "a one-token model all users up to 50,000, else 50,000 drawn "
                                                          "at random; a codes model 6,000 drawn at random)")
     c.add_argument("--device", default="cpu")
@@ -530,14 +541,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(q)
     q.add_argument("--out", required=True,
                    help="cascade directory to write (cascade.json + copies of both checkpoints)")
-    q.add_argument("--candidates", type=int, default=20, help="candidates per user from the retriever (default 20)")
-    q.add_argument("--beams", type=int, help="the retriever's beam width (default: --candidates; wider beams find "
+    q.add_argument("--candidates", type=positive_int, default=20, help="candidates per user from the retriever (default 20)")
+    q.add_argument("--beams", type=positive_int, help="the retriever's beam width (default: --candidates; wider beams find "
                                              "better candidates, at the retriever's cost)")
     q.add_argument("--no-bias-items", action="store_true",
                    help="candidates from the retriever only (default: also the items the ranker's history and "
                         "transition biases name)")
     q.add_argument("--weight", type=float, help="the ranker's weight in [0, 1] (default: chosen on validation)")
-    q.add_argument("--users", type=int, default=0, help="choose the weight on the first N users (0 = all)")
+    q.add_argument("--users", type=non_negative_int, default=0, help="choose the weight on the first N users (0 = all)")
     q.add_argument("--device", default="cpu")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_cascade)
@@ -546,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
     _add_data_args(f)
     f.add_argument("--out", required=True, help="metrics JSON file to write")
-    f.add_argument("--num-beams", type=int, default=20)
+    f.add_argument("--num-beams", type=positive_int, default=20)
     f.add_argument("--device", default="cpu")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=cmd_report)
@@ -555,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", help="one history per line: item ids oldest first (default stdin); one JSON line "
                                    "out per non-empty line, empty lines skipped")
     r.add_argument("--with-user", action="store_true", help="the first id on each line is the user id")
-    r.add_argument("-k", "--k", type=int, default=10)
+    r.add_argument("-k", "--k", type=positive_int, default=10)
     r.add_argument("--exclude-seen", action="store_true",
                    help="never recommend a history's own items (always on for models trained with train.mask_seen)")
     r.add_argument("--skip-unknown", action="store_true", help="skip unknown item ids instead of failing")
@@ -571,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "process; several workers or GPUs)")
     s.add_argument("--max-batch", type=positive_int, default=64,  # serve_api.MAX_BATCH
                    help="requests per model call at most (default 64)")
-    s.add_argument("--max-wait-ms", type=float, default=None,  # serve_api.MAX_WAIT_MS[engine]
+    s.add_argument("--max-wait-ms", type=non_negative_float, default=None,  # serve_api.MAX_WAIT_MS[engine]
                    help="how long a batch waits for more requests once none are queued (default: aiohttp 0, "
                         "litserve 2 ms)")
     s.add_argument("--device", default="cpu")
