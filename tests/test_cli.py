@@ -120,6 +120,19 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "train has no field 'epochs'" in capsys.readouterr().err
 
 
+def test_a_data_file_read_as_p5_by_default_hints_at_its_format(tmp_path, capsys):
+    (tmp_path / "r.csv").write_text("user,item,timestamp\n1,2,0\n")
+    (tmp_path / "u.data").write_text("1\t2\t5\t0\n1\t3\t5\t1\n")
+    (tmp_path / "r.txt").write_text("1 2 3\n2 x 4\n")
+    for name, said in (("r.csv", "r.csv:1: user id 'user,item,timestamp' is not an integer; read as P5 (the "
+                                 "default --format): is it a CSV file? pass --format csv"),
+                       ("u.data", "user 1 appears on more than one line; read as P5 (the default --format): is it "
+                                  "a MovieLens file? pass --format movielens"),
+                       ("r.txt", "r.txt:2: item id 'x' is not an integer\n")):
+        assert main(["train", "--data", str(tmp_path / name), "--out", str(tmp_path / "run")]) == 2
+        assert said in capsys.readouterr().err, name
+
+
 def test_calibrate_writes_a_checkpoint_that_scores_as_it_reports(p5_file, tmp_path, capsys):
     out, cfg = tmp_path / "run", tmp_path / "biased.json"
     cfg.write_text(json.dumps({"preset": "tiny", "tokenizer": {"item_tokens": "whole"},

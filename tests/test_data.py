@@ -84,6 +84,18 @@ def test_p5_empty_lines_warn_or_fail(tmp_path):
         load_p5(p, skip_empty=False)
 
 
+@pytest.mark.parametrize("name, content, want", [
+    ("r.csv", b"1 2 3\n", "csv"), ("r.TSV", b"", "tsv"), ("r.parquet", b"", "parquet"), ("u.data", b"", "movielens"),
+    ("ratings.dat", b"", "movielens"), ("x.txt", b"PAR1\x15\x04", "parquet"), ("x.txt", b"1::2::5::9\n", "movielens"),
+    ("x.txt", b"user,item,timestamp\n1,2,3\n", "csv"), ("x.txt", b"1,2,3,4\n", "csv"),
+    ("x.txt", b"1\t2\t5\t88\n", "movielens"), ("x.txt", b"user\titem\tts\n", "tsv"),
+    ("x.txt", b"1\t2\t5\n", None), ("x.txt", b"1 2 3\n", None), ("sequential_data.txt", b"u 1 2\n", None)])
+def test_guess_format_from_suffix_or_first_line(tmp_path, name, content, want):
+    (tmp_path / name).write_bytes(content)
+    assert D.guess_format(tmp_path / name) == want
+    assert D.guess_format(tmp_path / "missing.txt") is None
+
+
 def test_movielens_orders_by_time_ties_in_file_order(tmp_path):
     udata = "1\t30\t5\t300\n1\t10\t4\t100\n1\t20\t3\t200\n1\t25\t3\t200\n2\t10\t1\t5\n2\t30\t1\t1\n2\t20\t1\t9\n"
     d = load_movielens(write(tmp_path, "u.data", udata), id_order="original")

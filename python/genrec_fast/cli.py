@@ -75,7 +75,23 @@ def load_data(args) -> data_mod.SequenceData:
             raise ValueError(f"--columns: expected USER,ITEM,TIME (three names) with --format csv, tsv or parquet, "
                              f"got {args.columns!r} with --format {args.format}")
         columns = dict(zip(("user_col", "item_col", "time_col"), names))
-    return data_mod.load(args.data, args.format, id_order=args.id_order, seed=args.seed, **columns)
+    try:
+        return data_mod.load(args.data, args.format, id_order=args.id_order, seed=args.seed, **columns)
+    except data_mod.DataFormatError as e:
+        raise _with_format_hint(e, args.format) from None
+
+
+FORMAT_NAMES = {"csv": "a CSV", "tsv": "a TSV", "parquet": "a Parquet", "movielens": "a MovieLens"}
+
+
+def _with_format_hint(e: data_mod.DataFormatError, fmt: str) -> data_mod.DataFormatError:
+    """A P5 parse error of a file that looks like another format (`data.guess_format`), with a hint naming --format
+    (e unchanged otherwise)."""
+    guess = data_mod.guess_format(e.path) if fmt == "p5" else None
+    if guess is None:
+        return e
+    return data_mod.DataFormatError(e.path, e.line, f"{e.problem}; read as P5 (the default --format): is it "
+                                                    f"{FORMAT_NAMES[guess]} file? pass --format {guess}")
 
 
 def cmd_train(args) -> int:

@@ -269,6 +269,38 @@ def _load_p5(p: Path, id_order: str, seed: int, skip_empty: bool) -> SequenceDat
     return from_user_sequences(histories, id_order=id_order, seed=seed, name=p.parent.name or p.name)
 
 
+FORMAT_BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet", ".data": "movielens",
+                    ".dat": "movielens"}  # (u.data, ratings.dat: MovieLens's names)
+
+
+def guess_format(path: str | Path) -> str | None:
+    """The format (one of FORMATS other than 'p5') that a file looks written in, from its suffix (.csv, .tsv,
+    .parquet, .data, .dat) or else its first bytes (Parquet's magic PAR1; a first line with '::' or commas; with
+    tabs, four integer fields as MovieLens's u.data or a header as a TSV); None when it may well be P5. For the
+    hint beside a P5 parse error."""
+    p = Path(path)
+    if p.suffix.lower() in FORMAT_BY_SUFFIX:
+        return FORMAT_BY_SUFFIX[p.suffix.lower()]
+    try:
+        with p.open("rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    first = head.split(b"\n", 1)[0]
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if b"::" in first:
+        return "movielens"
+    if b"," in first:
+        return "csv"
+    if b"\t" in first:
+        fields = first.strip().split(b"\t")
+        if len(fields) == 4 and all(re.fullmatch(rb"-?[0-9]+", x.strip()) for x in fields):
+            return "movielens"
+        return "tsv" if not re.fullmatch(rb"-?[0-9]+", fields[0].strip()) else None
+    return None
+
+
 def load_movielens(path: str | Path, *, id_order: str = "random", seed: int = 0) -> SequenceData:
     """MovieLens `u.data` (tab: user item rating time) or `ratings.dat` (user::item::rating::time).
 
