@@ -231,6 +231,15 @@ def test_a_run_directory_is_not_overwritten_unless_asked(p5_file, tmp_path, caps
     assert "holds a run already" in capsys.readouterr().err
 
 
+def test_every_option_has_help():
+    import argparse
+    from genrec_fast.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if not a.help]
+    assert not missing
+
+
 def test_default_run_directories_are_named_after_the_data(tmp_path):
     from genrec_fast.cli import build_parser, run_dir
     (tmp_path / "beauty").mkdir()

@@ -62,7 +62,9 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--columns", metavar="USER,ITEM,TIME", help="csv / tsv / parquet: the user, item and timestamp "
                                                                 "columns' names (default user,item,timestamp)")
     p.add_argument("--id-order", default="random", choices=ID_ORDERS, help="item id order (default random)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random id order")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random --id-order (default %(default)s; the "
+                                                       "training run's, to read its data again); not the training "
+                                                       "seed (--set train.seed=S)")
 
 
 def load_data(args) -> data_mod.SequenceData:
@@ -491,6 +493,8 @@ def _lookup(index: dict, token: str):
     return found if found is not None else int(token) if token.lstrip("-").isdigit() else token
 
 
+DEVICE_HELP = "cpu (default), cuda or cuda:N"
+BEAMS_HELP = "beam width of the search (default %(default)s)"
 ENSEMBLE_HELP = ("checkpoint directory (or a cascade directory: genrec-fast cascade); several = an ensemble of models "
                  "trained on the same data (e.g. other seeds)")
 
@@ -510,12 +514,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config field, e.g. --set tokenizer.item_tokens=whole (repeatable)")
     t.add_argument("--out", help="run directory (default runs/<data>-<config>: <data> is the data file's name, or its "
                                  "folder's for P5's sequential_data.txt)")
-    for name, typ in (("pretrain-epochs", non_negative_int), ("finetune-epochs", non_negative_int),
-                      ("batch-size", positive_int), ("lr", float), ("eval-users", non_negative_int),
-                      ("threads", positive_int)):
-        t.add_argument(f"--{name}", type=typ)
-    t.add_argument("--dropout", type=float, help="model dropout (default: the config's)")
-    t.add_argument("--drop-user-prob", type=float, help="share of training examples without the user token")
+    for name, typ, what in (("pretrain-epochs", non_negative_int, "epochs of pretraining (train.pretrain_epochs)"),
+                            ("finetune-epochs", non_negative_int, "epochs of finetuning (train.finetune_epochs)"),
+                            ("batch-size", positive_int, "examples a step (train.batch_size; sasrec.batch_size)"),
+                            ("lr", float, "learning rate (train.lr; sasrec.lr)"),
+                            ("eval-users", non_negative_int, "users of each validation, 0 = all (train.eval_users; "
+                                                             "sasrec.eval_users)"),
+                            ("threads", positive_int, "torch threads (train.threads; sasrec.threads)")):
+        t.add_argument(f"--{name}", type=typ, help=f"{what}; default: the config's")
+    t.add_argument("--dropout", type=float, help="model dropout (model.dropout; sasrec.dropout); default: the config's")
+    t.add_argument("--drop-user-prob", type=float, help="share of training examples without the user token "
+                                                        "(train.drop_user_prob); default: the config's")
     t.add_argument("--resume", action="store_true", help="continue from <out>/last")
     t.add_argument("--overwrite", action="store_true", help="replace the run in --out (default: an --out that holds "
                                                             "one is an error)")
@@ -524,19 +533,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "`genrec-fast report` scores together); with --model sasrec: validation only")
     for p in (t,):
         p.add_argument("--device", default="cpu",
-                       help="cpu or cuda; under torchrun each process takes cuda:LOCAL_RANK (docs/training.md)")
+                       help="cpu (default) or cuda; under torchrun each process takes cuda:LOCAL_RANK "
+                            "(docs/training.md); --model sasrec: cpu only")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("evaluate", help="metrics of a checkpoint on its data")
     e.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
     _add_data_args(e)
-    e.add_argument("--part", default="test", choices=("valid", "test"))
+    e.add_argument("--part", default="test", choices=("valid", "test"),
+                   help="score each user's held-out test item (default) or validation item")
     e.add_argument("--users", type=non_negative_int, default=0, help="evaluate the first N users only (0 = all)")
-    e.add_argument("--num-beams", type=positive_int, default=20)
-    e.add_argument("--exclude-seen", action="store_true")
+    e.add_argument("--num-beams", type=positive_int, default=20, help=BEAMS_HELP)
+    e.add_argument("--exclude-seen", action="store_true", help="never rank a user's history items (default: they "
+                                                                "may be recommended again)")
     e.add_argument("--no-user", action="store_true", help="omit the user token (as for a new user)")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
     c = sub.add_parser("calibrate", help="fit the history/transition biases' weights on the validation targets "
                                          "(one factor each) and write the calibrated checkpoint")
@@ -547,8 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--users", type=non_negative_int, default=0, help="fit on the first N users' validation targets (0 = the default: "
                                                          "a one-token model all users up to 50,000, else 50,000 drawn "
                                                          "at random; a codes model 6,000 drawn at random)")
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_calibrate)
     q = sub.add_parser("cascade", help="rerank a fast model's candidates (e.g. collaborative codes) with a one-token "
                                        "model, the weight of the two chosen on the validation targets")
@@ -565,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "transition biases name)")
     q.add_argument("--weight", type=float, help="the ranker's weight in [0, 1] (default: chosen on validation)")
     q.add_argument("--users", type=non_negative_int, default=0, help="choose the weight on the first N users (0 = all)")
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--device", default="cpu", help=DEVICE_HELP)
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_cascade)
     f = sub.add_parser("report", help="the full report of train (valid, test, excluding seen, baselines) "
@@ -573,26 +585,26 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
     _add_data_args(f)
     f.add_argument("--out", required=True, help="metrics JSON file to write")
-    f.add_argument("--num-beams", type=positive_int, default=20)
-    f.add_argument("--device", default="cpu")
-    f.add_argument("--quiet", action="store_true")
+    f.add_argument("--num-beams", type=positive_int, default=20, help=BEAMS_HELP)
+    f.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(func=cmd_report)
     r = sub.add_parser("recommend", help="top-k items for histories read from a file or stdin")
     r.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
     r.add_argument("--input", help="one history per line: item ids oldest first (default stdin); one JSON line "
                                    "out per non-empty line, empty lines skipped")
     r.add_argument("--with-user", action="store_true", help="the first id on each line is the user id")
-    r.add_argument("-k", "--k", type=positive_int, default=10)
+    r.add_argument("-k", "--k", type=positive_int, default=10, help="items per history (default %(default)s)")
     r.add_argument("--exclude-seen", action="store_true",
                    help="never recommend a history's own items (always on for models trained with train.mask_seen)")
     r.add_argument("--skip-unknown", action="store_true", help="skip unknown item ids instead of failing")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="cpu", help=DEVICE_HELP)
     r.add_argument("--head-precision", choices=PRECISIONS, help=PRECISION_HELP)
     r.set_defaults(func=cmd_recommend)
     s = sub.add_parser("serve", help="an HTTP endpoint (POST /recommend) batching concurrent requests")
     s.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
     s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default), 0.0.0.0 or ::")
-    s.add_argument("--port", type=port, default=8000)
+    s.add_argument("--port", type=port, default=8000, help="TCP port (default %(default)s)")
     s.add_argument("--engine", default="aiohttp", choices=("aiohttp", "litserve"),  # serve_api.ENGINES
                    help="aiohttp (default: one process, the least CPU per request) or litserve (a model worker "
                         "process; several workers or GPUs)")
@@ -601,10 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-wait-ms", type=non_negative_float, default=None,  # serve_api.MAX_WAIT_MS[engine]
                    help="how long a batch waits for more requests once none are queued (default: aiohttp 0, "
                         "litserve 2 ms)")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help=DEVICE_HELP)
     s.add_argument("--threads", type=positive_int,
                    help="torch threads of the model's worker (default: all cores but one, for the HTTP process)")
-    s.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                   help="the server's log level (default %(default)s)")
     s.add_argument("--head-precision", choices=PRECISIONS, help=PRECISION_HELP)
     s.set_defaults(func=cmd_serve)
     return ap
