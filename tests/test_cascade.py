@@ -240,6 +240,12 @@ def test_cascade_refuses_what_it_cannot_rank(pair):
             Cascade(retriever, ranker, bad)
     with pytest.raises(ValueError, match="weight"):
         Cascade(retriever, ranker, 5, 1.5)
+    assert Cascade(retriever, ranker, 8, beams=3).beams == 8  # the width searched: never under the candidates
+
+
+def test_cli_refuses_fewer_beams_than_candidates(capsys):
+    assert main(["cascade", "never", "read", "--out", "x", "--candidates", "20", "--beams", "2"]) == 2
+    assert "--beams 2, --candidates 20: expected --beams >= --candidates" in capsys.readouterr().err
 
 
 def test_combine_puts_missing_candidates_last():

@@ -38,9 +38,10 @@ WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # the grid `fit_weight` s
 
 
 class Cascade(Recommender):
-    """`retriever`'s top `candidates` items of a `beams`-wide search (default: `candidates`), with `bias_items` the
-    ranker's bias items too, reranked with `ranker` (a one-token `Recommender`); `recommend`, `decode` and
-    `encode_batch` as for one model, with scores as in the module docstring."""
+    """`retriever`'s top `candidates` items of a `beams`-wide search (default, and at least, `candidates`: `.beams`
+    is the width searched), with `bias_items` the ranker's bias items too, reranked with `ranker` (a one-token
+    `Recommender`); `recommend`, `decode` and `encode_batch` as for one model, with scores as in the module
+    docstring."""
 
     def __init__(self, retriever: Recommender, ranker: Recommender, candidates: int = DEFAULT_CANDIDATES,
                  weight: float = 0.5, beams: int | None = None, bias_items: bool = True):
@@ -58,6 +59,7 @@ class Cascade(Recommender):
         check_candidates(candidates)
         beams = candidates if beams is None else beams
         check_candidates(beams, "beams")
+        beams = max(beams, candidates)  # (narrower would not find `candidates` items: the width searched)
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"weight: expected a number in [0, 1], got {weight!r}")
         super().__init__(retriever.model, retriever.tokenizer, retriever.catalog, retriever.max_items,

@@ -319,6 +319,9 @@ def cmd_cascade(args) -> int:
     from .cascade import Cascade, fit_weight
     from .checkpoint import is_cascade
     from .recommend import load
+    if args.beams is not None and args.beams < args.candidates:
+        raise ValueError(f"--beams {args.beams}, --candidates {args.candidates}: expected --beams >= --candidates "
+                         "(the retriever's best --candidates items of a --beams-wide search)")
     for name in ("retriever", "ranker"):
         if is_cascade(getattr(args, name)):
             raise ValueError(f"{name}: {getattr(args, name)} is a cascade; expected a model checkpoint")
