@@ -321,6 +321,13 @@ def test_cli_fits_saves_evaluates_and_serves_a_cascade(p5_file, tmp_path, capsys
     monkeypatch.setattr(sys, "stdin", io.StringIO("1 3 5\n"))
     assert main(["recommend", str(out), "-k", "4"]) == 0
     assert len(json.loads(capsys.readouterr().out)["items"]) == 4
+    (out / "stale.txt").write_text("of an older cascade")
+    again = ["cascade", str(tmp_path / "codes" / "best"), str(tmp_path / "whole" / "best"), "--data", str(p5_file),
+             "--out", str(out), "--weight", "0.3"]
+    assert main(again) == 2
+    assert "not empty; --overwrite replaces it" in capsys.readouterr().err
+    assert main(again + ["--overwrite"]) == 0  # replaced whole
+    assert json.loads((out / "cascade.json").read_text())["weight"] == 0.3 and not (out / "stale.txt").exists()
     assert main(["calibrate", str(out), "--data", str(p5_file), "--out", str(tmp_path / "x")]) == 2
     assert "is a cascade" in capsys.readouterr().err
     assert main(["cascade", str(tmp_path / "whole" / "best"), str(tmp_path / "codes" / "best"), "--data",

@@ -203,6 +203,22 @@ def test_bad_numbers_and_devices_are_one_line_errors(tmp_path, capsys):
             assert err.startswith("error: --device: expected 'cpu', 'cuda' or 'cuda:N'") and "Traceback" not in err
 
 
+def test_calibrate_and_cascade_keep_what_out_holds_unless_asked(tmp_path, capsys):
+    """Checked before any checkpoint is read: a non-empty --out needs --overwrite; an input's own directory never."""
+    ckpt, other, full = tmp_path / "run" / "best", tmp_path / "other", tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    (tmp_path / "file").write_text("x")
+    for out, said in ((full, "not empty; --overwrite replaces it"), (tmp_path / "file", "a file; expected a directory"),
+                      (ckpt, "is the input checkpoint"), (ckpt / "cal", "is inside the input checkpoint"),
+                      (tmp_path / "run", "holds the input checkpoint")):
+        for argv in (["calibrate", str(ckpt)], ["cascade", str(other), str(ckpt)]):
+            assert main(argv + ["--out", str(out)]) == 2
+            assert f"--out {out}: {said}" in capsys.readouterr().err, (argv, out)
+    assert main(["calibrate", str(ckpt), "--out", str(full), "--overwrite"]) == 2  # past the check: no checkpoint
+    assert "no such directory" in capsys.readouterr().err and (full / "keep.txt").exists()
+
+
 def test_a_run_directory_is_not_overwritten_unless_asked(p5_file, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--data", str(p5_file), "--config", "tiny", "--pretrain-epochs", "0", "--finetune-epochs", "1",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .beam_search import check_filters
-from .checkpoint import CASCADE
+from .checkpoint import CASCADE, _replace_dir
 from .decoding import first_step_heads
 from .evaluate import histories_for, metrics_from_ranks, target_ranks
 from .item_topk import candidate_logits
@@ -108,17 +109,22 @@ class Cascade(Recommender):
         return cand, log_r, log_o
 
     def save(self, path: str | Path, retriever_dir: str | Path, ranker_dir: str | Path) -> Path:
-        """Write cascade.json and copies of the two checkpoint directories (their `load`ed files) to `path`."""
+        """Write cascade.json and copies of the two checkpoint directories (their `load`ed files) to `path`,
+        replacing what it held (written beside it first: `path`'s own retriever/ and ranker/ may be the sources)."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        for name, src in (("retriever", retriever_dir), ("ranker", ranker_dir)):
-            if Path(src).resolve() != (path / name).resolve():
-                shutil.copytree(src, path / name, dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns("train_state.pt"))
-        cfg = {"candidates": self.candidates, "beams": self.beams, "bias_items": self.bias_items,
-               "weight": self.weight, "fit": self.fit,
-               "retriever_from": str(retriever_dir), "ranker_from": str(ranker_dir)}
-        (path / CASCADE).write_text(json.dumps(cfg, indent=2))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            for name, src in (("retriever", retriever_dir), ("ranker", ranker_dir)):
+                shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns("train_state.pt"))
+            cfg = {"candidates": self.candidates, "beams": self.beams, "bias_items": self.bias_items,
+                   "weight": self.weight, "fit": self.fit,
+                   "retriever_from": str(retriever_dir), "ranker_from": str(ranker_dir)}
+            (tmp / CASCADE).write_text(json.dumps(cfg, indent=2))
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return path
 
 

@@ -302,6 +302,7 @@ def cmd_calibrate(args) -> int:
     if checkpoint.is_cascade(args.checkpoint):
         raise ValueError(f"checkpoint: {args.checkpoint} is a cascade; calibrate its retriever and ranker, then "
                          "build the cascade again (genrec-fast cascade)")
+    check_out_dir(args.out, args.overwrite, [args.checkpoint])
     model, tokenizer, catalog, train_cfg, cfg = checkpoint.load_parts(args.checkpoint, args.device)
     rec = _recommender(model, tokenizer, catalog, train_cfg)
     data = _load_matching_data(args, catalog)
@@ -325,6 +326,7 @@ def cmd_cascade(args) -> int:
     for name in ("retriever", "ranker"):
         if is_cascade(getattr(args, name)):
             raise ValueError(f"{name}: {getattr(args, name)} is a cascade; expected a model checkpoint")
+    check_out_dir(args.out, args.overwrite, [args.retriever, args.ranker])
     cascade = Cascade(load(args.retriever, args.device), load(args.ranker, args.device), args.candidates,
                       0.5 if args.weight is None else args.weight, args.beams, not args.no_bias_items)
     data = _load_matching_data(args, cascade.catalog)
@@ -334,6 +336,27 @@ def cmd_cascade(args) -> int:
     cascade.save(args.out, args.retriever, args.ranker)
     print(f"cascade {args.out} (weight {cascade.weight}, {cascade.candidates} candidates of {cascade.beams} beams)")
     return 0
+
+
+def check_out_dir(out: str, overwrite: bool, inputs: list) -> None:
+    """The --out directory that calibrate and cascade write (replacing it whole): a ValueError where it is, is
+    inside or holds one of the `inputs` checkpoints, is a file, or is a directory with files in it and not
+    `overwrite`."""
+    path = Path(out).resolve()
+    for src in inputs:
+        where = _overlap(path, Path(src).resolve())
+        if where:
+            raise ValueError(f"--out {out}: {where} the input checkpoint {src}; expected another directory")
+    if path.is_file():
+        raise ValueError(f"--out {out}: a file; expected a directory to write")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out}: not empty; --overwrite replaces it, or name another --out")
+
+
+def _overlap(path: Path, other: Path) -> str:
+    """How resolved `path` and `other` overlap: "is", "is inside", "holds", or "" (apart)."""
+    return ("is" if path == other else "is inside" if other in path.parents else "holds" if path in other.parents
+            else "")
 
 
 def cmd_report(args) -> int:
@@ -558,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="a checkpoint with model.history_bias or model.transition_bias (one-token "
                                       "items, or codes with the leaf head)")
     _add_data_args(c)
-    c.add_argument("--out", required=True, help="checkpoint directory to write")
+    c.add_argument("--out", required=True, help="checkpoint directory to write (not one of the input's)")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it holds files (default: an error)")
     c.add_argument("--users", type=non_negative_int, default=0, help="fit on the first N users' validation targets (0 = the default: "
                                                          "a one-token model all users up to 50,000, else 50,000 drawn "
                                                          "at random; a codes model 6,000 drawn at random)")
@@ -571,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("ranker", help="checkpoint of a one-token model (items of one token, no EOS step) that scores them")
     _add_data_args(q)
     q.add_argument("--out", required=True,
-                   help="cascade directory to write (cascade.json + copies of both checkpoints)")
+                   help="cascade directory to write (cascade.json + copies of both checkpoints; not one of theirs)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it holds files (default: an error)")
     q.add_argument("--candidates", type=positive_int, default=20, help="candidates per user from the retriever (default 20)")
     q.add_argument("--beams", type=positive_int, help="the retriever's beam width (default: --candidates; wider beams find "
                                              "better candidates, at the retriever's cost)")
