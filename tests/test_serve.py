@@ -323,8 +323,9 @@ def test_serve_cli_reports_bad_arguments_without_starting(tmp_path, capsys):
     assert "--threads: expected a positive integer" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing"), "--engine", "litserve", "--max-wait-ms", "0"]) == 2
     assert "max_wait_ms: expected a positive number" in capsys.readouterr().err
-    assert main(["serve", str(tmp_path / "missing"), "--max-wait-ms", "-1"]) == 2  # aiohttp: 0 is fine, < 0 is not
-    assert "max_wait_ms: expected a number of milliseconds >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # aiohttp: 0 is fine, < 0 is not (argparse)
+        main(["serve", str(tmp_path / "missing"), "--max-wait-ms", "-1"])
+    assert "--max-wait-ms: expected a number >= 0, got '-1'" in capsys.readouterr().err
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "cascade.json").write_text("{}")  # a cascade directory without its checkpoints
     assert main(["serve", str(tmp_path / "c")]) == 2
@@ -339,10 +340,41 @@ def test_resolve_ids_as_the_catalog_spells_them():
     assert [resolve_id(strs, x) for x in ("5", 5, "sku1", 6)] == ["5", "5", "sku1", None]
 
 
-def test_a_port_in_use_is_an_error_not_a_traceback(trained, capsys):
+@pytest.mark.parametrize("engine", ["aiohttp", "litserve"])
+def test_a_port_in_use_is_an_error_not_a_traceback(trained, capsys, monkeypatch, engine):
+    """Said before the model loads, and nothing claims to serve."""
     _, run = trained
+    monkeypatch.setattr(sys.modules["genrec_fast.recommend"], "load",
+                        lambda *a, **k: pytest.fail("loaded a model for a busy port"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        assert main(["serve", str(run / "best"), "--port", str(s.getsockname()[1]), "--threads", "1"]) == 2
-    assert "error:" in capsys.readouterr().err
+        port = s.getsockname()[1]
+        assert main(["serve", str(run / "best"), "--port", str(port), "--threads", "1", "--engine", engine]) == 2
+    out, err = capsys.readouterr()
+    assert f"error: --port {port}: cannot listen on 127.0.0.1:{port} (" in err and "serving on" not in out
+
+
+def test_the_aiohttp_engine_says_serving_once_bound(monkeypatch, capsys):
+    """The `serving on` line comes from aiohttp's own callback after its sites started, not before."""
+    from aiohttp import web
+    from genrec_fast import serve_aio
+    said = []
+
+    def run_app(app, host, port, print, **kw):
+        said.append(capsys.readouterr().out)  # before binding: nothing printed yet
+        print("======== Running on ... ========")
+    monkeypatch.setattr(web, "run_app", run_app)
+    monkeypatch.setattr(serve_aio, "make_app", lambda *a, **k: None)
+    monkeypatch.setattr(sys.modules["genrec_fast.recommend"], "load", lambda *a, **k: _Stub())
+    monkeypatch.setattr(serve_aio, "check_arguments", lambda *a: None)
+    serve_aio.serve(["ckpt"], port=free_port(), threads=1)
+    assert said == [""] and capsys.readouterr().out.startswith("serving on http://127.0.0.1:")
+
+
+class _Stub:
+    class catalog:
+        item_ids = [1]
+
+    def recommend(self, *a, **k):
+        return []

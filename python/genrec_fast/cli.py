@@ -583,9 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(c)
     c.add_argument("--out", required=True, help="checkpoint directory to write (not one of the input's)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it holds files (default: an error)")
-    c.add_argument("--users", type=non_negative_int, default=0, help="fit on the first N users' validation targets (0 = the default: "
-                                                         "a one-token model all users up to 50,000, else 50,000 drawn "
-                                                         "at random; a codes model 6,000 drawn at random)")
+    c.add_argument("--users", type=non_negative_int, default=0,
+                   help="fit on the first N users' validation targets (0 = the default: a one-token model all users up "
+                        "to 50,000, else 50,000 drawn at random; a codes model 6,000 drawn at random)")
     c.add_argument("--device", default="cpu", help=DEVICE_HELP)
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_calibrate)
@@ -597,9 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True,
                    help="cascade directory to write (cascade.json + copies of both checkpoints; not one of theirs)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it holds files (default: an error)")
-    q.add_argument("--candidates", type=positive_int, default=20, help="candidates per user from the retriever (default 20)")
-    q.add_argument("--beams", type=positive_int, help="the retriever's beam width (default: --candidates; wider beams find "
-                                             "better candidates, at the retriever's cost)")
+    q.add_argument("--candidates", type=positive_int, default=20,
+                   help="candidates per user from the retriever (default 20)")
+    q.add_argument("--beams", type=positive_int, help="the retriever's beam width, at least --candidates (default: "
+                                                      "--candidates; wider beams find better candidates, at the "
+                                                      "retriever's cost)")
     q.add_argument("--no-bias-items", action="store_true",
                    help="candidates from the retriever only (default: also the items the ranker's history and "
                         "transition biases name)")

@@ -23,7 +23,7 @@ from litserve.loops import BatchedLoop
 
 from .recommend import load
 from .serve_api import (API_PATH, MAX_BATCH, MAX_WAIT_MS, Query, RecommendRequest, Rejected, answer, check_arguments,
-                        rejection, to_query)
+                        check_port, rejection, to_query)
 
 
 class RecommendAPI(ls.LitAPI):
@@ -92,6 +92,7 @@ def serve(checkpoints: Sequence[Union[str, Path]], host: str = "127.0.0.1", port
     if not max_wait_ms > 0:  # LitServe's worker spins on its queue with a timeout of 0
         raise ValueError(f"max_wait_ms: expected a positive number of milliseconds, got {max_wait_ms}")
     check_arguments(checkpoints, max_batch)
+    check_port(host, port)
     run(server(RecommendAPI(checkpoints, device, max_batch, max_wait_ms, threads)), host, port, log_level)
 
 

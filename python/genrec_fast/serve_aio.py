@@ -20,8 +20,8 @@ from typing import Callable, Optional, Sequence, Union
 from aiohttp import web
 from pydantic import ValidationError
 
-from .serve_api import API_PATH, MAX_BATCH, MAX_WAIT_MS, RecommendRequest, Rejected, check_arguments, rejection, \
-    to_query
+from .serve_api import API_PATH, MAX_BATCH, MAX_WAIT_MS, RecommendRequest, Rejected, check_arguments, check_port, \
+    rejection, to_query
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,14 @@ def serve(checkpoints: Sequence[Union[str, Path]], host: str = "127.0.0.1", port
     if not max_wait_ms >= 0:
         raise ValueError(f"max_wait_ms: expected a number of milliseconds >= 0, got {max_wait_ms}")
     check_arguments(checkpoints, max_batch)
+    check_port(host, port)
     logging.basicConfig(level=log_level.upper())
     # all cores but one, which the event loop needs: the model thread and the HTTP work share the CPU
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
     rec = load(checkpoints[0] if len(checkpoints) == 1 else list(checkpoints), device)
     rec.recommend([[rec.catalog.item_ids[0]]], k=1)  # warm-up: the first call allocates
     app = make_app(rec, lambda queries: answer(rec, queries), max_batch, max_wait_ms)
-    print(f"serving on http://{host}:{port}{API_PATH} (aiohttp, max batch {max_batch}, max wait {max_wait_ms:g} ms); "
-          f"GET /health answers once the model is loaded", flush=True)
-    web.run_app(app, host=host, port=port, print=None, access_log=None, handle_signals=True)
+    serving = (f"serving on http://{host}:{port}{API_PATH} (aiohttp, max batch {max_batch}, max wait "
+               f"{max_wait_ms:g} ms); GET /health answers once the model is loaded")
+    web.run_app(app, host=host, port=port, print=lambda _: print(serving, flush=True),  # (once bound)
+                access_log=None, handle_signals=True)

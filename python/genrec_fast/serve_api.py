@@ -20,6 +20,7 @@ Requests of one batch may ask for different k / exclude_seen / allowed_items: `a
 beam width of the trie search).
 """
 import logging
+import socket
 import subprocess
 import time
 import urllib.error
@@ -165,6 +166,21 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> Optional
             pass
         time.sleep(0.2)
     return f"server not healthy after {timeout_s} s"
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail before a model loads (minutes at a million items) when `host`:`port` cannot be listened on: an OSError
+    naming both (another server holds the port, an address not of this machine). A check, not a reservation: the
+    server binds again when it starts."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind (a TIME_WAIT port is free)
+            s.bind(address)
+    except OSError as e:
+        raise OSError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); another server may hold "
+                      "it: pass another --port (or --host)") from None
 
 
 def check_arguments(paths: Sequence[Union[str, Path]], max_batch: int) -> None:
