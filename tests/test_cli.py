@@ -219,6 +219,15 @@ def test_calibrate_and_cascade_keep_what_out_holds_unless_asked(tmp_path, capsys
     assert "no such directory" in capsys.readouterr().err and (full / "keep.txt").exists()
 
 
+def test_a_damaged_json_file_is_named(tmp_path, capsys):
+    for name, argv in (("sasrec.json", ["evaluate", str(tmp_path), "--quiet"]),
+                       ("cascade.json", ["recommend", str(tmp_path)])):
+        (tmp_path / name).write_text('{"bad\x01')
+        assert main(argv) == 2
+        assert f"{name} is not valid JSON (Invalid control character" in capsys.readouterr().err, name
+        (tmp_path / name).unlink()
+
+
 def test_a_run_directory_is_not_overwritten_unless_asked(p5_file, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--data", str(p5_file), "--config", "tiny", "--pretrain-epochs", "0", "--finetune-epochs", "1",

@@ -213,7 +213,10 @@ def load_cascade(path: str | Path, device: str | torch.device = "cpu") -> Cascad
     """A directory written by `Cascade.save` -> the cascade, its fit record in `.fit`."""
     from .recommend import load
     path = Path(path)
-    cfg = json.loads((path / CASCADE).read_text())
+    try:
+        cfg = json.loads((path / CASCADE).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"cascade {path}: {CASCADE} is not valid JSON ({e}); the file is damaged") from None
     cascade = Cascade(load(path / "retriever", device), load(path / "ranker", device), cfg["candidates"],
                       cfg["weight"], cfg.get("beams"), cfg.get("bias_items", True))
     cascade.fit = cfg.get("fit", {})

@@ -391,13 +391,21 @@ def _sasrec_and_data(args):
     from .data import Catalog
     from .sasrec import load
     path = Path(args.checkpoint[0])
-    return load(path), _load_matching_data(args, Catalog(**json.loads((path / "catalog.json").read_text())))
+    return load(path), _load_matching_data(args, Catalog(**_read_json(path / "catalog.json")))
 
 
 def _train_seconds(checkpoint: Path) -> float | None:
     """The training time of a `<run>/best` checkpoint, from `<run>/train_summary.json`."""
     f = checkpoint.parent / "train_summary.json"
-    return json.loads(f.read_text()).get("train_seconds") if f.is_file() else None
+    return _read_json(f).get("train_seconds") if f.is_file() else None
+
+
+def _read_json(path: Path):
+    """A JSON file's value; a ValueError naming the file where it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged") from None
 
 
 RECOMMEND_CHUNK = 1024  # lines a `recommend()` call at most: a large file streams out chunk by chunk

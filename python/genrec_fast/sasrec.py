@@ -240,7 +240,11 @@ def load(path: str | Path) -> SASRec:
     path = Path(path)
     if not (path / "sasrec.json").is_file():
         raise FileNotFoundError(f"checkpoint {path}: no sasrec.json (not a SASRec checkpoint)")
-    model = SASRec(SASRecConfig(**json.loads((path / "sasrec.json").read_text())))
+    try:
+        cfg = json.loads((path / "sasrec.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint {path}: sasrec.json is not valid JSON ({e}); the file is damaged") from None
+    model = SASRec(SASRecConfig(**cfg))
     model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
     return model.eval()
 
