@@ -305,3 +305,10 @@ def test_training_that_cannot_learn_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--batch-size", "0"])
     assert "--batch-size: expected a positive integer" in capsys.readouterr().err
+    with open(short, "a") as f:  # an empty line: a warning, shown on one line
+        f.write("\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # (shown, not an error, as outside pytest)
+        assert main(["train", "--data", str(short), "--config", "tiny", "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"warning: {short}: skipped 1 empty lines" and err[1].startswith("error: no finetuning examples")

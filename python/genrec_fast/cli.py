@@ -11,6 +11,7 @@ import select
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import data as data_mod
@@ -667,12 +668,28 @@ def main(argv=None) -> int:
     if getattr(args, "head_precision", None):  # what every Recommender then takes (a serve worker process too)
         os.environ["GENREC_HEAD_PRECISION"] = args.head_precision
     try:
-        if getattr(args, "device", None) is not None:  # before any data or model is loaded
-            check_device(args.device, "--device")
-        return args.func(args)
+        with one_line_warnings():
+            if getattr(args, "device", None) is not None:  # before any data or model is loaded
+                check_device(args.device, "--device")
+            return args.func(args)
     except (ValueError, OSError, TypeError) as e:  # OSError: files, and a serve port already in use
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Warnings shown as `warning: MESSAGE` on stderr (a category other than UserWarning named first), without
+    Python's file:line prefix and source line, inside the block."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        kind = "" if category is UserWarning else f"{category.__name__}: "
+        print(f"warning: {kind}{message}", file=file or sys.stderr)
+    saved = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
 
 
 if __name__ == "__main__":
