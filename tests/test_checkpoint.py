@@ -45,6 +45,15 @@ def test_loading_refuses_pickled_code(trained, tmp_path):
         genrec_fast.load(tmp_path / "c")
 
 
+@pytest.mark.parametrize("name", ["config.json", "catalog.json", "tokenizer.json"])
+def test_a_damaged_json_file_is_named(trained, tmp_path, name):
+    rec, _ = trained
+    checkpoint.save(tmp_path / "c", rec.model, rec.tokenizer, rec.catalog)
+    (tmp_path / "c" / name).write_text('{"item_ids": [1, \x01')
+    with pytest.raises(ValueError, match=f"checkpoint .*c: {name} is not valid JSON .*; the file is damaged"):
+        genrec_fast.load(tmp_path / "c")
+
+
 def test_missing_files_are_named(tmp_path):
     (tmp_path / "c").mkdir()
     with pytest.raises(FileNotFoundError, match="missing config.json, catalog.json, tokenizer.model, weights.pt"):

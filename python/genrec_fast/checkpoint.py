@@ -82,8 +82,8 @@ def check_checkpoint(path: str | Path) -> Path:
 def load_parts(path: str | Path, device: str | torch.device = "cpu"):
     """-> (model in eval mode, tokenizer, catalog, train config or None, config dict)."""
     path = check_checkpoint(path)
-    cfg = json.loads((path / "config.json").read_text())
-    catalog = Catalog(**json.loads((path / "catalog.json").read_text()))
+    cfg = read_json(path / "config.json")
+    catalog = Catalog(**read_json(path / "catalog.json"))
     tokenizer = GenRecTokenizer.load(path, catalog.item_codes)
     with torch.device("meta"):  # no random init (1-2 s at a million items), no second copy: the weights replace it
         model = GenRec(model_config_from_dict(cfg["model"]))
@@ -96,6 +96,14 @@ def load_parts(path: str | Path, device: str | torch.device = "cpu"):
     model.load_state_dict(weights, assign=True)
     train_cfg = TrainConfig(**cfg["train"]) if cfg.get("train") else None
     return model.to(device).eval(), tokenizer, catalog, train_cfg, cfg
+
+
+def read_json(file: Path):
+    """A checkpoint's JSON file; a damaged one is a ValueError naming it."""
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint {file.parent}: {file.name} is not valid JSON ({e}); the file is damaged") from None
 
 
 def load_train_state(path: str | Path) -> dict | None:

@@ -224,7 +224,10 @@ class GenRecTokenizer:
     @classmethod
     def load(cls, directory: Path, item_codes: Sequence[str]) -> "GenRecTokenizer":
         meta = Path(directory) / "tokenizer.json"
-        opts = json.loads(meta.read_text()) if meta.is_file() else {}
+        try:
+            opts = json.loads(meta.read_text()) if meta.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"checkpoint {directory}: tokenizer.json is not valid JSON ({e}); the file is damaged") from None
         if opts.get("item_tokens") == "codes":
             opts["code_table"] = np.load(Path(directory) / CODE_TABLE)
         return cls((Path(directory) / "tokenizer.model").read_bytes(), item_codes, **opts)
