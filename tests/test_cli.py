@@ -312,3 +312,15 @@ def test_training_that_cannot_learn_is_refused(tmp_path, capsys):
         assert main(["train", "--data", str(short), "--config", "tiny", "--out", str(tmp_path / "a"), "--quiet"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"warning: {short}: skipped 1 empty lines" and err[1].startswith("error: no finetuning examples")
+
+
+def test_resuming_with_another_config_is_a_one_line_error(p5_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["train", "--data", str(p5_file), "--config", "tiny", "--pretrain-epochs", "0", "--finetune-epochs", "1",
+              "--out", str(out), "--quiet", "--no-report"]
+    assert main(common) == 0
+    capsys.readouterr()
+    assert main(common + ["--resume", "--set", "model.d_model=16"]) == 2
+    err = capsys.readouterr().err
+    assert "error: resume:" in err and "model.d_model 32 -> 16" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -560,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, help="model dropout (model.dropout; sasrec.dropout); default: the config's")
     t.add_argument("--drop-user-prob", type=float, help="share of training examples without the user token "
                                                         "(train.drop_user_prob); default: the config's")
-    t.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last/ "
+                                                          "(repeat its --config and --set)")
     t.add_argument("--overwrite", action="store_true", help="replace the run in --out (default: an --out that holds "
                                                             "one is an error)")
     t.add_argument("--no-report", action="store_true",
