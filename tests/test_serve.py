@@ -356,7 +356,8 @@ def test_a_port_in_use_is_an_error_not_a_traceback(trained, capsys, monkeypatch,
 
 
 def test_the_aiohttp_engine_says_serving_once_bound(monkeypatch, capsys):
-    """The `serving on` line comes from aiohttp's own callback after its sites started, not before."""
+    """The `serving on` line comes from aiohttp's own callback after its sites started, not before; the model's
+    loading is said before it (a catalog of millions takes a minute)."""
     from aiohttp import web
     from genrec_fast import serve_aio
     said = []
@@ -369,7 +370,8 @@ def test_the_aiohttp_engine_says_serving_once_bound(monkeypatch, capsys):
     monkeypatch.setattr(sys.modules["genrec_fast.recommend"], "load", lambda *a, **k: _Stub())
     monkeypatch.setattr(serve_aio, "check_arguments", lambda *a: None)
     serve_aio.serve(["ckpt"], port=free_port(), threads=1)
-    assert said == [""] and capsys.readouterr().out.startswith("serving on http://127.0.0.1:")
+    assert said[0].startswith("loading ckpt ...\nloaded 1 items in ") and "serving on" not in said[0]
+    assert capsys.readouterr().out.startswith("serving on http://127.0.0.1:")
 
 
 class _Stub:

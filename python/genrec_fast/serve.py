@@ -21,9 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from litserve.loops import BatchedLoop
 
-from .recommend import load
 from .serve_api import (API_PATH, MAX_BATCH, MAX_WAIT_MS, Query, RecommendRequest, Rejected, answer, check_arguments,
-                        check_port, rejection, to_query)
+                        check_port, load_warm, rejection, to_query)
 
 
 class RecommendAPI(ls.LitAPI):
@@ -41,9 +40,7 @@ class RecommendAPI(ls.LitAPI):
         import torch
         # all cores but one, which the HTTP process needs: on 2 cores 2 threads halved the throughput
         torch.set_num_threads(self.threads or max(1, (os.cpu_count() or 1) - 1))
-        paths = self.checkpoints[0] if len(self.checkpoints) == 1 else self.checkpoints
-        self.rec = load(paths, self.model_device)
-        self.rec.recommend([[self.rec.catalog.item_ids[0]]], k=1)  # warm-up: the first call allocates
+        self.rec = load_warm(self.checkpoints, self.model_device)
 
     def decode_request(self, request: RecommendRequest) -> Union[Query, Rejected]:
         return to_query(self.rec, request)

@@ -21,7 +21,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from .serve_api import API_PATH, MAX_BATCH, MAX_WAIT_MS, RecommendRequest, Rejected, check_arguments, check_port, \
-    rejection, to_query
+    load_warm, rejection, to_query
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,6 @@ def serve(checkpoints: Sequence[Union[str, Path]], host: str = "127.0.0.1", port
           threads: Optional[int] = None, log_level: str = "warning") -> None:
     """Serve a checkpoint (several: an ensemble) until interrupted (Ctrl+C / SIGINT / SIGTERM)."""
     import torch
-    from .recommend import load
     from .serve_api import answer
     if not max_wait_ms >= 0:
         raise ValueError(f"max_wait_ms: expected a number of milliseconds >= 0, got {max_wait_ms}")
@@ -127,8 +126,7 @@ def serve(checkpoints: Sequence[Union[str, Path]], host: str = "127.0.0.1", port
     logging.basicConfig(level=log_level.upper())
     # all cores but one, which the event loop needs: the model thread and the HTTP work share the CPU
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
-    rec = load(checkpoints[0] if len(checkpoints) == 1 else list(checkpoints), device)
-    rec.recommend([[rec.catalog.item_ids[0]]], k=1)  # warm-up: the first call allocates
+    rec = load_warm(checkpoints, device)
     app = make_app(rec, lambda queries: answer(rec, queries), max_batch, max_wait_ms)
     serving = (f"serving on http://{host}:{port}{API_PATH} (aiohttp, max batch {max_batch}, max wait "
                f"{max_wait_ms:g} ms); GET /health answers once the model is loaded")

@@ -196,3 +196,16 @@ def check_arguments(paths: Sequence[Union[str, Path]], max_batch: int) -> None:
             check_arguments([Path(p) / "retriever", Path(p) / "ranker"], max_batch)
             continue
         checkpoint.check_checkpoint(p)
+
+
+def load_warm(checkpoints: Sequence[Union[str, Path]], device: str = "cpu") -> Recommender:
+    """The served model (several checkpoints: an ensemble), loaded and warmed up by one request (the first call
+    builds the trie and allocates: ~1 s at a million items, ~1 min at ten million), saying so on stdout."""
+    from .recommend import load
+    t0 = time.perf_counter()
+    names = ", ".join(str(p) for p in checkpoints)
+    print(f"loading {names} ...", flush=True)
+    rec = load(checkpoints[0] if len(checkpoints) == 1 else [str(p) for p in checkpoints], device)
+    rec.recommend([[rec.catalog.item_ids[0]]], k=1)  # warm-up: the first call builds the trie and allocates
+    print(f"loaded {len(rec.catalog.item_ids):,} items in {time.perf_counter() - t0:.1f} s", flush=True)
+    return rec
