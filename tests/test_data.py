@@ -108,6 +108,23 @@ def test_movielens_orders_by_time_ties_in_file_order(tmp_path):
         load_movielens(write(tmp_path, "u.data", "1\t2\n"))
 
 
+def test_zero_padded_ids_stay_strings(tmp_path):
+    """"007" and "7" are two items, spelled as in the file; ids become ints only when that loses nothing."""
+    text = "user,item,timestamp\nu,007,1\nu,7,2\nu,000,3\nv,7,1\nv,007,2\nv,0,3\n"
+    p = write(tmp_path, "z.csv", text)
+    want = ["007", "7", "000", "0"]
+    for loader in (load_csv, D._load_csv_reference):
+        assert loader(p, id_order="original").item_ids == want
+    pq.write_table(pa.table({"user": ["u"] * 3, "item": ["007", "7", "+7"], "timestamp": [1, 2, 3]}),
+                   tmp_path / "z.parquet")
+    assert load(tmp_path / "z.parquet", "parquet", id_order="original").item_ids == ["007", "7", "+7"]
+    plain = write(tmp_path, "p.csv", "user,item,timestamp\nu,0,1\nu,-7,2\nu, 10 ,3\n")
+    assert load_csv(plain, id_order="original").item_ids == [0, -7, 10]
+    from genrec_fast import Recommender
+    rec = Recommender.random(load_csv(p).item_ids, config="tiny", item_tokens="whole")
+    assert len(rec.recommend([["007", "7"]], k=2)[0].items) == 2
+
+
 def test_csv_and_tsv_with_string_ids(tmp_path):
     csv = "user,item,timestamp\nalice,B07,3\nalice,A01,1\nalice,C9,2\nbob,A01,1\nbob,B07,2\nbob,C9,2.5\n"
     d = load(write(tmp_path, "x.csv", csv), "csv", id_order="original")
@@ -243,7 +260,7 @@ def test_parquet_equals_csv_reference(tmp_path, rows, int_users, int_times):
     (tmp_path / "log.csv").write_text("user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
     users, items, times = (list(c) for c in zip(*rows)) if rows else ([], [], [])
     users = pa.array(users, pa.string())
-    if int_users and all(u.strip().isascii() for u in users.to_pylist()):
+    if int_users and all(D._is_canonical_int(u.strip()) for u in users.to_pylist()):
         users = pa.array([int(u) for u in users.to_pylist()], pa.int64())  # same ids as the integer strings
     times = pa.array(times, pa.float64())
     if int_times and all(t == int(t) for t in times.to_pylist()):

@@ -39,6 +39,9 @@ _PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u20
                   "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 _INT = r"-?[0-9]+"  # a plain integer id: the reference, int() and pyarrow's cast all agree on it
 _INT_PATTERN = rf"^{_INT}$"
+# an id string that is the canonical spelling of its int (str(int(s)) == s): no leading zero, '+', '-0' or spaces, so
+# reading it as an int loses nothing ("007" and "7" stay two ids)
+_CANONICAL_INT_PATTERN = r"^(0|-?[1-9][0-9]*)$"
 
 
 class DataFormatError(ValueError):
@@ -369,7 +372,9 @@ def load_csv(path: str | Path, *, sep: str = ",", user_col: str = "user", item_c
              time_col: str = "timestamp", id_order: str = "random", seed: int = 0) -> SequenceData:
     """A CSV/TSV with a header naming user, item and timestamp columns (ties keep file order).
 
-    Ids are integers when every id in the column is an integer, strings otherwise. Read into columns
+    Ids are stripped of surrounding whitespace; a column's ids are ints when every one is the canonical spelling of
+    its int (str(int(s)) == s: "7", "-3", not "007", "+7" or "-0"), so the conversion loses nothing, and strings
+    otherwise ("007" and "7" stay two items, and "007" is spelled as in the file). Read into columns
     by pyarrow (multithreaded); a file it cannot read exactly like `_load_csv_reference` (a malformed
     line, a blank line with separators, a non-numeric, NaN or infinite timestamp, an empty id, bytes that
     are not UTF-8) is read by the reference, which raises the DataFormatError naming the line. A UTF-8 BOM
@@ -464,12 +469,7 @@ def _read_csv_columns(p: Path, sep: str, names: list) -> tuple | None:
     times = table.column(names[2]).to_numpy()
     if not np.isfinite(times).all():  # the reference names the line of a NaN or infinite time
         return None
-    try:
-        users, items = _encode_ids(table.column(names[0])), _encode_ids(table.column(names[1]))
-    except ValueError:  # an id int() refuses ('--5'), as the reference's does, unless an empty id stops it first
-        if any(_first_empty(table.column(c)) is not None for c in names[:2]):
-            return None
-        raise
+    users, items = _encode_ids(table.column(names[0])), _encode_ids(table.column(names[1]))
     if _empty_id_row(*users) is not None or _empty_id_row(*items) is not None:
         return None  # an empty id: the reference names its line
     return users, items, times
@@ -486,7 +486,7 @@ def load_parquet(path: str | Path, *, user_col: str = "user", item_col: str = "i
     """A Parquet file with user, item and timestamp columns; each user's items by (timestamp, row order).
 
     Integer id columns give int ids; string id columns follow `load_csv`'s rule (stripped; ints when
-    every id is an integer). Timestamps are any integer, float or timestamp column, compared exactly.
+    every id is the canonical spelling of its int, strings otherwise). Timestamps are any integer, float or timestamp column, compared exactly.
     A DataFormatError gives as its line the 1-based row, or 0 for a problem with the file or schema.
     """
     import pyarrow.parquet as pq  # only Parquet users pay for its import
@@ -513,13 +513,8 @@ def _parquet_ids(p: Path, col: pa.ChunkedArray, name: str) -> tuple:
     if pa.types.is_integer(col.type):
         return _first_appearance_codes(col)
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        try:
-            codes, ids = _encode_ids(col)
-            row = _empty_id_row(codes, ids)
-        except ValueError:  # an id int() refuses: an empty one is named first, as in a CSV
-            row = _first_empty(col)
-            if row is None:
-                raise
+        codes, ids = _encode_ids(col)
+        row = _empty_id_row(codes, ids)
         if row is not None:
             raise DataFormatError(p, row + 1, f"column {name!r} is empty")
         return codes, ids
@@ -545,9 +540,15 @@ def _check_no_nulls(p: Path, col: pa.ChunkedArray, name: str) -> None:
         raise DataFormatError(p, row + 1, f"column {name!r} is null")
 
 
+def _is_canonical_int(s: str) -> bool:
+    """Whether s is the canonical spelling of an int (str(int(s)) == s), so int(s) loses nothing."""
+    return re.fullmatch(_CANONICAL_INT_PATTERN, s) is not None
+
+
 def _intify(rows: list) -> list:
+    """(user, item, time) rows with each id column as ints when every id in it is canonical (`_is_canonical_int`)."""
     def all_int(col):
-        return all(r[col].lstrip("-").isdigit() for r in rows)
+        return all(_is_canonical_int(r[col]) for r in rows)
     cu, ci = all_int(0), all_int(1)
     return [(int(u) if cu else u, int(i) if ci else i, t) for u, i, t in rows]
 
@@ -605,15 +606,18 @@ def _first_appearance_codes(values) -> tuple[np.ndarray, np.ndarray]:
 def _encode_ids(col) -> tuple[np.ndarray, np.ndarray]:
     """`_first_appearance_codes` of a string id column under the reference's rule (`_intify`).
 
-    The stripped ids are ints when every one is an integer (optional '-', digits), strings otherwise.
+    The stripped ids are ints when every one is the canonical spelling of its int, strings otherwise.
+    Distinct canonical spellings are distinct ints, so no two ids ever merge.
     """
-    ints = _int_values(col)
+    ints = _int_values(col, _CANONICAL_INT_PATTERN)
     if ints is not None:
         return _first_appearance_codes(ints)
     codes, ids = _first_appearance_codes(pc.utf8_trim(col, _PY_WHITESPACE))
-    if not all(v.lstrip("-").isdigit() for v in ids):  # stops at the first non-integer, usually ids[0]
+    if not all(_is_canonical_int(v) for v in ids):  # stops at the first other id, usually ids[0]
         return codes, ids
-    return _merge_equal_ids(codes, [int(v) for v in ids])  # rare: '٣', '--5' (int() raises), ids past int64
+    out = np.empty(len(ids), dtype=object)  # rare: canonical ids past int64, as Python ints
+    out[:] = [int(v) for v in ids]
+    return codes, out
 
 
 def _empty_id_row(codes: np.ndarray, ids: np.ndarray) -> int | None:
@@ -623,39 +627,35 @@ def _empty_id_row(codes: np.ndarray, ids: np.ndarray) -> int | None:
     return None if not len(empty) else int(np.argmax(codes == empty[0]))
 
 
-def _first_empty(col) -> int | None:
-    """The first row of a string column whose stripped value is empty, else None (a pass over every cell)."""
-    empty = pc.equal(pc.utf8_length(pc.utf8_trim(col, _PY_WHITESPACE)), 0)
-    return pc.index(empty, True).as_py() if pc.any(empty).as_py() else None
-
-
-def _int_values(col):
-    """The string column as int64 (pyarrow) when every stripped value is a plain ASCII integer in range, else None."""
+def _int_values(col, pattern: str = _INT_PATTERN):
+    """The string column as int64 (pyarrow) when every stripped value matches `pattern` (`_INT_PATTERN`: a plain
+    ASCII integer; `_CANONICAL_INT_PATTERN`: also its int's canonical spelling) and fits int64, else None."""
     decimal = pc.ascii_is_decimal(col)  # the common case: only digits, no sign, no spaces
     if not _all_true(decimal):
         first_other = col[pc.index(decimal, False).as_py()].as_py()
-        if re.fullmatch(_INT_PATTERN, first_other.strip()) is None:
+        if re.fullmatch(pattern, first_other.strip()) is None:
             return None  # a string id: skip the whole-column checks below
         col = pc.utf8_trim(col, _PY_WHITESPACE)
-        if not _all_true(pc.match_substring_regex(col, _INT_PATTERN)):
+        if not _all_true(pc.match_substring_regex(col, pattern)):
             return None
+    elif pattern == _CANONICAL_INT_PATTERN and _has_leading_zero(col):
+        return None
     try:
         return pc.cast(col, pa.int64())
     except pa.ArrowInvalid:  # beyond int64
         return None
 
 
+def _has_leading_zero(digits) -> bool:
+    """Whether a column of ASCII digit strings holds one with a leading zero ("007"; "0" itself is canonical)."""
+    zero_first = pc.starts_with(digits, "0")
+    if not pc.any(zero_first).as_py():  # the common case: one cheap pass
+        return False
+    return pc.any(pc.and_(zero_first, pc.greater(pc.utf8_length(digits), 1))).as_py()
+
+
 def _all_true(mask) -> bool:
     return pc.all(mask).as_py() is not False  # None (no values) counts as true, like Python's all([])
-
-
-def _merge_equal_ids(codes: np.ndarray, ids: list) -> tuple[np.ndarray, np.ndarray]:
-    """Codes renumbered so that equal ids share the code of the first one (a loop over distinct ids)."""
-    first: dict = {}
-    new = np.array([first.setdefault(v, len(first)) for v in ids], dtype=np.int32)
-    merged = np.empty(len(first), dtype=object)
-    merged[:] = list(first)
-    return new[codes], merged
 
 
 # ---------------------------------------------------------------- synthetic default
