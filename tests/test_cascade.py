@@ -343,3 +343,10 @@ def test_an_ensemble_ranks_as_it_would_alone(pair):
     hists = _hists(seed=5)
     got = Cascade(retriever, ens, N_ITEMS, 1.0).recommend(hists, k=6, num_beams=N_ITEMS, exclude_seen=True)
     assert [g.items for g in got] == [w.items for w in ens.recommend(hists, k=6, exclude_seen=True)]
+
+
+def test_a_cascade_json_without_its_settings_is_a_named_error(tmp_path):
+    from genrec_fast.cascade import load_cascade
+    (tmp_path / "cascade.json").write_text('{"weight": 0.5}')
+    with pytest.raises(ValueError, match=r"cascade.json lacks \['candidates'\]; the file is damaged"):
+        load_cascade(tmp_path)

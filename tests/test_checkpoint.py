@@ -102,3 +102,43 @@ def test_whole_item_checkpoint_with_an_older_tokenizer_loads_the_same(small_synt
     assert all(t.device.type == "cpu" for t in again.model.state_dict().values())  # built on meta, then assigned
     got = again.recommend(hists, k=10, users=d.user_ids[:8])
     assert [r.items for r in got] == [r.items for r in want] and [r.scores for r in got] == [r.scores for r in want]
+
+
+def test_checkpoints_get_the_permissions_of_a_plain_mkdir(trained, tmp_path):
+    """Not mkdtemp's 0700: a model trained by one account is served by another."""
+    import os
+    rec, _ = trained
+    umask = os.umask(0o022)
+    try:
+        checkpoint.save(tmp_path / "c", rec.model, rec.tokenizer, rec.catalog)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o755
+
+
+def test_newer_or_incomplete_checkpoints_are_named_errors(trained, tmp_path):
+    import json
+    rec, _ = trained
+    checkpoint.save(tmp_path / "c", rec.model, rec.tokenizer, rec.catalog, train_cfg=preset_train())
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    cfg["train"]["from_the_future"] = 1
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"train section has unknown keys \['from_the_future'\]"):
+        genrec_fast.load(tmp_path / "c")
+    ids = [f"sku{i}" for i in range(40)]
+    whole = genrec_fast.Recommender.random(ids, "tiny", vocab_size=200, item_tokens="whole")
+    checkpoint.save(tmp_path / "d", whole.model, whole.tokenizer, whole.catalog)
+    (tmp_path / "d" / "tokenizer.json").unlink()  # (read as the oldest checkpoints' pieces: its items are not)
+    with pytest.raises(ValueError, match="it has no tokenizer.json, which every checkpoint but the oldest"):
+        genrec_fast.load(tmp_path / "d")
+    codes = genrec_fast.Recommender.random(ids, "tiny", vocab_size=200, item_tokens="codes", code_levels=1,
+                                           code_branches=4)
+    checkpoint.save(tmp_path / "e", codes.model, codes.tokenizer, codes.catalog)
+    (tmp_path / "e" / "item_code_table.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="missing item_code_table.npy"):
+        genrec_fast.load(tmp_path / "e")
+
+
+def preset_train():
+    from genrec_fast import preset
+    return preset("tiny").train

@@ -475,7 +475,8 @@ def test_auto_settings_take_their_catalog_scale_form_from_large_catalog_items(tm
     with caplog.at_level(logging.INFO, logger="genrec_fast.train"):
         big = Trainer(d, tmp_path / "big", p, progress=False)
     assert big.sampled and big.sparse_opt is not None
-    assert "train.softmax='sampled', train.sparse_tables=True (chosen for the catalog's size" in caplog.text
+    assert ("chosen for the catalog's size: train.softmax='sampled' (train.softmax='full' keeps the full one); "
+            "train.sparse_tables=True (train.sparse_tables=false keeps dense ones)") in caplog.text
     big.run()
     saved = json.loads((tmp_path / "big" / "best" / "config.json").read_text())["train"]
     assert (saved["softmax"], saved["sparse_tables"]) == ("sampled", True)
@@ -635,3 +636,36 @@ def test_sparse_tables_refuse_item_aux_and_large_dense_catalogs_warn(tmp_path, m
     with caplog.at_level(logging.WARNING, logger="genrec_fast.train"):
         Trainer(d, tmp_path / "sparse", _codes_preset(sparse_tables=True), progress=False)
     assert "sparse_tables" not in caplog.text
+
+
+def test_train_checks_its_arguments_before_any_work(tmp_path):
+    d = synthetic(n_users=60, n_items=20, seed=1)
+    p = preset("tiny")
+    with pytest.raises(TypeError, match=r"preset: expected a genrec_fast.Preset \(preset\('recommended'\)"):
+        train(d, tmp_path / "a", "recommended")
+    with pytest.raises(TypeError, match="data: expected a SequenceData"):
+        train("tiny.txt", tmp_path / "a", p)
+    with pytest.raises(ValueError, match="device"):
+        train(d, tmp_path / "a", p, device="gpu")
+    typo = preset("tiny")
+    typo.train.max_minuts = 1  # a misspelled field set on the object
+    with pytest.raises(ValueError, match="train has no field 'max_minuts'"):
+        train(d, tmp_path / "a", typo)
+    late = preset("tiny")
+    late.train.max_minutes = "1"  # assigned after construction: no __post_init__ ran
+    with pytest.raises(ValueError, match=r"train.max_minutes expects float, got '1'"):
+        train(d, tmp_path / "a", late)
+    (tmp_path / "run" / "best").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="holds a run already .best/.; resume=True continues it, overwrite=True"):
+        train(d, tmp_path / "run", p)
+    assert not (tmp_path / "a").exists()  # nothing was written by a refused call
+
+
+def test_train_overwrite_trains_over_a_run(tmp_path):
+    d = synthetic(n_users=60, n_items=20, seed=1)
+    p = dataclasses.replace(preset("tiny"), train=dataclasses.replace(preset("tiny").train, pretrain_epochs=0,
+                                                                      finetune_epochs=1))
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "stale").write_text("x")
+    rec = train(d, tmp_path, p, progress=False, overwrite=True)
+    assert rec is not None and not (tmp_path / "best" / "stale").exists()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .beam_search import check_filters
-from .checkpoint import CASCADE, _replace_dir
+from .checkpoint import CASCADE, replace_dir, staging_dir
 from .decoding import first_step_heads
 from .evaluate import histories_for, metrics_from_ranks, target_ranks
 from .item_topk import candidate_logits
@@ -112,8 +111,7 @@ class Cascade(Recommender):
         """Write cascade.json and copies of the two checkpoint directories (their `load`ed files) to `path`,
         replacing what it held (written beside it first: `path`'s own retriever/ and ranker/ may be the sources)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp = staging_dir(path)
         try:
             for name, src in (("retriever", retriever_dir), ("ranker", ranker_dir)):
                 shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns("train_state.pt"))
@@ -121,7 +119,7 @@ class Cascade(Recommender):
                    "weight": self.weight, "fit": self.fit,
                    "retriever_from": str(retriever_dir), "ranker_from": str(ranker_dir)}
             (tmp / CASCADE).write_text(json.dumps(cfg, indent=2))
-            _replace_dir(tmp, path)
+            replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -217,6 +215,10 @@ def load_cascade(path: str | Path, device: str | torch.device = "cpu") -> Cascad
         cfg = json.loads((path / CASCADE).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"cascade {path}: {CASCADE} is not valid JSON ({e}); the file is damaged") from None
+    missing = [key for key in ("candidates", "weight") if key not in cfg]
+    if missing:
+        raise ValueError(f"cascade {path}: {CASCADE} lacks {missing}; the file is damaged (`genrec-fast cascade` "
+                         "writes it)")
     cascade = Cascade(load(path / "retriever", device), load(path / "ranker", device), cfg["candidates"],
                       cfg["weight"], cfg.get("beams"), cfg.get("bias_items", True))
     cascade.fit = cfg.get("fit", {})

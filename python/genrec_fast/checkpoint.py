@@ -31,8 +31,7 @@ def is_cascade(path: str | Path) -> bool:
 def save(path: str | Path, model: GenRec, tokenizer: GenRecTokenizer, catalog: Catalog,
          train_cfg: TrainConfig | None = None, train_state: dict | None = None, info: dict | None = None) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = staging_dir(path)
     try:
         cfg = {"model": dataclasses.asdict(model.cfg),
                "train": dataclasses.asdict(train_cfg) if train_cfg else None, "info": info or {}}
@@ -42,14 +41,25 @@ def save(path: str | Path, model: GenRec, tokenizer: GenRecTokenizer, catalog: C
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def staging_dir(path: Path) -> Path:
+    """A new empty directory beside `path` to write its replacement into (`replace_dir`), with the permissions a
+    plain mkdir would give (the umask's, not mkdtemp's 0700: a checkpoint trained by one account is served by another)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
+def replace_dir(src: Path, dst: Path) -> None:
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old")
@@ -94,8 +104,19 @@ def load_parts(path: str | Path, device: str | torch.device = "cpu"):
         raise ValueError(f"checkpoint {path}: weights.pt cannot be read ({type(e).__name__}: {first}); "
                          "it is damaged or not a genrec_fast checkpoint") from e
     model.load_state_dict(weights, assign=True)
-    train_cfg = TrainConfig(**cfg["train"]) if cfg.get("train") else None
+    train_cfg = _train_config(path, cfg.get("train"))
     return model.to(device).eval(), tokenizer, catalog, train_cfg, cfg
+
+
+def _train_config(path: Path, d: dict | None) -> TrainConfig | None:
+    """config.json's train section as a TrainConfig (None where it has none); unknown keys are a ValueError."""
+    if not d:
+        return None
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"checkpoint {path}: config.json's train section has unknown keys {unknown} (written by a "
+                         "newer genrec_fast?)")
+    return TrainConfig(**d)
 
 
 def read_json(file: Path):

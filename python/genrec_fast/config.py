@@ -382,6 +382,26 @@ def _typed(key: str, annotation: str, value):
     raise ValueError(f"config: {key} expects {' or '.join(kinds)}, got {value!r} ({type(value).__name__})")
 
 
+def checked(p: Preset) -> Preset:
+    """p checked as a whole before a run: each section of its class, every field of its type (`_typed`), no
+    attribute that is not a field (a typo set on the object: `p.train.max_minuts = 1`), and each section's own
+    checks, which a field assigned after construction skipped."""
+    if not isinstance(p, Preset):
+        hint = f" (preset({p!r}) or load_config({p!r}) makes one)" if isinstance(p, str) else ""
+        raise TypeError(f"preset: expected a genrec_fast.Preset{hint}, got {type(p).__name__}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        section = getattr(p, name)
+        if not isinstance(section, cls):
+            raise TypeError(f"preset.{name}: expected a {cls.__name__}, got {type(section).__name__}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        extra = sorted(set(vars(section)) - set(fields))
+        if extra:
+            raise ValueError(f"config: {name} has no field {extra[0]!r}; expected one of {sorted(fields)}")
+        sections[name] = cls(**{f: _typed(f"{name}.{f}", _FIELD_TYPES[name][f], getattr(section, f)) for f in fields})
+    return Preset(**sections)
+
+
 def parse_override(text: str) -> tuple[str, object]:
     """`section.field=value` (value parsed as JSON where it can be, else kept as a string)."""
     key, sep, raw = text.partition("=")

@@ -243,8 +243,16 @@ class GenRecTokenizer:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"checkpoint {directory}: tokenizer.json is not valid JSON ({e}); the file is damaged") from None
         if opts.get("item_tokens") == "codes":
+            if not (Path(directory) / CODE_TABLE).is_file():
+                raise FileNotFoundError(f"checkpoint {directory}: missing {CODE_TABLE} (a codes model's item codes)")
             opts["code_table"] = np.load(Path(directory) / CODE_TABLE)
-        return cls((Path(directory) / "tokenizer.model").read_bytes(), item_codes, **opts)
+        try:
+            return cls((Path(directory) / "tokenizer.model").read_bytes(), item_codes, **opts)
+        except ValueError as e:
+            if meta.is_file():
+                raise
+            raise ValueError(f"checkpoint {directory}: {e}; it has no tokenizer.json, which every checkpoint but "
+                             "the oldest (items as pieces) has: is it missing?") from None
 
     def user_pieces(self, u: int) -> np.ndarray:
         return np.array(self.sp.encode(user_text(u)), dtype=np.int64)

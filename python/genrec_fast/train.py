@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed
 from .batching import encode_padded, pad_targets
 from .collab_codes import LARGE_LEAF, LEAF_ITEMS, balanced_codes, branches_for, build_codes, checkpoint_item_vectors
-from .config import LARGE_CATALOG, ModelConfig, Preset, TrainConfig, for_catalog, sampled_softmax_needs
+from .config import LARGE_CATALOG, ModelConfig, Preset, TrainConfig, checked, for_catalog, sampled_softmax_needs
 from .data import Catalog, SequenceData, Split, leave_one_out
 from .device import check_device
 from .ema import WeightAverage
@@ -280,14 +280,16 @@ class Trainer:
         """The preset with its "auto" settings fixed for this catalog (config.for_catalog), logged where they
         take their catalog-scale form."""
         fixed = for_catalog(preset, n_items, LARGE_CATALOG)
-        chosen = [f"{key}={now!r}" for key, was, now in (
-            ("train.softmax", preset.train.softmax, fixed.train.softmax),
-            ("train.sparse_tables", preset.train.sparse_tables, fixed.train.sparse_tables),
-            ("tokenizer.code_branches", preset.tokenizer.code_branches, fixed.tokenizer.code_branches))
+        chosen = [f"{key}={now!r} ({undo})" for key, was, now, undo in (
+            ("train.softmax", preset.train.softmax, fixed.train.softmax, "train.softmax='full' keeps the full one"),
+            ("train.sparse_tables", preset.train.sparse_tables, fixed.train.sparse_tables,
+             "train.sparse_tables=false keeps dense ones"),
+            ("tokenizer.code_branches", preset.tokenizer.code_branches, fixed.tokenizer.code_branches,
+             f"leaves of <= tokenizer.max_leaf={preset.tokenizer.max_leaf} items; tokenizer.max_leaf=0 keeps "
+             f"{preset.tokenizer.code_branches}"))
             if was != now and now not in ("full", False)]
         if chosen and self.group.is_main:
-            log.info("%d items: %s (chosen for the catalog's size; set train.softmax / train.sparse_tables to "
-                     "override, tokenizer.max_leaf=0 to keep tokenizer.code_branches)", n_items, ", ".join(chosen))
+            log.info("%d items, chosen for the catalog's size: %s", n_items, "; ".join(chosen))
         return fixed
 
     def _train_tokenizer(self, preset: Preset) -> GenRecTokenizer:
@@ -726,11 +728,16 @@ def cuda_matmul_tf32(enabled: bool):
 
 
 def train(data: SequenceData, out_dir: str | Path, preset: Preset, device: str = "cpu", resume: bool = False,
-          progress: bool = True) -> Recommender | None:
+          progress: bool = True, overwrite: bool = False) -> Recommender | None:
     """Train, keep the best checkpoint in `out_dir/best`, and return it loaded.
 
+    An out_dir that holds a run (best/ or last/) is an error unless `resume` continues it or `overwrite` trains
+    over it (its checkpoints are replaced as the new run writes). Progress bars unless `progress=False`; the
+    epochs' metrics, the choices made for the catalog and calibration are `logging` INFO lines of
+    "genrec_fast.train" (`logging.basicConfig(level=logging.INFO)` shows them; the CLI does).
     Under torchrun (WORLD_SIZE > 1) every process calls this with the same arguments: they train together
     (cuda becomes cuda:LOCAL_RANK), rank 0 writes every file and returns the model, the others return None."""
+    preset = _check_train_args(data, out_dir, preset, device, resume, overwrite)
     if preset.train.threads:
         torch.set_num_threads(preset.train.threads)
     with distributed.session(device) as (group, device):
@@ -750,6 +757,24 @@ def train(data: SequenceData, out_dir: str | Path, preset: Preset, device: str =
     (Path(out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(out_dir)
     return rec
+
+
+def _check_train_args(data, out_dir, preset, device, resume: bool, overwrite: bool) -> Preset:
+    """`train`'s arguments checked before any work -> the preset, re-checked as a whole (`config.checked`)."""
+    if not isinstance(data, SequenceData):
+        raise TypeError(f"data: expected a SequenceData (genrec_fast.load_p5, load_csv, load_parquet, load_movielens "
+                        f"read one), got {type(data).__name__}")
+    if not isinstance(out_dir, (str, Path)):
+        raise TypeError(f"out_dir: expected a directory path, got {type(out_dir).__name__}")
+    check_device(device)
+    if resume and overwrite:
+        raise ValueError("resume, overwrite: expected one of them (resume continues the run in out_dir, overwrite "
+                         "trains over it)")
+    held = [n + "/" for n in ("best", "last") if (Path(out_dir) / n).exists()]
+    if held and not (resume or overwrite):
+        raise FileExistsError(f"out_dir {out_dir}: holds a run already ({', '.join(held)}); resume=True continues "
+                              "it, overwrite=True trains over it")
+    return checked(preset)
 
 
 def _calibrate_best(trainer: Trainer, rec: Recommender, progress: bool) -> dict:
