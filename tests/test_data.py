@@ -367,3 +367,21 @@ def test_p5_ids_are_plain_integers(tmp_path):
         with pytest.raises(DataFormatError, match=re.escape(f"p.txt:2: item id {token!r} is not an integer")):
             load_p5(write(tmp_path, "p.txt", f"1 5 6 7\n2 6 {token} 5\n"))
     assert load_p5(write(tmp_path, "p.txt", "1 5 6 -7\n2 6 -7 5\n"), id_order="original").item_ids == [5, 6, -7]
+
+
+def test_resolve_id_takes_any_integer_but_no_bool():
+    strs, ints = {"5": 0, "x": 1}, {5: 0, 1: 1}
+    assert [D.resolve_id(strs, x) for x in (5, np.int64(5), np.uint8(5), np.int32(6), "05")] == ["5"] * 3 + [None] * 2
+    assert [D.resolve_id(ints, x) for x in (np.int64(5), "5", True, np.True_)] == [5, 5, None, None]
+
+
+def test_movielens_csv_form_says_how_to_read_it(tmp_path):
+    """ml-latest-small and ml-25m ship ratings.csv; the errors name load_csv's and the CLI's arguments."""
+    p = write(tmp_path, "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n")
+    how = r"CSV form of MovieLens.*load_csv\(path, user_col='userId', item_col='movieId'\).*--format csv " \
+          r"--columns userId,movieId,timestamp"
+    with pytest.raises(FileNotFoundError, match="no ratings.dat or u.data in .*: its ratings.csv is the " + how):
+        load_movielens(tmp_path)
+    with pytest.raises(DataFormatError, match="ratings.csv:1: load_movielens reads u.data or ratings.dat; this is "
+                                              "the " + how):
+        load(p, "movielens")

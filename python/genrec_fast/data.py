@@ -18,6 +18,7 @@ import csv
 import itertools
 import logging
 import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass
@@ -319,11 +320,24 @@ def load_movielens(path: str | Path, *, id_order: str = "random", seed: int = 0)
     return _from_columns(*columns, id_order=id_order, seed=seed, name=p.parent.name or p.name)
 
 
+MOVIELENS_CSV = ("the CSV form of MovieLens (ml-latest-small, ml-25m: userId,movieId,rating,timestamp); read it with "
+                 "load_csv(path, user_col='userId', item_col='movieId') or on the command line with --format csv "
+                 "--columns userId,movieId,timestamp")
+
+
 def _movielens_file(path: str | Path) -> Path:
+    """The u.data / ratings.dat file at path (a file or a directory holding one); the CSV form is an error saying
+    how to read it (`MOVIELENS_CSV`)."""
     p = Path(path)
     if p.is_dir():
-        p = next((p / n for n in ("ratings.dat", "u.data") if (p / n).is_file()), p / "ratings.dat")
-    return _resolve(p)
+        found = next((p / n for n in ("ratings.dat", "u.data") if (p / n).is_file()), None)
+        if found is None and (p / "ratings.csv").is_file():
+            raise FileNotFoundError(f"no ratings.dat or u.data in {p}: its ratings.csv is {MOVIELENS_CSV}")
+        p = found or p / "ratings.dat"
+    p = _resolve(p)
+    if p.suffix.lower() == ".csv":
+        raise DataFormatError(p, 1, f"load_movielens reads u.data or ratings.dat; this is {MOVIELENS_CSV}")
+    return p
 
 
 def _movielens_sep(p: Path) -> str:
@@ -687,11 +701,14 @@ def synthetic(n_users: int = 2000, n_items: int = 300, seed: int = 0, follow_pro
 
 def resolve_id(index: dict, x):
     """An id as the catalog spells it: x itself, else 5 <-> "5" (canonical spellings only: not "05", " 5");
-    None when the catalog has neither (`Catalog.item_index` / `user_index`)."""
+    None when the catalog has neither (`Catalog.item_index` / `user_index`). Any integer (numbers.Integral:
+    int, np.int64, ...) counts as its int; a bool is no id (None), though True == 1."""
+    if isinstance(x, (bool, np.bool_)):
+        return None
     if x in index:
         return x
     try:
-        other = str(x) if isinstance(x, int) else int(x)
+        other = str(int(x)) if isinstance(x, numbers.Integral) else int(x)
     except ValueError:
         return None
     return other if other in index and str(other) == str(x) else None
