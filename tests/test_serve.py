@@ -105,7 +105,7 @@ def servers(trained, tmp_path_factory):
     cascade = cascade_checkpoint(root, ens[0])
     started = {"pieces": Server([run / "best"], root / "pieces.log", "--engine", "litserve", "--max-wait-ms", "20"),
                "ensemble": Server(ens, root / "ensemble.log", "--engine", "litserve", "--max-wait-ms", "20",
-                                  "--max-batch", "16"),
+                                  "--max-batch", "16", "--max-k", "50"),
                "aiohttp": Server([run / "best"], root / "aiohttp.log", "--engine", "aiohttp", "--max-wait-ms", "20",
                                  "--max-batch", "16"),
                "cascade": Server([cascade], root / "cascade.log", "--engine", "aiohttp", "--max-batch", "16")}
@@ -233,9 +233,47 @@ def test_unknown_items_skip_drops_them_as_recommend_does(servers, name):
 @pytest.mark.parametrize("name", ["pieces", "aiohttp"])
 def test_k_beyond_the_catalog_returns_every_allowed_item(servers, name):
     srv, rec = servers[name]
-    body = {"history": rec.catalog.item_ids[:3], "k": 10 ** 9}
+    body = {"history": rec.catalog.item_ids[:3], "k": len(rec.catalog.item_ids) + 7}  # (within --max-k 1000)
     assert_answer(rec, body, srv.post(body))
     assert len(srv.post(body).json()["items"]) == len(rec.catalog.item_ids)
+
+
+@pytest.mark.parametrize("name,limit", [("pieces", 1000), ("ensemble", 50), ("aiohttp", 1000)])
+def test_a_k_above_max_k_is_a_422_naming_the_limit(servers, name, limit):
+    """--max-k (default 1000) on both engines: k = 10**9 on a million items was a 28.7 MB body."""
+    srv, rec = servers[name]
+    r = srv.post({"history": rec.catalog.item_ids[:3], "k": 10 ** 9})
+    assert r.status_code == 422 and r.json() == {
+        "error": f"k: expected at most {limit} (the server's --max-k), got {10 ** 9}", "field": "k"}
+    body = {"history": rec.catalog.item_ids[:3], "k": limit}
+    assert_answer(rec, body, srv.post(body))
+
+
+@pytest.mark.parametrize("name", ["pieces", "aiohttp"])
+def test_unknown_ids_are_echoed_cut_short(servers, name):
+    """A 1 MB id is not a 1 MB error: each echoed id's repr is cut to ID_CHARS characters."""
+    srv, rec = servers[name]
+    for field in ("history", "allowed_items"):
+        body = {"history": rec.catalog.item_ids[:2], field: ["x" * 10 ** 6, "nope"]}
+        r = srv.post(body)
+        assert r.status_code == 422 and len(r.content) < 300, r.content[:300]
+        assert r.json()["error"].startswith(f"{field}: unknown item ids ['{'x' * 36}..., 'nope']"), r.json()
+
+
+def test_short_ids_lists_five_cut_reprs():
+    from genrec_fast.serve_api import ID_CHARS, short_ids
+    assert short_ids([1, "a"]) == "[1, 'a']"
+    long = short_ids(["y" * 100] + list(range(9)))
+    assert long == "['" + "y" * (ID_CHARS - 4) + "..., 0, 1, 2, 3, ... (10 in all)]"
+
+
+@pytest.mark.parametrize("name", ["pieces", "aiohttp"])
+def test_a_body_not_utf8_is_a_400_naming_the_body(servers, name):
+    srv, rec = servers[name]
+    r = httpx.post(f"{srv.url}/recommend", content=b'{"history": ["\xff\xfe"]}',
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["field"] == "body" and r.json()["error"].startswith("body: "), r.text
+    assert httpx.get(f"{srv.url}/nowhere", timeout=5).status_code == 404  # other HTTP errors as FastAPI answers
 
 
 def test_a_body_not_sent_as_json_is_named_on_litserve(servers):
@@ -352,7 +390,8 @@ def test_a_port_in_use_is_an_error_not_a_traceback(trained, capsys, monkeypatch,
         port = s.getsockname()[1]
         assert main(["serve", str(run / "best"), "--port", str(port), "--threads", "1", "--engine", engine]) == 2
     out, err = capsys.readouterr()
-    assert f"error: --port {port}: cannot listen on 127.0.0.1:{port} (" in err and "serving on" not in out
+    assert f"error: --port {port}: cannot listen on 127.0.0.1:{port} (" in err
+    assert "serving on" not in out and "starting on" not in out
 
 
 def test_the_aiohttp_engine_says_serving_once_bound(monkeypatch, capsys):
@@ -380,3 +419,39 @@ class _Stub:
 
     def recommend(self, *a, **k):
         return []
+
+
+def test_the_litserve_engine_stops_on_sigint_too_and_does_not_claim_to_serve(monkeypatch, capsys):
+    """A background job of a non-interactive shell starts with SIGINT ignored: run() installs its handler for SIGINT
+    as for SIGTERM. The model loads in LitServe's worker, after run() prints: its line says "starting", not
+    "serving"."""
+    from genrec_fast import serve
+    seen = {}
+
+    class FakeServer:
+        lit_api = serve.RecommendAPI(["ckpt"], max_batch=8, max_k=70)
+
+        def run(self, **kw):
+            seen.update({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        serve.run(FakeServer(), "127.0.0.1", 8123)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert seen[signal.SIGINT] is seen[signal.SIGTERM] and callable(seen[signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt):
+        seen[signal.SIGINT](signal.SIGINT, None)
+    out = capsys.readouterr().out
+    assert out.startswith("starting on http://127.0.0.1:8123/recommend (litserve, max batch 8") and "max k 70" in out
+    assert "GET /health answers once the model is loaded" in out and "serving on" not in out
+
+
+def test_max_k_must_be_positive(tmp_path, capsys):
+    from genrec_fast.serve_api import check_arguments
+    with pytest.raises(SystemExit):
+        main(["serve", str(tmp_path), "--max-k", "0"])
+    assert "--max-k: expected a positive integer, got '0'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_k: expected a positive integer, got 0"):
+        check_arguments([tmp_path], 4, 0)

@@ -17,11 +17,13 @@ from typing import Optional, Sequence, Union
 
 import litserve as ls
 from fastapi import Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from litserve.loops import BatchedLoop
 
-from .serve_api import (API_PATH, MAX_BATCH, MAX_WAIT_MS, Query, RecommendRequest, Rejected, answer, check_arguments,
+from .serve_api import (API_PATH, MAX_BATCH, MAX_K, MAX_WAIT_MS, Query, RecommendRequest, Rejected, answer, check_arguments,
                         check_port, load_warm, rejection, to_query)
 
 
@@ -29,11 +31,12 @@ class RecommendAPI(ls.LitAPI):
     """LitServe's hooks around a `Recommender`: decode (check ids), batch, predict (`answer`), encode."""
 
     def __init__(self, checkpoints: Sequence[Union[str, Path]], device: str = "cpu", max_batch: int = MAX_BATCH,
-                 max_wait_ms: float = MAX_WAIT_MS["litserve"], threads: Optional[int] = None):
+                 max_wait_ms: float = MAX_WAIT_MS["litserve"], threads: Optional[int] = None, max_k: int = MAX_K):
         # BatchedLoop even for max_batch 1, so that predict always receives a list
         super().__init__(max_batch_size=max_batch, batch_timeout=max_wait_ms / 1e3, api_path=API_PATH,
                          loop=BatchedLoop())
         self.checkpoints, self.model_device, self.threads = [str(p) for p in checkpoints], device, threads
+        self.max_k = max_k
 
     def setup(self, device) -> None:
         """Load the model in the worker process (LitServe's `device` is ignored: --device chooses)."""
@@ -43,7 +46,7 @@ class RecommendAPI(ls.LitAPI):
         self.rec = load_warm(self.checkpoints, self.model_device)
 
     def decode_request(self, request: RecommendRequest) -> Union[Query, Rejected]:
-        return to_query(self.rec, request)
+        return to_query(self.rec, request, self.max_k)
 
     def batch(self, inputs: list) -> list:
         return inputs
@@ -69,6 +72,17 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return response(rejection(exc.errors()))
 
 
+PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 detail for a body json.loads cannot decode
+
+
+async def parse_error(request: Request, exc: HTTPException):
+    """FastAPI's 400 for a JSON body it cannot read (not UTF-8: PARSE_ERROR) as {"error", "field"}; any other
+    HTTP error as FastAPI answers it."""
+    if exc.status_code == 400 and exc.detail == PARSE_ERROR:
+        return response(Rejected(400, "body", f"body: not valid JSON ({exc.detail}; is it UTF-8?)"))
+    return await http_exception_handler(request, exc)
+
+
 def response(r: Rejected) -> JSONResponse:
     return JSONResponse(r.body(), status_code=r.status)
 
@@ -79,22 +93,25 @@ def server(api: ls.LitAPI, timeout_s: float = 30.0) -> ls.LitServer:
                        model_metadata={"api_path": api.api_path, "max_batch": api.max_batch_size,
                                        "max_wait_ms": api.batch_timeout * 1e3})
     srv.app.add_exception_handler(RequestValidationError, validation_error)
+    srv.app.add_exception_handler(HTTPException, parse_error)
     return srv
 
 
 def serve(checkpoints: Sequence[Union[str, Path]], host: str = "127.0.0.1", port: int = 8000,
           max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS["litserve"], device: str = "cpu",
-          threads: Optional[int] = None, log_level: str = "warning") -> None:
-    """Serve a checkpoint (several: an ensemble) until interrupted (Ctrl+C / SIGINT / SIGTERM)."""
+          threads: Optional[int] = None, log_level: str = "warning", max_k: int = MAX_K) -> None:
+    """Serve a checkpoint (several: an ensemble) until interrupted (Ctrl+C / SIGINT / SIGTERM); a request's k
+    above `max_k` is a 422."""
     if not max_wait_ms > 0:  # LitServe's worker spins on its queue with a timeout of 0
         raise ValueError(f"max_wait_ms: expected a positive number of milliseconds, got {max_wait_ms}")
-    check_arguments(checkpoints, max_batch)
+    check_arguments(checkpoints, max_batch, max_k)
     check_port(host, port)
-    run(server(RecommendAPI(checkpoints, device, max_batch, max_wait_ms, threads)), host, port, log_level)
+    run(server(RecommendAPI(checkpoints, device, max_batch, max_wait_ms, threads, max_k)), host, port, log_level)
 
 
 def run(srv: ls.LitServer, host: str, port: int, log_level: str = "warning") -> None:
-    """Run until SIGINT or SIGTERM, then stop LitServe's worker and API processes (its graceful shutdown)."""
+    """Run until SIGINT or SIGTERM, then stop LitServe's worker and API processes (its graceful shutdown). Both
+    signals get a handler: a background job of a non-interactive shell starts with SIGINT ignored."""
     main_pid = os.getpid()
 
     def interrupt(signum, frame):
@@ -102,9 +119,11 @@ def run(srv: ls.LitServer, host: str, port: int, log_level: str = "warning") -> 
             raise SystemExit(0)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)  # LitServe shuts down cleanly on KeyboardInterrupt only
-    print(f"serving on http://{host}:{port}{srv.lit_api.api_path} (max batch {srv.lit_api.max_batch_size}, "
-          f"max wait {srv.lit_api.batch_timeout * 1e3:g} ms); GET /health answers once the model is loaded",
-          flush=True)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # LitServe shuts down cleanly on KeyboardInterrupt only
+        signal.signal(signum, interrupt)
+    api = srv.lit_api  # (the model loads in LitServe's worker process, which says "loading ..." and "loaded ...")
+    print(f"starting on http://{host}:{port}{api.api_path} (litserve, max batch {api.max_batch_size}, max wait "
+          f"{api.batch_timeout * 1e3:g} ms, max k {getattr(api, 'max_k', MAX_K)}); GET /health answers once the "
+          "model is loaded", flush=True)
     srv.run(host=host, port=port, num_api_servers=1, log_level=log_level, generate_client_file=False,
             access_log=False)

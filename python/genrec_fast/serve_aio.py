@@ -14,13 +14,14 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 from aiohttp import web
 from pydantic import ValidationError
 
-from .serve_api import API_PATH, MAX_BATCH, MAX_WAIT_MS, RecommendRequest, Rejected, check_arguments, check_port, \
+from .serve_api import API_PATH, MAX_BATCH, MAX_K, MAX_WAIT_MS, RecommendRequest, Rejected, check_arguments, check_port, \
     load_warm, rejection, to_query
 
 log = logging.getLogger(__name__)
@@ -88,9 +89,12 @@ def reply(out) -> web.Response:
 
 
 def make_app(rec, predict: Callable[[list], list], max_batch: int = MAX_BATCH,
-             max_wait_ms: float = MAX_WAIT_MS["aiohttp"], check: Callable = to_query) -> web.Application:
+             max_wait_ms: float = MAX_WAIT_MS["aiohttp"], check: Optional[Callable] = None,
+             max_k: int = MAX_K) -> web.Application:
     """POST API_PATH and GET /health around `predict` (serve_api.answer bound to a Recommender, or any
-    function of a list of checked queries); `check(rec, request)` -> a query or a Rejected."""
+    function of a list of checked queries); `check(rec, request)` -> a query or a Rejected (default:
+    serve_api.to_query with `max_k`)."""
+    check = check or partial(to_query, max_k=max_k)
     batcher = Batcher(predict, max_batch, max_wait_ms)
 
     async def recommend(request: web.Request) -> web.Response:
@@ -115,20 +119,21 @@ def make_app(rec, predict: Callable[[list], list], max_batch: int = MAX_BATCH,
 
 def serve(checkpoints: Sequence[Union[str, Path]], host: str = "127.0.0.1", port: int = 8000,
           max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS["aiohttp"], device: str = "cpu",
-          threads: Optional[int] = None, log_level: str = "warning") -> None:
-    """Serve a checkpoint (several: an ensemble) until interrupted (Ctrl+C / SIGINT / SIGTERM)."""
+          threads: Optional[int] = None, log_level: str = "warning", max_k: int = MAX_K) -> None:
+    """Serve a checkpoint (several: an ensemble) until interrupted (Ctrl+C / SIGINT / SIGTERM); a request's k
+    above `max_k` is a 422."""
     import torch
     from .serve_api import answer
     if not max_wait_ms >= 0:
         raise ValueError(f"max_wait_ms: expected a number of milliseconds >= 0, got {max_wait_ms}")
-    check_arguments(checkpoints, max_batch)
+    check_arguments(checkpoints, max_batch, max_k)
     check_port(host, port)
     logging.basicConfig(level=log_level.upper())
     # all cores but one, which the event loop needs: the model thread and the HTTP work share the CPU
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
     rec = load_warm(checkpoints, device)
-    app = make_app(rec, lambda queries: answer(rec, queries), max_batch, max_wait_ms)
+    app = make_app(rec, lambda queries: answer(rec, queries), max_batch, max_wait_ms, max_k=max_k)
     serving = (f"serving on http://{host}:{port}{API_PATH} (aiohttp, max batch {max_batch}, max wait "
-               f"{max_wait_ms:g} ms); GET /health answers once the model is loaded")
+               f"{max_wait_ms:g} ms, max k {max_k}); GET /health answers once the model is loaded")
     web.run_app(app, host=host, port=port, print=lambda _: print(serving, flush=True),  # (once bound)
                 access_log=None, handle_signals=True)

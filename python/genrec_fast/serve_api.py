@@ -11,8 +11,9 @@ Item and user ids are ints or strings as in the catalog ("5" also finds the cata
 A malformed request gets a 4xx {"error": "<field>: <what is wrong>", "field": "<field>"}: 400 for a body
 that is not JSON, 415 for one not sent as JSON on the LitServe engine (its FastAPI front end reads a body
 only with Content-Type: application/json; the aiohttp engine reads any), 422 for a wrong field (missing or
-empty history, wrong types, k < 1, unknown item ids); it never affects the other requests of its batch. A k
-beyond the catalog returns every allowed item, as `recommend()` does.
+empty history, wrong types, k < 1 or above the server's --max-k, unknown item ids, each echoed id cut to
+ID_CHARS characters); it never affects the other requests of its batch. A k beyond the catalog (within --max-k)
+returns every allowed item, as `recommend()` does.
 
 Requests of one batch may ask for different k / exclude_seen / allowed_items: `answer` makes one
 `recommend()` call per distinct (k, exclude_seen, allowed_items) group, so each request gets exactly what a
@@ -37,6 +38,8 @@ from .recommend import Recommendations, Recommender
 API_PATH = "/recommend"
 DEFAULT_K = 10
 MAX_BATCH = 64  # requests per recommend() call at most; tuned with benchmarks/bench_serve.py
+MAX_K = 1000  # k of a request at most (--max-k): k = 10**9 on a million items was a 28.7 MB body and 1 s of model
+ID_CHARS = 40  # an unknown id echoed in an error at most this long (its repr): a 1 MB id is not a 1 MB error
 ENGINES = ("aiohttp", "litserve")  # the first is the default (bench_serve: 3.2x LitServe's requests/s on 2 cores)
 MAX_WAIT_MS = {  # per engine, how long a batch waits for more requests once none are queued (bench_serve)
     "aiohttp": 0.0,  # none: the requests that queued while the model ran form the next batch (c1 p50 5.4 vs 8.8 ms)
@@ -93,23 +96,31 @@ class Rejected(NamedTuple):
         return {"error": self.message, "field": self.field}
 
 
-def to_query(rec: Recommender, req: RecommendRequest) -> Union[Query, Rejected]:
-    """Check a request's ids and k against the model's catalog."""
+def short_ids(ids: Sequence) -> str:
+    """The first five of `ids` as a list for an error message, each repr cut to ID_CHARS characters ("...")."""
+    shown = [repr(x) if len(repr(x)) <= ID_CHARS else repr(x)[:ID_CHARS - 3] + "..." for x in ids[:5]]
+    return "[" + ", ".join(shown) + ("" if len(ids) <= 5 else f", ... ({len(ids)} in all)") + "]"
+
+
+def to_query(rec: Recommender, req: RecommendRequest, max_k: int = MAX_K) -> Union[Query, Rejected]:
+    """Check a request's ids against the model's catalog and its k against `max_k`."""
+    k = DEFAULT_K if req.k is None else req.k  # (beyond the catalog: every allowed item, as recommend())
+    if k > max_k:
+        return Rejected(422, "k", f"k: expected at most {max_k} (the server's --max-k), got {k}")
     items = rec.catalog.item_index
     history = [resolve_id(items, x) for x in req.history]
     if None in history:
         bad = [x for x, i in zip(req.history, history) if i is None]
         history = [i for i in history if i is not None] if req.unknown_items == "skip" else []
         if not history:
-            return Rejected(422, "history", f"history: unknown item ids {bad[:5]}" + (
+            return Rejected(422, "history", f"history: unknown item ids {short_ids(bad)}" + (
                 "" if req.unknown_items == "skip" else ' ("unknown_items": "skip" drops them)'))
     allowed = None
     if req.allowed_items is not None:
         allowed = tuple(resolve_id(items, x) for x in req.allowed_items)
         if None in allowed:
             bad = [x for x, i in zip(req.allowed_items, allowed) if i is None]
-            return Rejected(422, "allowed_items", f"allowed_items: unknown item ids {bad[:5]}")
-    k = DEFAULT_K if req.k is None else req.k  # (beyond the catalog: every allowed item, as recommend())
+            return Rejected(422, "allowed_items", f"allowed_items: unknown item ids {short_ids(bad)}")
     user = None if req.user is None else resolve_id(rec.catalog.user_index, req.user)
     user = req.user if user is None else user  # an unknown user is served from the history alone
     exclude_seen = rec.exclude_seen if req.exclude_seen is None else req.exclude_seen
@@ -183,17 +194,18 @@ def check_port(host: str, port: int) -> None:
                       "it: pass another --port (or --host)") from None
 
 
-def check_arguments(paths: Sequence[Union[str, Path]], max_batch: int) -> None:
-    """Fail before starting any process when a checkpoint directory is incomplete or max_batch < 1."""
-    if max_batch < 1:
-        raise ValueError(f"max_batch: expected a positive integer, got {max_batch}")
+def check_arguments(paths: Sequence[Union[str, Path]], max_batch: int, max_k: int = MAX_K) -> None:
+    """Fail before starting any process when a checkpoint directory is incomplete, max_batch < 1 or max_k < 1."""
+    for name, value in (("max_batch", max_batch), ("max_k", max_k)):
+        if value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value}")
     if not paths:
         raise ValueError("checkpoint: expected at least one checkpoint directory")
     for p in paths:
         if checkpoint.is_cascade(p):  # a cascade directory (cascade.py): its two checkpoints
             if len(paths) > 1:
                 raise ValueError(f"checkpoint: {p} is a cascade; it is served alone, not in an ensemble")
-            check_arguments([Path(p) / "retriever", Path(p) / "ranker"], max_batch)
+            check_arguments([Path(p) / "retriever", Path(p) / "ranker"], max_batch, max_k)
             continue
         checkpoint.check_checkpoint(p)
 
