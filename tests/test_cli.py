@@ -324,3 +324,49 @@ def test_resuming_with_another_config_is_a_one_line_error(p5_file, tmp_path, cap
     err = capsys.readouterr().err
     assert "error: resume:" in err and "model.d_model 32 -> 16" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["evaluate", "report", "calibrate", "cascade", "recommend"])
+def test_threads_sets_torchs_thread_count(command, tmp_path, monkeypatch):
+    import torch
+    from genrec_fast import cli
+    fn = {"evaluate": "cmd_evaluate", "report": "cmd_report", "calibrate": "cmd_calibrate", "cascade": "cmd_cascade",
+          "recommend": "cmd_recommend"}[command]
+    seen = []
+    monkeypatch.setattr(cli, fn, lambda args: seen.append(torch.get_num_threads()) or 0)
+    argv = {"evaluate": ["ck"], "report": ["ck", "--out", "m.json"], "calibrate": ["ck", "--out", "o"],
+            "cascade": ["a", "b", "--out", "o"], "recommend": ["ck"]}[command]
+    before = torch.get_num_threads()
+    want = 2 if before == 1 else 1
+    try:
+        assert main([command, *argv, "--threads", str(want)]) == 0
+        assert seen == [want]
+        torch.set_num_threads(before)
+        assert main([command, *argv]) == 0 and seen[-1] == before  # without --threads: left as it was
+    finally:
+        torch.set_num_threads(before)
+    assert cli.build_parser().parse_args([command, *argv]).threads is None
+    with pytest.raises(SystemExit):
+        main([command, *argv, "--threads", "0"])
+
+
+def test_ctrl_c_is_one_line_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from genrec_fast import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_train", interrupted)
+    monkeypatch.setattr(cli, "cmd_evaluate", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out)]) == 130  # nothing saved yet
+    assert capsys.readouterr().err == "interrupted\n"
+    (out / "last").mkdir(parents=True)
+    (out / "last" / "weights.pt").write_text("")
+    (out / "log.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    os.utime(out / "log.jsonl", (1, 1))  # written before last/'s files: last/ holds epoch 2
+    assert main(["train", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"interrupted; {out / 'last'} holds the run after epoch 2") and "--resume" in err
+    assert len(err.splitlines()) == 1
+    assert main(["evaluate", "ck"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

@@ -212,18 +212,22 @@ def run_dir(args, config: str) -> Path:
     if args.resume and args.overwrite:
         raise ValueError("--resume, --overwrite: expected one of them (--resume continues the run in --out, "
                          "--overwrite replaces it)")
-    if args.out:
-        out = Path(args.out)
-    else:
-        data = Path(args.data) if args.data else None
-        name = ("synthetic" if data is None else data.resolve().name if data.is_dir()
-                else data.resolve().parent.name if data.stem == "sequential_data" else data.stem)
-        out = Path("runs") / f"{name}-{config}"
+    out = out_path(args, config)
     held = [n for n in ("best", "last") if (out / n).exists()]
     if held and not (args.resume or args.overwrite):
         raise ValueError(f"--out {out}: holds a run already ({', '.join(n + '/' for n in held)}); --resume "
                          "continues it, --overwrite replaces it, or name another --out")
     return out
+
+
+def out_path(args, config: str) -> Path:
+    """The run directory of `train`: --out, or runs/<data>-<config> (`run_dir`)."""
+    if args.out:
+        return Path(args.out)
+    data = Path(args.data) if args.data else None
+    name = ("synthetic" if data is None else data.resolve().name if data.is_dir()
+            else data.resolve().parent.name if data.stem == "sequential_data" else data.stem)
+    return Path("runs") / f"{name}-{config}"
 
 
 @contextlib.contextmanager
@@ -517,7 +521,7 @@ def cmd_serve(args) -> int:
         return 2
     wait = serve.MAX_WAIT_MS[args.engine] if args.max_wait_ms is None else args.max_wait_ms
     serve.serve(args.checkpoint, args.host, args.port, args.max_batch, wait, args.device, args.threads,
-                args.log_level)
+                args.log_level, args.max_k)
     return 0
 
 
@@ -529,6 +533,20 @@ def _lookup(index: dict, token: str):
 
 
 DEVICE_HELP = "cpu (default), cuda or cuda:N"
+THREADS_HELP = "torch threads (default: torch's own, the machine's cores)"
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """--threads of a command that sets torch's thread count itself, before loading (`set_threads`)."""
+    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
+    p.set_defaults(sets_threads=True)
+
+
+def set_threads(args) -> None:
+    """torch.set_num_threads(--threads) for the commands of `_add_threads_arg` (train and serve pass theirs on)."""
+    if getattr(args, "sets_threads", False) and args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
 BEAMS_HELP = "beam width of the search (default %(default)s)"
 ENSEMBLE_HELP = ("checkpoint directory (or a cascade directory: genrec-fast cascade); several = an ensemble of models "
                  "trained on the same data (e.g. other seeds)")
@@ -585,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-user", action="store_true", help="omit the user token (as for a new user)")
     e.add_argument("--device", default="cpu", help=DEVICE_HELP)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_threads_arg(e)
     e.set_defaults(func=cmd_evaluate)
     c = sub.add_parser("calibrate", help="fit the history/transition biases' weights on the validation targets "
                                          "(one factor each) and write the calibrated checkpoint")
@@ -598,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "to 50,000, else 50,000 drawn at random; a codes model 6,000 drawn at random)")
     c.add_argument("--device", default="cpu", help=DEVICE_HELP)
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_threads_arg(c)
     c.set_defaults(func=cmd_calibrate)
     q = sub.add_parser("cascade", help="rerank a fast model's candidates (e.g. collaborative codes) with a one-token "
                                        "model, the weight of the two chosen on the validation targets")
@@ -619,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--users", type=non_negative_int, default=0, help="choose the weight on the first N users (0 = all)")
     q.add_argument("--device", default="cpu", help=DEVICE_HELP)
     q.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_threads_arg(q)
     q.set_defaults(func=cmd_cascade)
     f = sub.add_parser("report", help="the full report of train (valid, test, excluding seen, baselines) "
                                       "for a checkpoint or an ensemble")
@@ -628,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--num-beams", type=positive_int, default=20, help=BEAMS_HELP)
     f.add_argument("--device", default="cpu", help=DEVICE_HELP)
     f.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_threads_arg(f)
     f.set_defaults(func=cmd_report)
     r = sub.add_parser("recommend", help="top-k items for histories read from a file or stdin")
     r.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
@@ -640,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--skip-unknown", action="store_true", help="skip unknown item ids instead of failing")
     r.add_argument("--device", default="cpu", help=DEVICE_HELP)
     r.add_argument("--head-precision", choices=PRECISIONS, help=PRECISION_HELP)
+    _add_threads_arg(r)
     r.set_defaults(func=cmd_recommend)
     s = sub.add_parser("serve", help="an HTTP endpoint (POST /recommend) batching concurrent requests")
     s.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)
@@ -650,6 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "process; several workers or GPUs)")
     s.add_argument("--max-batch", type=positive_int, default=64,  # serve_api.MAX_BATCH
                    help="requests per model call at most (default 64)")
+    s.add_argument("--max-k", type=positive_int, default=1000,  # serve_api.MAX_K
+                   help="k of a request at most; a larger one is a 422 naming k (default 1000)")
     s.add_argument("--max-wait-ms", type=non_negative_float, default=None,  # serve_api.MAX_WAIT_MS[engine]
                    help="how long a batch waits for more requests once none are queued (default: aiohttp 0, "
                         "litserve 2 ms)")
@@ -672,10 +697,40 @@ def main(argv=None) -> int:
         with one_line_warnings():
             if getattr(args, "device", None) is not None:  # before any data or model is loaded
                 check_device(args.device, "--device")
+            set_threads(args)
             return args.func(args)
     except (ValueError, OSError, TypeError) as e:  # OSError: files, and a serve port already in use
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C: one line, not a traceback; 130 as a shell reports SIGINT
+        print(f"interrupted{_resume_hint(args)}", file=sys.stderr)
+        return 130
+
+
+def _resume_hint(args) -> str:
+    """For an interrupted `train` whose run directory holds last/: where it stands and how to continue it
+    (else "")."""
+    if args.command != "train":
+        return ""
+    out = out_path(args, "sasrec" if args.model == "sasrec" else Path(args.config or "recommended").stem)
+    if not (out / "last").is_dir():
+        return ""
+    epoch = _last_saved_epoch(out)
+    where = f" holds the run after epoch {epoch}" if epoch else " holds the run's last epoch"
+    flag = "--resume in place of --overwrite" if args.overwrite else "--resume"
+    return f"; {out / 'last'}{where}: the same command with {flag} continues it"
+
+
+def _last_saved_epoch(out: Path) -> int | None:
+    """The last epoch of out/log.jsonl that out/last holds (one less when the log was written after last/'s
+    files: interrupted between the two); None where the log cannot tell."""
+    try:
+        rows = (out / "log.jsonl").read_text().splitlines()
+        epoch = int(json.loads(rows[-1])["epoch"])
+        saved = max(f.stat().st_mtime for f in (out / "last").iterdir())
+        return epoch - ((out / "log.jsonl").stat().st_mtime > saved)
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 @contextlib.contextmanager
