@@ -271,3 +271,46 @@ def test_ids_match_as_the_cli_and_server_match_them(trained, small_synthetic):
     a = strings.recommend([[3, 17]], k=5, allowed_items=range(1, 20))
     b = strings.recommend([["3", "17"]], k=5, allowed_items=[str(i) for i in range(1, 20)])
     assert a == b and set(a[0].items) <= {str(i) for i in range(1, 20)}
+
+
+def test_numpy_integers_find_a_catalog_of_strings():
+    rec = genrec_fast.Recommender.random([str(i) for i in range(20)], "tiny", item_tokens="whole")
+    want = rec.recommend([["5", "7"]], k=3, allowed_items=["1", "2", "3"])
+    assert rec.recommend([np.array([5, 7])], k=3, allowed_items=np.arange(1, 4)) == want
+
+
+def test_allowed_items_and_bools_are_refused_by_name():
+    rec = genrec_fast.Recommender.random(list(range(20)), "tiny", item_tokens="whole")
+    for bad, shown in (("123", "str '123'"), (5, "int 5")):
+        with pytest.raises(TypeError, match=f"allowed_items: expected a collection of item ids .*got {shown}"):
+            rec.recommend([[1]], allowed_items=bad)
+    with pytest.raises(TypeError, match=r"histories\[1\]: True is a bool, expected item ids"):
+        rec.recommend([[1], [2, True]])
+    with pytest.raises(TypeError, match="allowed_items: np.False_ is a bool|allowed_items: False is a bool"):
+        rec.recommend([[1]], allowed_items=[2, np.bool_(False)])
+
+
+def test_random_catalog_is_read_once_distinct_and_not_empty():
+    rec = genrec_fast.Recommender.random((f"s{i}" for i in range(30)), "tiny", item_tokens="whole")
+    assert rec.catalog.item_ids == [f"s{i}" for i in range(30)]
+    assert len(set(rec.recommend([["s1"]], k=30)[0].items)) == 30
+    with pytest.raises(ValueError, match="item_ids: expected distinct ids, got 's2' more than once"):
+        genrec_fast.Recommender.random(["s1", "s2", "s3", "s2"], "tiny")
+    with pytest.raises(ValueError, match="item_ids: expected at least one item id, got none"):
+        genrec_fast.Recommender.random([], "tiny")
+
+
+@pytest.mark.parametrize("name, tokens", [("tiny", "pieces"), ("recommended", "whole"), ("codes", "codes")])
+def test_random_takes_the_presets_item_tokens(name, tokens):
+    rec = genrec_fast.Recommender.random([f"s{i}" for i in range(50)], name)
+    assert rec.tokenizer.item_tokens == tokens
+    assert len(rec.recommend([["s1", "s2"]], k=3)[0].items) == 3
+
+
+def test_skip_warning_names_the_callers_line():
+    rec = genrec_fast.Recommender.random([str(i) for i in range(20)], "tiny", item_tokens="whole")
+    for call in (lambda: rec.recommend([["1", "zz"]], unknown_items="skip"),
+                 lambda: genrec_fast.recommend(rec, [["1", "zz"]], unknown_items="skip")):
+        with pytest.warns(UserWarning, match=r"skipped 1 unknown item ids \['zz'\]") as record:
+            call()
+        assert [w.filename for w in record] == [__file__]

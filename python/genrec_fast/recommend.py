@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from pathlib import Path
-from typing import Hashable, NamedTuple, Sequence
+from typing import Hashable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -24,13 +25,15 @@ from .tokenizer import EOS_ID, Encoded, GenRecTokenizer
 
 UNKNOWN_ITEMS = ("error", "skip")
 BACKENDS = ("auto", "cpp", "reference", "device")
+_BOOL_TYPES = frozenset((bool, np.bool_))  # True == 1 and False == 0 as dict keys: never read as item ids
 
 
 class Recommendations(NamedTuple):
     """One user's recommendations, as `recommend()` returns them."""
 
     items: list  # original item ids, best first
-    scores: list  # log-probability of each item under the model
+    scores: list  # higher is better: the model's log-probability of each item; for a `cascade.Cascade`,
+    # (1 - weight) * log P_retriever(item) + weight * log P_ranker(item | candidates) (cascade.combine)
 
 
 class Recommender:
@@ -77,12 +80,19 @@ class Recommender:
         return self.tokenizer.item_tokens == "whole" and not self.model.cfg.item_eos
 
     @classmethod
-    def random(cls, item_ids: Sequence[Hashable], config: ModelConfig | str = "small", vocab_size: int = 1000,
-               n_users: int = 0, seed: int = 0, max_items: int = 20, item_tokens: str = "pieces",
+    def random(cls, item_ids: Iterable[Hashable], config: ModelConfig | str = "small", vocab_size: int = 1000,
+               n_users: int = 0, seed: int = 0, max_items: int = 20, item_tokens: str | None = None,
                code_levels: int = 2, code_branches: int = 32, code_input: str = "all") -> "Recommender":
-        """A model with random weights over a catalog of item ids (for benchmarks and smoke tests)."""
+        """A model with random weights over a catalog of item ids (for benchmarks and smoke tests).
+
+        item_ids: distinct ids, at least one (any iterable, read once). config: a ModelConfig or a preset name.
+        item_tokens: "pieces", "whole" or "codes"; None (the default) takes the preset's (`config.preset`: "whole"
+          for "recommended", "codes" for "codes", "pieces" for the others), or "pieces" for a ModelConfig."""
+        item_ids = _catalog_ids(item_ids)
+        if item_tokens is None:
+            item_tokens = preset(config).tokenizer.item_tokens if isinstance(config, str) else "pieces"
         cfg = preset(config).model if isinstance(config, str) else config
-        codes = item_codes(list(item_ids), "random", seed)
+        codes = item_codes(item_ids, "random", seed)
         table = None
         if item_tokens == "codes":  # balanced codes of random directions: the shape of trained codes
             from .collab_codes import balanced_codes
@@ -91,7 +101,7 @@ class Recommender:
         tokenizer = GenRecTokenizer.train([], codes, vocab_size, item_tokens, table, code_input)
         cfg = dataclasses.replace(cfg, vocab_size=tokenizer.vocab_size, n_users=n_users, n_items=len(codes))
         torch.manual_seed(seed)
-        catalog = Catalog(list(item_ids), codes, list(range(n_users)))
+        catalog = Catalog(item_ids, codes, list(range(n_users)))
         return cls(GenRec(cfg).eval(), tokenizer, catalog, max_items)
 
     @property
@@ -147,8 +157,11 @@ class Recommender:
         num_beams: beam width (default max(k, 20)); k <= num_beams.
         exclude_seen: never recommend an item of the request's own history (None: the model's default,
           True only for models trained with `train.mask_seen`).
-        allowed_items: optional collection of original item ids that may be recommended.
+        allowed_items: optional collection (list, set, range, array, ...) of original item ids that may be
+          recommended; a string or a single id is a TypeError.
         unknown_items: 'error' (ValueError) or 'skip' (dropped with a warning) for ids not in the catalog.
+        A bool is no item id (True would be read as 1): a TypeError in histories and allowed_items.
+        scores: see `Recommendations.scores`.
         """
         _check_args(histories, k, num_beams, users, exclude_seen, unknown_items, batch_size, backend)
         num_beams = max(k, 20) if num_beams is None else num_beams
@@ -173,6 +186,7 @@ class Recommender:
         history = list(history)
         if not history:
             raise ValueError(f"histories[{n}]: empty history; at least one item is needed")
+        _check_no_bools(history, f"histories[{n}]")
         index = self.catalog.item_index
         known = list(map(index.get, history))
         if None not in known:
@@ -184,7 +198,8 @@ class Recommender:
         if bad and unknown_items == "error":
             raise ValueError(f"histories[{n}]: unknown item ids {bad[:5]} (pass unknown_items='skip' to drop them)")
         if bad:
-            warnings.warn(f"histories[{n}]: skipped {len(bad)} unknown item ids {bad[:5]}", stacklevel=3)
+            warnings.warn(f"histories[{n}]: skipped {len(bad)} unknown item ids {bad[:5]}",
+                          stacklevel=_caller_stacklevel())
         kept = [i for i in known if i is not None]
         if not kept:
             raise ValueError(f"histories[{n}]: no known item left after skipping unknown ids")
@@ -193,8 +208,12 @@ class Recommender:
     def _allow_mask(self, allowed_items) -> np.ndarray | None:
         if allowed_items is None:
             return None
+        if isinstance(allowed_items, (str, bytes)) or not hasattr(allowed_items, "__iter__"):
+            raise TypeError(f"allowed_items: expected a collection of item ids (a list, set, ...), "
+                            f"got {type(allowed_items).__name__} {allowed_items!r}")
         mask = np.zeros(len(self.catalog.item_ids), dtype=bool)
         allowed_items = list(allowed_items)
+        _check_no_bools(allowed_items, "allowed_items")
         rows = [_index(self.catalog.item_index, x) for x in allowed_items]
         unknown = [x for x, i in zip(allowed_items, rows) if i is None]
         if unknown:
@@ -221,6 +240,36 @@ def _index(index: dict, x) -> int | None:
             key = None
         i = None if key is None else index[key]
     return i
+
+
+def _check_no_bools(ids: list, name: str) -> None:
+    """TypeError naming `name` when ids holds a bool (a dict finds True as the item 1); one C-level pass."""
+    if _BOOL_TYPES.intersection(map(type, ids)):
+        bad = next(x for x in ids if type(x) in _BOOL_TYPES)
+        raise TypeError(f"{name}: {bad!r} is a bool, expected item ids (ints or strings as in the catalog)")
+
+
+def _catalog_ids(item_ids) -> list:
+    """`Recommender.random`'s item_ids as a list, read once; ValueError for an empty or repeated one."""
+    if isinstance(item_ids, (str, bytes)) or not hasattr(item_ids, "__iter__"):
+        raise TypeError(f"item_ids: expected a collection of item ids, got {type(item_ids).__name__}")
+    ids = list(item_ids)
+    if not ids:
+        raise ValueError("item_ids: expected at least one item id, got none")
+    if len(set(ids)) != len(ids):
+        seen: set = set()
+        dup = next(x for x in ids if x in seen or seen.add(x))
+        raise ValueError(f"item_ids: expected distinct ids, got {dup!r} more than once")
+    return ids
+
+
+def _caller_stacklevel() -> int:
+    """warnings.warn's stacklevel, from the function calling this, of the first frame outside this module (the
+    user's line, however many of this module's frames lie between: recommend(), Recommender.recommend, ...)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _is_int(x) -> bool:
