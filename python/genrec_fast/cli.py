@@ -117,7 +117,8 @@ def cmd_train(args) -> int:
         print(data.summary(), flush=True)
     t0 = time.perf_counter()
     with replacing_run(out, args.overwrite and main_rank):
-        rec = train(data, out, p, device=args.device, resume=args.resume, progress=not args.quiet)
+        rec = train(data, out, p, device=args.device, resume=args.resume, progress=not args.quiet,
+                    overwrite=args.overwrite)
     train_s = time.perf_counter() - t0
     if not main_rank:  # rank 0 wrote the checkpoints and reports them
         return 0
