@@ -314,3 +314,10 @@ def test_skip_warning_names_the_callers_line():
         with pytest.warns(UserWarning, match=r"skipped 1 unknown item ids \['zz'\]") as record:
             call()
         assert [w.filename for w in record] == [__file__]
+
+
+def test_unknown_ids_are_echoed_cut_short():
+    rec = genrec_fast.Recommender.random([str(i) for i in range(1, 40)], "tiny", vocab_size=300)
+    with pytest.raises(ValueError, match=r"unknown item ids \['" + "y" * 36 + r"\.\.\.'?\]") as e:
+        rec.recommend([["y" * 100_000]], k=5)
+    assert len(str(e.value)) < 200

@@ -261,7 +261,7 @@ def test_unknown_ids_are_echoed_cut_short(servers, name):
 
 
 def test_short_ids_lists_five_cut_reprs():
-    from genrec_fast.serve_api import ID_CHARS, short_ids
+    from genrec_fast.data import ID_CHARS, short_ids
     assert short_ids([1, "a"]) == "[1, 'a']"
     long = short_ids(["y" * 100] + list(range(9)))
     assert long == "['" + "y" * (ID_CHARS - 4) + "..., 0, 1, 2, 3, ... (10 in all)]"

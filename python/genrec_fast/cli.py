@@ -484,7 +484,7 @@ def _known_items(index: dict, history: list, line: int, skip: bool, skipped: lis
     and counted in skipped = [ids, lines] (None when none is left: the line gets an empty answer)."""
     bad = [x for x in history if x not in index]
     if bad and not skip:
-        raise ValueError(f"line {line}: unknown item ids {bad[:5]} (--skip-unknown drops them)")
+        raise ValueError(f"line {line}: unknown item ids {data_mod.short_ids(bad)} (--skip-unknown drops them)")
     if bad:
         history = [x for x in history if x in index]
         skipped[0] += len(bad)

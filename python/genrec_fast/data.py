@@ -699,6 +699,15 @@ def synthetic(n_users: int = 2000, n_items: int = 300, seed: int = 0, follow_pro
     return from_user_sequences(histories, id_order=id_order, seed=seed, name="synthetic (planted successor chains)")
 
 
+ID_CHARS = 40  # an unknown id echoed in an error at most this long (its repr): a 1 MB id is not a 1 MB error
+
+
+def short_ids(ids: Sequence) -> str:
+    """The first five of `ids` as a list for an error message, each repr cut to ID_CHARS characters ("...")."""
+    shown = [repr(x) if len(repr(x)) <= ID_CHARS else repr(x)[:ID_CHARS - 3] + "..." for x in ids[:5]]
+    return "[" + ", ".join(shown) + ("" if len(ids) <= 5 else f", ... ({len(ids)} in all)") + "]"
+
+
 def resolve_id(index: dict, x):
     """An id as the catalog spells it: x itself, else 5 <-> "5" (canonical spellings only: not "05", " 5");
     None when the catalog has neither (`Catalog.item_index` / `user_index`). Any integer (numbers.Integral:

@@ -15,7 +15,7 @@ from . import checkpoint
 from .batching import encode_histories, pad_encoder
 from .beam_search import Trie
 from .config import ModelConfig, preset
-from .data import Catalog, item_codes, resolve_id
+from .data import Catalog, item_codes, resolve_id, short_ids
 from .decoding import beam_decode, item_decode
 from .device import check_device
 from .ensemble import Ensemble, check_same_files
@@ -196,9 +196,9 @@ class Recommender:
             return known
         bad = [x for x, i in zip(history, known) if i is None]
         if bad and unknown_items == "error":
-            raise ValueError(f"histories[{n}]: unknown item ids {bad[:5]} (pass unknown_items='skip' to drop them)")
+            raise ValueError(f"histories[{n}]: unknown item ids {short_ids(bad)} (pass unknown_items='skip' to drop them)")
         if bad:
-            warnings.warn(f"histories[{n}]: skipped {len(bad)} unknown item ids {bad[:5]}",
+            warnings.warn(f"histories[{n}]: skipped {len(bad)} unknown item ids {short_ids(bad)}",
                           stacklevel=_caller_stacklevel())
         kept = [i for i in known if i is not None]
         if not kept:
@@ -217,7 +217,7 @@ class Recommender:
         rows = [_index(self.catalog.item_index, x) for x in allowed_items]
         unknown = [x for x, i in zip(allowed_items, rows) if i is None]
         if unknown:
-            raise ValueError(f"allowed_items: unknown item ids {unknown[:5]}")
+            raise ValueError(f"allowed_items: unknown item ids {short_ids(unknown)}")
         mask[rows] = True
         return mask
 

@@ -32,14 +32,13 @@ from typing import Dict, Hashable, List, Literal, NamedTuple, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import checkpoint
-from .data import resolve_id
+from .data import resolve_id, short_ids
 from .recommend import Recommendations, Recommender
 
 API_PATH = "/recommend"
 DEFAULT_K = 10
 MAX_BATCH = 64  # requests per recommend() call at most; tuned with benchmarks/bench_serve.py
 MAX_K = 1000  # k of a request at most (--max-k): k = 10**9 on a million items was a 28.7 MB body and 1 s of model
-ID_CHARS = 40  # an unknown id echoed in an error at most this long (its repr): a 1 MB id is not a 1 MB error
 ENGINES = ("aiohttp", "litserve")  # the first is the default (bench_serve: 3.2x LitServe's requests/s on 2 cores)
 MAX_WAIT_MS = {  # per engine, how long a batch waits for more requests once none are queued (bench_serve)
     "aiohttp": 0.0,  # none: the requests that queued while the model ran form the next batch (c1 p50 5.4 vs 8.8 ms)
@@ -94,12 +93,6 @@ class Rejected(NamedTuple):
 
     def body(self) -> dict:
         return {"error": self.message, "field": self.field}
-
-
-def short_ids(ids: Sequence) -> str:
-    """The first five of `ids` as a list for an error message, each repr cut to ID_CHARS characters ("...")."""
-    shown = [repr(x) if len(repr(x)) <= ID_CHARS else repr(x)[:ID_CHARS - 3] + "..." for x in ids[:5]]
-    return "[" + ", ".join(shown) + ("" if len(ids) <= 5 else f", ... ({len(ids)} in all)") + "]"
 
 
 def to_query(rec: Recommender, req: RecommendRequest, max_k: int = MAX_K) -> Union[Query, Rejected]:
