@@ -56,7 +56,7 @@ def measure(path: str, threads: int, requests: int) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--items", type=int, default=1_000_000, help="catalog size (default %(default)s)")
     p.add_argument("--form", default="leaf", help="a bench_catalog.py form: whole, leaf, transition-both, "
                                                   "leaf-transition-both, ... (default %(default)s)")

@@ -52,7 +52,7 @@ def padded_sdpa(qkv, lengths, B, S, mask, rows, slots):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=200)
     args = ap.parse_args()

@@ -11,7 +11,8 @@
 # and OUTDIR/gpu_check.tgz holds them all (refreshed after each stage, so a cut-off run keeps what finished).
 # On an H100 (2026-11-28) the other stages took ~1.5 min together (build 16 s); the training stage
 # takes GENREC_TRAIN_MINUTES plus ~1.3 min (data, tokenizer, final evaluation).
-# Usage: benchmarks/gpu_check.sh OUTDIR
+# Usage: benchmarks/gpu_check.sh OUTDIR    (on a GPU machine: it installs the package, `pip install .`, not
+#   editable, into the `python` on PATH; without a GPU it says so and stops before building anything)
 #   GENREC_CUDA_ARCHS=90       arch to build (default: this GPU's)
 #   GENREC_DATA_DIR=DIR        holds beauty/sequential_data.txt (default ../shared/data)
 #   GENREC_TRAIN_MINUTES=4     train.max_minutes of the base training (unset: no training)
@@ -61,6 +62,8 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, log to NAME.
   python -c "import transformers, pybind11, scikit_build_core as s; print('transformers', transformers.__version__, 'pybind11', pybind11.__version__, 'scikit-build-core', s.__version__)"
 } > "$LOGS/env.txt" 2>&1
 cat "$LOGS/env.txt"
+python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: torch sees no GPU here; \
+nothing was built or installed (run it on a GPU machine: benchmarks/README.md)')" || exit 1
 
 # Build only for this GPU's arch (faster than the default "80;90"), in a build dir of its own.
 ARCHS=${GENREC_CUDA_ARCHS:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d '. ')}

@@ -128,6 +128,8 @@ def test_for_catalog_fixes_the_auto_settings_by_the_catalogs_size():
     assert for_catalog(explicit, 10**6) == explicit  # (max_leaf is 0 outside the codes preset)
     aux = for_catalog(with_overrides(preset("codes"), {"train.item_aux": 0.5}), 10**6).train
     assert aux.sparse_tables is False  # item_aux's softmax over every item vector is a dense gradient
+    sampled = with_overrides(preset("recommended"), {"train.softmax": "sampled", "train.sparse_tables": False})
+    assert for_catalog(sampled, 12_101).train.sparse_tables is True  # what the sampled softmax trains with anyway
     assert for_catalog(with_overrides(preset("codes"), {"tokenizer.max_leaf": 0}), 10**6).tokenizer.code_branches == 128
     with pytest.raises(ValueError, match="tokenizer.max_leaf must be >= 0"):
         with_overrides(preset("codes"), {"tokenizer.max_leaf": -1})

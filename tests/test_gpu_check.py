@@ -40,3 +40,18 @@ GENREC_STAGES="other" stage unnamed 100 true
     assert "later returned 1" in res.stdout and len(summary) == 3  # an unnamed stage leaves no line
     listed = subprocess.run(["tar", "tzf", str(tmp_path / "a.tgz")], capture_output=True, text=True).stdout
     assert "./quick.log" in listed and "./slow.log" in listed
+
+
+def test_without_a_gpu_it_stops_before_building(tmp_path):
+    """No build, no install into the caller's environment, one clear line."""
+    import os
+    import sys
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the script would build")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    res = subprocess.run([bash, str(SCRIPT), str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert res.returncode == 1
+    assert "torch sees no GPU here; nothing was built or installed" in res.stderr
+    assert not (tmp_path / "out" / "logs" / "build.log").exists()

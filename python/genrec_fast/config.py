@@ -309,6 +309,7 @@ def for_catalog(p: Preset, n_items: int, large: int = LARGE_CATALOG) -> Preset:
     if softmax == "auto":
         softmax = "sampled" if big and not sampled_softmax_needs(p) else "full"
     sparse = t.sparse_tables if t.sparse_tables is not None else big and not t.item_aux
+    sparse = sparse or softmax == "sampled"  # (the sampled softmax always updates its tables sparsely)
     branches = tok.code_branches
     if tok.item_tokens == "codes" and tok.max_leaf:
         while n_items > tok.max_leaf * branches ** tok.code_levels:

@@ -252,8 +252,9 @@ class Trainer:
             self.model.transition.fit(self.split.train)
             self.own_pairs = OwnPairs(self.split.train, data.n_items, self.model.transition.window)
             self.neighbors = self.model.transition.items.cpu().numpy()  # (n + 1, W)
-            log.info("transition bias: neighbour table of %d x %d built in %.1f s", *self.neighbors.shape,
-                     time.perf_counter() - t0)
+            if self.group.is_main:
+                log.info("transition bias: neighbour table of %d x %d built in %.1f s", *self.neighbors.shape,
+                         time.perf_counter() - t0)
         self.group.broadcast_parameters(self.model)
         if self.group.rank:  # dropout: other masks than rank 0's (a single process keeps its generator)
             torch.manual_seed(self.group.torch_seed(self.tcfg.seed))
@@ -283,13 +284,17 @@ class Trainer:
         chosen = [f"{key}={now!r} ({undo})" for key, was, now, undo in (
             ("train.softmax", preset.train.softmax, fixed.train.softmax, "train.softmax='full' keeps the full one"),
             ("train.sparse_tables", preset.train.sparse_tables, fixed.train.sparse_tables,
-             "train.sparse_tables=false keeps dense ones"),
+             "as the sampled softmax needs" if fixed.train.softmax == "sampled"
+             else "train.sparse_tables=false keeps dense ones"),
             ("tokenizer.code_branches", preset.tokenizer.code_branches, fixed.tokenizer.code_branches,
              f"leaves of <= tokenizer.max_leaf={preset.tokenizer.max_leaf} items; tokenizer.max_leaf=0 keeps "
              f"{preset.tokenizer.code_branches}"))
             if was != now and now not in ("full", False)]
         if chosen and self.group.is_main:
             log.info("%d items, chosen for the catalog's size: %s", n_items, "; ".join(chosen))
+        if preset.train.sparse_tables is False and fixed.train.sparse_tables and self.group.is_main:
+            log.warning("train.sparse_tables=false: the sampled softmax updates its tables sparsely anyway "
+                        "(train.softmax='full' trains dense ones)")
         return fixed
 
     def _train_tokenizer(self, preset: Preset) -> GenRecTokenizer:
