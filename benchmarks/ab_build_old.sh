@@ -15,5 +15,6 @@ python -m pip wheel -q --no-deps -w "$src/wheel" "$src"
 rm -rf "$out/genrec_old"
 cp -r "$src/python/genrec_fast" "$out/genrec_old"
 cp "$src"/wheel/unpacked/genrec_fast/_core*.so "$out/genrec_old/"
-sed -i 's/from genrec_fast import/from genrec_old import/; s/import genrec_fast$/import genrec_old/' "$out"/genrec_old/*.py
+# every module, the kernels/ subpackage too (its `from genrec_fast import _core` would load the new core)
+find "$out/genrec_old" -name '*.py' -exec sed -i 's/from genrec_fast import/from genrec_old import/; s/import genrec_fast$/import genrec_old/' {} +
 echo "$out/genrec_old: genrec_fast at $(git rev-parse --short "$rev")"

@@ -75,6 +75,9 @@ def main(argv=None) -> None:
     p.add_argument("--singles", type=int, default=100)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not (Path(args.old_dir) / "genrec_old" / "__init__.py").is_file():
+        p.error(f"old_dir: {args.old_dir} holds no genrec_old package; build one with "
+                f"`bash benchmarks/ab_build_old.sh REV {args.old_dir}`")
     sys.path.insert(0, args.old_dir)
     import genrec_fast
     import genrec_old
