@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .beam_search import check_filters
-from .checkpoint import CASCADE, replace_dir, staging_dir
+from .checkpoint import CASCADE, read_json, replace_dir, staging_dir
 from .decoding import first_step_heads
 from .evaluate import histories_for, metrics_from_ranks, target_ranks
 from .item_topk import candidate_logits
@@ -211,10 +211,7 @@ def load_cascade(path: str | Path, device: str | torch.device = "cpu") -> Cascad
     """A directory written by `Cascade.save` -> the cascade, its fit record in `.fit`."""
     from .recommend import load
     path = Path(path)
-    try:
-        cfg = json.loads((path / CASCADE).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"cascade {path}: {CASCADE} is not valid JSON ({e}); the file is damaged") from None
+    cfg = read_json(path / CASCADE)
     missing = [key for key in ("candidates", "weight") if key not in cfg]
     if missing:
         raise ValueError(f"cascade {path}: {CASCADE} lacks {missing}; the file is damaged (`genrec-fast cascade` "

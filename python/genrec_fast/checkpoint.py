@@ -120,7 +120,7 @@ def _train_config(path: Path, d: dict | None) -> TrainConfig | None:
 
 
 def read_json(file: Path):
-    """A checkpoint's JSON file; a damaged one is a ValueError naming it."""
+    """A JSON file of a checkpoint, cascade or run directory; a damaged one is a ValueError naming it."""
     try:
         return json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

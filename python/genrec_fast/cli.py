@@ -396,22 +396,16 @@ def _sasrec_and_data(args):
     """The SASRec checkpoint and its --data (checked against its catalog.json)."""
     from .data import Catalog
     from .sasrec import load
+    from . import checkpoint
     path = Path(args.checkpoint[0])
-    return load(path), _load_matching_data(args, Catalog(**_read_json(path / "catalog.json")))
+    return load(path), _load_matching_data(args, Catalog(**checkpoint.read_json(path / "catalog.json")))
 
 
 def _train_seconds(checkpoint: Path) -> float | None:
     """The training time of a `<run>/best` checkpoint, from `<run>/train_summary.json`."""
+    from .checkpoint import read_json
     f = checkpoint.parent / "train_summary.json"
-    return _read_json(f).get("train_seconds") if f.is_file() else None
-
-
-def _read_json(path: Path):
-    """A JSON file's value; a ValueError naming the file where it is not valid JSON."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged") from None
+    return read_json(f).get("train_seconds") if f.is_file() else None
 
 
 RECOMMEND_CHUNK = 1024  # lines a `recommend()` call at most: a large file streams out chunk by chunk
@@ -548,6 +542,8 @@ def set_threads(args) -> None:
     if getattr(args, "sets_threads", False) and args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
+
+
 BEAMS_HELP = "beam width of the search (default %(default)s)"
 ENSEMBLE_HELP = ("checkpoint directory (or a cascade directory: genrec-fast cascade); several = an ensemble of models "
                  "trained on the same data (e.g. other seeds)")

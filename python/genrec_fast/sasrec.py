@@ -240,10 +240,8 @@ def load(path: str | Path) -> SASRec:
     path = Path(path)
     if not (path / "sasrec.json").is_file():
         raise FileNotFoundError(f"checkpoint {path}: no sasrec.json (not a SASRec checkpoint)")
-    try:
-        cfg = json.loads((path / "sasrec.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"checkpoint {path}: sasrec.json is not valid JSON ({e}); the file is damaged") from None
+    from .checkpoint import read_json
+    cfg = read_json(path / "sasrec.json")
     model = SASRec(SASRecConfig(**cfg))
     model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
     return model.eval()
