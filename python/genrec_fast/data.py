@@ -718,7 +718,7 @@ def resolve_id(index: dict, x):
         return x
     try:
         other = str(int(x)) if isinstance(x, numbers.Integral) else int(x)
-    except ValueError:
+    except (TypeError, ValueError, OverflowError):  # (None, NaN, inf, a tuple, "sku1": no int spelling)
         return None
     return other if other in index and str(other) == str(x) else None
 

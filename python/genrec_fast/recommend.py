@@ -233,11 +233,8 @@ class Recommender:
 def _index(index: dict, x) -> int | None:
     """x's row in a catalog index (`Catalog.item_index` / `user_index`) as `data.resolve_id` spells it, or None."""
     i = index.get(x)
-    if i is None and x is not None:
-        try:
-            key = resolve_id(index, x)
-        except TypeError:  # (not an id: an unknown one)
-            key = None
+    if i is None:
+        key = resolve_id(index, x)
         i = None if key is None else index[key]
     return i
 
