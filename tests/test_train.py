@@ -656,7 +656,7 @@ def test_train_checks_its_arguments_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"train.max_minutes expects float, got '1'"):
         train(d, tmp_path / "a", late)
     (tmp_path / "run" / "best").mkdir(parents=True)
-    with pytest.raises(FileExistsError, match="holds a run already .best/.; resume=True continues it, overwrite=True"):
+    with pytest.raises(FileExistsError, match="out_dir .*: holds a run already .best/.; resume=True continues it, overwrite=True replaces it"):
         train(d, tmp_path / "run", p)
     assert not (tmp_path / "a").exists()  # nothing was written by a refused call
 

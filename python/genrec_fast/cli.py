@@ -210,14 +210,9 @@ def run_dir(args, config: str) -> Path:
     """--out, or runs/<data>-<config>: <data> is "synthetic", the data file's stem, or for P5's usual file name
     (sequential_data.txt) its folder's name. A directory that holds a run already (best/ or last/) is an error
     unless --resume continues it or --overwrite replaces it (`replacing_run` removes it once training writes)."""
-    if args.resume and args.overwrite:
-        raise ValueError("--resume, --overwrite: expected one of them (--resume continues the run in --out, "
-                         "--overwrite replaces it)")
+    from .train import check_run_dir
     out = out_path(args, config)
-    held = [n for n in ("best", "last") if (out / n).exists()]
-    if held and not (args.resume or args.overwrite):
-        raise ValueError(f"--out {out}: holds a run already ({', '.join(n + '/' for n in held)}); --resume "
-                         "continues it, --overwrite replaces it, or name another --out")
+    check_run_dir(out, args.resume, args.overwrite, ("--out", "--resume", "--overwrite"))
     return out
 
 

@@ -772,14 +772,22 @@ def _check_train_args(data, out_dir, preset, device, resume: bool, overwrite: bo
     if not isinstance(out_dir, (str, Path)):
         raise TypeError(f"out_dir: expected a directory path, got {type(out_dir).__name__}")
     check_device(device)
+    check_run_dir(out_dir, resume, overwrite)
+    return checked(preset)
+
+
+def check_run_dir(out_dir: str | Path, resume: bool, overwrite: bool,
+                  names: tuple = ("out_dir", "resume=True", "overwrite=True")) -> None:
+    """resume and overwrite not both, and an out_dir holding a run (best/ or last/) only with one of them:
+    a ValueError / FileExistsError otherwise, naming the arguments as `names` spells them (the CLI's flags)."""
+    out, res, over = names
     if resume and overwrite:
-        raise ValueError("resume, overwrite: expected one of them (resume continues the run in out_dir, overwrite "
-                         "trains over it)")
+        raise ValueError(f"{res.split('=')[0]}, {over.split('=')[0]}: expected one of them ({res} continues the run "
+                         f"in {out}, {over} replaces it)")
     held = [n + "/" for n in ("best", "last") if (Path(out_dir) / n).exists()]
     if held and not (resume or overwrite):
-        raise FileExistsError(f"out_dir {out_dir}: holds a run already ({', '.join(held)}); resume=True continues "
-                              "it, overwrite=True trains over it")
-    return checked(preset)
+        raise FileExistsError(f"{out} {out_dir}: holds a run already ({', '.join(held)}); {res} continues it, "
+                              f"{over} replaces it, or name another {out}")
 
 
 def _calibrate_best(trainer: Trainer, rec: Recommender, progress: bool) -> dict:
