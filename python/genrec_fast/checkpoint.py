@@ -50,7 +50,8 @@ def save(path: str | Path, model: GenRec, tokenizer: GenRecTokenizer, catalog: C
 
 def staging_dir(path: Path) -> Path:
     """A new empty directory beside `path` to write its replacement into (`replace_dir`), with the permissions a
-    plain mkdir would give (the umask's, not mkdtemp's 0700: a checkpoint trained by one account is served by another)."""
+    plain mkdir would give (the umask's, not mkdtemp's 0700: a checkpoint trained by one account is served by
+    another)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     umask = os.umask(0)
@@ -124,7 +125,8 @@ def read_json(file: Path):
     try:
         return json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"checkpoint {file.parent}: {file.name} is not valid JSON ({e}); the file is damaged") from None
+        raise ValueError(f"checkpoint {file.parent}: {file.name} is not valid JSON ({e}); the file is "
+                         "damaged") from None
 
 
 def load_train_state(path: str | Path) -> dict | None:

@@ -52,7 +52,8 @@ class ModelConfig:
     eos_id: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "n_heads", "ffn_dim", "max_positions"):
+        for name in ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "n_heads", "ffn_dim",
+                     "max_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("dropout", "attention_dropout", "activation_dropout"):

@@ -500,7 +500,8 @@ def load_parquet(path: str | Path, *, user_col: str = "user", item_col: str = "i
     """A Parquet file with user, item and timestamp columns; each user's items by (timestamp, row order).
 
     Integer id columns give int ids; string id columns follow `load_csv`'s rule (stripped; ints when
-    every id is the canonical spelling of its int, strings otherwise). Timestamps are any integer, float or timestamp column, compared exactly.
+    every id is the canonical spelling of its int, strings otherwise). Timestamps are any integer, float or
+    timestamp column, compared exactly.
     A DataFormatError gives as its line the 1-based row, or 0 for a problem with the file or schema.
     """
     import pyarrow.parquet as pq  # only Parquet users pay for its import

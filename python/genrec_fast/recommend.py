@@ -196,7 +196,8 @@ class Recommender:
             return known
         bad = [x for x, i in zip(history, known) if i is None]
         if bad and unknown_items == "error":
-            raise ValueError(f"histories[{n}]: unknown item ids {short_ids(bad)} (pass unknown_items='skip' to drop them)")
+            raise ValueError(f"histories[{n}]: unknown item ids {short_ids(bad)} (pass unknown_items='skip' to drop "
+                             "them)")
         if bad:
             warnings.warn(f"histories[{n}]: skipped {len(bad)} unknown item ids {short_ids(bad)}",
                           stacklevel=_caller_stacklevel())

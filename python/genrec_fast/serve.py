@@ -23,8 +23,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from litserve.loops import BatchedLoop
 
-from .serve_api import (API_PATH, MAX_BATCH, MAX_K, MAX_WAIT_MS, Query, RecommendRequest, Rejected, answer, check_arguments,
-                        check_port, load_warm, rejection, to_query)
+from .serve_api import (API_PATH, MAX_BATCH, MAX_K, MAX_WAIT_MS, Query, RecommendRequest, Rejected, answer,
+                        check_arguments, check_port, load_warm, rejection, to_query)
 
 
 class RecommendAPI(ls.LitAPI):

@@ -21,8 +21,8 @@ from typing import Callable, Optional, Sequence, Union
 from aiohttp import web
 from pydantic import ValidationError
 
-from .serve_api import API_PATH, MAX_BATCH, MAX_K, MAX_WAIT_MS, RecommendRequest, Rejected, check_arguments, check_port, \
-    load_warm, rejection, to_query
+from .serve_api import (API_PATH, MAX_BATCH, MAX_K, MAX_WAIT_MS, RecommendRequest, Rejected, check_arguments,
+                        check_port, load_warm, rejection, to_query)
 
 log = logging.getLogger(__name__)
 

@@ -241,7 +241,8 @@ class GenRecTokenizer:
         try:
             opts = json.loads(meta.read_text()) if meta.is_file() else {}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"checkpoint {directory}: tokenizer.json is not valid JSON ({e}); the file is damaged") from None
+            raise ValueError(f"checkpoint {directory}: tokenizer.json is not valid JSON ({e}); the file is "
+                             "damaged") from None
         if opts.get("item_tokens") == "codes":
             if not (Path(directory) / CODE_TABLE).is_file():
                 raise FileNotFoundError(f"checkpoint {directory}: missing {CODE_TABLE} (a codes model's item codes)")
