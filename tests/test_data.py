@@ -373,6 +373,7 @@ def test_resolve_id_takes_any_integer_but_no_bool():
     strs, ints = {"5": 0, "x": 1}, {5: 0, 1: 1}
     assert [D.resolve_id(strs, x) for x in (5, np.int64(5), np.uint8(5), np.int32(6), "05")] == ["5"] * 3 + [None] * 2
     assert [D.resolve_id(ints, x) for x in (np.int64(5), "5", True, np.True_)] == [5, 5, None, None]
+    assert [D.resolve_id(ints, x) for x in (5.0, np.float64(5), np.float32(1))] == [None] * 3
 
 
 def test_movielens_csv_form_says_how_to_read_it(tmp_path):

@@ -290,6 +290,18 @@ def test_allowed_items_and_bools_are_refused_by_name():
         rec.recommend([[1]], allowed_items=[2, np.bool_(False)])
 
 
+def test_floats_are_no_ids():
+    """79.0 == 79 finds the item 79 in a dict; the server's schema refuses it, and so does recommend()."""
+    rec = genrec_fast.Recommender.random(list(range(20)), "tiny", item_tokens="whole")
+    with pytest.raises(TypeError, match=r"histories\[0\]: 7.0 is a float, expected item ids"):
+        rec.recommend([[1, 7.0]])
+    with pytest.raises(TypeError, match=r"allowed_items: (np.float32\()?2.0\)? is a float"):
+        rec.recommend([[1]], allowed_items=np.array([2.0, 3.0], dtype=np.float32))
+    with pytest.raises(TypeError, match=r"users: 0.0 is a float, expected user ids"):
+        rec.recommend([[1]], users=[0.0])
+    assert rec.recommend([[1, 7]], k=3, allowed_items=np.array([2, 3, 4]))[0].items
+
+
 def test_random_catalog_is_read_once_distinct_and_not_empty():
     rec = genrec_fast.Recommender.random((f"s{i}" for i in range(30)), "tiny", item_tokens="whole")
     assert rec.catalog.item_ids == [f"s{i}" for i in range(30)]

@@ -712,8 +712,8 @@ def short_ids(ids: Sequence) -> str:
 def resolve_id(index: dict, x):
     """An id as the catalog spells it: x itself, else 5 <-> "5" (canonical spellings only: not "05", " 5");
     None when the catalog has neither (`Catalog.item_index` / `user_index`). Any integer (numbers.Integral:
-    int, np.int64, ...) counts as its int; a bool is no id (None), though True == 1."""
-    if isinstance(x, (bool, np.bool_)):
+    int, np.int64, ...) counts as its int; a bool or a float is no id (None), though True == 1 and 79.0 == 79."""
+    if isinstance(x, (bool, np.bool_, float, np.floating)):
         return None
     if x in index:
         return x

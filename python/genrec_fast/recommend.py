@@ -25,7 +25,9 @@ from .tokenizer import EOS_ID, Encoded, GenRecTokenizer
 
 UNKNOWN_ITEMS = ("error", "skip")
 BACKENDS = ("auto", "cpp", "reference", "device")
-_BOOL_TYPES = frozenset((bool, np.bool_))  # True == 1 and False == 0 as dict keys: never read as item ids
+# True == 1 and 79.0 == 79 as dict keys: a bool or a float is never read as an item id
+_NOT_ID_TYPES = {bool: "a bool", np.bool_: "a bool", float: "a float", np.float16: "a float", np.float32: "a float",
+                 np.float64: "a float"}
 
 
 class Recommendations(NamedTuple):
@@ -160,7 +162,8 @@ class Recommender:
         allowed_items: optional collection (list, set, range, array, ...) of original item ids that may be
           recommended; a string or a single id is a TypeError.
         unknown_items: 'error' (ValueError) or 'skip' (dropped with a warning) for ids not in the catalog.
-        A bool is no item id (True would be read as 1): a TypeError in histories and allowed_items.
+        A bool or a float is no id (True would be read as 1, 79.0 as 79): a TypeError in histories, users and
+          allowed_items.
         scores: see `Recommendations.scores`.
         """
         _check_args(histories, k, num_beams, users, exclude_seen, unknown_items, batch_size, backend)
@@ -169,6 +172,8 @@ class Recommender:
         k, num_beams = min(k, n_items), min(num_beams, n_items)  # without (k x beams) arrays for a huge k
         exclude_seen = self.exclude_seen if exclude_seen is None else bool(exclude_seen)
         idx = [self._history_indices(h, n, unknown_items) for n, h in enumerate(histories)]
+        if users is not None:
+            _check_ids_typed(users, "users", "user")
         uidx = [None] * len(idx) if users is None else [_index(self.catalog.user_index, u) for u in users]
         allow = self._allow_mask(allowed_items)
         out: list[Recommendations] = []
@@ -186,7 +191,7 @@ class Recommender:
         history = list(history)
         if not history:
             raise ValueError(f"histories[{n}]: empty history; at least one item is needed")
-        _check_no_bools(history, f"histories[{n}]")
+        _check_ids_typed(history, f"histories[{n}]")
         index = self.catalog.item_index
         known = list(map(index.get, history))
         if None not in known:
@@ -214,7 +219,7 @@ class Recommender:
                             f"got {type(allowed_items).__name__} {allowed_items!r}")
         mask = np.zeros(len(self.catalog.item_ids), dtype=bool)
         allowed_items = list(allowed_items)
-        _check_no_bools(allowed_items, "allowed_items")
+        _check_ids_typed(allowed_items, "allowed_items")
         rows = [_index(self.catalog.item_index, x) for x in allowed_items]
         unknown = [x for x, i in zip(allowed_items, rows) if i is None]
         if unknown:
@@ -240,11 +245,13 @@ def _index(index: dict, x) -> int | None:
     return i
 
 
-def _check_no_bools(ids: list, name: str) -> None:
-    """TypeError naming `name` when ids holds a bool (a dict finds True as the item 1); one C-level pass."""
-    if _BOOL_TYPES.intersection(map(type, ids)):
-        bad = next(x for x in ids if type(x) in _BOOL_TYPES)
-        raise TypeError(f"{name}: {bad!r} is a bool, expected item ids (ints or strings as in the catalog)")
+def _check_ids_typed(ids: list, name: str, kind: str = "item") -> None:
+    """TypeError naming `name` when ids holds a bool or a float (a dict finds True as the item 1, 79.0 as 79); one
+    C-level pass."""
+    if _NOT_ID_TYPES.keys() & set(map(type, ids)):
+        bad = next(x for x in ids if type(x) in _NOT_ID_TYPES)
+        raise TypeError(f"{name}: {bad!r} is {_NOT_ID_TYPES[type(bad)]}, expected {kind} ids (ints or strings as "
+                        "in the catalog)")
 
 
 def _catalog_ids(item_ids) -> list:
