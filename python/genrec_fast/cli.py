@@ -269,7 +269,7 @@ def _load_checkpoints(args):
 def _load_matching_data(args, catalog):
     """--data, checked against a checkpoint's catalog (`rec.catalog`, or a SASRec checkpoint's catalog.json)."""
     data = load_data(args)
-    if data.item_ids != catalog.item_ids or data.user_ids != catalog.user_ids:
+    if data.item_ids != catalog.item_ids or data.user_ids != catalog.user_ids or data.item_codes != catalog.item_codes:
         if args.data is None:
             raise ValueError("--data: not given, so the built-in synthetic data was read, and the checkpoint was "
                              "trained on other data: pass its data file (with the same --format, --id-order, --seed)")
