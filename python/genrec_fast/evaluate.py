@@ -75,7 +75,8 @@ def model_ranker(rec, num_beams: int = 20, use_user: bool = True, backend: str =
 
 
 def popularity_ranker(split: Split, n_items: int) -> Ranker:
-    """Most interacted items in the training sequences."""
+    """Most interacted items in the training sequences (the training parts: validation and test items uncounted);
+    equal counts in item index order."""
     counts = np.bincount(np.concatenate(split.train), minlength=n_items) if split.train else np.zeros(n_items)
     order = np.argsort(-counts, kind="stable")
 
