@@ -129,6 +129,37 @@ def test_patience_counts_finetuning_epochs_only(tmp_path):
     assert len({r["valid"]["NDCG@10"] for r in rows}) == 1
 
 
+def test_best_is_the_first_highest_validation_ndcg10_and_patience_restarts_at_each_gain(tmp_path, monkeypatch):
+    """Scripted validations (HR@10 disagreeing with NDCG@10): `best` is written at each strictly higher NDCG@10
+    (epochs 1, 2, 4; epoch 6 only ties epoch 4), a gain restarts patience (epoch 4 after epoch 3's loss), and
+    patience 2 stops after epoch 6, also in a run killed in epoch 6 and resumed (train_state keeps the count)."""
+    ndcg = [.10, .20, .15, .25, .18, .25, .30]  # epochs 1 (pretraining) .. 7
+    hr = [.90, .10, .10, .10, .10, .10, .10]
+    saved = []
+    save, epoch = Trainer._save, Trainer.train_epoch
+    monkeypatch.setattr(Trainer, "_evaluate_valid", lambda self, ranker: {"NDCG@10": ndcg[self.epoch],
+                                                                          "HR@10": hr[self.epoch]})
+    monkeypatch.setattr(Trainer, "_save", lambda self, name, with_state=False: (
+        saved.append(self.epoch + 1) if name == "best" else None, save(self, name, with_state)))
+
+    def killed_in_epoch_6(self, pretrain):
+        if self.epoch == 5:
+            raise _Killed
+        return epoch(self, pretrain)
+    monkeypatch.setattr(Trainer, "train_epoch", killed_in_epoch_6)
+    d = synthetic(n_users=40, n_items=20, seed=7)
+    p = preset("tiny")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=6, eval_users=20, patience=2)
+    with pytest.raises(_Killed):
+        Trainer(d, tmp_path, p, progress=False).run()
+    monkeypatch.setattr(Trainer, "train_epoch", epoch)
+    resumed = Trainer(d, tmp_path, p, progress=False)
+    resumed.resume()
+    summary = resumed.run()
+    assert saved == [1, 2, 4]
+    assert (summary["epochs"], summary["stopped_by"], summary["best_valid_ndcg10"]) == (6, "patience", .25)
+
+
 def test_max_minutes_stops_before_an_epoch_that_would_pass_the_budget(tmp_path):
     d = synthetic(n_users=60, n_items=20, seed=7)
     p = preset("tiny")
