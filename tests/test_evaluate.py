@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 
+import genrec_fast
+
 from genrec_fast.data import from_user_sequences, leave_one_out
 from genrec_fast.evaluate import (evaluate, id_leak_ranker, metrics_from_ranks, model_ranker, popularity_ranker,
                                   target_ranks)
@@ -93,3 +95,20 @@ def test_baselines_on_a_catalog_smaller_than_the_list():
     np.testing.assert_array_equal(target_ranks(np.zeros((2, 0), dtype=np.int64), np.array([1, 2])), [-1, -1])
     m = evaluate(popularity_ranker(s, d.n_items), s, "test", exclude_seen=True, progress=False)
     assert m["HR@20"] == 0.0
+
+
+@pytest.mark.parametrize("item_tokens", ["whole", "pieces"])
+def test_model_ranker_excluding_seen_never_ranks_a_history_item(item_tokens):
+    """25 of 30 items in each history, longer than the model's 5-item window: excluding seen items leaves the
+    other 5 (every history item excluded, not only the window's), and without exclusion the top 20 holds history
+    items."""
+    rec = genrec_fast.Recommender.random(range(30), "tiny", item_tokens=item_tokens, max_items=5, n_users=2)
+    rng = np.random.default_rng(0)
+    hists = [list(rng.permutation(30)[:25]) for _ in range(2)]
+    ranker = model_ranker(rec, num_beams=30)
+    for top, h in zip(ranker(hists, np.arange(2), True), hists):
+        assert set(top[top >= 0].tolist()) == set(range(30)) - set(h)
+    assert all(set(top.tolist()) & set(h) for top, h in zip(ranker(hists, np.arange(2), False), hists))
+    recs = rec.recommend([[rec.catalog.item_ids[i] for i in h] for h in hists], k=30, exclude_seen=True)
+    assert [set(r.items) for r in recs] == [set(range(30)) - set(h) for h in hists]
+
