@@ -123,7 +123,9 @@ def test_patience_counts_finetuning_epochs_only(tmp_path):
     d = synthetic(n_users=60, n_items=20, seed=7)
     p = preset("tiny")
     p.train = dataclasses.replace(p.train, pretrain_epochs=2, finetune_epochs=6, eval_users=20, patience=2, lr=0.0)
-    summary = Trainer(d, tmp_path, p, progress=False).run()
+    t = Trainer(d, tmp_path, p, progress=False)
+    assert len(t.eval_users) == len(set(t.eval_users.tolist())) == 20  # train.eval_users distinct users
+    summary = t.run()
     assert (summary["epochs"], summary["stopped_by"]) == (5, "patience")
     rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len({r["valid"]["NDCG@10"] for r in rows}) == 1
