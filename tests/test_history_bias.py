@@ -170,6 +170,21 @@ def _rec(history_bias=True, seed=0):
     return rec
 
 
+@pytest.mark.parametrize("users", [1, 16])
+@pytest.mark.parametrize("fused", [None, False])
+def test_an_offset_item_tied_with_a_scanned_one_loses_to_the_smaller_index(users, fused):
+    """Item 200's logit 0 + history offset 1 enters the top-k before the scan; the scan's item 5 (logit 1) ties it
+    and, as the smaller item, takes the one place: the scan offers a block whose max equals the k-th score."""
+    n = 256
+    x, w, b = torch.ones(users, 1), torch.zeros(n, 1), torch.zeros(n)
+    b[5] = 1.0
+    history = (torch.full((users, 1), 200, dtype=torch.long), [torch.ones(users, 1)])
+    items, _ = item_topk([Head(x, w, b)], 0, n, 1, history=history, fused=fused)
+    assert items[:, 0].tolist() == [5] * users
+    items, _ = item_topk([Head(x, w, b)], 0, n, 2, history=history, fused=fused)
+    assert items.tolist() == [[5, 200]] * users
+
+
 @pytest.mark.parametrize("ensemble", [False, True])
 def test_item_decode_with_history_bias_is_exact(ensemble):
     """recommend's one-step path equals the full-logit definition, with filters and repeated items."""
