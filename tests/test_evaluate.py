@@ -4,8 +4,8 @@ import pytest
 import genrec_fast
 
 from genrec_fast.data import from_user_sequences, leave_one_out
-from genrec_fast.evaluate import (evaluate, id_leak_ranker, metrics_from_ranks, model_ranker, popularity_ranker,
-                                  target_ranks)
+from genrec_fast.evaluate import (_first_unseen, evaluate, histories_for, id_leak_ranker, metrics_from_ranks,
+                                  model_ranker, popularity_ranker, target_ranks)
 
 
 def test_metrics_by_hand():
@@ -14,6 +14,19 @@ def test_metrics_by_hand():
     assert m["NDCG@5"] == pytest.approx((1 + 1 / np.log2(6)) / 4)
     assert m["NDCG@10"] == pytest.approx((1 + 1 / np.log2(6) + 1 / np.log2(11)) / 4)
     np.testing.assert_array_equal(target_ranks(np.array([[3, 1, 2], [5, 6, 7]]), np.array([2, 9])), [2, -1])
+    m = metrics_from_ranks(np.array([5, 10, 20, 19]))  # 0-based: rank k is the (k+1)-th place, outside the top k
+    assert (m["HR@5"], m["HR@10"], m["HR@20"]) == (0.0, 0.25, 0.75)
+    assert m["NDCG@20"] == pytest.approx((1 / np.log2(7) + 1 / np.log2(12) + 1 / np.log2(21)) / 4)
+
+
+def test_histories_are_the_training_part_for_validation_and_add_the_validation_item_for_test():
+    d = from_user_sequences([(1, [1, 2, 3, 4, 5]), (2, [6, 7, 8])], id_order="original")
+    s = leave_one_out(d)
+    ids = lambda xs: [d.item_ids[i] for i in xs]  # noqa: E731
+    hists, targets = histories_for(s, "valid", [0, 1])
+    assert [ids(h) for h in hists] == [[1, 2, 3], [6]] and ids(targets) == [4, 7]
+    hists, targets = histories_for(s, "test", [0, 1])
+    assert [ids(h) for h in hists] == [[1, 2, 3, 4], [6, 7]] and ids(targets) == [5, 8]
 
 
 def test_popularity_uses_training_items_only():
@@ -22,6 +35,18 @@ def test_popularity_uses_training_items_only():
     top = popularity_ranker(s, d.n_items)([s.train[0]], [0], False)[0]
     assert d.item_ids[top[0]] == 1  # 9 is every test target but never in training
     assert 9 not in [d.item_ids[i] for i in top[:4]]
+    # 8 is every validation target: not counted either, so it ranks after every item of the training parts
+    d = from_user_sequences([(1, [1, 2, 8, 9]), (2, [1, 3, 8, 9]), (3, [4, 5, 8, 9])], id_order="original")
+    s = leave_one_out(d)
+    top = [d.item_ids[i] for i in popularity_ranker(s, d.n_items)([s.train[0]], [0], False)[0] if i >= 0]
+    assert top[0] == 1 and set(top[:5]) == {1, 2, 3, 4, 5}
+
+
+def test_popularity_excluding_seen_fills_the_list_past_the_seen_items():
+    """A history holding 15 of the 20 most popular items: the list is the 5 others and the next 15, no gap."""
+    order = np.arange(40)
+    seen = np.arange(0, 30, 2)  # 15 items
+    np.testing.assert_array_equal(_first_unseen(order, seen), np.r_[np.arange(1, 30, 2), np.arange(30, 35)])
 
 
 def test_id_leak_rule_exploits_first_appearance_ids():

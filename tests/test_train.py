@@ -162,6 +162,22 @@ def test_best_is_the_first_highest_validation_ndcg10_and_patience_restarts_at_ea
     assert (summary["epochs"], summary["stopped_by"], summary["best_valid_ndcg10"]) == (6, "patience", .25)
 
 
+@pytest.mark.parametrize("mask_seen", [False, True])
+def test_validation_excludes_seen_items_as_the_model_is_trained_to(tmp_path, monkeypatch, mask_seen):
+    """A train.mask_seen model never learned to score its history items: its validation excludes them."""
+    import sys
+    train_module = sys.modules["genrec_fast.train"]  # (genrec_fast.train is the function)
+    asked = []
+    real = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate",
+                        lambda *a, **kw: (asked.append(kw["exclude_seen"]), real(*a, **kw))[1])
+    p = preset("tiny")
+    p.tokenizer = dataclasses.replace(p.tokenizer, item_tokens="whole")
+    p.train = dataclasses.replace(p.train, eval_users=20, mask_seen=mask_seen)
+    Trainer(synthetic(n_users=40, n_items=20, seed=7), tmp_path, p, progress=False).validate()
+    assert asked == [mask_seen]
+
+
 def test_max_minutes_stops_before_an_epoch_that_would_pass_the_budget(tmp_path):
     d = synthetic(n_users=60, n_items=20, seed=7)
     p = preset("tiny")
