@@ -741,5 +741,19 @@ def one_line_warnings():
         warnings.showwarning = saved
 
 
+def script() -> None:
+    """The `genrec-fast` command and `python -m genrec_fast.cli`: main's code as the exit status. A torchrun worker
+    (WORLD_SIZE > 1) leaves with os._exit once its output is flushed: its process group is destroyed already, and
+    gloo's threads could still abort the interpreter's teardown ("terminate called without an active exception",
+    seen once in CI after a finished run)."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    script()
