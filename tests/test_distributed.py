@@ -231,3 +231,6 @@ def test_session_tears_the_group_down_on_errors(monkeypatch):
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as cli.script: no interpreter teardown beside gloo's threads
