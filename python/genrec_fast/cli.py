@@ -746,8 +746,9 @@ def script() -> None:
     (WORLD_SIZE > 1) leaves with os._exit once its output is flushed: its process group is destroyed already, and
     gloo's threads could still abort the interpreter's teardown ("terminate called without an active exception",
     seen once in CI after a finished run)."""
+    from .distributed import env_world_size
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if env_world_size() > 1:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

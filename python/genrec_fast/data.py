@@ -709,11 +709,17 @@ def short_ids(ids: Sequence) -> str:
     return "[" + ", ".join(shown) + ("" if len(ids) <= 5 else f", ... ({len(ids)} in all)") + "]"
 
 
+# True == 1 and 79.0 == 79 as dict keys: a bool or a float is never read as an id (the name each type is refused by)
+NOT_ID_TYPES = {bool: "a bool", np.bool_: "a bool", float: "a float", np.float16: "a float", np.float32: "a float",
+                np.float64: "a float"}
+_NOT_ID_CLASSES = tuple(NOT_ID_TYPES)
+
+
 def resolve_id(index: dict, x):
     """An id as the catalog spells it: x itself, else 5 <-> "5" (canonical spellings only: not "05", " 5");
     None when the catalog has neither (`Catalog.item_index` / `user_index`). Any integer (numbers.Integral:
     int, np.int64, ...) counts as its int; a bool or a float is no id (None), though True == 1 and 79.0 == 79."""
-    if isinstance(x, (bool, np.bool_, float, np.floating)):
+    if isinstance(x, _NOT_ID_CLASSES):
         return None
     if x in index:
         return x

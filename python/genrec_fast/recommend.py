@@ -15,7 +15,7 @@ from . import checkpoint
 from .batching import encode_histories, pad_encoder
 from .beam_search import Trie
 from .config import ModelConfig, preset
-from .data import Catalog, item_codes, resolve_id, short_ids
+from .data import NOT_ID_TYPES, Catalog, item_codes, resolve_id, short_ids
 from .decoding import beam_decode, item_decode
 from .device import check_device
 from .ensemble import Ensemble, check_same_files
@@ -25,9 +25,6 @@ from .tokenizer import EOS_ID, Encoded, GenRecTokenizer
 
 UNKNOWN_ITEMS = ("error", "skip")
 BACKENDS = ("auto", "cpp", "reference", "device")
-# True == 1 and 79.0 == 79 as dict keys: a bool or a float is never read as an item id
-_NOT_ID_TYPES = {bool: "a bool", np.bool_: "a bool", float: "a float", np.float16: "a float", np.float32: "a float",
-                 np.float64: "a float"}
 
 
 class Recommendations(NamedTuple):
@@ -248,9 +245,9 @@ def _index(index: dict, x) -> int | None:
 def _check_ids_typed(ids: list, name: str, kind: str = "item") -> None:
     """TypeError naming `name` when ids holds a bool or a float (a dict finds True as the item 1, 79.0 as 79); one
     C-level pass."""
-    if _NOT_ID_TYPES.keys() & set(map(type, ids)):
-        bad = next(x for x in ids if type(x) in _NOT_ID_TYPES)
-        raise TypeError(f"{name}: {bad!r} is {_NOT_ID_TYPES[type(bad)]}, expected {kind} ids (ints or strings as "
+    if NOT_ID_TYPES.keys() & set(map(type, ids)):
+        bad = next(x for x in ids if type(x) in NOT_ID_TYPES)
+        raise TypeError(f"{name}: {bad!r} is {NOT_ID_TYPES[type(bad)]}, expected {kind} ids (ints or strings as "
                         "in the catalog)")
 
 
