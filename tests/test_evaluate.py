@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 
 import genrec_fast
-
 from genrec_fast.data import from_user_sequences, leave_one_out
 from genrec_fast.evaluate import (_first_unseen, evaluate, histories_for, id_leak_ranker, metrics_from_ranks,
                                   model_ranker, popularity_ranker, target_ranks)
@@ -136,4 +135,3 @@ def test_model_ranker_excluding_seen_never_ranks_a_history_item(item_tokens):
     assert all(set(top.tolist()) & set(h) for top, h in zip(ranker(hists, np.arange(2), False), hists))
     recs = rec.recommend([[rec.catalog.item_ids[i] for i in h] for h in hists], k=30, exclude_seen=True)
     assert [set(r.items) for r in recs] == [set(range(30)) - set(h) for h in hists]
-

@@ -69,6 +69,18 @@ class _Killed(Exception):
     """Stands for the process being killed in the middle of an epoch."""
 
 
+def _kill_in_epoch(monkeypatch, n: int):
+    """Trainer.train_epoch raises _Killed in (1-based) epoch n; -> the real train_epoch, to put back."""
+    epoch = Trainer.train_epoch
+
+    def killed(self, pretrain):
+        if self.epoch == n - 1:
+            raise _Killed
+        return epoch(self, pretrain)
+    monkeypatch.setattr(Trainer, "train_epoch", killed)
+    return epoch
+
+
 def test_resume_after_a_kill_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
     """With dropout (torch's generator) and the user-token drops (numpy's), a run killed in epoch 3 and resumed
     from last/ (epoch 2) logs the same losses and validations and ends with the same weights as a run never
@@ -78,13 +90,7 @@ def test_resume_after_a_kill_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
     p.model = dataclasses.replace(p.model, dropout=0.3, attention_dropout=0.1, activation_dropout=0.1)
     p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=2, eval_users=50)
     train(d, tmp_path / "whole", p, progress=False)
-    epoch = Trainer.train_epoch
-
-    def killed_in_epoch_3(self, pretrain):
-        if self.epoch == 2:
-            raise _Killed
-        return epoch(self, pretrain)
-    monkeypatch.setattr(Trainer, "train_epoch", killed_in_epoch_3)
+    epoch = _kill_in_epoch(monkeypatch, 3)
     with pytest.raises(_Killed):
         train(d, tmp_path / "cut", p, progress=False)
     monkeypatch.setattr(Trainer, "train_epoch", epoch)
@@ -138,17 +144,12 @@ def test_best_is_the_first_highest_validation_ndcg10_and_patience_restarts_at_ea
     ndcg = [.10, .20, .15, .25, .18, .25, .30]  # epochs 1 (pretraining) .. 7
     hr = [.90, .10, .10, .10, .10, .10, .10]
     saved = []
-    save, epoch = Trainer._save, Trainer.train_epoch
+    save = Trainer._save
     monkeypatch.setattr(Trainer, "_evaluate_valid", lambda self, ranker: {"NDCG@10": ndcg[self.epoch],
                                                                           "HR@10": hr[self.epoch]})
     monkeypatch.setattr(Trainer, "_save", lambda self, name, with_state=False: (
         saved.append(self.epoch + 1) if name == "best" else None, save(self, name, with_state)))
-
-    def killed_in_epoch_6(self, pretrain):
-        if self.epoch == 5:
-            raise _Killed
-        return epoch(self, pretrain)
-    monkeypatch.setattr(Trainer, "train_epoch", killed_in_epoch_6)
+    epoch = _kill_in_epoch(monkeypatch, 6)
     d = synthetic(n_users=40, n_items=20, seed=7)
     p = preset("tiny")
     p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=6, eval_users=20, patience=2)
