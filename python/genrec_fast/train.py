@@ -647,8 +647,7 @@ class Trainer:
         """'section.field saved -> now' for each setting of a saved run that this run cannot continue with: any
         model field (the weights' shapes, or the function they were trained for), the tokenizer's item form,
         and whether the user table trains (train.drop_user_prob = 1: the optimizer's parameters differ)."""
-        saved, now = dataclasses.asdict(model_cfg), dataclasses.asdict(self.model.cfg)
-        out = [f"model.{k} {saved[k]!r} -> {now[k]!r}" for k in saved if saved[k] != now.get(k)]
+        out = _field_changes("model", model_cfg, self.model.cfg)
         out += [f"tokenizer.{k} {getattr(tokenizer, k)!r} -> {getattr(self.tokenizer, k)!r}"
                 for k in ("item_tokens", "code_input") if getattr(tokenizer, k) != getattr(self.tokenizer, k)]
         if train_cfg is not None and train_cfg.uses_user_token != self.tcfg.uses_user_token:
@@ -659,10 +658,15 @@ class Trainer:
         """Log the train fields a resume changes (a longer schedule, another learning rate: allowed)."""
         if train_cfg is None or not self.group.is_main:
             return
-        saved, now = dataclasses.asdict(train_cfg), dataclasses.asdict(self.tcfg)
-        changed = [f"train.{k} {saved[k]!r} -> {now[k]!r}" for k in saved if saved[k] != now.get(k)]
+        changed = _field_changes("train", train_cfg, self.tcfg)
         if changed:
             log.info("resume: train settings changed since %s: %s", self.out / "last", "; ".join(changed))
+
+
+def _field_changes(section: str, saved, now) -> list[str]:
+    """'section.field saved -> now' for each field of the dataclass `saved` that `now` holds otherwise."""
+    saved, now = dataclasses.asdict(saved), dataclasses.asdict(now)
+    return [f"{section}.{k} {saved[k]!r} -> {now[k]!r}" for k in saved if saved[k] != now.get(k)]
 
 
 def warn_large_leaves(table: np.ndarray, levels: int, branches: int) -> None:
