@@ -77,6 +77,9 @@ def _worker(out: Path) -> None:
         shutil.copytree(out / "full" / "last", own / "last")
     returned.append(train(d, own, _preset(1), resume=True, progress=False))
     returned.append(train(d, out / "sampled", _preset(1, "sampled"), progress=False))
+    cut = _preset(1)
+    cut.train = dataclasses.replace(cut.train, batch_size=4, max_minutes=1e-4)  # passed at the first step
+    returned.append(train(d, out / "cut", cut, progress=False))
     (out / f"rank{rank}.json").write_text(json.dumps({"shards": shards, "none": [r is None for r in returned]}))
 
 
@@ -146,14 +149,22 @@ def test_sampled_softmax_on_two_ranks_follows_one_process(two_ranks):
                           torch.load(ref / "sampled" / "last" / "weights.pt"))
 
 
+def test_a_time_budget_cuts_every_rank_at_the_same_step(two_ranks):
+    from genrec_fast.train import CUT_EVERY
+    out, _, _ = two_ranks  # the ranks ask rank 0's clock every CUT_EVERY steps: both stop at its first ask
+    rows = [json.loads(x) for x in (out / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["cut_after_steps"]) for r in rows] == [(1, CUT_EVERY)] and "valid" in rows[0]
+    assert json.loads((out / "cut" / "train_summary.json").read_text())["stopped_by"] == "max_minutes"
+
+
 def test_only_rank_0_writes_and_returns_the_model(two_ranks):
     out, _, _ = two_ranks
     for name in ("log.jsonl", "curves.png", "train_summary.json", "best", "last"):
         assert (out / "full" / name).exists(), name
     assert [p.name for p in (out / "rank1").iterdir()] == ["last"]  # the test's own copy, nothing more
     assert torch.load(out / "rank1" / "last" / "train_state.pt")["epoch"] == 1  # not overwritten by the resume
-    assert json.loads((out / "rank0.json").read_text())["none"] == [False] * 3
-    assert json.loads((out / "rank1.json").read_text())["none"] == [True] * 3
+    assert json.loads((out / "rank0.json").read_text())["none"] == [False] * 4
+    assert json.loads((out / "rank1.json").read_text())["none"] == [True] * 4
 
 
 def test_each_rank_trains_on_its_share_of_every_global_batch(two_ranks, tmp_path):

@@ -73,10 +73,10 @@ def _kill_in_epoch(monkeypatch, n: int):
     """Trainer.train_epoch raises _Killed in (1-based) epoch n; -> the real train_epoch, to put back."""
     epoch = Trainer.train_epoch
 
-    def killed(self, pretrain):
+    def killed(self, pretrain, deadline=None):
         if self.epoch == n - 1:
             raise _Killed
-        return epoch(self, pretrain)
+        return epoch(self, pretrain, deadline)
     monkeypatch.setattr(Trainer, "train_epoch", killed)
     return epoch
 
@@ -197,6 +197,28 @@ def test_max_minutes_stops_before_an_epoch_that_would_pass_the_budget(tmp_path):
     assert t._stop_reason(elapsed_s=71, last_epoch_s=50) == "max_minutes"
 
 
+def test_max_minutes_cuts_an_epoch_longer_than_the_budget(tmp_path):
+    d = synthetic(n_users=200, n_items=30, seed=7)
+    p = preset("tiny")
+    p.train = dataclasses.replace(p.train, pretrain_epochs=1, finetune_epochs=3, eval_users=20, eval_from=10,
+                                  batch_size=8, max_minutes=1e-4)
+    t = Trainer(d, tmp_path, p, progress=False)
+    n = t.steps_per_epoch(True)
+    assert n > 20
+    summary = t.run()  # 6 ms: the first epoch stops after its first step, not after its n
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1] and summary["stopped_by"] == "max_minutes"
+    assert 1 <= rows[0]["cut_after_steps"] == t.step < n and t.cut_of == (t.step, n)
+    assert "valid" in rows[0] and summary["best_valid_ndcg10"] == rows[0]["valid"]["NDCG@10"]  # a cut epoch
+    # is validated (eval_from aside): it is the run's last
+    assert (tmp_path / "best").is_dir() and (tmp_path / "last").is_dir()
+    assert t._stop_reason(elapsed_s=61 * 1e-4, last_epoch_s=1e-9) == "max_minutes"  # a passed budget starts none
+    p.train = dataclasses.replace(p.train, max_minutes=0.0, finetune_epochs=0)
+    whole = Trainer(d, tmp_path / "whole", p, progress=False)
+    whole.run()
+    assert whole.step == n and whole.cut_of is None
+
+
 def test_budget_steps_counts_the_whole_epochs_that_fit():
     assert budget_steps(100, remaining_s=50.0, s_per_step=0.1, epoch_steps=[200, 200, 200]) == 500  # 20 s each
     assert budget_steps(100, remaining_s=39.9, s_per_step=0.1, epoch_steps=[200, 200]) == 300  # the 2nd ends late
@@ -234,11 +256,13 @@ def test_eval_from_skips_early_validations_and_leaves_training_unchanged(tmp_pat
     assert ["valid" in r for r in rows] == [False, False, True, True]
     for a, b in zip(every.model.state_dict().values(), late.model.state_dict().values()):
         assert torch.equal(a, b)  # validation draws no random numbers: the same training
-    p.train = dataclasses.replace(p.train, eval_from=10, max_minutes=1e-4)  # cut before any validation
-    train(d, tmp_path / "cut", p, progress=False)
-    rows = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    # stopped by the budget before any validation: one step an epoch (nothing to cut), so the budget stops
+    # the run after the first, unvalidated epoch and the last weights are validated and kept
+    p.train = dataclasses.replace(p.train, eval_from=10, max_minutes=1e-4, batch_size=10_000)
+    train(d, tmp_path / "stop", p, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "stop" / "log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["pretrain", "final validation"] and "valid" in rows[1]
-    assert (tmp_path / "cut" / "best").is_dir()
+    assert (tmp_path / "stop" / "best").is_dir()
 
 
 def test_cuda_matmul_tf32_sets_the_flag_inside_and_restores_it_after():

@@ -131,8 +131,9 @@ class TrainConfig:
     # stopping (pretraining epochs never count; the kept `best` is the best validated epoch of either phase)
     ema_decay: float = 0.0  # validate and keep an exponential moving average of the weights (0 = off;
     # e.g. 0.999 averages over ~1,000 steps); training itself runs on the raw weights
-    max_minutes: float = 0.0  # time budget of a run (0 = none): after the first epoch, none starts that
-    # would end past it, judged by the last epoch's duration (validation and checkpoints included)
+    max_minutes: float = 0.0  # time budget of a run (0 = none): no epoch starts that would end past it,
+    # judged by the last epoch's duration (validation and checkpoints included), and an epoch still running
+    # when it passes (the first, or a slower one) stops at that step, is validated and counts as done
     budget_schedule: bool = False  # with max_minutes: the cosine decay ends where the budget is expected to
     # end (re-planned after every epoch: the whole epochs that fit at the last epoch's seconds per step),
     # not after the last scheduled epoch, so a run the budget cuts still anneals its learning rate

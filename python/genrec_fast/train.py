@@ -39,6 +39,7 @@ from .transition_bias import OwnPairs, context_items, mask_positions
 
 log = logging.getLogger(__name__)
 IGNORE = -100
+CUT_EVERY = 16  # steps between asking rank 0 whether train.max_minutes has passed (several ranks)
 
 
 @dataclass
@@ -265,6 +266,7 @@ class Trainer:
         self.sampler = self._negative_sampler() if self.sampled else None
         self.ema = WeightAverage(self.model, self.tcfg.ema_decay) if self.tcfg.ema_decay else None
         self.epoch, self.step, self.best, self.bad_epochs = 0, 0, -1.0, 0
+        self.cut_of: tuple[int, int] | None = None  # (steps done, steps) of an epoch train.max_minutes cut
         self.best_finetune = -1.0  # patience counts finetuning epochs since finetuning's own best (`validate`)
         self.rng = np.random.default_rng(self.tcfg.seed)
         if self.tcfg.finetune_epochs and not any(len(s) >= 2 for s in self.split.train):
@@ -361,13 +363,17 @@ class Trainer:
     def run(self) -> dict:
         t0, epoch_s = time.perf_counter(), 0.0
         # rank 0's clock decides for every rank (their clocks, hence time budgets, differ)
+        deadline = t0 + 60 * self.tcfg.max_minutes if self.tcfg.max_minutes else None
+        cut = None
         while (stop := self.group.broadcast(self._stop_reason(time.perf_counter() - t0, epoch_s))) is None:
             start, first_step = time.perf_counter(), self.step
             pretrain = self.epoch < self.tcfg.pretrain_epochs
-            loss = self.train_epoch(pretrain)
+            loss = self.train_epoch(pretrain, deadline)
             row = {"epoch": self.epoch + 1, "phase": "pretrain" if pretrain else "finetune", "loss": loss,
                    "lr": self.opt.param_groups[0]["lr"], "elapsed_s": round(time.perf_counter() - t0, 1)}
-            if self._validates_after(self.epoch + 1):
+            if self.cut_of is not None:  # the budget ended the epoch: counted as done
+                cut = row["cut_after_steps"] = self.cut_of[0]
+            if self._validates_after(self.epoch + 1) or cut:
                 row["valid"] = self.validate()
             self.epoch += 1
             self._log(row)
@@ -378,7 +384,10 @@ class Trainer:
                                                                           self.step - first_step))
         if self.best < 0:  # stopped (time budget) before any validation: keep the last weights as best
             self._log({"epoch": self.epoch, "phase": "final validation", "valid": self.validate()})
-        if stop == "max_minutes" and self.group.is_main:
+        if cut and self.group.is_main:
+            log.info("epoch %d cut after %d of its %d steps: train.max_minutes=%g passed", self.epoch, *self.cut_of,
+                     self.tcfg.max_minutes)
+        elif stop == "max_minutes" and self.group.is_main:
             log.info("stopped after epoch %d: another epoch (%.0f s) would pass train.max_minutes=%g",
                      self.epoch, epoch_s, self.tcfg.max_minutes)
         return {"epochs": self.epoch, "stopped_by": stop, "train_seconds": round(time.perf_counter() - t0, 1),
@@ -396,12 +405,14 @@ class Trainer:
         return every or epoch == self.total_epochs
 
     def _stop_reason(self, elapsed_s: float, last_epoch_s: float) -> str | None:
-        """Why no further epoch starts, or None. The time budget lets the first epoch of a run through."""
+        """Why no further epoch starts, or None. The time budget starts no epoch once it has passed, nor one
+        that the last epoch's duration says would end past it (the first epoch of a run always starts)."""
         if self.epoch >= self.total_epochs:
             return "schedule"
         if self.bad_epochs >= self.tcfg.patience:
             return "patience"
-        if self.tcfg.max_minutes and last_epoch_s and elapsed_s + last_epoch_s > self.tcfg.max_minutes * 60:
+        budget_s = self.tcfg.max_minutes * 60
+        if budget_s and last_epoch_s and (elapsed_s >= budget_s or elapsed_s + last_epoch_s > budget_s):
             return "max_minutes"
         return None
 
@@ -425,14 +436,21 @@ class Trainer:
             parts = [parts[i] for i in self.rng.permutation(len(parts))]
         return parts
 
-    def train_epoch(self, pretrain: bool) -> float:
+    def train_epoch(self, pretrain: bool, deadline: float | None = None) -> float:
+        """One epoch of optimizer steps; the mean loss. `deadline` (time.perf_counter()): the epoch ends at the
+        first step that starts past it (after one step at least; with several ranks, rank 0's clock, asked
+        every CUT_EVERY steps), so a time budget also cuts an epoch longer than itself."""
         self.model.train()
+        self.cut_of = None
         warmup = min(self.tcfg.warmup_steps, self.total_steps // 10 + 1)  # short runs still leave warm-up
         losses = []
         parts = self.epoch_batches(pretrain)
         bar = tqdm(parts, desc=f"epoch {self.epoch + 1}/{self.total_epochs}", disable=None if self.progress else True,
                    leave=False)  # None: bars only on a terminal, never carriage returns in a log file
-        for part in bar:
+        for i, part in enumerate(bar):
+            if deadline is not None and i and self._past(deadline, i):
+                self.cut_of = (i, len(parts))  # (steps done, steps of the epoch)
+                break
             for opt in self.optimizers:
                 for g in opt.param_groups:
                     g["lr"] = self.tcfg.lr * lr_factor(self.step, warmup, self.decay_steps)
@@ -449,6 +467,11 @@ class Trainer:
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         return float(np.mean(losses)) if losses else float("nan")
+
+    def _past(self, deadline: float, i: int) -> bool:
+        if not self.group.enabled:
+            return time.perf_counter() > deadline
+        return i % CUT_EVERY == 0 and self.group.broadcast(time.perf_counter() > deadline)
 
     def _loss(self, part: list, batch_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (mean loss over the targets of `part`, labels). batch_targets: the sampled softmax's in-batch
