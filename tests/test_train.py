@@ -213,7 +213,12 @@ def test_max_minutes_cuts_an_epoch_longer_than_the_budget(tmp_path):
     # is validated (eval_from aside): it is the run's last
     assert (tmp_path / "best").is_dir() and (tmp_path / "last").is_dir()
     assert t._stop_reason(elapsed_s=61 * 1e-4, last_epoch_s=1e-9) == "max_minutes"  # a passed budget starts none
-    p.train = dataclasses.replace(p.train, max_minutes=0.0, finetune_epochs=0)
+    p.train = dataclasses.replace(p.train, max_minutes=0.0, finetune_epochs=1)
+    train(d, tmp_path, p, progress=False, resume=True)  # the cut epoch counts as done: on with the next
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["phase"], "cut_after_steps" in r) for r in rows] == [(1, "pretrain", True),
+                                                                                (2, "finetune", False)]
+    p.train = dataclasses.replace(p.train, finetune_epochs=0)
     whole = Trainer(d, tmp_path / "whole", p, progress=False)
     whole.run()
     assert whole.step == n and whole.cut_of is None
