@@ -1,5 +1,6 @@
 """The SASRec peer: its input layout, its loss against a per-position reference, its ranker, training
 that learns (beats popularity on planted structure), checkpoints that reload, and the CLI's settings."""
+import dataclasses
 import json
 
 import numpy as np
@@ -119,6 +120,20 @@ def test_patience_waits_for_min_steps(tmp_path, small_synthetic):
         return json.loads((tmp_path / str(min_steps) / "train_summary.json").read_text())
     assert (run(0)["epochs"], run(0)["stopped_by"]) == (2, "patience")
     assert (run(10**6)["epochs"], run(10**6)["stopped_by"]) == (4, "max_epochs")
+
+
+def test_max_minutes_cuts_an_epoch_longer_than_the_budget(tmp_path, small_synthetic):
+    cfg = SASRecConfig(d_model=16, window=8, batch_size=4, max_epochs=5, eval_every=3, max_minutes=1e-4)
+    n = -(-len(training_rows(leave_one_out(small_synthetic), cfg.window)[0]) // cfg.batch_size)
+    assert n > 10
+    train_sasrec(small_synthetic, tmp_path, cfg, progress=False)  # 6 ms: passed after the first step
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1] and 1 <= rows[0]["cut_after_steps"] < n and "valid" in rows[0]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["stopped_by"] == "max_minutes" and summary["best_valid_ndcg10"] == rows[0]["valid"]["NDCG@10"]
+    whole = dataclasses.replace(cfg, max_minutes=0.0, max_epochs=1)
+    train_sasrec(small_synthetic, tmp_path / "whole", whole, progress=False)
+    assert "cut_after_steps" not in json.loads((tmp_path / "whole" / "log.jsonl").read_text())
 
 
 def test_cli_refuses_what_sasrec_would_ignore(tmp_path, capsys, monkeypatch):

@@ -44,7 +44,8 @@ class SASRecConfig:
     # latest-small: 6 steps an epoch) otherwise stops at popularity's level (docs/experiments/datasets.md)
     eval_every: int = 2  # epochs between validations
     eval_users: int = 0  # validation users (0 = all; SASRec ranks all of Beauty's 22k users in ~2 s)
-    max_minutes: float = 0.0  # time budget (0 = none); no epoch starts that would end past it
+    max_minutes: float = 0.0  # time budget (0 = none): no epoch starts that would end past it, and one still
+    # running when it passes stops there (validated: the run's last)
     seed: int = 0
     threads: int = 0
 
@@ -189,14 +190,19 @@ def train_sasrec(data: SequenceData, out_dir: str | Path, cfg: SASRecConfig, pro
     users = np.arange(data.n_users) if not cfg.eval_users else np.sort(
         np.random.default_rng(cfg.seed + 1).permutation(data.n_users)[:cfg.eval_users])
     best, bad, t0, epoch_s, stop, steps = -1.0, 0, time.perf_counter(), 0.0, "max_epochs", 0
+    deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes else float("inf")
     for epoch in range(1, cfg.max_epochs + 1):
-        if cfg.max_minutes and epoch_s and time.perf_counter() - t0 + epoch_s > 60 * cfg.max_minutes:
+        if epoch_s and (time.perf_counter() >= deadline or time.perf_counter() + epoch_s > deadline):
             stop = "max_minutes"
             break
-        start, model = time.perf_counter(), model.train()
+        start, model, cut = time.perf_counter(), model.train(), None
         order, losses = rng.permutation(len(inp)), []
-        for s in tqdm(range(0, len(order), cfg.batch_size), desc=f"sasrec epoch {epoch}", leave=False,
-                      disable=None if progress else True):
+        starts = range(0, len(order), cfg.batch_size)
+        for i, s in enumerate(tqdm(starts, desc=f"sasrec epoch {epoch}", leave=False,
+                                   disable=None if progress else True)):
+            if i and time.perf_counter() > deadline:  # an epoch longer than the budget stops there
+                cut = i
+                break
             rows = order[s:s + cfg.batch_size]
             loss = model.loss(torch.from_numpy(inp[rows]), torch.from_numpy(tgt[rows]))
             opt.zero_grad(set_to_none=True)
@@ -205,7 +211,9 @@ def train_sasrec(data: SequenceData, out_dir: str | Path, cfg: SASRecConfig, pro
             steps += 1
             losses.append(loss.item())
         row = {"epoch": epoch, "loss": float(np.mean(losses)), "elapsed_s": round(time.perf_counter() - t0, 1)}
-        if epoch % cfg.eval_every == 0:
+        if cut:
+            row["cut_after_steps"], stop = cut, "max_minutes"
+        if epoch % cfg.eval_every == 0 or cut:  # a cut epoch is the run's last
             model.eval()
             row["valid"] = evaluate(sasrec_ranker(model), split, "valid", users, progress=False)
             if row["valid"]["NDCG@10"] > best:
@@ -218,6 +226,10 @@ def train_sasrec(data: SequenceData, out_dir: str | Path, cfg: SASRecConfig, pro
         log.info("sasrec epoch %d loss %.4f%s", epoch, row["loss"],
                  f" valid NDCG@10 {row['valid']['NDCG@10']:.4f}" if "valid" in row else "")
         epoch_s = time.perf_counter() - start
+        if cut:
+            log.info("sasrec epoch %d cut after %d of its %d steps: sasrec.max_minutes=%g passed", epoch, cut,
+                     len(starts), cfg.max_minutes)
+            break
         if bad >= cfg.patience and steps >= cfg.min_steps:
             stop = "patience"
             break
