@@ -7,7 +7,8 @@ calls after warm-up, timed with CUDA events, everything on the device (no host c
   torch      logits = x @ W.T + b (U, V) in the dtype (the bias broadcast), excluded items set to -inf by a
              scatter, log-sum-exp and torch.topk over the item columns
   kernel     kernels.head_topk.head_topk: one launch + the torch merge of the splits (the logits never
-             written); its exclusions as a sorted CSR, prepared on the host beforehand as item_topk does
+             written); its exclusions as a CSR of device tensors, as torch's are on the device (item_topk
+             uploads host arrays on every call, for its torch loop as for the kernel)
 
 Both return the same k items (checked: agreement printed). Needs a GPU; on a CPU it says so and exits.
 
@@ -53,8 +54,8 @@ def run_shape(U: int, C: int, V: int, dtype: torch.dtype, repeats: int) -> dict:
     w = (torch.randn(V, C, device="cuda", generator=g) / C**0.5).to(dtype)
     b = torch.randn(V, device="cuda", generator=g).to(dtype)
     ex = torch.randint(0, V, (U, HISTORY), device="cuda", generator=g)  # (U, H) excluded items
-    ptr = np.arange(0, U * HISTORY + 1, HISTORY, dtype=np.int64)
-    ex_items = ex.flatten().cpu().numpy()
+    ptr = torch.arange(0, U * HISTORY + 1, HISTORY, device="cuda")  # (U + 1,) the exclude CSR
+    ex_items = ex.flatten()
 
     def torch_path():
         z = torch.addmm(b, x, w.t())  # (U, V)

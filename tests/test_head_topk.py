@@ -202,6 +202,26 @@ def test_merge_splits_ranks_across_splits():
     assert lse.item() == pytest.approx(3.0 + np.log(3.5))
 
 
+def test_merge_splits_of_no_users():
+    empty = torch.zeros(0, 3, 4)
+    items, values, lse = merge_splits(empty, empty.int(), torch.zeros(0, 3), torch.zeros(0, 3), 4, 10)
+    assert items.shape == values.shape == (0, 4) and lse.shape == (0,)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exclusions_sorted_on_the_device_as_on_the_host(seed):
+    """The exclude CSR given as tensors (sorted by torch ops) equals the one given as arrays (numpy)."""
+    from genrec_fast.kernels.head_topk import _exclusions
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 6, size=7) * (seed > 0)  # seed 0: every list empty
+    ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    items = rng.integers(0, 50, size=ptr[-1]).astype(np.int64)
+    want = _exclusions(ptr, items, torch.device("cpu"))
+    got = _exclusions(torch.from_numpy(ptr), torch.from_numpy(items), torch.device("cpu"))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_fused_true_on_cpu_keeps_the_cpu_path():
     """fused=True on CPU tensors is the C++ fused head, not the CUDA kernel."""
     rng = np.random.default_rng(2)
@@ -255,6 +275,30 @@ def test_cuda_head_topk_refuses_offsets_and_the_default_runs_the_torch_loop(monk
     want = item_topk_reference([z], 0, V, 10)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
+@gpu
+def test_the_opt_in_default_runs_the_torch_loop_where_the_kernel_cannot(monkeypatch):
+    """With GENREC_CUDA_HEAD_TOPK=1 and fused=None, an ensemble and k > MAX_K run the torch loop (fused=True says
+    why); exclusions given as device tensors equal those given as arrays."""
+    from genrec_fast.kernels.head_topk import MAX_K, head_topk
+    torch.manual_seed(2)
+    U, C, V = 8, 64, 3000
+    x, w, w2 = torch.randn(U, C, device="cuda"), torch.randn(V, C, device="cuda") / 8, torch.randn(V, C, device="cuda")
+    monkeypatch.setenv("GENREC_CUDA_HEAD_TOPK", "1")
+    got = item_topk([Head(x, w, None), Head(x, w2 / 8, None)], 0, V, 10)
+    want = item_topk_reference([x @ w.t(), x @ (w2 / 8).t()], 0, V, 10)
+    np.testing.assert_array_equal(got[0], want[0])
+    got = item_topk([Head(x, w, None)], 0, V, MAX_K + 1)
+    np.testing.assert_array_equal(got[0], item_topk_reference([x @ w.t()], 0, V, MAX_K + 1)[0])
+    with pytest.raises(ValueError, match="k must be in"):
+        item_topk([Head(x, w, None)], 0, V, MAX_K + 1, fused=True)
+    ptr = np.arange(0, 5 * U + 1, 5, dtype=np.int64)
+    ex = np.random.default_rng(0).integers(0, V, size=5 * U)
+    on_host = head_topk(x, w, None, 0, V, 10, ptr, ex)
+    on_device = head_topk(x, w, None, 0, V, 10, torch.from_numpy(ptr).cuda(), torch.from_numpy(ex).cuda())
+    for a, b in zip(on_host, on_device):
+        assert torch.equal(a, b)
 
 
 @gpu

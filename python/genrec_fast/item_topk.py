@@ -156,7 +156,7 @@ def _scan(heads, first_item, num_items, k, chunk, threads, fused, ptr, ex_items,
     x0, V = heads[0].x, heads[0].weight.shape[0]
     U = x0.shape[0]
     if x0.device.type != "cpu":
-        if offsets is None and (cuda_fused_default() if fused is None else fused):
+        if offsets is None and (fused or fused is None and cuda_fused_default() and not _cuda_unusable(heads, k)):
             return _fused_cuda(heads, first_item, num_items, k, ptr, ex_items, allow)
         if fused and offsets is not None:
             raise ValueError("fused: the CUDA head + top-k takes no logit offsets (a history or transition "
@@ -281,13 +281,18 @@ def _user_rows(rows: np.ndarray, heads, ptr, ex_items, allow, offsets):
     return heads, ptr, ex_items, allow, offsets
 
 
+def _cuda_unusable(heads: Sequence[Head], k: int) -> str:
+    """Why the CUDA head + top-k kernel cannot score these heads ("" when it can)."""
+    from .kernels.head_topk import head_topk_unusable
+    return "an ensemble has several heads" if len(heads) != 1 else head_topk_unusable(heads[0].x, heads[0].weight, k)
+
+
 def _fused_cuda(heads: Sequence[Head], first_item, num_items, k, ptr, ex_items, allow):
     """One model's head fused with the top-k in the CUDA kernel (kernels/head_topk.py); returns what `_scan`
     does."""
-    from .kernels.head_topk import head_topk, head_topk_unusable
+    from .kernels.head_topk import head_topk
 
-    h = heads[0]
-    why = "an ensemble has several heads" if len(heads) != 1 else head_topk_unusable(h.x, h.weight, k)
+    h, why = heads[0], _cuda_unusable(heads, k)
     if why:
         raise ValueError(f"fused: the CUDA head + top-k cannot run: {why}; pass fused=False")
     items, values, lse = head_topk(h.x, h.weight, h.bias, first_item, num_items, k, ptr, ex_items, allow)

@@ -36,6 +36,8 @@ def head_topk_unusable(x: torch.Tensor, weight: torch.Tensor, k: int) -> str:
         return "genrec_fast was built without the CUDA kernels"
     if x.device.type != "cuda" or weight.device != x.device:
         return f"x and weight must be on one CUDA device, got {x.device} and {weight.device}"
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        return f"x (U, C) and weight (V, C) must share C, got shapes {tuple(x.shape)} and {tuple(weight.shape)}"
     if x.dtype not in _DTYPE_CODES or weight.dtype != x.dtype:
         return f"x and weight must share a dtype of fp32/fp16/bf16, got {x.dtype} and {weight.dtype}"
     if x.shape[1] % 16 or x.shape[1] == 0:
@@ -51,13 +53,19 @@ def head_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     """Best k allowed items of logits = x @ weight.T + bias over vocabulary rows [first_item, +num_items).
 
     x (U, C), weight (V, C) on one CUDA device; filters as `beam_search.check_filters` returns them (exclude
-    CSR ptr (U + 1,) / items, allow (num_items,) or (U, num_items) bool). -> items (U, k) int64 (-1 = none),
-    logits (U, k) float32 (-inf padding), lse (U,) float32 over the whole vocabulary (filters ignored).
+    CSR ptr (U + 1,) / items, allow (num_items,) or (U, num_items) bool); the CSR may also be int64 tensors on
+    x's device (a caller that keeps it there). -> items (U, k) int64 (-1 = none), logits (U, k) float32 (-inf
+    padding), lse (U,) float32 over the whole vocabulary (filters ignored).
     """
     why = head_topk_unusable(x, weight, k)
     if why:
         raise ValueError(f"head_topk: {why}")
     U, V, dev = x.shape[0], weight.shape[0], x.device
+    if bias is not None and (bias.device != dev or bias.shape != (V,)):
+        raise ValueError(f"head_topk: bias must be ({V},) on {dev}, got {tuple(bias.shape)} on {bias.device}")
+    if not 0 <= first_item <= first_item + num_items <= V:
+        raise ValueError(f"head_topk: items [first_item, first_item + num_items) = [{first_item}, "
+                         f"{first_item + num_items}) must lie in the vocabulary's {V} rows")
     x, weight = (t.contiguous() if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(
         memory_format=torch.contiguous_format) for t in (x, weight))  # the kernel reads 16-byte aligned rows
     bias = None if bias is None else bias.float().contiguous()
@@ -68,11 +76,12 @@ def head_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     sums = torch.empty(U, splits, device=dev)
     ex_ptr_t, ex_items_t = _exclusions(ptr, ex_items, dev)
     allow_t = None if allow is None else torch.from_numpy(np.ascontiguousarray(allow, dtype=np.uint8)).to(dev)
-    _native().head_topk_forward(
-        x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), _DTYPE_CODES[x.dtype], U,
-        x.shape[1], V, first_item, num_items, k, _ptr(ex_ptr_t), _ptr(ex_items_t), _ptr(allow_t),
-        0 if allow is None or allow.ndim == 1 else num_items, splits, values.data_ptr(), items.data_ptr(),
-        maxes.data_ptr(), sums.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+    with torch.cuda.device(dev):  # the launch goes to x's GPU, whichever is current
+        _native().head_topk_forward(
+            x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), _DTYPE_CODES[x.dtype], U,
+            x.shape[1], V, first_item, num_items, k, _ptr(ex_ptr_t), _ptr(ex_items_t), _ptr(allow_t),
+            0 if allow is None or allow.ndim == 1 else num_items, splits, values.data_ptr(), items.data_ptr(),
+            maxes.data_ptr(), sums.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
     return merge_splits(values, items, maxes, sums, k, num_items)
 
 
@@ -84,6 +93,13 @@ def _exclusions(ptr, ex_items, dev):
     """The exclude CSR with each user's items sorted ascending (the kernel walks them in order), on dev."""
     if ptr is None:
         return None, None
+    if isinstance(ptr, torch.Tensor):  # sorted on the device: no host round trip
+        ptr, ex_items = ptr.to(dev, torch.int64), ex_items.to(dev, torch.int64)
+        rows = torch.repeat_interleave(torch.arange(len(ptr) - 1, device=dev), ptr.diff())
+        order = torch.sort(ex_items).indices
+        order = order[torch.sort(rows[order], stable=True).indices]  # by (row, item)
+        items = ex_items[order] if len(ex_items) else torch.zeros(1, dtype=torch.int64, device=dev)
+        return ptr.contiguous(), items.contiguous()
     rows = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
     order = np.lexsort((ex_items, rows))
     items = np.ascontiguousarray(ex_items[order], dtype=np.int64)
@@ -100,9 +116,8 @@ def merge_splits(values: torch.Tensor, items: torch.Tensor, maxes: torch.Tensor,
     max logit and sum of exp(logit - max) (NaN: a NaN logit). Ranked by (logit desc, item asc)."""
     from ..device_search import top_by_score
 
-    U = values.shape[0]
-    v = values.reshape(U, -1).float()  # (U, S * k), S * k >= k
-    i = items.reshape(U, -1).long()
+    v = values.flatten(1).float()  # (U, S * k), S * k >= k (flatten: a reshape(U, -1) of 0 users fails)
+    i = items.flatten(1).long()
     i = torch.where(i < 0, num_items, i)  # padding ranks after every item at equal value
     top = top_by_score(v, i, k)  # (U, k)
     best, best_i = v.gather(1, top), i.gather(1, top)
