@@ -127,7 +127,9 @@ def graphed_search(model, trie, cache: DecoderCache, search: DeviceBeamSearch, m
                    capture=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`run_search(search, decode_step_fn(...))` through a captured graph -> (items, scores) (U, k) tensors
     (copies: the next call overwrites the graph's outputs). Falls back to the eager loop where graphs
-    cannot run (`graphs_supported`, a failed capture)."""
+    cannot run (`graphs_supported`, a failed capture). Threads are serialised on the host only: callers must
+    share one CUDA stream (recommend() and the server use the current one), or a load could overwrite the
+    static inputs of a replay still running on another stream."""
     why = graphs_supported(model)
     if capture is None and cache.lengths.device.type != "cuda":
         why = why or "the model is not on a CUDA device"
