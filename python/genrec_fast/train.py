@@ -405,14 +405,13 @@ class Trainer:
         return every or epoch == self.total_epochs
 
     def _stop_reason(self, elapsed_s: float, last_epoch_s: float) -> str | None:
-        """Why no further epoch starts, or None. The time budget starts no epoch once it has passed, nor one
-        that the last epoch's duration says would end past it (the first epoch of a run always starts)."""
+        """Why no further epoch starts, or None. The time budget starts no epoch that the last epoch's duration
+        says would end past it (the first epoch of a run always starts; `train_epoch` cuts one that overruns)."""
         if self.epoch >= self.total_epochs:
             return "schedule"
         if self.bad_epochs >= self.tcfg.patience:
             return "patience"
-        budget_s = self.tcfg.max_minutes * 60
-        if budget_s and last_epoch_s and (elapsed_s >= budget_s or elapsed_s + last_epoch_s > budget_s):
+        if self.tcfg.max_minutes and last_epoch_s and elapsed_s + last_epoch_s > self.tcfg.max_minutes * 60:
             return "max_minutes"
         return None
 
