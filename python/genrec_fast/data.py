@@ -712,7 +712,7 @@ def short_ids(ids: Sequence) -> str:
 # True == 1 and 79.0 == 79 as dict keys: a bool or a float is never read as an id (the name each type is refused by)
 NOT_ID_TYPES = {bool: "a bool", np.bool_: "a bool", float: "a float", np.float16: "a float", np.float32: "a float",
                 np.float64: "a float"}
-_NOT_ID_CLASSES = tuple(NOT_ID_TYPES)
+_NOT_ID_CLASSES = (bool, np.bool_, float, np.floating)  # isinstance: subclasses and every numpy float too
 
 
 def resolve_id(index: dict, x):

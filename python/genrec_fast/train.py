@@ -364,16 +364,15 @@ class Trainer:
         t0, epoch_s = time.perf_counter(), 0.0
         # rank 0's clock decides for every rank (their clocks, hence time budgets, differ)
         deadline = t0 + 60 * self.tcfg.max_minutes if self.tcfg.max_minutes else None
-        cut = None
         while (stop := self.group.broadcast(self._stop_reason(time.perf_counter() - t0, epoch_s))) is None:
             start, first_step = time.perf_counter(), self.step
             pretrain = self.epoch < self.tcfg.pretrain_epochs
             loss = self.train_epoch(pretrain, deadline)
             row = {"epoch": self.epoch + 1, "phase": "pretrain" if pretrain else "finetune", "loss": loss,
                    "lr": self.opt.param_groups[0]["lr"], "elapsed_s": round(time.perf_counter() - t0, 1)}
-            if self.cut_of is not None:  # the budget ended the epoch: counted as done
-                cut = row["cut_after_steps"] = self.cut_of[0]
-            if self._validates_after(self.epoch + 1) or cut:
+            if self.cut_of is not None:  # the budget ended the epoch (the run's last): counted as done
+                row["cut_after_steps"] = self.cut_of[0]
+            if self._validates_after(self.epoch + 1) or self.cut_of is not None:
                 row["valid"] = self.validate()
             self.epoch += 1
             self._log(row)
@@ -384,7 +383,7 @@ class Trainer:
                                                                           self.step - first_step))
         if self.best < 0:  # stopped (time budget) before any validation: keep the last weights as best
             self._log({"epoch": self.epoch, "phase": "final validation", "valid": self.validate()})
-        if cut and self.group.is_main:
+        if self.cut_of is not None and self.group.is_main:
             log.info("epoch %d cut after %d of its %d steps: train.max_minutes=%g passed", self.epoch, *self.cut_of,
                      self.tcfg.max_minutes)
         elif stop == "max_minutes" and self.group.is_main:
