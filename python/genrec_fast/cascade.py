@@ -73,6 +73,10 @@ class Cascade(Recommender):
     def one_step(self) -> bool:
         return False  # (calibrate.py and the CLI ask: a cascade is not one model's one step)
 
+    def settings(self) -> dict:
+        """What `fit_weight` records beside the weight."""
+        return {"candidates": self.candidates, "beams": self.beams, "bias_items": self.bias_items}
+
     def encode_batch(self, histories, users) -> dict:
         """Both models' padded encoder batches."""
         return {"retriever": self.retriever.encode_batch(histories, users),
@@ -222,20 +226,24 @@ def load_cascade(path: str | Path, device: str | torch.device = "cpu") -> Cascad
     return cascade
 
 
-def fit_weight(cascade: Cascade, split, users=None, weights=WEIGHTS, batch_size: int = 256,
-               progress: bool = True) -> dict:
-    """Choose `cascade.weight` on the validation targets of `users` (default all): the NDCG@10 of every weight
-    in `weights`, the best set on the cascade; a 2-fold check (the weight chosen on one half of the users, scored
-    on the other) says whether it holds on users it was not chosen on. -> the record, also in `cascade.fit`."""
+def fit_weight(mix, split, users=None, weights=WEIGHTS, batch_size: int = 256, progress: bool = True,
+               exclude_seen: bool = False) -> dict:
+    """Choose `mix.weight` (a `Cascade` or a `hybrid.Hybrid`: anything with `candidates_scored`, ordered by
+    `combine`) on the validation targets of `users` (default all), seen items excluded or not as `exclude_seen`
+    (as `evaluate` ranks): the NDCG@10 of every weight in `weights`, the best set on `mix`; a 2-fold check (the
+    weight chosen on one half of the users, scored on the other) says whether it holds on users it was not chosen
+    on. -> the record, also in `mix.fit`."""
     users = np.arange(len(split.train)) if users is None else np.asarray(users)
     hists, targets = histories_for(split, "valid", users)
     ranks = {w: [] for w in weights}  # per weight, the targets' ranks (U,)
-    for s in tqdm(range(0, len(users), batch_size), desc="cascade weight", disable=None if progress else True,
+    for s in tqdm(range(0, len(users), batch_size), desc="mixture weight", disable=None if progress else True,
                   leave=False):  # (None: a bar on a terminal only)
-        enc = cascade.encode_batch(hists[s:s + batch_size], [int(u) for u in users[s:s + batch_size]])
-        cand, log_r, log_o = cascade.candidates_scored(enc, 20, 20)  # as `evaluate` calls `decode`
+        part = hists[s:s + batch_size]
+        enc = mix.encode_batch(part, [int(u) for u in users[s:s + batch_size]])
+        exclude = [np.asarray(h, dtype=np.int64) for h in part] if exclude_seen else None
+        cand, log_a, log_b = mix.candidates_scored(enc, 20, 20, exclude)  # as `evaluate` calls `decode`
         for w in weights:
-            items, _ = combine(cand, log_r, log_o, w, 20)
+            items, _ = combine(cand, log_a, log_b, w, 20)
             ranks[w].append(target_ranks(items, targets[s:s + batch_size]))
     ranks = {w: np.concatenate(r) for w, r in ranks.items()}
     ndcg = {w: metrics_from_ranks(r)["NDCG@10"] for w, r in ranks.items()}
@@ -245,9 +253,8 @@ def fit_weight(cascade: Cascade, split, users=None, weights=WEIGHTS, batch_size:
     for fold in (half, ~half):  # choose on one fold, score on the other
         w = max(weights, key=lambda w: metrics_from_ranks(ranks[w][fold])["NDCG@10"])
         held_out.append(metrics_from_ranks(ranks[w][~fold])["NDCG@10"] * (~fold).sum())
-    record = {"weight": best, "candidates": cascade.candidates, "beams": cascade.beams,
-              "bias_items": cascade.bias_items, "users": int(len(users)),
+    record = {"weight": best, **mix.settings(), "users": int(len(users)), "exclude_seen": bool(exclude_seen),
               "valid_ndcg10": {str(w): round(v, 5) for w, v in ndcg.items()},
               "held_out_ndcg10": round(sum(held_out) / len(users), 5)}
-    cascade.weight, cascade.fit = float(best), record
+    mix.weight, mix.fit = float(best), record
     return record

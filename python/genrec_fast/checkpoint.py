@@ -23,9 +23,22 @@ FILES = ("config.json", "catalog.json", "tokenizer.model", "weights.pt")
 CASCADE = "cascade.json"  # marks a cascade directory (cascade.py): two checkpoints, retriever/ and ranker/
 
 
+HYBRID = "hybrid.json"  # marks a hybrid directory (hybrid.py): two checkpoints, genrec/ and sasrec/
+
+
 def is_cascade(path: str | Path) -> bool:
     """Whether `path` is a cascade directory written by `Cascade.save` rather than one model's checkpoint."""
     return (Path(path) / CASCADE).is_file()
+
+
+def is_hybrid(path: str | Path) -> bool:
+    """Whether `path` is a hybrid directory written by `Hybrid.save` (hybrid.py)."""
+    return (Path(path) / HYBRID).is_file()
+
+
+def is_pair(path: str | Path) -> bool:
+    """A cascade or a hybrid: two models in one directory, loaded and served alone (never in an ensemble)."""
+    return is_cascade(path) or is_hybrid(path)
 
 
 def save(path: str | Path, model: GenRec, tokenizer: GenRecTokenizer, catalog: Catalog,

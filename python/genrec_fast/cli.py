@@ -1,4 +1,4 @@
-"""`genrec-fast`: train (and evaluate), evaluate or report a checkpoint, calibrate its biases, build a cascade,
+"""`genrec-fast`: train (and evaluate), evaluate or report a checkpoint, calibrate its biases, build a cascade or a hybrid,
 recommend from histories, serve over HTTP."""
 from __future__ import annotations
 
@@ -303,6 +303,9 @@ def cmd_calibrate(args) -> int:
     if checkpoint.is_cascade(args.checkpoint):
         raise ValueError(f"checkpoint: {args.checkpoint} is a cascade; calibrate its retriever and ranker, then "
                          "build the cascade again (genrec-fast cascade)")
+    if checkpoint.is_hybrid(args.checkpoint):
+        raise ValueError(f"checkpoint: {args.checkpoint} is a hybrid; calibrate its GenRec model, then build the "
+                         "hybrid again (genrec-fast hybrid)")
     check_out_dir(args.out, args.overwrite, [args.checkpoint])
     model, tokenizer, catalog, train_cfg, cfg = checkpoint.load_parts(args.checkpoint, args.device)
     rec = _recommender(model, tokenizer, catalog, train_cfg)
@@ -336,6 +339,32 @@ def cmd_cascade(args) -> int:
         print(json.dumps(fit_weight(cascade, leave_one_out(data), users, progress=not args.quiet), indent=2))
     cascade.save(args.out, args.retriever, args.ranker)
     print(f"cascade {args.out} (weight {cascade.weight}, {cascade.candidates} candidates of {cascade.beams} beams)")
+    return 0
+
+
+def cmd_hybrid(args) -> int:
+    """A one-token GenRec model and a SASRec peer ranking the union of their top items, the weight chosen on
+    validation (hybrid.py)."""
+    from .cascade import fit_weight
+    from .checkpoint import is_pair
+    from .hybrid import Hybrid, load_sasrec_dir
+    from .recommend import load
+    for name in ("genrec", "sasrec"):
+        if is_pair(getattr(args, name)):
+            raise ValueError(f"{name}: {getattr(args, name)} is a cascade or hybrid; expected a model checkpoint")
+    if not (Path(args.sasrec) / "sasrec.json").is_file():
+        raise ValueError(f"sasrec: {args.sasrec} has no sasrec.json; expected a checkpoint of "
+                         "`genrec-fast train --model sasrec` (its run's best/)")
+    check_out_dir(args.out, args.overwrite, [args.genrec, args.sasrec])
+    hybrid = Hybrid(load(args.genrec, args.device), *load_sasrec_dir(args.sasrec, args.device), args.candidates,
+                    0.5 if args.weight is None else args.weight)
+    data = _load_matching_data(args, hybrid.catalog)
+    if args.weight is None:
+        users = None if not args.users else list(range(min(args.users, data.n_users)))
+        print(json.dumps(fit_weight(hybrid, leave_one_out(data), users, progress=not args.quiet,
+                                    exclude_seen=args.exclude_seen), indent=2))
+    hybrid.save(args.out, args.genrec, args.sasrec)
+    print(f"hybrid {args.out} (SASRec's weight {hybrid.weight}, {hybrid.candidates} candidates from each model)")
     return 0
 
 
@@ -541,7 +570,7 @@ def set_threads(args) -> None:
 
 
 BEAMS_HELP = "beam width of the search (default %(default)s)"
-ENSEMBLE_HELP = ("checkpoint directory (or a cascade directory: genrec-fast cascade); several = an ensemble of models "
+ENSEMBLE_HELP = ("checkpoint directory (or a cascade or hybrid directory: genrec-fast cascade / hybrid); several = an ensemble of models "
                  "trained on the same data (e.g. other seeds)")
 
 
@@ -634,6 +663,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_threads_arg(q)
     q.set_defaults(func=cmd_cascade)
+    h = sub.add_parser("hybrid", help="rank the union of a one-token GenRec model's and a SASRec peer's top items "
+                                      "by both, the weight of the two chosen on the validation targets")
+    h.add_argument("genrec", help="checkpoint of a one-token GenRec model (items of one token, no EOS step)")
+    h.add_argument("sasrec", help="checkpoint of `genrec-fast train --model sasrec` on the same data")
+    _add_data_args(h)
+    h.add_argument("--out", required=True,
+                   help="hybrid directory to write (hybrid.json + copies of both checkpoints; not one of theirs)")
+    h.add_argument("--overwrite", action="store_true", help="replace --out if it holds files (default: an error)")
+    h.add_argument("--candidates", type=positive_int, default=50,
+                   help="candidates per user from each model (default 50)")
+    h.add_argument("--weight", type=float, help="SASRec's weight in [0, 1] (default: chosen on validation)")
+    h.add_argument("--exclude-seen", action="store_true",
+                   help="choose the weight with history items excluded (for serving with exclude_seen=True)")
+    h.add_argument("--users", type=non_negative_int, default=0, help="choose the weight on the first N users (0 = all)")
+    h.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    h.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_threads_arg(h)
+    h.set_defaults(func=cmd_hybrid)
     f = sub.add_parser("report", help="the full report of train (valid, test, excluding seen, baselines) "
                                       "for a checkpoint or an ensemble")
     f.add_argument("checkpoint", nargs="+", help=ENSEMBLE_HELP)

@@ -32,7 +32,8 @@ class Recommendations(NamedTuple):
 
     items: list  # original item ids, best first
     scores: list  # higher is better: the model's log-probability of each item; for a `cascade.Cascade`,
-    # (1 - weight) * log P_retriever(item) + weight * log P_ranker(item | candidates) (cascade.combine)
+    # (1 - weight) * log P_retriever(item) + weight * log P_ranker(item | candidates) (cascade.combine); for a
+    # `hybrid.Hybrid`, (1 - weight) * log P_genrec(item | candidates) + weight * log P_sasrec(item | candidates)
 
 
 class Recommender:
@@ -302,20 +303,24 @@ def load(path: str | Path | Sequence[str | Path], device: str | torch.device = "
 
     A list of directories loads an ensemble: members trained on the same data with the same tokenizer
     (e.g. different `train.seed`), ranked by their mean token log-probabilities (ensemble.py). A directory
-    written by `genrec-fast cascade` loads a `cascade.Cascade`."""
+    written by `genrec-fast cascade` loads a `cascade.Cascade`, one by `genrec-fast hybrid` a `hybrid.Hybrid`."""
     check_device(device)
     if isinstance(path, (str, Path)) and checkpoint.is_cascade(path):
         from .cascade import load_cascade
         return load_cascade(path, device)
+    if isinstance(path, (str, Path)) and checkpoint.is_hybrid(path):
+        from .hybrid import load_hybrid
+        return load_hybrid(path, device)
     if isinstance(path, (str, Path)):
         model, tokenizer, catalog, train_cfg, _ = checkpoint.load_parts(path, device)
         return _recommender(model, tokenizer, catalog, train_cfg)
     paths = list(path)
     if not paths:
         raise ValueError("path: expected a checkpoint directory or a non-empty list of them, got an empty list")
-    cascades = [str(p) for p in paths if checkpoint.is_cascade(p)]
-    if cascades:
-        raise ValueError(f"path: {cascades[0]} is a cascade; load it alone (an ensemble takes model checkpoints)")
+    pairs = [str(p) for p in paths if checkpoint.is_pair(p)]
+    if pairs:
+        kind = "cascade" if checkpoint.is_cascade(pairs[0]) else "hybrid"
+        raise ValueError(f"path: {pairs[0]} is a {kind}; load it alone (an ensemble takes model checkpoints)")
     parts = [checkpoint.load_parts(p, device) for p in paths]
     check_same_files(paths, ("catalog.json", "tokenizer.model"))
     cfgs = [p[3] for p in parts]

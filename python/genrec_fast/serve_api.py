@@ -200,6 +200,13 @@ def check_arguments(paths: Sequence[Union[str, Path]], max_batch: int, max_k: in
                 raise ValueError(f"checkpoint: {p} is a cascade; it is served alone, not in an ensemble")
             check_arguments([Path(p) / "retriever", Path(p) / "ranker"], max_batch, max_k)
             continue
+        if checkpoint.is_hybrid(p):  # a hybrid directory (hybrid.py): a GenRec checkpoint and a SASRec one
+            if len(paths) > 1:
+                raise ValueError(f"checkpoint: {p} is a hybrid; it is served alone, not in an ensemble")
+            check_arguments([Path(p) / "genrec"], max_batch, max_k)
+            if not (Path(p) / "sasrec" / "weights.pt").is_file():
+                raise ValueError(f"checkpoint: {p}/sasrec has no weights.pt (an incomplete hybrid directory)")
+            continue
         checkpoint.check_checkpoint(p)
 
 
