@@ -32,9 +32,11 @@ user, as configs/whole-history-transition-both-calibrated.json) and, with `--lea
 configs/beauty-codes-leaf-l1-history-transition-both-calibrated.json). With `--cascade NxB[,NxB]`, those leaf-head
 codes with both biases both ways proposing N candidates from a B-beam search that the one-token model with both
 biases both ways reranks (cascade.py, as `genrec-fast cascade` builds from the two configs above; weight 0.5).
+With `--hybrid N[,N]`, the one-token model with both biases both ways and this package's SASRec (sasrec.py's
+defaults: d 64, 2 blocks, 1 head, 50-item window), each proposing its top N, ranked by both (hybrid.py; weight 0.5).
 
 Usage: python benchmarks/bench_catalog.py --threads 2 [--sizes 12101,100000,1000000] [--codes] [--leaf] [--history]
-       [--transition] [--both] [--cascade 20x20,100x100]
+       [--transition] [--both] [--cascade 20x20,100x100] [--hybrid 50]
        [--code-levels 2 --leaf-size 16] [--train] [--load] [--quick]
 Last line: catalog_bench ratio_vs_sasrec=<x> batch1_ms=<y> users_per_s_1m=<z> rss_gb_1m=<w> train_rss_gb_1m=<v> load_5m_s=<s> codes_users_per_s_1m=<c> leaf_users_per_s_1m=<l>
 """
@@ -142,6 +144,13 @@ def build(n_items: int, seed: int = 0, form: str = "whole", levels: int = 2, lea
         (retriever, s1), (ranker, s2) = (build(n_items, seed, f, levels, leaf)
                                          for f in ("leaf-transition-both", "transition-both"))
         return Cascade(retriever, ranker, n, 0.5, b), s1 + s2
+    if form.startswith("hybrid"):  # "hybrid-N": the one-token model with both biases + the package's SASRec
+        from genrec_fast.hybrid import Hybrid
+        from genrec_fast.sasrec import SASRec as PackageSASRec, SASRecConfig
+        genrec, s1 = _build(n_items, seed, "transition-both", levels, leaf)
+        torch.manual_seed(seed)
+        peer = PackageSASRec(SASRecConfig(n_items=n_items)).eval()  # d 64, 2 blocks, 1 head, 50-item window
+        return Hybrid(genrec, peer, genrec.catalog, int(form.split("-")[1]), 0.5), s1
     return _build(n_items, seed, form, levels, leaf)
 
 
@@ -216,6 +225,8 @@ def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec:
     rec, build_s = build(n_items, form=form, levels=levels, leaf=leaf)
     for r in getattr(rec, "retriever", rec), getattr(rec, "ranker", rec):
         r.model.to(device)
+    if hasattr(rec, "sasrec"):  # a hybrid's second model
+        rec.sasrec.to(device)
     hist_idx = histories(n_items, BATCH * batches + singles)
     ids = rec.catalog.item_ids
     hist_ids = [[ids[i] for i in h] for h in hist_idx]
@@ -299,6 +310,9 @@ def print_report(rows: list, extra: dict, args) -> None:
             form = (f"cascade: codes ({code_branches(r['items'], args.code_levels, args.leaf_size)} x "
                     f"{args.code_levels} + unique), leaf head, both biases both ways, {b} beams; its top {n} "
                     "reranked by the one-token model so")
+        if r["form"].startswith("hybrid"):
+            form = (f"hybrid: the one-token model with both biases both ways + this package's SASRec (d 64, 2 "
+                    f"blocks, 50-item window), each model's top {r['form'].split('-')[1]} ranked by both")
         ratio = f"{r['users_per_s'] / r['sasrec_users_per_s']:.2f}" if "sasrec_users_per_s" in r else ""
         print(f"| {r['items']:,} | {form} | {r['build_s']:.1f} | {r['users_per_s']:,.0f} | {r['batch1_ms']:.2f} | "
               f"{r['rss_gb']:.2f} | {ratio} |")
@@ -352,6 +366,9 @@ def main(argv=None) -> None:
     p.add_argument("--cascade", metavar="NxB[,NxB]",
                    help="also cascades: the --both --leaf codes model's top N of B beams reranked by the --both "
                         "one-token model (cascade.py), e.g. 20x20,100x100")
+    p.add_argument("--hybrid", metavar="N[,N]",
+                   help="also hybrids: the --both one-token model and a SASRec (hybrid.py), each model's top N "
+                        "ranked by both, e.g. 50")
     p.add_argument("--code-levels", type=int, default=2, help="codes: cluster levels before the last token")
     p.add_argument("--leaf-size", type=int, default=16, help="codes: items per leaf (sets the branching)")
     args = p.parse_args(argv)
@@ -381,6 +398,8 @@ def main(argv=None) -> None:
         rows += [run_size(n, args, "leaf-transition-both") for n in sorted(args.sizes)]
     for spec in args.cascade.split(",") if args.cascade else []:
         rows += [run_size(n, args, f"cascade-{spec}") for n in sorted(args.sizes)]
+    for spec in args.hybrid.split(",") if args.hybrid else []:
+        rows += [run_size(n, args, f"hybrid-{spec}") for n in sorted(args.sizes)]
     print_report(rows, optional_figures(args), args)
 
 

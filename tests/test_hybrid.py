@@ -165,7 +165,13 @@ def test_cli_fits_saves_evaluates_and_serves_a_hybrid(p5_file, tmp_path, capsys,
     m = json.loads(capsys.readouterr().out)
     assert m["NDCG@10"] == pytest.approx(fit["valid_ndcg10"][str(fit["weight"])], abs=1e-5)
     rec = load(out)
-    assert isinstance(rec, Hybrid) and rec.fit == fit
+    assert isinstance(rec, Hybrid) and rec.fit == fit and not rec.exclude_seen
+    assert main(["hybrid", g, s, "--data", str(p5_file), "--out", str(out), "--overwrite", "--exclude-seen",
+                 "--users", "60"]) == 0
+    fit = json.loads(capsys.readouterr().out.split("\nhybrid ")[0])
+    assert fit["exclude_seen"] and fit["users"] == 60 and load(out).exclude_seen  # served without seen items
+    hist = [load(out).catalog.item_ids[i] for i in (1, 3, 5)]
+    assert not set(hist) & set(load(out).recommend([hist], k=10)[0].items)
     monkeypatch.setattr(sys, "stdin", io.StringIO("1 3 5\n"))
     assert main(["recommend", str(out), "-k", "4"]) == 0
     assert len(json.loads(capsys.readouterr().out)["items"]) == 4

@@ -363,6 +363,7 @@ def cmd_hybrid(args) -> int:
         users = None if not args.users else list(range(min(args.users, data.n_users)))
         print(json.dumps(fit_weight(hybrid, leave_one_out(data), users, progress=not args.quiet,
                                     exclude_seen=args.exclude_seen), indent=2))
+    hybrid.exclude_seen = hybrid.exclude_seen or args.exclude_seen  # recommend()'s and the server's default
     hybrid.save(args.out, args.genrec, args.sasrec)
     print(f"hybrid {args.out} (SASRec's weight {hybrid.weight}, {hybrid.candidates} candidates from each model)")
     return 0
@@ -675,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidates per user from each model (default 50)")
     h.add_argument("--weight", type=float, help="SASRec's weight in [0, 1] (default: chosen on validation)")
     h.add_argument("--exclude-seen", action="store_true",
-                   help="choose the weight with history items excluded (for serving with exclude_seen=True)")
+                   help="choose the weight with history items excluded, and exclude them by default when serving")
     h.add_argument("--users", type=non_negative_int, default=0, help="choose the weight on the first N users (0 = all)")
     h.add_argument("--device", default="cpu", help=DEVICE_HELP)
     h.add_argument("--quiet", action="store_true", help="no progress bar")

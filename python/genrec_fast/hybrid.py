@@ -107,8 +107,8 @@ class Hybrid(Recommender):
         try:
             for name, src in (("genrec", genrec_dir), ("sasrec", sasrec_dir)):
                 shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns("train_state.pt"))
-            cfg = {"candidates": self.candidates, "weight": self.weight, "fit": self.fit,
-                   "genrec_from": str(genrec_dir), "sasrec_from": str(sasrec_dir)}
+            cfg = {"candidates": self.candidates, "weight": self.weight, "exclude_seen": self.exclude_seen,
+                   "fit": self.fit, "genrec_from": str(genrec_dir), "sasrec_from": str(sasrec_dir)}
             (tmp / HYBRID).write_text(json.dumps(cfg, indent=2))
             replace_dir(tmp, path)
         except BaseException:
@@ -152,4 +152,5 @@ def load_hybrid(path: str | Path, device: str | torch.device = "cpu") -> Hybrid:
     hybrid = Hybrid(load(path / "genrec", device), *load_sasrec_dir(path / "sasrec", device), cfg["candidates"],
                     cfg["weight"])
     hybrid.fit = cfg.get("fit", {})
+    hybrid.exclude_seen = bool(cfg.get("exclude_seen", hybrid.exclude_seen))  # recommend()'s default
     return hybrid
