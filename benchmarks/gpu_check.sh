@@ -80,7 +80,7 @@ assert c.has_cuda(), 'genrec_fast was built without the CUDA kernels'" || exit 1
 # Issue 22's measurements first: correctness on the GPU, then each target's benchmark.
 stage pytest_kernels 180 python -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider
 tail -5 "$LOGS/pytest_kernels.log" 2>/dev/null
-stage pytest_item_topk 150 python -m pytest tests/test_item_topk.py tests/test_head_topk.py tests/test_cuda_graphs.py tests/test_device_search.py tests/test_history_bias.py tests/test_codes_history.py tests/test_transition_bias.py tests/test_cascade.py -q -rs -p no:cacheprovider
+stage pytest_item_topk 150 python -m pytest tests/test_item_topk.py tests/test_head_topk.py tests/test_cuda_graphs.py tests/test_device_search.py tests/test_history_bias.py tests/test_codes_history.py tests/test_transition_bias.py tests/test_cascade.py tests/test_hybrid.py::test_a_hybrid_on_the_gpu_answers_as_on_the_cpu -q -rs -p no:cacheprovider
 tail -3 "$LOGS/pytest_item_topk.log" 2>/dev/null
 # the CUDA head + top-k against torch matmul + topk (issue 22: >= 2x at 1M items)
 stage bench_head_topk 120 python benchmarks/bench_head_topk.py

@@ -95,6 +95,21 @@ def test_weight_zero_is_genrec_and_one_is_sasrec(pair):
         assert [g.items for g in got] == [[i for i in w if i >= 0] for w in want]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_a_hybrid_on_the_gpu_answers_as_on_the_cpu(pair):
+    """Both models on the GPU: GenRec's candidate logits in torch ops (`candidate_logits_reference`)."""
+    import copy
+    genrec, sasrec, catalog = pair
+    g, s = copy.deepcopy(genrec), copy.deepcopy(sasrec)
+    g.model.to("cuda")
+    hists = _hists(seed=6)
+    for filters in ({}, {"exclude_seen": True, "allowed_items": range(0, 40, 3)}):
+        want = Hybrid(genrec, sasrec, catalog, 6, 0.5).recommend(hists, k=5, **filters)
+        got = Hybrid(g, s, catalog, 6, 0.5).recommend(hists, k=5, **filters)
+        assert [x.items for x in got] == [w.items for w in want]
+        np.testing.assert_allclose([x.scores for x in got], [w.scores for w in want], rtol=1e-4, atol=1e-4)
+
+
 def test_top_allowed_drops_what_the_filters_forbid():
     s = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
     assert top_allowed(s, 3).tolist() == [[0, 1, 2], [4, 3, 2]]
