@@ -15,6 +15,17 @@ def beauty_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def p5_file(tmp_path_factory):
+    """Synthetic data (150 users, 40 items) written as a P5 file, for the commands' tests."""
+    from genrec_fast.data import synthetic
+    d = synthetic(n_users=150, n_items=40, seed=8)
+    p = tmp_path_factory.mktemp("data") / "sequential_data.txt"
+    p.write_text("".join(f"{u} " + " ".join(str(d.item_ids[i]) for i in s) + "\n"
+                         for u, s in zip(d.user_ids, d.sequences)))
+    return p
+
+
+@pytest.fixture(scope="session")
 def small_synthetic():
     from genrec_fast.data import synthetic
     return synthetic(n_users=300, n_items=60, seed=3, follow_prob=0.9)

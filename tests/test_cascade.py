@@ -292,15 +292,6 @@ def test_save_and_load_round_trip(pair, tmp_path):
     np.testing.assert_allclose([g.scores for g in got], [w.scores for w in want], rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def p5_file(tmp_path_factory):
-    d = synthetic(n_users=150, n_items=N_ITEMS, seed=8)
-    p = tmp_path_factory.mktemp("data") / "sequential_data.txt"
-    p.write_text("".join(f"{u} " + " ".join(str(d.item_ids[i]) for i in s) + "\n"
-                         for u, s in zip(d.user_ids, d.sequences)))
-    return p
-
-
 def test_cli_fits_saves_evaluates_and_serves_a_cascade(p5_file, tmp_path, capsys, monkeypatch):
     forms = {"codes": {"item_tokens": "codes", "code_levels": 1, "code_branches": 4, "code_input": "first"},
              "whole": {"item_tokens": "whole"}}

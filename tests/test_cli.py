@@ -12,16 +12,6 @@ import genrec_fast
 from genrec_fast.cli import main
 
 
-@pytest.fixture(scope="module")
-def p5_file(tmp_path_factory):
-    from genrec_fast.data import synthetic
-    d = synthetic(n_users=150, n_items=40, seed=8)
-    p = tmp_path_factory.mktemp("data") / "sequential_data.txt"
-    p.write_text("".join(f"{u} " + " ".join(str(d.item_ids[i]) for i in s) + "\n"
-                         for u, s in zip(d.user_ids, d.sequences)))
-    return p
-
-
 def test_train_evaluate_recommend(p5_file, tmp_path, capsys, monkeypatch):
     out, cfg = tmp_path / "run", tmp_path / "whole.json"  # a JSON config file, with one token per item
     cfg.write_text(json.dumps({"preset": "tiny", "tokenizer": {"item_tokens": "whole"}}))

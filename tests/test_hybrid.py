@@ -154,15 +154,6 @@ def test_fit_weight_scores_each_weight_as_the_evaluator_does():
             out["valid_ndcg10"].values())
 
 
-@pytest.fixture(scope="module")
-def p5_file(tmp_path_factory):
-    d = synthetic(n_users=150, n_items=N_ITEMS, seed=8)
-    p = tmp_path_factory.mktemp("data") / "sequential_data.txt"
-    p.write_text("".join(f"{u} " + " ".join(str(d.item_ids[i]) for i in s) + "\n"
-                         for u, s in zip(d.user_ids, d.sequences)))
-    return p
-
-
 def test_cli_fits_saves_evaluates_and_serves_a_hybrid(p5_file, tmp_path, capsys, monkeypatch):
     cfg = tmp_path / "whole.json"
     cfg.write_text(json.dumps({"preset": "tiny", "tokenizer": {"item_tokens": "whole"}, "model": {"item_eos": False}}))

@@ -17,8 +17,6 @@ checkpoints as retriever/ and ranker/; `genrec_fast.load` reads it like any chec
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .beam_search import check_filters
-from .checkpoint import CASCADE, read_json, replace_dir, staging_dir
+from .checkpoint import CASCADE, read_pair, save_pair
 from .decoding import first_step_heads
 from .evaluate import histories_for, metrics_from_ranks, target_ranks
 from .item_topk import candidate_logits
@@ -112,23 +110,11 @@ class Cascade(Recommender):
         return cand, log_r, log_o
 
     def save(self, path: str | Path, retriever_dir: str | Path, ranker_dir: str | Path) -> Path:
-        """Write cascade.json and copies of the two checkpoint directories (their `load`ed files) to `path`,
-        replacing what it held (written beside it first: `path`'s own retriever/ and ranker/ may be the sources)."""
-        path = Path(path)
-        tmp = staging_dir(path)
-        try:
-            for name, src in (("retriever", retriever_dir), ("ranker", ranker_dir)):
-                shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns("train_state.pt"))
-            cfg = {"candidates": self.candidates, "beams": self.beams, "bias_items": self.bias_items,
-                   "weight": self.weight, "fit": self.fit,
-                   "retriever_from": str(retriever_dir), "ranker_from": str(ranker_dir)}
-            (tmp / CASCADE).write_text(json.dumps(cfg, indent=2))
-            replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
-
+        """Write cascade.json and copies of the two checkpoint directories (their `load`ed files) to `path`
+        (`checkpoint.save_pair`)."""
+        cfg = {"candidates": self.candidates, "beams": self.beams, "bias_items": self.bias_items,
+               "weight": self.weight, "fit": self.fit}
+        return save_pair(path, CASCADE, {"retriever": retriever_dir, "ranker": ranker_dir}, cfg)
 
 def share_transition_table(a: torch.nn.Module, b: torch.nn.Module) -> int:
     """Model b's transition neighbour table (items, counts) replaced by model a's where the two are equal (both
@@ -215,11 +201,7 @@ def load_cascade(path: str | Path, device: str | torch.device = "cpu") -> Cascad
     """A directory written by `Cascade.save` -> the cascade, its fit record in `.fit`."""
     from .recommend import load
     path = Path(path)
-    cfg = read_json(path / CASCADE)
-    missing = [key for key in ("candidates", "weight") if key not in cfg]
-    if missing:
-        raise ValueError(f"cascade {path}: {CASCADE} lacks {missing}; the file is damaged (`genrec-fast cascade` "
-                         "writes it)")
+    cfg = read_pair(path, CASCADE, "cascade")
     cascade = Cascade(load(path / "retriever", device), load(path / "ranker", device), cfg["candidates"],
                       cfg["weight"], cfg.get("beams"), cfg.get("bias_items", True))
     cascade.fit = cfg.get("fit", {})

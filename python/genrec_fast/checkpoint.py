@@ -41,6 +41,35 @@ def is_pair(path: str | Path) -> bool:
     return is_cascade(path) or is_hybrid(path)
 
 
+def read_pair(path: str | Path, name: str, command: str) -> dict:
+    """A cascade's or hybrid's settings file `name` (cascade.json, hybrid.json) in `path`; one without its
+    candidates and weight is a ValueError naming the file and the `command` that writes it."""
+    cfg = read_json(Path(path) / name)
+    missing = [key for key in ("candidates", "weight") if key not in cfg]
+    if missing:
+        raise ValueError(f"{command} {path}: {name} lacks {missing}; the file is damaged (`genrec-fast {command}` "
+                         "writes it)")
+    return cfg
+
+
+def save_pair(path: str | Path, name: str, sources: dict, settings: dict) -> Path:
+    """A cascade's or hybrid's directory: `settings` as the file `name` and a copy of each checkpoint directory of
+    `sources` ({subdirectory: source}) without its train_state.pt, replacing what `path` held (written beside it
+    first: `path`'s own subdirectories may be the sources)."""
+    path = Path(path)
+    tmp = staging_dir(path)
+    try:
+        for sub, src in sources.items():
+            shutil.copytree(src, tmp / sub, ignore=shutil.ignore_patterns("train_state.pt"))
+        (tmp / name).write_text(json.dumps(dict(settings, **{f"{sub}_from": str(src) for sub, src in sources.items()}),
+                                           indent=2))
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 def save(path: str | Path, model: GenRec, tokenizer: GenRecTokenizer, catalog: Catalog,
          train_cfg: TrainConfig | None = None, train_state: dict | None = None, info: dict | None = None) -> Path:
     path = Path(path)

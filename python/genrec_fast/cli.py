@@ -575,6 +575,19 @@ ENSEMBLE_HELP = ("checkpoint directory (or a cascade or hybrid directory: genrec
                  "trained on the same data (e.g. other seeds)")
 
 
+def _add_pair_args(p: argparse.ArgumentParser, kind: str, second: str) -> None:
+    """The options `cascade` and `hybrid` share: data, the directory written, the weight and its fit."""
+    _add_data_args(p)
+    p.add_argument("--out", required=True,
+                   help=f"{kind} directory to write ({kind}.json + copies of both checkpoints; not one of theirs)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds files (default: an error)")
+    p.add_argument("--weight", type=float, help=f"{second} weight in [0, 1] (default: chosen on validation)")
+    p.add_argument("--users", type=non_negative_int, default=0, help="choose the weight on the first N users (0 = all)")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_threads_arg(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="genrec-fast", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -646,10 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "model, the weight of the two chosen on the validation targets")
     q.add_argument("retriever", help="checkpoint that proposes candidates (any item form)")
     q.add_argument("ranker", help="checkpoint of a one-token model (items of one token, no EOS step) that scores them")
-    _add_data_args(q)
-    q.add_argument("--out", required=True,
-                   help="cascade directory to write (cascade.json + copies of both checkpoints; not one of theirs)")
-    q.add_argument("--overwrite", action="store_true", help="replace --out if it holds files (default: an error)")
+    _add_pair_args(q, "cascade", "the ranker's")
     q.add_argument("--candidates", type=positive_int, default=20,
                    help="candidates per user from the retriever (default 20)")
     q.add_argument("--beams", type=positive_int, help="the retriever's beam width, at least --candidates (default: "
@@ -658,29 +668,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-bias-items", action="store_true",
                    help="candidates from the retriever only (default: also the items the ranker's history and "
                         "transition biases name)")
-    q.add_argument("--weight", type=float, help="the ranker's weight in [0, 1] (default: chosen on validation)")
-    q.add_argument("--users", type=non_negative_int, default=0, help="choose the weight on the first N users (0 = all)")
-    q.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    q.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_threads_arg(q)
     q.set_defaults(func=cmd_cascade)
     h = sub.add_parser("hybrid", help="rank the union of a one-token GenRec model's and a SASRec peer's top items "
                                       "by both, the weight of the two chosen on the validation targets")
     h.add_argument("genrec", help="checkpoint of a one-token GenRec model (items of one token, no EOS step)")
     h.add_argument("sasrec", help="checkpoint of `genrec-fast train --model sasrec` on the same data")
-    _add_data_args(h)
-    h.add_argument("--out", required=True,
-                   help="hybrid directory to write (hybrid.json + copies of both checkpoints; not one of theirs)")
-    h.add_argument("--overwrite", action="store_true", help="replace --out if it holds files (default: an error)")
+    _add_pair_args(h, "hybrid", "SASRec's")
     h.add_argument("--candidates", type=positive_int, default=50,
                    help="candidates per user from each model (default 50)")
-    h.add_argument("--weight", type=float, help="SASRec's weight in [0, 1] (default: chosen on validation)")
     h.add_argument("--exclude-seen", action="store_true",
                    help="choose the weight with history items excluded, and exclude them by default when serving")
-    h.add_argument("--users", type=non_negative_int, default=0, help="choose the weight on the first N users (0 = all)")
-    h.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    h.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_threads_arg(h)
     h.set_defaults(func=cmd_hybrid)
     f = sub.add_parser("report", help="the full report of train (valid, test, excluding seen, baselines) "
                                       "for a checkpoint or an ensemble")

@@ -15,8 +15,6 @@ SASRec's encoder + a scan of the catalog.
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ import torch
 
 from .beam_search import check_filters
 from .cascade import append_new_items, check_candidates, combine
-from .checkpoint import HYBRID, read_json, replace_dir, staging_dir
+from .checkpoint import HYBRID, read_json, read_pair, save_pair
 from .data import Catalog
 from .decoding import first_step_heads
 from .item_topk import candidate_logits, item_topk
@@ -100,22 +98,10 @@ class Hybrid(Recommender):
         return cand, log_g, log_s
 
     def save(self, path: str | Path, genrec_dir: str | Path, sasrec_dir: str | Path) -> Path:
-        """Write hybrid.json and copies of the two checkpoint directories to `path`, replacing what it held
-        (written beside it first: `path`'s own genrec/ and sasrec/ may be the sources)."""
-        path = Path(path)
-        tmp = staging_dir(path)
-        try:
-            for name, src in (("genrec", genrec_dir), ("sasrec", sasrec_dir)):
-                shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns("train_state.pt"))
-            cfg = {"candidates": self.candidates, "weight": self.weight, "exclude_seen": self.exclude_seen,
-                   "fit": self.fit, "genrec_from": str(genrec_dir), "sasrec_from": str(sasrec_dir)}
-            (tmp / HYBRID).write_text(json.dumps(cfg, indent=2))
-            replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
-
+        """Write hybrid.json and copies of the two checkpoint directories to `path` (`checkpoint.save_pair`)."""
+        cfg = {"candidates": self.candidates, "weight": self.weight, "exclude_seen": self.exclude_seen,
+               "fit": self.fit}
+        return save_pair(path, HYBRID, {"genrec": genrec_dir, "sasrec": sasrec_dir}, cfg)
 
 def top_allowed(scores: torch.Tensor, n: int, exclude=None, allow=None) -> np.ndarray:
     """scores (U, N) of every item -> the n best items (U, n) int64 that `exclude` / `allow` (as in
@@ -144,11 +130,7 @@ def load_hybrid(path: str | Path, device: str | torch.device = "cpu") -> Hybrid:
     """A directory written by `Hybrid.save` -> the hybrid, its fit record in `.fit`."""
     from .recommend import load
     path = Path(path)
-    cfg = read_json(path / HYBRID)
-    missing = [key for key in ("candidates", "weight") if key not in cfg]
-    if missing:
-        raise ValueError(f"hybrid {path}: {HYBRID} lacks {missing}; the file is damaged (`genrec-fast hybrid` "
-                         "writes it)")
+    cfg = read_pair(path, HYBRID, "hybrid")
     hybrid = Hybrid(load(path / "genrec", device), *load_sasrec_dir(path / "sasrec", device), cfg["candidates"],
                     cfg["weight"])
     hybrid.fit = cfg.get("fit", {})
