@@ -11,21 +11,19 @@ weight 0 is GenRec's order, 1 SASRec's (over the union). A normaliser over the c
 scores by a constant, so the order is that of the weighted sum of the two models' logits. `cascade.fit_weight`
 chooses the weight on validation targets. Saved as a directory with hybrid.json, genrec/ and sasrec/;
 `genrec_fast.load` reads it like any checkpoint. Serving costs both models: GenRec's one step + top-k and
-SASRec's encoder + a scan of the catalog.
+SASRec's encoder + its head + top-k (the fused C++ scan GenRec's one-token head uses).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .beam_search import check_filters
 from .cascade import append_new_items, check_candidates, combine
 from .checkpoint import HYBRID, read_json, read_pair, save_pair
 from .data import Catalog
 from .decoding import first_step_heads
-from .item_topk import candidate_logits, item_topk
+from .item_topk import Head, candidate_logits, item_topk
 from .recommend import Recommender
 from .sasrec import SASRec, left_padded
 
@@ -88,36 +86,25 @@ class Hybrid(Recommender):
         first = int(self.tokenizer.item_flat[0])
         heads, pairs = first_step_heads(self.model, enc["genrec"])
         g_items, _ = item_topk(heads, first, n_items, n, exclude, allow, history=pairs, precision=self._precision)
-        s = self.sasrec.item_logits(self.sasrec(enc["sasrec"])[:, -1]).float()  # (U, n_items)
-        s_items = top_allowed(s, n, exclude, allow)  # (U, n)
+        s_heads = [self.sasrec_head(enc["sasrec"])]
+        s_items, _ = item_topk(s_heads, 0, n_items, n, exclude, allow, precision=self._precision)  # (U, n)
         cand = append_new_items(g_items, s_items)  # (U, 2n), -1 = none
-        idx = torch.from_numpy(cand).to(s.device)
-        z_s = s.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, float("-inf"))  # (U, 2n)
-        z_g = candidate_logits(heads, first, cand, pairs)  # (U, 2n), -inf at -1
+        z_s = candidate_logits(s_heads, 0, cand)  # (U, 2n), -inf at -1
+        z_g = candidate_logits(heads, first, cand, pairs)
         log_g, log_s = (torch.log_softmax(z, dim=1).nan_to_num(float("-inf")).cpu().numpy() for z in (z_g, z_s))
         return cand, log_g, log_s
+
+    def sasrec_head(self, seq: torch.Tensor) -> Head:
+        """SASRec's window (U, window) -> its scores as an `item_topk.Head`: the last state (U, d) and the item
+        table without the padding row (n_items, d), so that SASRec ranks the catalog with the fused head + top-k
+        that one-token GenRec models use (never storing (U, n_items) scores on a CPU)."""
+        return Head(self.sasrec(seq)[:, -1].contiguous(), self.sasrec.item.weight[1:], None)
 
     def save(self, path: str | Path, genrec_dir: str | Path, sasrec_dir: str | Path) -> Path:
         """Write hybrid.json and copies of the two checkpoint directories to `path` (`checkpoint.save_pair`)."""
         cfg = {"candidates": self.candidates, "weight": self.weight, "exclude_seen": self.exclude_seen,
                "fit": self.fit}
         return save_pair(path, HYBRID, {"genrec": genrec_dir, "sasrec": sasrec_dir}, cfg)
-
-def top_allowed(scores: torch.Tensor, n: int, exclude=None, allow=None) -> np.ndarray:
-    """scores (U, N) of every item -> the n best items (U, n) int64 that `exclude` / `allow` (as in
-    `beam_search.check_filters`) permit, best first, -1 where fewer are permitted."""
-    U, N = scores.shape
-    ptr, ex_items, allow = check_filters(exclude, allow, U, N)
-    s = scores.clone()
-    if allow is not None:
-        s.masked_fill_(~torch.as_tensor(allow, device=s.device).expand(U, N), float("-inf"))
-    if ptr is not None:
-        rows = torch.from_numpy(np.repeat(np.arange(U), np.diff(ptr))).to(s.device)
-        s[rows, torch.as_tensor(ex_items, dtype=torch.long, device=s.device)] = float("-inf")
-    top = s.topk(min(n, N), dim=1)
-    items = top.indices.masked_fill(torch.isinf(top.values), -1).cpu().numpy()
-    return np.pad(items, ((0, 0), (0, n - items.shape[1])), constant_values=-1)
-
 
 def load_sasrec_dir(path: str | Path, device: str | torch.device = "cpu") -> tuple[SASRec, Catalog]:
     """A `train --model sasrec` checkpoint directory -> the model on `device` and its catalog."""
