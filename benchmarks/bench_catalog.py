@@ -234,6 +234,9 @@ def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec:
     one, one_ids = hist_idx[BATCH * batches:], hist_ids[BATCH * batches:]
     big = {"ours": lambda i: rec.recommend(call_ids[i % batches], k=TOP_K)}
     small = {"ours": lambda i: rec.recommend([one_ids[i % singles]], k=TOP_K)}
+    if hasattr(rec, "genrec"):  # a hybrid: its GenRec model alone, timed in turn (the same minutes of the VM)
+        big["alone"] = lambda i: rec.genrec.recommend(call_ids[i % batches], k=TOP_K)
+        small["alone"] = lambda i: rec.genrec.recommend([one_ids[i % singles]], k=TOP_K)
     if sasrec:
         torch.manual_seed(0)
         ref = SASRec(n_items).eval().to(device)
@@ -243,6 +246,8 @@ def measure_size(n_items: int, threads: int, batches: int, singles: int, sasrec:
     t_big, t_small = median_times(big, batches), median_times(small, singles, warmup=3)
     out = {"form": form, "items": n_items, "build_s": round(build_s, 2), "users_per_s": BATCH / t_big["ours"],
            "batch1_ms": 1e3 * t_small["ours"]}
+    if "alone" in t_big:
+        out.update(alone_users_per_s=BATCH / t_big["alone"], alone_batch1_ms=1e3 * t_small["alone"])
     if sasrec:
         out.update(sasrec_users_per_s=BATCH / t_big["sasrec"], sasrec_batch1_ms=1e3 * t_small["sasrec"])
     out["rss_gb"] = peak_rss_gb() if device == "cpu" else torch.cuda.max_memory_allocated() / 2**30  # GPU: device GB
@@ -312,7 +317,9 @@ def print_report(rows: list, extra: dict, args) -> None:
                     "reranked by the one-token model so")
         if r["form"].startswith("hybrid"):
             form = (f"hybrid: the one-token model with both biases both ways + this package's SASRec (d 64, 2 "
-                    f"blocks, 50-item window), each model's top {r['form'].split('-')[1]} ranked by both")
+                    f"blocks, 50-item window), each model's top {r['form'].split('-')[1]} ranked by both (the "
+                    f"one-token model alone, timed in turn: {r['alone_users_per_s']:,.0f} users/s, "
+                    f"{r['alone_batch1_ms']:.2f} ms)")
         ratio = f"{r['users_per_s'] / r['sasrec_users_per_s']:.2f}" if "sasrec_users_per_s" in r else ""
         print(f"| {r['items']:,} | {form} | {r['build_s']:.1f} | {r['users_per_s']:,.0f} | {r['batch1_ms']:.2f} | "
               f"{r['rss_gb']:.2f} | {ratio} |")

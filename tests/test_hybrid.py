@@ -79,6 +79,17 @@ def test_hybrid_equals_brute_force(pair, weight, filters, n):
             assert g.items == [items[j] for j in want]
 
 
+def test_sasrec_reads_the_window_cut_to_the_longest_history_as_the_whole(pair):
+    genrec, sasrec, catalog = pair
+    hybrid = Hybrid(genrec, sasrec, catalog)
+    for hists in (_hists(seed=7), [[3]], [[1, 2], [5]], [list(range(20))]):  # 20 > the window (8): cut at 8
+        seq = hybrid.encode_batch(hists, [None] * len(hists))["sasrec"]
+        assert seq.shape[1] == min(max(len(h) for h in hists), sasrec.cfg.window)
+        want = sasrec.scores(hists)  # (U, N_ITEMS) over the whole window
+        h = hybrid.sasrec_head(seq)
+        torch.testing.assert_close(h.x @ h.weight.T, want, rtol=1e-5, atol=1e-5)
+
+
 def test_weight_zero_is_genrec_and_one_is_sasrec(pair):
     genrec, sasrec, catalog = pair
     hists = _hists(seed=3)

@@ -67,9 +67,13 @@ class Hybrid(Recommender):
         return {"candidates": self.candidates, "kind": "hybrid"}
 
     def encode_batch(self, histories, users) -> dict:
-        """GenRec's padded encoder batch and SASRec's left-padded window (U, window)."""
+        """GenRec's padded encoder batch and SASRec's left-padded window, cut to the batch's longest history
+        (U, T <= window): SASRec masks the padding and aligns positions from the right, so the columns of padding
+        alone change no state; a short history no longer pays for the whole window."""
+        window = self.sasrec.cfg.window
+        T = max([min(len(h), window) for h in histories] + [1])
         return {"genrec": self.genrec.encode_batch(histories, users),
-                "sasrec": left_padded(histories, self.sasrec.cfg.window).to(self.device)}
+                "sasrec": left_padded(histories, window)[:, window - T:].to(self.device)}
 
     def decode(self, enc: dict, k: int, num_beams: int, exclude=None, allow=None, backend: str = "auto",
                length_penalty: float = 0.0):
