@@ -37,7 +37,7 @@ class Hybrid(Recommender):
 
     def __init__(self, genrec: Recommender, sasrec: SASRec, sasrec_catalog: Catalog,
                  candidates: int = DEFAULT_CANDIDATES, weight: float = 0.5):
-        if not isinstance(genrec, Recommender) or type(genrec) is not Recommender:
+        if type(genrec) is not Recommender:  # (a cascade or hybrid cannot score given items in one step)
             raise ValueError(f"genrec: expected one model's Recommender (genrec_fast.load of a checkpoint), got "
                              f"{type(genrec).__name__}")
         if not genrec.one_step:
@@ -109,6 +109,7 @@ class Hybrid(Recommender):
         cfg = {"candidates": self.candidates, "weight": self.weight, "exclude_seen": self.exclude_seen,
                "fit": self.fit}
         return save_pair(path, HYBRID, {"genrec": genrec_dir, "sasrec": sasrec_dir}, cfg)
+
 
 def load_sasrec_dir(path: str | Path, device: str | torch.device = "cpu") -> tuple[SASRec, Catalog]:
     """A `train --model sasrec` checkpoint directory -> the model on `device` and its catalog."""
