@@ -164,7 +164,9 @@ def test_cli_fits_saves_evaluates_and_serves_a_hybrid(p5_file, tmp_path, capsys,
     out, g, s = tmp_path / "hybrid", str(tmp_path / "g" / "best"), str(tmp_path / "s" / "best")
     capsys.readouterr()
     assert main(["hybrid", g, s, "--data", str(p5_file), "--out", str(out), "--candidates", "10"]) == 0
-    fit = json.loads(capsys.readouterr().out.split("\nhybrid ")[0])
+    printed = capsys.readouterr().out
+    fit = json.loads(printed.split("\nhybrid ")[0])
+    assert f"GenRec alone {fit['valid_ndcg10']['0.0']:.4f}" in printed
     saved = json.loads((out / "hybrid.json").read_text())
     assert saved["weight"] == fit["weight"] and saved["candidates"] == 10
     assert main(["evaluate", str(out), "--data", str(p5_file), "--part", "valid", "--quiet"]) == 0
