@@ -116,6 +116,7 @@ class Cascade(Recommender):
                "weight": self.weight, "fit": self.fit}
         return save_pair(path, CASCADE, {"retriever": retriever_dir, "ranker": ranker_dir}, cfg)
 
+
 def share_transition_table(a: torch.nn.Module, b: torch.nn.Module) -> int:
     """Model b's transition neighbour table (items, counts) replaced by model a's where the two are equal (both
     fit on the same training sequences: the two models of a cascade, ~800 MB each at 1M items with both

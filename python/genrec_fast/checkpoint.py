@@ -21,8 +21,6 @@ from .tokenizer import GenRecTokenizer
 
 FILES = ("config.json", "catalog.json", "tokenizer.model", "weights.pt")
 CASCADE = "cascade.json"  # marks a cascade directory (cascade.py): two checkpoints, retriever/ and ranker/
-
-
 HYBRID = "hybrid.json"  # marks a hybrid directory (hybrid.py): two checkpoints, genrec/ and sasrec/
 
 
