@@ -20,6 +20,7 @@ import torch
 from genrec_fast.cli import _load_checkpoints, _load_matching_data, _sasrec_and_data
 from genrec_fast.data import leave_one_out
 from genrec_fast.evaluate import histories_for
+from genrec_fast.sasrec import sasrec_ranker
 
 K, C = 50, 60  # list length, RRF constant
 
@@ -42,12 +43,8 @@ def genrec_lists(rec, hists):
 
 
 def sasrec_lists(model, hists):
-    def rank(h):
-        s = model.scores(h).clone()  # (B, n_items)
-        rows = np.repeat(np.arange(len(h)), [len(x) for x in h])
-        s[torch.from_numpy(rows), torch.from_numpy(np.concatenate(h).astype(np.int64))] = float("-inf")
-        return s.topk(K, dim=1).indices.numpy()
-    return top_lists(rank, hists)
+    rank = sasrec_ranker(model, K)  # seen items excluded
+    return top_lists(lambda h: rank(h, None, True), hists)
 
 
 def ndcg10(top: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -160,15 +160,15 @@ def training_rows(split: Split, window: int) -> tuple[np.ndarray, np.ndarray]:
     return inp, tgt
 
 
-def sasrec_ranker(model: SASRec):
-    """An evaluate.Ranker: the top items by score (history items masked when excluding seen)."""
+def sasrec_ranker(model: SASRec, k: int = max(KS)):
+    """An evaluate.Ranker: the top k items by score (history items masked when excluding seen)."""
     @torch.inference_mode()
     def rank(hists, users, exclude_seen):
         s = model.scores(hists)  # (B, n_items)
         if exclude_seen:
             rows = np.repeat(np.arange(len(hists)), [len(h) for h in hists])
             s[torch.from_numpy(rows), torch.from_numpy(np.concatenate(hists).astype(np.int64))] = float("-inf")
-        return s.topk(min(max(KS), s.shape[1]), dim=1).indices.numpy()
+        return s.topk(min(k, s.shape[1]), dim=1).indices.numpy()
     return rank
 
 
